@@ -1,0 +1,51 @@
+"""The `optim` and `schedule` config sections (SPEC T2, T3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenmill.sections import opt, require, require_choice, require_positive
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adamw", "optimizer (OPTIMIZERS): adamw, adafactor, muon, adamw8bit")
+    lr: float = opt(3e-3, "peak learning rate")
+    betas: list[float] = opt([0.9, 0.95], "Adam betas (beta1, beta2)")
+    eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float = opt(0.1, "decoupled weight decay on matrices")
+    decay_norms_biases_embeddings: bool = opt(False, "also decay norms, biases and embeddings")
+    fused: bool = opt(True, "use the fused AdamW kernel where the device has one")
+    lr_sqrt_batch_scaling: bool = opt(False, "lr = lr x sqrt(global batch in sequences)")
+    muon_lr: float = opt(0.02, "Muon learning rate for 2-D matrices")
+    muon_momentum: float = opt(0.95, "Muon momentum")
+
+    def validate(self) -> None:
+        from tokenmill.optim.optimizers import OPTIMIZERS
+
+        require_choice("optim.name", self.name, OPTIMIZERS)
+        require_positive(self, "optim", "lr", "eps", "muon_lr")
+        require_positive(self, "optim", "weight_decay", allow_zero=True)
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+                "two numbers in [0, 1), e.g. [0.9, 0.95]")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = opt("cosine", "LR schedule (SCHEDULES): cosine, wsd, infinite, constant, linear")
+    warmup_steps: int = opt(100, "linear warmup steps from 0 to the peak LR")
+    min_lr_ratio: float = opt(0.1, "final LR as a fraction of the peak (cosine, linear, wsd, infinite anneal)")
+    decay_ratio: float = opt(0.2, "wsd: fraction of steps spent in the final decay")
+    constant_lr_ratio: float = opt(0.5, "infinite: LR of the constant phase as a fraction of the peak")
+    min_cooldown_tokens: int = opt(0, "infinite: cooldown lasts max(this / tokens_per_step, 0.7 x total_steps)")
+    anneal_steps: int = opt(0, "infinite: final anneal from the constant LR to min_lr_ratio; 0 = none")
+
+    def validate(self) -> None:
+        from tokenmill.optim.schedules import SCHEDULES
+
+        require_choice("schedule.name", self.name, SCHEDULES)
+        require_positive(self, "schedule", "warmup_steps", "min_cooldown_tokens", "anneal_steps", allow_zero=True)
+        require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(0 < self.decay_ratio <= 1, "schedule.decay_ratio", self.decay_ratio, "must be in (0, 1]")
+        require(0 <= self.constant_lr_ratio <= 1, "schedule.constant_lr_ratio", self.constant_lr_ratio,
+                "must be in [0, 1]")

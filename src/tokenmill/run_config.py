@@ -1,0 +1,97 @@
+"""The run-level config sections: train (budget, batch, precision), checkpoint, log and parallel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenmill.sections import opt, require, require_choice, require_positive
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("skip", "stop")
+STRATEGIES = ("single", "ddp", "zero1", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = opt(1337, "seed for model init, data order and sampling")
+    total_tokens: int = opt(0, "training budget in tokens; 0 = 20 x parameters (Chinchilla)")
+    max_steps: int = opt(0, "stop after this many optimizer steps; 0 = derived from total_tokens")
+    global_batch_tokens: int = opt(0, "tokens per optimizer step over all ranks; 0 = one micro-batch per rank")
+    micro_batch_size: int = opt(8, "sequences per forward pass per rank")
+    seq_len: int = opt(256, "tokens per training sequence (windows hold seq_len + 1 tokens)")
+    precision: str = opt("auto", "fp32, bf16 (autocast, fp32 master weights), fp16 (grad scaler) or auto")
+    compile: bool = opt(False, "torch.compile the model (applied after any parallel wrapping)")
+    activation_checkpointing: str = opt("none", "none, all, or every_k (see ac_every)")
+    ac_every: int = opt(2, "with activation_checkpointing=every_k: checkpoint every k-th block")
+    loss_chunk_size: int = opt(0, "tokens per chunk of the output-head + loss; 0 = one pass")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    nonfinite_policy: str = opt("skip", "on non-finite loss or gradients: skip the step or stop (with a checkpoint)")
+    divergence_threshold: float = opt(1.0, "stop when fast loss EMA exceeds slow EMA by this; 0 = off")
+    divergence_fast_alpha: float = opt(0.1, "weight of a new loss in the fast EMA")
+    divergence_slow_alpha: float = opt(0.01, "weight of a new loss in the slow EMA")
+    divergence_warmup_steps: int = opt(50, "steps before the divergence detector may fire")
+    eval_interval: int = opt(100, "evaluate every N steps; 0 = only at the end")
+    eval_batches: int = opt(8, "micro-batches per evaluation")
+    sample_prompts: list[str] = opt(["def ", "import ", "class "], "prompts sampled at each eval")
+    sample_tokens: int = opt(48, "tokens generated per sample prompt")
+    step_cadence: float = opt(1.0, "multiply log/eval/checkpoint intervals by this")
+    out_dir: str = opt("runs/demo", "run folder: checkpoints, logs, tokenizer cache")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N")
+
+    def validate(self) -> None:
+        require_positive(self, "train", "micro_batch_size", "seq_len", "eval_batches", "step_cadence", "ac_every")
+        require_positive(self, "train", "total_tokens", "max_steps", "global_batch_tokens", "grad_clip",
+                         "eval_interval", "sample_tokens", "divergence_threshold", allow_zero=True)
+        require_choice("train.precision", self.precision, PRECISIONS)
+        require_choice("train.nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES)
+        require_choice("train.activation_checkpointing", self.activation_checkpointing, ("none", "all", "every_k"))
+        require(0 < self.divergence_fast_alpha <= 1, "train.divergence_fast_alpha", self.divergence_fast_alpha,
+                "must be in (0, 1]")
+        require(0 < self.divergence_slow_alpha < self.divergence_fast_alpha, "train.divergence_slow_alpha",
+                self.divergence_slow_alpha, "must be in (0, train.divergence_fast_alpha)")
+
+
+@dataclass
+class CheckpointConfig:
+    interval_steps: int = opt(0, "save every N steps (scaled by train.step_cadence); 0 = only at the end")
+    keep_last: int = opt(3, "keep the newest K periodic checkpoints")
+    keep_best: int = opt(1, "keep the K best checkpoints by eval loss")
+    async_save: bool = opt(False, "distributed runs: overlap the save with training")
+
+    def validate(self) -> None:
+        require_positive(self, "checkpoint", "interval_steps", "keep_best", allow_zero=True)
+        require_positive(self, "checkpoint", "keep_last")
+
+
+@dataclass
+class LogConfig:
+    interval_steps: int = opt(10, "log metrics every N steps (scaled by train.step_cadence)")
+    jsonl: bool = opt(True, "write every event to <out_dir>/metrics.jsonl")
+    tensorboard: bool = opt(False, "write TensorBoard events to <out_dir>/tb")
+    wandb: str = opt("off", "Weights & Biases: off, online or offline")
+    wandb_project: str = opt("tokenmill", "W&B project name")
+    per_layer_grad_norms: bool = opt(False, "log each block's gradient norm and update/param ratio")
+    progress_bar: bool = opt(True, "show a progress bar with ETA on the console")
+
+    def validate(self) -> None:
+        require_positive(self, "log", "interval_steps")
+        require_choice("log.wandb", self.wandb, ("off", "online", "offline"))
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = opt("single", "single, ddp, zero1 or fsdp (torchrun sets the world size)")
+    pp: int = opt(1, "pipeline-parallel degree")
+    pp_schedule: str = opt("1F1B", "GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble")
+    pp_microbatch_scale: int = opt(1, "multiply the number of pipeline microbatches by this")
+    fsdp_reshard_after_forward: bool = opt(True, "free gathered parameters after forward (ZeRO-3); false = ZeRO-2")
+    fsdp_param_dtype: str = opt("fp32", "FSDP compute dtype for parameters: fp32 or bf16")
+    fsdp_reduce_dtype: str = opt("fp32", "FSDP gradient reduce dtype: fp32 or bf16")
+    fsdp_cpu_offload: bool = opt(False, "keep FSDP parameters and optimizer state on the CPU")
+    timeout_s: int = opt(600, "collective timeout: a stuck rank fails the job after this many seconds")
+
+    def validate(self) -> None:
+        require_choice("parallel.strategy", self.strategy, STRATEGIES)
+        require_positive(self, "parallel", "pp", "pp_microbatch_scale", "timeout_s")
+        require_choice("parallel.fsdp_param_dtype", self.fsdp_param_dtype, ("fp32", "bf16"))
+        require_choice("parallel.fsdp_reduce_dtype", self.fsdp_reduce_dtype, ("fp32", "bf16"))
