@@ -1,0 +1,160 @@
+"""Process-group lifecycle and rank-aware helpers: one place that knows whether this is a distributed run.
+
+`init_distributed` reads the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
+and creates the default process group: NCCL when the device is CUDA, gloo on CPU. Launched without
+torchrun (no WORLD_SIZE), it returns a single-process DistInfo and creates no group, so every helper
+here (`barrier`, `all_reduce`, ...) degrades to a no-op and the same training code runs everywhere.
+
+Failure behaviour (SPEC P5): the collective timeout is `parallel.timeout_s`; a rank that raises calls
+`destroy_distributed()` on its way out and exits non-zero, and torchrun's agent then tears down the
+other ranks (they would otherwise wait at the next collective until the timeout).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tokenmill.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job. `device` is the device this rank computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that logs, writes files and prints (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (and torch.distributed.run) always export WORLD_SIZE and RANK to each worker."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    """'auto' -> cuda:LOCAL_RANK when CUDA exists, else cpu; 'cuda' -> cuda:LOCAL_RANK; else as given."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return torch.device("cuda", local_rank)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={device!r} but CUDA is not available; use train.device=cpu or auto")
+    return torch.device(device)
+
+
+def init_distributed(parallel_cfg: Any, device: str = "auto") -> DistInfo:
+    """Join the torchrun job (or not), pick the backend from the device, and return this rank's DistInfo.
+
+    `parallel_cfg` needs `timeout_s`. Idempotent: when a default group already exists (tests, notebooks)
+    it is reused.
+    """
+    if not launched_by_torchrun():
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=resolve_device(device, 0), backend=None)
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    # NCCL only moves CUDA tensors; gloo runs everywhere (CPU tests, laptops).
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=int(getattr(parallel_cfg, "timeout_s", 600)))
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
+        if dev.type == "cuda":
+            # Binding the device eagerly lets NCCL create communicators without guessing the GPU.
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    else:
+        backend = dist.get_backend()
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def print0(*args: Any, **kw: Any) -> None:
+    """print() on rank 0 only (STYLE rule 9)."""
+    if get_rank() == 0:
+        print(*args, **kw)
+
+
+def barrier() -> None:
+    """Wait for every rank; no-op in a single process."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType | str = "sum",
+               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """In-place all-reduce (op: 'sum', 'max', 'min', 'avg' or a ReduceOp); returns the tensor. No-op alone.
+
+    'avg' is done as sum / world size because gloo has no AVG op.
+    """
+    if not is_distributed():
+        return tensor
+    if isinstance(op, str):
+        if op == "avg":
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+            tensor.div_(dist.get_world_size(group))
+            return tensor
+        op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s Python object on every rank (e.g. a run folder name chosen on rank 0)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True when `flag` is true on any rank: for decisions every rank must take together (stop, skip step,
+    data exhausted), so no rank waits alone at the next collective."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device or _collective_device())
+    all_reduce(t, "max")
+    return bool(t.item())  # host sync: intended, the decision is needed on the host
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def destroy_distributed() -> None:
+    """Tear down the default process group (safe to call twice or when none exists)."""
+    if is_distributed():
+        dist.destroy_process_group()
