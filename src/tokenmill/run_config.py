@@ -23,6 +23,7 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model (applied after any parallel wrapping)")
     activation_checkpointing: str = opt("none", "none, all, or every_k (see ac_every)")
     ac_every: int = opt(2, "with activation_checkpointing=every_k: checkpoint every k-th block")
+    document_masking: bool = opt(False, "attention stays within each packed document (block-diagonal causal mask)")
     loss_chunk_size: int = opt(0, "tokens per chunk of the output-head + loss; 0 = one pass")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
     nonfinite_policy: str = opt("skip", "on non-finite loss or gradients: skip the step or stop (with a checkpoint)")

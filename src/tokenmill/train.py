@@ -1,0 +1,284 @@
+"""`train(cfg)`: the whole training run, top to bottom (STYLE rule 5).
+
+Set up (process group, tokenizer, model, optimizer, schedule, loaders, sinks) -> resume -> loop (accumulate,
+check, clip, step, schedule, log, eval, checkpoint) -> tear down. Helpers own their state (loader, checkpointer,
+monitor, detector); everything that decides the next batch or update is in the checkpoint, so a resumed run
+continues bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from tokenmill.batching import BatchPlan, plan_batches
+from tokenmill.checkpoint import Checkpointer, prepare_run_dir
+from tokenmill.config import Config
+from tokenmill.data.loader import build_loader
+from tokenmill.data.tokenizer import Tokenizer, build_tokenizer, check_vocab
+from tokenmill.errors import UserError
+from tokenmill.engine import build_engine
+from tokenmill.evaluation import evaluate
+from tokenmill.generate import sample
+from tokenmill.metrics.banner import build_banner
+from tokenmill.metrics.monitor import StepMonitor
+from tokenmill.metrics.sinks import build_sinks
+from tokenmill.model import build_model, param_counts
+from tokenmill.optim.optimizers import build_optimizer, scaled_lr
+from tokenmill.optim.schedules import build_scheduler
+from tokenmill.parallel.dist import DistInfo, all_reduce, any_rank, barrier, destroy_distributed, init_distributed
+from tokenmill.precision import Precision, resolve_precision
+from tokenmill.stability import DivergenceDetector
+
+EXIT_OK, EXIT_DIVERGED, EXIT_NONFINITE = 0, 3, 4
+
+
+@dataclass
+class TrainState:
+    """Loop counters saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_eval_loss: float = math.inf
+    skipped_steps: int = 0
+
+
+@dataclass
+class TrainResult:
+    status: str  # completed | stopped | diverged | nonfinite
+    exit_code: int
+    state: TrainState
+    losses: list[float] = field(default_factory=list)  # this process's step losses, in order
+    last_eval: dict[str, float] = field(default_factory=dict)
+    run_dir: Path = Path(".")
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and exits 0."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker): no handlers
+                pass
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.reason = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_model_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
+    """`model.vocab_size: 0` takes the tokenizer's vocab rounded up to `vocab_multiple_of`; else check it fits."""
+    if cfg.model.vocab_size == 0:
+        m = cfg.model.vocab_multiple_of
+        vocab = -(-tokenizer.vocab_size // m) * m
+        return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
+    check_vocab(cfg.model.vocab_size, tokenizer)
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config, resume: str | bool | None = None, overwrite: bool = False) -> TrainResult:
+    """Run (or resume) training as `cfg` says; returns how it ended. Joins/leaves the torchrun process group."""
+    dist = init_distributed(cfg.parallel, cfg.train.device)
+    try:
+        return _train(cfg, dist, resume, overwrite)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bool) -> TrainResult:
+    # ---- set up -------------------------------------------------------------------------------------------
+    run_dir = Path(cfg.train.out_dir)
+    resume_path = prepare_run_dir(run_dir, resume, overwrite, is_main=dist.is_main)
+    seed_everything(cfg.train.seed)
+    device = dist.device
+    precision = Precision(resolve_precision(cfg.train.precision, device), device)
+
+    # Rank 0 trains/caches the tokenizer first; the others then read the cache.
+    if dist.is_main:
+        tokenizer = build_tokenizer(cfg.data, run_dir / "tokenizer")
+    barrier()
+    if not dist.is_main:
+        tokenizer = build_tokenizer(cfg.data, run_dir / "tokenizer")
+    cfg = resolve_model_vocab(cfg, tokenizer)
+
+    counts = param_counts(cfg.model)
+    plan: BatchPlan = plan_batches(cfg.train.micro_batch_size, cfg.train.seq_len, dist.world_size,
+                                   cfg.train.global_batch_tokens, cfg.train.total_tokens, cfg.train.max_steps,
+                                   counts["total"])
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise UserError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+                        f"lower train.seq_len or raise model.max_seq_len")
+
+    model = build_model(cfg.model, device=device)
+    engine = build_engine(model, cfg, dist, precision)  # pipeline split -> AC -> compile -> FSDP2/DDP
+    lr = scaled_lr(cfg.optim.lr, plan.global_batch_sequences, cfg.optim.lr_sqrt_batch_scaling)
+    optimizer = engine.build_optimizer(lambda params_model: build_optimizer(params_model, cfg.optim, lr=lr))
+    scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, plan.tokens_per_step)
+    scaler = precision.make_scaler()
+    train_loader = build_loader(cfg, tokenizer, "train", dist.rank, dist.world_size)
+    detector = DivergenceDetector(cfg.train.divergence_threshold, cfg.train.divergence_fast_alpha,
+                                  cfg.train.divergence_slow_alpha, cfg.train.divergence_warmup_steps)
+    state = TrainState()
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint, dist=dist)
+    sinks = build_sinks(cfg.log, run_dir, dist.rank, config=cfg.to_dict())
+    cadence = cfg.train.step_cadence
+    log_every = max(1, round(cfg.log.interval_steps * cadence))
+    eval_every = round(cfg.train.eval_interval * cadence)
+    save_every = round(cfg.checkpoint.interval_steps * cadence)
+
+    def save(reason: str) -> None:
+        checkpointer.save(state.step, engine=engine, optimizer=optimizer, scheduler=scheduler,
+                          loader=train_loader, cfg=cfg, train_state=asdict(state), detector=detector.state_dict(),
+                          scaler=scaler.state_dict(), eval_loss=last_eval.get("loss"), reason=reason)
+        sinks.log(state.step, {"path": str(checkpointer.last_path), "reason": reason}, kind="checkpoint")
+
+    # ---- resume -------------------------------------------------------------------------------------------
+    if resume_path is not None:
+        restored = checkpointer.load(resume_path, engine=engine, optimizer=optimizer, scheduler=scheduler,
+                                     loader=train_loader, cfg=cfg)
+        state = TrainState(**restored["train_state"])
+        detector.load_state_dict(restored["detector"])
+        if restored.get("scaler"):
+            scaler.load_state_dict(restored["scaler"])
+
+    banner = build_banner(cfg, counts, plan, dist, precision.name, resumed_from=resume_path)
+    sinks.log(state.step, banner.as_dict(), kind="startup")
+    if dist.is_main:
+        banner.print()
+    monitor = StepMonitor(cfg, plan, counts, dist, sinks, start_step=state.step)
+
+    # ---- loop ---------------------------------------------------------------------------------------------
+    stop = StopRequest()
+    batches = iter(train_loader)
+    losses: list[float] = []
+    last_eval: dict[str, float] = {}
+    status, exit_code = "completed", EXIT_OK
+    try:
+        while state.step < plan.total_steps:
+            monitor.step_start()
+            # accumulate: sum of token losses / tokens per rank-step, so gradients are a per-token mean
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(plan.grad_accum):
+                batch = next(batches)
+                loss_sum += engine.forward_backward(batch, scaler, denominator=plan.tokens_per_micro_step *
+                                                    plan.grad_accum, sync=micro == plan.grad_accum - 1)
+            step_loss = all_reduce(loss_sum, "avg")
+
+            # check and clip: decided before the optimizer step, identically on every rank
+            scaler.unscale_(optimizer)
+            grad_norm = engine.clip_grad_norm(cfg.train.grad_clip)
+            loss_value = step_loss.item()  # host sync: the step decision and the detector need the value
+            nonfinite = not (math.isfinite(loss_value) and math.isfinite(float(grad_norm)))
+            if any_rank(nonfinite, device):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                state.skipped_steps += 1
+                sinks.log(state.step, {"loss": loss_value, "grad_norm": float(grad_norm)}, kind="nonfinite")
+                if cfg.train.nonfinite_policy == "stop":
+                    save("nonfinite")
+                    status, exit_code = "nonfinite", EXIT_NONFINITE
+                    break
+                continue
+
+            # step and schedule
+            monitor.before_optimizer_step(engine.model)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            monitor.after_optimizer_step(engine.model)
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += plan.tokens_per_step
+            losses.append(loss_value)
+
+            if detector.update(loss_value):
+                sinks.log(state.step, {"reason": detector.describe()}, kind="diverged")
+                status, exit_code = "diverged", EXIT_DIVERGED
+                break  # no save: the last periodic checkpoint is the last good one
+
+            # log
+            if state.step % log_every == 0 or state.step == plan.total_steps:
+                monitor.log_step(state.step, loss_value, grad_norm, scheduler.get_last_lr()[0],
+                                 state.tokens_seen, skipped=state.skipped_steps)
+
+            # eval
+            if eval_every and state.step % eval_every == 0 and state.step < plan.total_steps:
+                last_eval = run_eval(engine.model, cfg, tokenizer, precision, dist, sinks, state)
+
+            # checkpoint
+            if save_every and state.step % save_every == 0 and state.step < plan.total_steps:
+                save("interval")
+            if any_rank(stop.reason is not None, device):
+                save("signal")
+                status = "stopped"
+                break
+
+        # ---- tear down --------------------------------------------------------------------------------------
+        if status == "completed":
+            last_eval = run_eval(engine.model, cfg, tokenizer, precision, dist, sinks, state)
+            save("final")
+            samples = write_samples(engine.unwrapped, cfg, tokenizer, dist, sinks, state)
+            if dist.is_main:
+                for prompt, text in samples.items():
+                    print(f"--- {prompt!r} -> {text!r}")
+    finally:
+        stop.restore()
+        checkpointer.close()
+        sinks.log(state.step, {"status": status, "steps": state.step, "tokens_seen": state.tokens_seen,
+                               "skipped_steps": state.skipped_steps, "final_loss": losses[-1] if losses else None,
+                               "eval": last_eval}, kind="summary")
+        monitor.close()
+        sinks.close()
+    return TrainResult(status, exit_code, state, losses, last_eval, run_dir)
+
+
+def run_eval(model: torch.nn.Module, cfg: Config, tokenizer: Tokenizer, precision: Precision, dist: DistInfo,
+             sinks, state: TrainState) -> dict[str, float]:
+    """Evaluate on the held-out split (a fresh loader each time: every eval sees the same batches)."""
+    loader = build_loader(cfg, tokenizer, "eval", dist.rank, dist.world_size)
+    started = time.perf_counter()
+    result = evaluate(model, loader, cfg.train.eval_batches, tokenizer.decode, precision.autocast, dist.device, dist)
+    if result:
+        result["seconds"] = time.perf_counter() - started
+        state.best_eval_loss = min(state.best_eval_loss, result["loss"])
+        sinks.log(state.step, result, kind="eval")
+    return result
+
+
+def write_samples(model: torch.nn.Module, cfg: Config, tokenizer: Tokenizer, dist: DistInfo, sinks,
+                  state: TrainState) -> dict[str, str]:
+    """Generate from the fixed prompts with a private RNG (training randomness is untouched)."""
+    if not dist.is_main:
+        return {}
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    samples = {}
+    for prompt in cfg.train.sample_prompts:
+        ids = tokenizer.encode_batch([prompt])[0]
+        out = sample(model, ids, cfg.train.sample_tokens, generator=generator, stop_id=tokenizer.eos_id)
+        samples[prompt] = prompt + tokenizer.decode(out)
+    sinks.log(state.step, {"samples": samples}, kind="sample")
+    return samples

@@ -1,0 +1,122 @@
+"""Config system: round trip, precedence, nested overrides and every error case of issue 2."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tokenmill.cli import main
+from tokenmill.config import Config, config_from_dict, load_config, parse_override, preset_names, split_overrides
+from tokenmill.errors import ConfigError
+
+
+def test_defaults_validate_and_round_trip_through_yaml():
+    cfg = load_config(["dense-180m"], overrides=["model.n_layers=2", "--optim.lr=1e-4"])
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+    assert again.model.n_layers == 2 and again.optim.lr == pytest.approx(1e-4)
+
+
+def test_every_preset_loads_and_round_trips():
+    names = preset_names()
+    assert {"tiny", "gpt2-124m", "dense-180m", "llama3-1b", "llama3.2-1b", "gpt2", "llama", "demo"} <= set(names)
+    for name in names:
+        cfg = load_config([name])
+        assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_precedence_preset_then_file_then_overrides(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("model: {n_layers: 7, d_model: 512}\ntrain: {seq_len: 128}\n")
+    cfg = load_config(["tiny"], file, ["model.n_layers=3"])
+    assert cfg.model.n_layers == 3  # override beats file
+    assert cfg.model.d_model == 512  # file beats preset (tiny has 256)
+    assert cfg.model.n_kv_heads == 2  # preset beats defaults (default 0)
+    assert cfg.train.seq_len == 128
+
+
+def test_presets_combine_left_to_right_and_extends_chains():
+    cfg = load_config(["llama-124m", "gpt2"])  # size from llama-124m, components from gpt2
+    assert cfg.model.n_layers == 12 and cfg.model.norm == "layernorm" and cfg.model.position == "learned"
+    assert load_config(["gpt2-124m"]).model.bias is True  # through `extends: gpt2`
+
+
+def test_file_may_extend_a_preset(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("extends: dense-180m\nmodel: {n_layers: 2}\n")
+    cfg = load_config(file=file)
+    assert cfg.model.n_layers == 2 and cfg.model.qk_norm is True
+
+
+def test_nested_override_values_are_typed():
+    cfg = load_config(["tiny"], overrides=["optim.betas=[0.8, 0.99]", "train.total_tokens=1e6",
+                                           "train.compile=true", "data.sources=[stdlib, x.jsonl:0.5]"])
+    assert cfg.optim.betas == [0.8, 0.99]
+    assert cfg.train.total_tokens == 1_000_000 and isinstance(cfg.train.total_tokens, int)
+    assert cfg.train.compile is True
+    assert cfg.data.sources == ["stdlib", "x.jsonl:0.5"]
+
+
+def test_override_forms():
+    assert parse_override("--model.n_layers=8") == ("model.n_layers", 8)
+    assert parse_override("model.n_layers=8") == ("model.n_layers", 8)
+    assert split_overrides(["--model.n_layers", "8", "train.seq_len=64"]) == ["model.n_layers=8", "train.seq_len=64"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.n_layer=2", "unknown config key 'model.n_layer'; did you mean 'model.n_layers'?"),
+    ("modle.n_layers=2", "did you mean 'model.n_layers'?"),
+    ("model.n_layers=-1", "model.n_layers=-1 is not allowed: must be > 0"),
+    ("model.n_layers=two", "model.n_layers='two' is not allowed: expected an integer"),
+    ("model.n_heads=5", "model.n_heads=5 is not allowed: must divide model.d_model=256"),
+    ("model.n_kv_heads=3", "model.n_kv_heads=3 is not allowed: model.n_heads=4 must be a multiple of it"),
+    ("model.norm=batchnorm", "model.norm='batchnorm' is not allowed: choose one of layernorm, layernorm_nobias, rmsnorm"),
+    ("train.compile=maybe", "train.compile='maybe' is not allowed: expected true or false"),
+    ("optim.lr=fast", "optim.lr='fast' is not allowed: expected a number"),
+    ("model=3", "names a section, not a key"),
+])
+def test_bad_overrides_name_key_value_and_fix(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(["tiny"], overrides=[override])
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_preset_and_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'dense-18m'; did you mean 'dense-180m'"):
+        load_config(["dense-18m"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(file=tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {n_layers: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(file=bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model: {d_modle: 3}\n")
+    with pytest.raises(ConfigError, match="did you mean 'model.d_model'"):
+        load_config(file=unknown)
+
+
+def test_cli_config_show_prints_loadable_yaml(capsys):
+    assert main(["config", "show", "--preset", "dense-180m", "--model.n_layers=2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["n_layers"] == 2
+    assert config_from_dict(printed) == load_config(["dense-180m"], overrides=["model.n_layers=2"])
+
+
+def test_cli_bad_override_is_one_line_exit_2(capsys):
+    assert main(["config", "show", "--preset", "tiny", "--model.n_layer=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0
+    assert err.startswith("error: unknown config key 'model.n_layer'")
+
+
+def test_cli_debug_shows_traceback():
+    with pytest.raises(ConfigError):
+        main(["config", "show", "--debug", "--preset", "tiny", "--model.n_layer=2"])
+
+
+def test_config_dataclass_defaults_are_independent():
+    a, b = Config(), Config()
+    a.train.sample_prompts.append("x")
+    assert "x" not in b.train.sample_prompts
