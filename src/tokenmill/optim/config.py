@@ -19,20 +19,23 @@ class OptimConfig:
     lr_sqrt_batch_scaling: bool = opt(False, "lr = lr x sqrt(global batch in sequences)")
     muon_lr: float = opt(0.02, "Muon learning rate for 2-D matrices")
     muon_momentum: float = opt(0.95, "Muon momentum")
+    muon_weight_decay: float = opt(0.0, "Muon decoupled weight decay on matrices (0 as in Keller Jordan's Muon)")
+    stochastic_rounding_seed: int = opt(0, "adafactor: seed of the bf16 stochastic-rounding random bits")
 
     def validate(self) -> None:
         from tokenmill.optim.optimizers import OPTIMIZERS
 
         require_choice("optim.name", self.name, OPTIMIZERS)
         require_positive(self, "optim", "lr", "eps", "muon_lr")
-        require_positive(self, "optim", "weight_decay", allow_zero=True)
+        require_positive(self, "optim", "weight_decay", "muon_weight_decay", allow_zero=True)
+        require(0 <= self.muon_momentum < 1, "optim.muon_momentum", self.muon_momentum, "must be in [0, 1)")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
                 "two numbers in [0, 1), e.g. [0.9, 0.95]")
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = opt("cosine", "LR schedule (SCHEDULES): cosine, wsd, infinite, constant, linear")
+    name: str = opt("cosine", "LR schedule (SCHEDULES): cosine, wsd, wsd-linear, infinite, constant, linear")
     warmup_steps: int = opt(100, "linear warmup steps from 0 to the peak LR")
     min_lr_ratio: float = opt(0.1, "final LR as a fraction of the peak (cosine, linear, wsd, infinite anneal)")
     decay_ratio: float = opt(0.2, "wsd: fraction of steps spent in the final decay")

@@ -1,0 +1,108 @@
+"""Which parameters get weight decay, and which get Muon: one classification shared by every optimizer.
+
+Every parameter is given a *role*, decided from the module that owns it and its shape, never from a model's
+name, so the rule works on any `nn.Module`:
+
+| role        | what                                                    | decay (default) | Muon   |
+|-------------|---------------------------------------------------------|-----------------|--------|
+| `matrix`    | >= 2-D weight of a hidden layer (attention, MLP)        | yes             | yes    |
+| `head`      | untied output projection (same shape as the embedding)  | yes             | no     |
+| `embedding` | weight of an `nn.Embedding` (tokens, positions; a tied  | no              | no     |
+|             | head *is* this parameter, so it is counted once)        |                 |        |
+| `norm`      | weight of a normalisation layer                         | no              | no     |
+| `bias`      | any other 0-/1-D parameter                              | no              | no     |
+
+Why no decay on norms, biases and embeddings: decaying gains and offsets pulls them towards 0 rather than
+towards their neutral value (1 for a norm gain), and embeddings of rare tokens see few gradients so decay
+dominates them (nanoGPT `configure_optimizers`; Loshchilov & Hutter 2019 apply decay to weights only).
+Muon is meant for hidden-layer matrices only; the embedding and the classifier head stay on AdamW
+(Keller Jordan 2024, https://kellerjordan.github.io/posts/muon/).
+
+Wrappers are transparent: `module.` (DDP), `_orig_mod.` (torch.compile) and `_checkpoint_wrapped_module.`
+(activation checkpointing) are dropped from names; FSDP2 DTensor parameters report their global shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+# Name components that wrappers insert; dropping them gives the plain module's parameter names.
+WRAPPER_PREFIXES = ("module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+
+ROLES = ("matrix", "head", "embedding", "norm", "bias")
+DECAY_ROLES = frozenset({"matrix", "head"})
+MUON_ROLES = frozenset({"matrix"})
+
+
+def clean_name(name: str) -> str:
+    """Drop wrapper components from a dotted parameter name (`module._orig_mod.blocks.0.w` -> `blocks.0.w`)."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PREFIXES)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: a known torch type, or a custom class named like one (`RMSNorm`, `LayerNorm`)."""
+    return isinstance(module, NORM_TYPES) or type(module).__name__.lower().endswith("norm")
+
+
+def parameter_roles(model: nn.Module) -> dict[str, str]:
+    """Map each trainable parameter's clean name to its role (see the module docstring's table).
+
+    Shared parameters (a tied head) appear once, under the first name `named_parameters` yields.
+    """
+    owner: dict[int, nn.Module] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owner.setdefault(id(p), module)
+    embedding_shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Embedding)}
+    roles: dict[str, str] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        module = owner.get(id(p))
+        if isinstance(module, nn.Embedding):
+            role = "embedding"
+        elif module is not None and _is_norm(module):
+            role = "norm"
+        elif p.ndim < 2:
+            role = "bias"
+        elif tuple(p.shape) in embedding_shapes and isinstance(module, nn.Linear):
+            role = "head"  # an untied output projection: (vocab, d_model) like the token embedding
+        else:
+            role = "matrix"
+        roles[clean_name(name)] = role
+    return roles
+
+
+def decays(role: str, decay_everything: bool) -> bool:
+    """Whether a parameter of this role gets weight decay (`optim.decay_norms_biases_embeddings` flips it)."""
+    return decay_everything or role in DECAY_ROLES
+
+
+def named_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Clean name -> parameter, each shared parameter once."""
+    return {clean_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def build_param_groups(model: nn.Module, weight_decay: float, decay_everything: bool = False,
+                       **group_options: Any) -> list[dict[str, Any]]:
+    """Two optimizer groups, `decay` then `no_decay`, each carrying its `names` (empty groups are dropped).
+
+    `group_options` (lr, betas, ...) are copied into both groups.
+    """
+    roles = parameter_roles(model)
+    params = named_trainable(model)
+    groups = {"decay": ([], []), "no_decay": ([], [])}
+    for name, p in params.items():
+        key = "decay" if decays(roles[name], decay_everything) else "no_decay"
+        groups[key][0].append(name)
+        groups[key][1].append(p)
+    out = []
+    for key, (names, ps) in groups.items():
+        if ps:
+            wd = weight_decay if key == "decay" else 0.0
+            out.append({"params": ps, "names": names, "weight_decay": wd, "group": key, **group_options})
+    return out
