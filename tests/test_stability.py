@@ -6,7 +6,7 @@ from tokenmill.stability import DivergenceDetector
 
 
 def make() -> DivergenceDetector:
-    return DivergenceDetector(threshold=1.0, fast_alpha=0.3, slow_alpha=0.01, warmup_steps=5)
+    return DivergenceDetector(threshold=1.0, fast_alpha=0.1, slow_alpha=0.01, warmup_steps=5)
 
 
 def test_quiet_on_a_falling_loss_and_ignores_nan():
@@ -21,6 +21,14 @@ def test_fires_on_a_sustained_spike():
         assert not det.update(3.0)
     fired = [det.update(9.0) for _ in range(10)]
     assert fired[-1] and not fired[0]
+
+
+def test_one_isolated_spike_does_not_fire():
+    det = make()
+    for _ in range(50):
+        det.update(3.0)
+    assert not det.update(9.0)
+    assert not any(det.update(3.0) for _ in range(20))
 
 
 def test_warmup_steps_hold_it_back():
