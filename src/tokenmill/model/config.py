@@ -27,12 +27,13 @@ class ModelConfig:
     ffn_mult: float = opt(4.0, "mlp hidden = ffn_mult x d_model (swiglu: 2/3 of that, rounded)")
     ffn_hidden: int = opt(0, "explicit FFN hidden width; 0 = derived from ffn_mult and multiple_of")
     multiple_of: int = opt(256, "round a derived swiglu hidden width up to this multiple")
-    bias: bool = opt(False, "bias in linear layers and layernorm")
+    bias: bool = opt(False, "bias in linear layers (the norm's bias comes with model.norm: layernorm has one)")
     tie_embeddings: bool = opt(True, "share the input embedding with the output head")
-    dropout: float = opt(0.0, "dropout probability on attention and residual outputs")
+    dropout: float = opt(0.0, "dropout on embeddings, attention probabilities and residual branches (train mode)")
     qk_norm: bool = opt(False, "per-head RMSNorm on queries and keys")
     attention: str = opt("sdpa", "attention backend (ATTENTION): sdpa, eager, flex, flash_attn")
-    init: str = opt("normal", "init scheme (INITS): normal (std init_std), fan_in (1/sqrt(fan_in)), deepnet")
+    init: str = opt("normal", "init scheme (INITS): normal (std init_std), fan_in (1/sqrt(fan_in)), deepnet "
+                               "(DeepNorm; needs norm_position=post)")
     init_std: float = opt(0.02, "std of the normal init for linears and embeddings")
 
     def kv_heads(self) -> int:
@@ -78,3 +79,9 @@ class ModelConfig:
         require_choice("model.activation", self.activation, ACTIVATIONS)
         require_choice("model.attention", self.attention, ATTENTION)
         require_choice("model.init", self.init, INITS)
+        # DeepNorm scales the residual stream by (2N)^(1/4) before a norm; under pre-norm the stream would grow
+        # as alpha^(2N) instead (arXiv:2203.00555 defines it for post-norm only).
+        require(self.init != "deepnet" or self.norm_position == "post", "model.init", self.init,
+                "deepnet (DeepNorm) is a post-norm scheme: also set model.norm_position=post")
+        require(self.attention != "flex" or self.dropout == 0.0, "model.dropout", self.dropout,
+                "model.attention=flex has no attention dropout: set model.dropout=0 or use sdpa")

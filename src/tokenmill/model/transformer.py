@@ -1,0 +1,208 @@
+"""The decoder-only Transformer: embeddings, blocks, final norm, output head and next-token loss (SPEC M1, M7).
+
+Plain single-device PyTorch (STYLE rule 1): parallelism, activation checkpointing and torch.compile are
+applied from `tokenmill.parallel`. Build it on the meta device and call `init_weights()` once
+(`tokenmill.model.build_model` does both). Parameter names follow Hugging Face Llama inside blocks so
+GPT-2 and Llama checkpoints convert by renaming only (keys listed in notes/common.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tokenmill.errors import UserError
+from tokenmill.model.attention import Attention, build_attention_backend
+from tokenmill.model.config import ModelConfig
+from tokenmill.model.ffn import FFNS
+from tokenmill.model.init import INITS
+from tokenmill.model.norms import RMSNorm, build_norm
+from tokenmill.model.position import POSITIONS, RotaryEmbedding, position_ids
+
+Sublayer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _pre_norm_step(x: torch.Tensor, f: Sublayer, norm: nn.Module, alpha: float) -> torch.Tensor:
+    """x + f(norm(x)) (GPT-2, Llama): the residual stream itself is never normalised."""
+    return (x if alpha == 1.0 else alpha * x) + f(norm(x))
+
+
+def _post_norm_step(x: torch.Tensor, f: Sublayer, norm: nn.Module, alpha: float) -> torch.Tensor:
+    """norm(alpha * x + f(x)) (original Transformer; DeepNorm with alpha > 1, arXiv:2203.00555 eq. 1)."""
+    return norm((x if alpha == 1.0 else alpha * x) + f(x))
+
+
+@dataclass(frozen=True)
+class NormPosition:
+    """Where a block normalises: `step` applies one residual sublayer; `final_norm` says whether the model
+    ends with a norm (post-norm blocks already end normalised, so theirs is an identity)."""
+
+    step: Callable[[torch.Tensor, Sublayer, nn.Module, float], torch.Tensor]
+    final_norm: bool
+
+
+NORM_POSITIONS: dict[str, NormPosition] = {
+    "pre": NormPosition(step=_pre_norm_step, final_norm=True),
+    "post": NormPosition(step=_post_norm_step, final_norm=False),
+}
+
+
+@dataclass
+class BlockContext:
+    """What every block needs besides x, computed once per forward: RoPE tables and the backend's mask."""
+
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    mask: Any
+
+
+class Block(nn.Module):
+    """One Transformer layer: attention then FFN, each a residual sublayer normalised pre or post."""
+
+    def __init__(self, cfg: ModelConfig, backend: Any, residual_alpha: float = 1.0) -> None:
+        super().__init__()
+        self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, backend)
+        self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.ffn = FFNS[cfg.ffn](cfg)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.step = NORM_POSITIONS[cfg.norm_position].step
+        self.residual_alpha = residual_alpha
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
+        x = self.step(x, lambda h: self.resid_drop(self.attn(h, ctx.rope, ctx.mask)), self.attn_norm,
+                      self.residual_alpha)
+        return self.step(x, lambda h: self.resid_drop(self.ffn(h)), self.ffn_norm, self.residual_alpha)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. forward: (B, T) token ids -> (B, T, V) logits; loss: (B, T+1) windows -> scalar."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise UserError(f"model.vocab_size={cfg.vocab_size}: the model needs a concrete vocab size; set "
+                            f"model.vocab_size or let the trainer resolve it from the tokenizer")
+        self.cfg = cfg
+        kind = POSITIONS[cfg.position]
+        backend = build_attention_backend(cfg.attention)
+        alpha = INITS[cfg.init]().residual_alpha(cfg)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if kind.table else None
+        self.rope = (RotaryEmbedding(cfg.resolved_head_dim(), cfg.max_seq_len, cfg.rope_theta)
+                     if kind.rotary else None)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, backend, alpha) for _ in range(cfg.n_layers))
+        final = NORM_POSITIONS[cfg.norm_position].final_norm
+        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if final else nn.Identity()
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.backend = backend
+
+    # -- initialisation ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter (and the RoPE cache); the only place init is decided (STYLE rule 2).
+
+        | parameter                         | normal                    | fan_in                          | deepnet                         |
+        | --------------------------------- | ------------------------- | ------------------------------- | ------------------------------- |
+        | tok_emb, pos_emb                  | N(0, init_std)            | N(0, init_std)                  | N(0, init_std)                  |
+        | q_proj, k_proj                    | N(0, init_std)            | N(0, 1/sqrt(fan_in))            | xavier normal, gain 1           |
+        | v_proj, gate_proj, up_proj        | N(0, init_std)            | N(0, 1/sqrt(fan_in))            | xavier normal, gain beta        |
+        | o_proj, down_proj (residual)      | N(0, init_std/sqrt(2L))   | N(0, 1/sqrt(fan_in)/sqrt(2L))   | xavier normal, gain beta        |
+        | head (untied)                     | N(0, init_std)            | N(0, 1/sqrt(d))                 | N(0, 1/sqrt(d))                 |
+        | linear biases                     | 0                         | 0                               | 0                               |
+        | norm weights / biases (incl. QK)  | 1 / 0                     | 1 / 0                           | 1 / 0                           |
+
+        L = n_layers; DeepNet: beta = (8L)^(-1/4) and residual alpha = (2L)^(1/4) (see model/init.py).
+        """
+        cfg = self.cfg
+        scheme = INITS[cfg.init]()
+        for table in (self.tok_emb, self.pos_emb):
+            if table is not None:
+                nn.init.normal_(table.weight, mean=0.0, std=scheme.embedding_std(cfg))
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                role = name.rsplit(".", 1)[-1]  # q_proj, ..., down_proj, head
+                std = scheme.linear_std(role, module.in_features, module.out_features, cfg)
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.rope is not None:
+            self.rope.reset_cache()
+
+    # -- forward ----------------------------------------------------------------------------------------
+
+    def hidden(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, d) after the last norm, before the head."""
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len:
+            raise UserError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                            f"shorten it or raise model.max_seq_len")
+        if doc_ids is not None and doc_ids.shape != idx.shape:
+            raise UserError(f"doc_ids shape {tuple(doc_ids.shape)} must equal the token shape {tuple(idx.shape)}")
+        pos = position_ids(T, doc_ids, idx.device) if (self.pos_emb is not None or self.rope is not None) else None
+        x = self.tok_emb(idx)  # (B, T, d)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        x = self.emb_drop(x)
+        ctx = BlockContext(rope=self.rope.tables(pos) if self.rope is not None else None,
+                           mask=self.backend.prepare(doc_ids, T, idx.device))
+        for block in self.blocks:
+            x = block(x, ctx)
+        return self.norm(x)
+
+    def output_weight(self) -> torch.Tensor:
+        """(V, d) matrix of the output head: the token embedding when tied."""
+        return self.tok_emb.weight if self.head is None else self.head.weight
+
+    def forward(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) for the last position only (generation: the head runs on one row)."""
+        h = self.hidden(idx, doc_ids)
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(h, self.output_weight())
+
+    # -- loss -------------------------------------------------------------------------------------------
+
+    def loss(self, window: torch.Tensor, doc_ids: torch.Tensor | None = None, ignore_index: int = -100,
+             chunk_size: int = 0, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy of a (B, T+1) window: inputs window[:, :-1], targets window[:, 1:] (SPEC M7).
+
+        reduction "mean" averages over targets != ignore_index; "sum" returns the summed token loss (the
+        trainer divides by the global token count under gradient accumulation). chunk_size > 0 runs head +
+        cross-entropy over chunks of chunk_size tokens, recomputing each chunk's logits in backward, so full
+        (B, T, V) fp32 logits never exist; values and gradients equal the plain path.
+        """
+        if reduction not in ("mean", "sum"):
+            raise UserError(f"loss reduction={reduction!r} is not allowed: choose mean or sum")
+        inputs, targets = window[:, :-1], window[:, 1:]
+        h = self.hidden(inputs, None if doc_ids is None else doc_ids[:, :-1])
+        weight = self.output_weight()
+        flat_h, flat_t = h.flatten(0, 1), targets.flatten()  # (B*T, d), (B*T,)
+        if chunk_size <= 0:
+            return F.cross_entropy(F.linear(flat_h, weight).float(), flat_t, ignore_index=ignore_index,
+                                   reduction=reduction)
+        total = flat_h.new_zeros((), dtype=torch.float32)
+        for start in range(0, flat_h.shape[0], chunk_size):
+            stop = start + chunk_size
+            total = total + checkpoint(_chunk_loss_sum, flat_h[start:stop], weight, flat_t[start:stop], ignore_index,
+                                       use_reentrant=False)
+        if reduction == "sum":
+            return total
+        return total / (flat_t != ignore_index).sum()
+
+
+def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Summed cross-entropy of one chunk: (n, d) hidden -> (n, V) logits in fp32 -> scalar."""
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index, reduction="sum")
