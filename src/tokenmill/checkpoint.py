@@ -1,0 +1,369 @@
+"""Checkpoints (SPEC C1-C5): save, verify, load and retain full training state, and pick what to resume.
+
+Layout of one checkpoint, `<out_dir>/checkpoints/step_00000100/`:
+  model.safetensors  weights of the unwrapped model (no `module.`/`_orig_mod.`; tied tensors once)
+  state.pt           optimizer, scheduler, data-loader, RNG states, train state, extra (weights_only-loadable)
+  config.yaml        the resolved run config (rebuilds the model: tokenmill.load_model)
+  meta.json          step, tokens seen, eval loss, versions, git commit, time
+  manifest.json      size + sha256 of every file above; written last (see checkpoint_files.py)
+`<out_dir>/checkpoints/best.json` points at the best checkpoint by eval loss.
+
+Only rank 0 writes (the training loop adds a barrier after `save`); every rank may load.
+Sharded (FSDP/PP) checkpoints through torch.distributed.checkpoint are not handled here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tokenmill.checkpoint_files import (MANIFEST, TMP_PREFIX, atomic_write_json, staged_folder,
+                                        verify_folder, write_file, write_json, write_manifest)
+from tokenmill.checkpoint_state import (capture_rng, load_weights_into, restore_rng, retie, to_safe,
+                                        weights_for_saving, write_safetensors)
+from tokenmill.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+STEP_PREFIX = "step_"
+BEST_POINTER = "best.json"
+WEIGHTS, STATE, CONFIG, META = "model.safetensors", "state.pt", "config.yaml", "meta.json"
+PER_RANK = "__per_rank__"  # marks a data-loader state saved as one dict per rank
+# Files written by a run besides its checkpoints; `--overwrite` removes them (never the tokenizer cache).
+RUN_OUTPUTS = (CHECKPOINTS, "metrics.jsonl", "tb", "wandb", "wandb_id.txt")
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a `step_00000100` folder name, None for anything else (tmp folders, best.json)."""
+    digits = name[len(STEP_PREFIX):]
+    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    """Commit of the tokenmill source tree, if it is a git checkout (cached: one subprocess per process)."""
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _versions() -> dict[str, Any]:
+    import tokenmill
+
+    return {"tokenmill": tokenmill.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "git_commit": _git_commit()}
+
+
+def _config_text(config: Any) -> str | None:
+    if config is None:
+        return None
+    if hasattr(config, "to_yaml"):
+        return config.to_yaml()
+    if isinstance(config, str):
+        return config
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class Checkpointer:
+    """Owns `<run_dir>/checkpoints`: atomic saves, retention (last K + best k), verification, loading.
+
+    `cfg` is the `checkpoint` config section (keep_last, keep_best); `config` is the whole resolved
+    run config, stored beside every checkpoint as config.yaml.
+    """
+
+    def __init__(self, run_dir: str | Path, cfg: Any = None, *, config: Any = None, rank: int = 0) -> None:
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / CHECKPOINTS
+        self.keep_last = max(1, getattr(cfg, "keep_last", 3))
+        self.keep_best = max(0, getattr(cfg, "keep_best", 1))
+        self.config_text = _config_text(config)
+        self.rank = rank
+        self.problems: list[str] = []  # why checkpoints were skipped by latest_valid / best
+        self.last_save_s = 0.0
+        self.last_save_bytes = 0
+        self._verified: dict[Path, int] = {}  # folder -> manifest mtime_ns already checked deeply
+
+    # ------------------------------------------------------------------------------------- save
+    def save(self, step: int, state: dict[str, Any] | None = None, model: torch.nn.Module | None = None,
+             optimizer: Any = None, scheduler: Any = None, loader: Any = None, extra: dict[str, Any] | None = None,
+             *, eval_loss: float | None = None) -> Path:
+        """Write checkpoint `step` atomically, update best.json, apply retention; return its folder.
+
+        `state` is the loop's train state (tokens_seen, best_eval_loss, detector, ...); `loader` is an
+        object with state_dict(), a state dict, or a list of per-rank state dicts gathered by the loop.
+        Off rank 0 nothing is written and the would-be folder is returned. Raises UserError on disk
+        full / write errors, with earlier checkpoints intact.
+        """
+        final = self.dir / step_name(step)
+        if self.rank != 0:
+            return final
+        start = time.perf_counter()
+        state = dict(state or {})
+        eval_loss = _finite_or_none(eval_loss)
+        blob = {
+            "format_version": 1,
+            "step": step,
+            "train_state": to_safe(state, "state"),
+            "optimizer": to_safe(optimizer.state_dict(), "optimizer") if optimizer is not None else None,
+            "scheduler": to_safe(scheduler.state_dict(), "scheduler") if scheduler is not None else None,
+            "loader": to_safe(self._loader_state(loader), "loader"),
+            "rng": capture_rng(),
+            "extra": to_safe(extra or {}, "extra"),
+            "eval_loss": eval_loss,
+        }
+        meta = {"step": step, "tokens_seen": state.get("tokens_seen"), "eval_loss": eval_loss,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": time.time(), **_versions()}
+        self._remove_stale_tmp()
+        with staged_folder(final) as tmp:
+            if model is not None:
+                self._write_weights(tmp / WEIGHTS, model)
+            write_file(tmp / STATE, lambda handle: torch.save(blob, handle))
+            if self.config_text is not None:
+                write_file(tmp / CONFIG, lambda handle: handle.write(self.config_text.encode()))
+            write_json(tmp / META, meta)
+            write_manifest(tmp, step)  # last: its presence marks the folder complete
+        self._verified[final] = (final / MANIFEST).stat().st_mtime_ns
+        self.last_save_bytes = sum(p.stat().st_size for p in final.iterdir())
+        if eval_loss is not None and self.is_best(eval_loss, exclude=final):
+            atomic_write_json(self.dir / BEST_POINTER, {"name": final.name, "step": step, "eval_loss": eval_loss})
+        self._retain(final)
+        self.last_save_s = time.perf_counter() - start
+        return final
+
+    @staticmethod
+    def _loader_state(loader: Any) -> Any:
+        if loader is None or isinstance(loader, dict):
+            return loader
+        if isinstance(loader, (list, tuple)):
+            return {PER_RANK: list(loader)}
+        return loader.state_dict()
+
+    @staticmethod
+    def _write_weights(path: Path, model: torch.nn.Module) -> None:
+        tensors, tied = weights_for_saving(model)
+        # safetensors metadata is str -> str; the tied map travels as JSON.
+        metadata = {"format": "pt", "tied": json.dumps(tied)}
+        write_file(path, lambda handle: write_safetensors(handle, tensors, metadata))
+
+    def _remove_stale_tmp(self) -> None:
+        if self.dir.is_dir():
+            for path in self.dir.glob(f"{TMP_PREFIX}*"):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------- find
+    def list_checkpoints(self) -> list[Path]:
+        """Every `step_*` folder (valid or not), oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(parse_step(p.name), p) for p in self.dir.iterdir() if p.is_dir()]
+        return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+    def verify(self, path: str | Path) -> Path:
+        """Raise a one-line UserError if `path` is partial or damaged; checksums each folder once."""
+        path = Path(path)
+        manifest_file = path / MANIFEST
+        mtime = manifest_file.stat().st_mtime_ns if manifest_file.is_file() else None
+        if mtime is None or self._verified.get(path) != mtime:
+            verify_folder(path, deep=True)
+            self._verified[path] = mtime
+        return path
+
+    def latest_valid(self) -> Path | None:
+        """The newest checkpoint that passes verification; damaged ones are skipped (reasons in .problems)."""
+        for path in reversed(self.list_checkpoints()):
+            try:
+                return self.verify(path)
+            except UserError as err:
+                self.problems.append(str(err))
+                warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
+        return None
+
+    def _meta(self, path: Path) -> dict[str, Any]:
+        try:
+            return json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _scored(self) -> list[tuple[float, Path]]:
+        """(eval loss, folder) of complete checkpoints saved with an eval loss, best first."""
+        scored = []
+        for path in self.list_checkpoints():
+            loss = _finite_or_none(self._meta(path).get("eval_loss")) if (path / MANIFEST).is_file() else None
+            if loss is not None:
+                scored.append((loss, path))
+        return sorted(scored, key=lambda item: (item[0], -parse_step(item[1].name)))
+
+    def best(self) -> Path | None:
+        """The valid checkpoint with the lowest eval loss (best.json, else a scan of meta.json files)."""
+        pointer = self.dir / BEST_POINTER
+        candidates = []
+        if pointer.is_file():
+            try:
+                candidates.append(self.dir / json.loads(pointer.read_text())["name"])
+            except (OSError, ValueError, KeyError):
+                pass
+        candidates += [path for _, path in self._scored()]
+        for path in candidates:
+            try:
+                return self.verify(path)
+            except UserError as err:
+                self.problems.append(str(err))
+        return None
+
+    def is_best(self, eval_loss: float, exclude: Path | None = None) -> bool:
+        """True if `eval_loss` beats every checkpoint saved so far (call before save to decide on a best save)."""
+        scored = [loss for loss, path in self._scored() if path != exclude]
+        return not scored or eval_loss < scored[0]
+
+    # ------------------------------------------------------------------------------------- retain
+    def _retain(self, just_written: Path) -> None:
+        """Delete complete checkpoints outside last keep_last and best keep_best; never the new or best one."""
+        complete = [p for p in self.list_checkpoints() if (p / MANIFEST).is_file()]
+        keep = set(complete[-self.keep_last:]) | {just_written}
+        keep |= {path for _, path in self._scored()[: self.keep_best]}
+        pointer = self.dir / BEST_POINTER
+        if pointer.is_file():
+            try:
+                keep.add(self.dir / json.loads(pointer.read_text())["name"])
+            except (OSError, ValueError, KeyError):
+                pass
+        for path in complete:
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+                self._verified.pop(path, None)
+
+    # ------------------------------------------------------------------------------------- load
+    def load(self, path: str | Path, model: torch.nn.Module | None = None, optimizer: Any = None,
+             scheduler: Any = None, loader: Any = None, *, restore_rng_state: bool = True) -> dict[str, Any]:
+        """Verify `path`, load what is given in place and restore RNG states.
+
+        Returns {"path", "step", "train_state", "extra", "eval_loss", "meta", "loader_state"}.
+        """
+        path = self.verify(path)
+        if model is not None:
+            load_weights_into(model, read_weights(path), str(path))
+        blob = torch.load(path / STATE, map_location="cpu", weights_only=True)
+        if optimizer is not None:
+            if blob.get("optimizer") is None:
+                raise UserError(f"checkpoint {path} holds no optimizer state; start a new run or load weights only")
+            try:
+                optimizer.load_state_dict(blob["optimizer"])
+            except (ValueError, KeyError) as err:
+                raise UserError(f"optimizer state in {path / STATE} does not fit this optimizer ({err}); resume with "
+                                f"the same optim.* settings") from err
+        if scheduler is not None and blob.get("scheduler") is not None:
+            scheduler.load_state_dict(blob["scheduler"])
+        loader_state = self._loader_for_rank(blob.get("loader"), path)
+        if loader is not None and loader_state is not None:
+            loader.load_state_dict(loader_state)
+        if restore_rng_state:
+            restore_rng(blob["rng"])
+        return {"path": path, "step": blob["step"], "train_state": blob.get("train_state", {}),
+                "extra": blob.get("extra", {}), "eval_loss": blob.get("eval_loss"), "meta": self._meta(path),
+                "loader_state": loader_state}
+
+    def _loader_for_rank(self, saved: Any, path: Path) -> Any:
+        if not (isinstance(saved, dict) and PER_RANK in saved):
+            return saved
+        states = saved[PER_RANK]
+        if self.rank >= len(states):
+            raise UserError(f"checkpoint {path} holds data-loader states for {len(states)} ranks but this is rank "
+                            f"{self.rank}: resume with the same number of processes")
+        return states[self.rank]
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint folder `path` on the CPU, with tied duplicates filled back in."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = Path(path) / WEIGHTS
+    if not file.is_file():
+        raise UserError(f"checkpoint {path} holds no {WEIGHTS}")
+    with safe_open(str(file), framework="pt") as handle:
+        tied = json.loads((handle.metadata() or {}).get("tied", "{}"))
+    return retie(load_file(str(file), device="cpu"), tied)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing what to resume, and protecting run folders
+
+def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> Path | None:
+    """The checkpoint to resume: None (fresh start), the latest valid one (`True`/"latest"), or PATH.
+
+    PATH may be a checkpoint folder or a run folder (its latest valid checkpoint). `--resume` on a run
+    with no checkpoints yet starts fresh (so a restarted job can always pass it); one whose
+    checkpoints are all damaged is an error.
+    """
+    if resume is None or resume is False or resume == "":
+        return None
+    if resume is True or resume in ("latest", "auto"):
+        return _latest_or_error(Path(run_dir), required=False)
+    path = Path(resume)
+    if (path / CHECKPOINTS).is_dir() and not (path / MANIFEST).exists():
+        return _latest_or_error(path, required=True)
+    return Checkpointer(path.parent.parent).verify(path)
+
+
+def _latest_or_error(run_dir: Path, required: bool) -> Path | None:
+    checkpointer = Checkpointer(run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        latest = checkpointer.latest_valid()
+    if latest is None and (required or checkpointer.list_checkpoints()):
+        why = checkpointer.problems[0] if checkpointer.problems else f"{run_dir / CHECKPOINTS} holds no checkpoint"
+        raise UserError(f"nothing to resume in {run_dir}: {why}")
+    return latest
+
+
+def prepare_run_dir(run_dir: str | Path, resume: str | bool | None = None, overwrite: bool = False) -> None:
+    """Refuse to start a new run over another run's checkpoints unless told to resume or overwrite.
+
+    With `overwrite` the previous run's outputs (checkpoints, metrics, TensorBoard, W&B id) are deleted;
+    without checkpoints, an old metrics.jsonl is renamed aside so runs never mix in one file.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        return
+    existing = Checkpointer(run_dir).list_checkpoints()
+    if existing and not overwrite:
+        raise UserError(f"{run_dir} already holds another run's checkpoints ({existing[-1].name}, {len(existing)} in "
+                        f"all): pass --resume to continue it, --overwrite to replace it, or choose another "
+                        f"train.out_dir")
+    if overwrite:
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        return
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        index = 1
+        while (run_dir / f"metrics.{index}.jsonl").exists():
+            index += 1
+        os.replace(metrics, run_dir / f"metrics.{index}.jsonl")

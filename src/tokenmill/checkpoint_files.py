@@ -1,0 +1,171 @@
+"""Crash-safe checkpoint folders: fsynced writes into a temporary folder, a sha256 manifest written last,
+an atomic rename, and verification that names the damaged file.
+
+A folder is a valid checkpoint only if `manifest.json` exists and every file it lists has the recorded
+size and sha256. Because the manifest is the last file written before the rename, a save killed at any
+moment leaves either the previous state or a `.tmp-*` folder that is never chosen.
+(Pattern: write-temp-then-rename plus fsync of file and directory, as in SimpleTuner PR #1443.)
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from tokenmill.errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "tokenmill-checkpoint"
+FORMAT_VERSION = 1
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+HASH_CHUNK = 8 << 20  # bytes read at a time while hashing
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or directory entry to stable storage (directories: so a rename survives power loss)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some platforms (Windows) cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):  # fsync on a directory is unsupported on some FS
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, writer: Callable[[IO[bytes]], Any]) -> None:
+    """Create `path`, let `writer` fill it, then flush and fsync it."""
+    with open(path, "wb") as handle:
+        writer(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    write_file(path, lambda handle: handle.write(data))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """Record size and sha256 of every file in `folder`; must be the last file written."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != MANIFEST:
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    write_json(folder / MANIFEST, {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "files": files})
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Replace a small JSON file atomically (pointer files like best.json)."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    write_json(tmp, data)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _save_error(err: OSError, final: Path) -> UserError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"disk full while saving checkpoint to {final}: free space or lower checkpoint.keep_last "
+                         f"(earlier checkpoints are intact)")
+    return UserError(f"could not write checkpoint to {final}: {err.strerror or err} "
+                     f"(earlier checkpoints are intact; check permissions and free space)")
+
+
+@contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`; on success it becomes `final` atomically.
+
+    On any error the temporary folder is removed and earlier checkpoints are untouched; OS errors
+    (disk full, permissions) become a one-line UserError.
+    """
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f"{TMP_PREFIX}{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+    try:
+        tmp.mkdir()
+        yield tmp
+        fsync_path(tmp)
+        if final.exists():  # re-saving a step (e.g. end of a run resumed at that step): swap, then drop the old
+            old = parent / f"{OLD_PREFIX}{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_path(parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(err, final) from err
+    except RuntimeError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err.__context__, OSError):  # torch.save wraps a failed file write in a RuntimeError
+            raise _save_error(err.__context__, final) from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint folder, or a UserError saying why there is none."""
+    if folder.name.startswith(TMP_PREFIX) or folder.name.startswith(OLD_PREFIX):
+        raise UserError(f"{folder} is an unfinished checkpoint (a save was interrupted); use an earlier one")
+    if not folder.is_dir():
+        raise UserError(f"checkpoint {folder} does not exist (pass a checkpoint folder such as "
+                        f"<out_dir>/checkpoints/step_00000100, or the run's out_dir)")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise UserError(f"checkpoint {folder} is incomplete: {MANIFEST} is missing (the save did not finish); "
+                        f"use an earlier checkpoint")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise UserError(f"checkpoint file {path} is damaged ({err}); use an earlier checkpoint") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
+            manifest.get("files"), dict):
+        raise UserError(f"checkpoint file {path} is not a tokenmill manifest; use an earlier checkpoint")
+    if manifest.get("version", 0) > FORMAT_VERSION:
+        raise UserError(f"checkpoint {folder} was written by a newer tokenmill (format {manifest['version']}); "
+                        f"upgrade tokenmill to load it")
+    return manifest
+
+
+def verify_folder(folder: Path, deep: bool = True) -> dict[str, Any]:
+    """Check every file against the manifest (sizes always; sha256 when `deep`); return the manifest."""
+    manifest = read_manifest(folder)
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"checkpoint file {path} is missing; use an earlier checkpoint")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise UserError(f"checkpoint file {path} is truncated or damaged ({size} bytes, expected "
+                            f"{entry['bytes']}); use an earlier checkpoint")
+        if deep and sha256_of(path) != entry["sha256"]:
+            raise UserError(f"checkpoint file {path} is damaged (sha256 mismatch); use an earlier checkpoint")
+    return manifest
