@@ -1,0 +1,223 @@
+"""`tokenmill estimate [CONFIG.yaml] [--preset P] [overrides] [--gpu NAME] [--micro-batch B] [--json]`.
+
+Before spending GPU hours (SPEC M5): the exact parameter count (the real model built on the meta
+device), FLOPs per token, a per-GPU memory plan, the largest micro-batch that fits a named GPU and the
+time to the token budget at 40% and 50% MFU. Formulas and their sources live in
+`tokenmill.metrics.flops` (FLOPs, GPU peaks) and `tokenmill.metrics.memory` (bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from tokenmill.cli import add_config_arguments
+from tokenmill.errors import UserError
+from tokenmill.metrics import flops, memory
+
+DEFAULT_GPU = "H100 SXM"
+MFU_TARGETS = (0.4, 0.5)
+CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal ~20 tokens per parameter
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--gpu", default=DEFAULT_GPU, metavar="NAME",
+                        help=f"GPU for the memory plan and timing (default {DEFAULT_GPU}): "
+                             + ", ".join(flops.GPUS) + ", or a torch.cuda.get_device_name() string")
+    parser.add_argument("--micro-batch", type=int, default=None, metavar="B",
+                        help="sequences per micro-batch for the activation plan (default train.micro_batch_size)")
+    parser.add_argument("--n-gpus", type=int, default=1, metavar="N", help="GPUs sharing the token budget (time)")
+    parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+
+def resolve_gpu(name: str) -> flops.GPUSpec:
+    spec = flops.lookup_gpu(name)
+    if spec is None:
+        raise UserError(f"unknown GPU '{name}': use one of {', '.join(flops.GPUS)} "
+                        "(or a torch.cuda.get_device_name() string of one of them)")
+    return spec
+
+
+def resolve_vocab(cfg: Any) -> tuple[Any, str]:
+    """A model config with vocab_size > 0, and a note when it had to be derived (vocab_size = 0)."""
+    model = cfg.model
+    if model.vocab_size > 0:
+        return model, ""
+    mult = model.vocab_multiple_of
+    vocab = -(-cfg.data.tokenizer_vocab_size // mult) * mult
+    note = (f"model.vocab_size=0: assumed data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size} rounded up to "
+            f"a multiple of model.vocab_multiple_of={mult} = {vocab} (the trained tokenizer decides the real value)")
+    return dataclasses.replace(model, vocab_size=vocab), note
+
+
+def estimate(cfg: Any, gpu: flops.GPUSpec, micro_batch: int | None = None, n_gpus: int = 1) -> dict[str, Any]:
+    """Everything `tokenmill estimate` prints, as plain numbers (bytes, FLOPs, seconds)."""
+    from tokenmill.model import param_counts  # builds the real model on the meta device: exact counts
+
+    if micro_batch is not None and micro_batch < 1:
+        raise UserError(f"--micro-batch={micro_batch} is not allowed: must be >= 1")
+    if n_gpus < 1:
+        raise UserError(f"--n-gpus={n_gpus} is not allowed: must be >= 1")
+    model, vocab_note = resolve_vocab(cfg)
+    seq_len = cfg.train.seq_len
+    batch = micro_batch or cfg.train.micro_batch_size
+    counts = dict(param_counts(model))
+    counts["matmul"] = sum(flops.matmul_params(model).values())
+    total = counts["total"]
+
+    parts = flops.flops_breakdown(model, seq_len)
+    per_token = parts["total"]
+    attention = parts["attention_proj"] + parts["attention_scores"]
+
+    notes = [vocab_note] if vocab_note else []
+    if cfg.optim.name != "adamw":
+        notes.append(f"optim.name={cfg.optim.name}: the optimizer state is planned as AdamW (2 fp32 states)")
+    if model.attention == "sdpa":
+        notes.append("attention memory assumes SDPA's flash/memory-efficient kernels (GPU); no score matrix")
+    plan: dict[str, Any] = {}
+    fit: dict[str, Any] = {}
+    for mode_name, mode in memory.MODES.items():
+        static = memory.static_bytes(total, mode)
+        acts = {label: memory.activation_bytes(model, mode, batch, seq_len, ac, cfg.train.loss_chunk_size)
+                for label, ac in (("none", False), ("all", True))}
+        plan[mode_name] = {**{k: v for k, v in static.items() if k != "total"}, "static_total": static["total"],
+                           "activations": acts,
+                           "peak_total": {k: static["total"] + a["total"] for k, a in acts.items()}}
+        fit[mode_name] = {label: memory.max_micro_batch(model, mode, total, seq_len, gpu.memory_gib, ac,
+                                                        cfg.train.loss_chunk_size)
+                          for label, ac in (("none", False), ("all", True))}
+
+    if cfg.train.total_tokens:
+        budget, budget_source = cfg.train.total_tokens, "train.total_tokens"
+    else:
+        budget, budget_source = CHINCHILLA_TOKENS_PER_PARAM * total, "20 x parameters (Chinchilla)"
+    times = {f"{m:.0%}": budget * per_token / (m * gpu.bf16_tflops * 1e12 * n_gpus) for m in MFU_TARGETS}
+
+    return {
+        "model": {"n_layers": model.n_layers, "d_model": model.d_model, "n_heads": model.n_heads,
+                  "n_kv_heads": model.kv_heads(), "head_dim": model.resolved_head_dim(), "ffn": model.ffn,
+                  "ffn_hidden": model.ffn_width(), "vocab_size": model.vocab_size,
+                  "tie_embeddings": model.tie_embeddings, "seq_len": seq_len},
+        "parameters": counts,
+        "flops": {"seq_len": seq_len, "per_token": per_token,
+                  "per_token_causal": flops.flops_per_token(model, seq_len, causal=True),
+                  "six_n": 6.0 * counts["matmul"], "breakdown": parts,
+                  "attention_ffn_ratio": attention / parts["ffn"] if parts["ffn"] else None,
+                  "attention_scores_share": parts["attention_scores"] / per_token,
+                  "formula": "6 N_matmul + 12 L n_heads d_head S (PaLM app. B; non-causal)"},
+        "gpu": dataclasses.asdict(gpu),
+        "memory": {"micro_batch": batch, "seq_len": seq_len, "plan": plan,
+                   "usable_bytes": memory.usable_bytes(gpu.memory_gib),
+                   "safety": f"{memory.RESERVED_GIB:g} GiB reserved for the CUDA context, then "
+                             f"{memory.SAFETY_FRACTION:.0%} of the rest kept free"},
+        "max_micro_batch": fit,
+        "budget": {"tokens": budget, "source": budget_source, "n_gpus": n_gpus,
+                   "peak_tflops": gpu.bf16_tflops, "time_s": times},
+        "notes": notes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Printing
+
+
+def _gib(n: float) -> str:
+    return f"{n / memory.GIB:,.2f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    hours = seconds / 3600
+    return f"{hours / 24:,.1f} days ({hours:,.0f} h)" if hours >= 48 else f"{hours:,.2f} h"
+
+
+def _table(console: Any, title: str) -> Any:
+    """A table whose title is printed as its own line, so it never wraps to the table's width."""
+    from rich.table import Table
+
+    console.print()
+    console.print(title, style="bold", markup=False)
+    return Table()
+
+
+def print_report(report: dict[str, Any], file: Any = None) -> None:
+    """Human tables (rich); wide enough that numbers are never cropped when stdout is not a terminal."""
+    from rich.console import Console
+
+    console = Console(file=file or sys.stdout, width=110, highlight=False)
+    m, p, f, g = report["model"], report["parameters"], report["flops"], report["gpu"]
+
+    t = _table(console, f"Model ({m['n_layers']}L, d={m['d_model']}, {m['n_heads']} heads / {m['n_kv_heads']} kv, "
+                        f"{m['ffn']} {m['ffn_hidden']}, vocab {m['vocab_size']})")
+    t.add_column("parameters")
+    t.add_column("count", justify="right")
+    for key in ("total", "non_embedding", "embedding", "trainable", "matmul"):
+        t.add_row(key.replace("_", "-"), f"{p[key]:,}")
+    console.print(t)
+
+    t = _table(console, f"Training FLOPs per token at seq_len {f['seq_len']}: {f['formula']}")
+    t.add_column("part")
+    t.add_column("FLOPs/token", justify="right")
+    t.add_column("share", justify="right")
+    for key, value in f["breakdown"].items():
+        t.add_row(key.replace("_", " "), f"{value:,.0f}", f"{value / f['per_token']:.1%}")
+    t.add_row("causal count", f"{f['per_token_causal']:,.0f}", "")
+    ratio = f["attention_ffn_ratio"]
+    t.add_row("attention / FFN", f"{ratio:.3f}" if ratio is not None else "n/a", "")
+    console.print(t)
+
+    mem = report["memory"]
+    t = _table(console, f"Memory per GPU, micro-batch {mem['micro_batch']} x {mem['seq_len']} tokens, AdamW "
+                        f"(AC = activation checkpointing of every block)")
+    t.add_column("")
+    for mode in mem["plan"]:
+        t.add_column(mode, justify="right")
+    rows = [("weights", lambda d: d["weights"]), ("gradients", lambda d: d["gradients"]),
+            ("optimizer (2 fp32 states)", lambda d: d["optimizer"]), ("static total", lambda d: d["static_total"]),
+            ("activations, no AC", lambda d: d["activations"]["none"]["total"]),
+            ("  of which logits + loss", lambda d: d["activations"]["none"]["logits"]
+             + d["activations"]["none"]["loss_backward"]),
+            ("activations, AC", lambda d: d["activations"]["all"]["total"]),
+            ("peak, no AC", lambda d: d["peak_total"]["none"]), ("peak, AC", lambda d: d["peak_total"]["all"])]
+    for label, get in rows:
+        t.add_row(label, *(_gib(get(d)) for d in mem["plan"].values()))
+    console.print(t)
+
+    fit = report["max_micro_batch"]
+    t = _table(console, f"Largest micro-batch on {g['name']} ({g['memory_gib']:g} GiB; usable "
+                        f"{_gib(mem['usable_bytes'])}: {mem['safety']})")
+    t.add_column("")
+    for mode in fit:
+        t.add_column(mode, justify="right")
+    for label, key in (("no AC", "none"), ("AC", "all")):
+        t.add_row(label, *(str(fit[mode][key]) if fit[mode][key] else "does not fit" for mode in fit))
+    console.print(t)
+
+    b = report["budget"]
+    gpus = f"{b['n_gpus']} x {g['name']}" if b["n_gpus"] > 1 else g["name"]
+    t = _table(console, f"Time to {b['tokens']:,} tokens ({b['source']}) on {gpus}, bf16 peak {b['peak_tflops']:g} "
+                        f"TFLOPS")
+    t.add_column("MFU")
+    t.add_column("time", justify="right")
+    t.add_column("tokens/s", justify="right")
+    for label, seconds in b["time_s"].items():
+        t.add_row(label, _duration(seconds), f"{b['tokens'] / seconds:,.0f}")
+    console.print(t)
+    console.print(f"GPU peaks: {g['source']}" + (f" ({g['note']})" if g["note"] else ""), markup=False)
+    for note in report["notes"]:
+        console.print(f"note: {note}", markup=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenmill.config_cli import config_from_args
+
+    gpu = resolve_gpu(args.gpu)
+    report = estimate(config_from_args(args), gpu, args.micro_batch, args.n_gpus)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0
