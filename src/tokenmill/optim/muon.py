@@ -96,8 +96,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict[str, Any]], muon_cls: type[torch.optim.Optimizer] | None = None,
                  adamw_options: dict[str, Any] | None = None) -> None:
-        muon_groups = [g for g in groups if g["kind"] == "muon"]
-        adamw_groups = [g for g in groups if g["kind"] == "adamw"]
+        muon_groups = [g for g in groups if g.get("kind") == "muon"]
+        adamw_groups = [g for g in groups if g.get("kind") == "adamw"]
         if len(muon_groups) + len(adamw_groups) != len(groups):
             raise ValueError("every group needs kind='muon' or kind='adamw'")
         self._muon_cls = muon_cls or muon_class()

@@ -6,7 +6,7 @@ name, so the rule works on any `nn.Module`:
 | role        | what                                                    | decay (default) | Muon   |
 |-------------|---------------------------------------------------------|-----------------|--------|
 | `matrix`    | >= 2-D weight of a hidden layer (attention, MLP)        | yes             | yes    |
-| `head`      | untied output projection (same shape as the embedding)  | yes             | no     |
+| `head`      | untied output projection (see `output_layer`)           | yes             | no     |
 | `embedding` | weight of an `nn.Embedding` (tokens, positions; a tied  | no              | no     |
 |             | head *is* this parameter, so it is counted once)        |                 |        |
 | `norm`      | weight of a normalisation layer                         | no              | no     |
@@ -48,6 +48,38 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES) or type(module).__name__.lower().endswith("norm")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def output_layer(model: nn.Module) -> nn.Module | None:
+    """The untied output projection, or None (tied, or no head).
+
+    Decided by the model's own declaration first: Hugging Face's `get_output_embeddings()`, else a `head`,
+    `lm_head` or `output` attribute (tokenmill's Transformer has `head`, None when tied). Only a model that
+    declares none of these falls back to the last `nn.Linear` whose output size is the token vocabulary
+    (an FFN can have d_ff == vocab, so shape alone cannot decide when a declaration exists).
+    """
+    plain = unwrap(model)
+    getter = getattr(plain, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            return getter()
+        except NotImplementedError:
+            pass
+    for attr in ("head", "lm_head", "output"):
+        if hasattr(plain, attr) and (getattr(plain, attr) is None or isinstance(getattr(plain, attr), nn.Module)):
+            return getattr(plain, attr)
+    vocab = {m.num_embeddings for m in plain.modules() if isinstance(m, nn.Embedding)}
+    linears = [m for m in plain.modules() if isinstance(m, nn.Linear) and m.out_features in vocab]
+    return linears[-1] if linears else None
+
+
 def parameter_roles(model: nn.Module) -> dict[str, str]:
     """Map each trainable parameter's clean name to its role (see the module docstring's table).
 
@@ -57,7 +89,7 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owner.setdefault(id(p), module)
-    embedding_shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = output_layer(model)
     roles: dict[str, str] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -69,8 +101,8 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
             role = "norm"
         elif p.ndim < 2:
             role = "bias"
-        elif tuple(p.shape) in embedding_shapes and isinstance(module, nn.Linear):
-            role = "head"  # an untied output projection: (vocab, d_model) like the token embedding
+        elif head is not None and module is head:
+            role = "head"
         else:
             role = "matrix"
         roles[clean_name(name)] = role
