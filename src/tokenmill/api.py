@@ -1,0 +1,100 @@
+"""Python entry points for using models outside the trainer (SPEC C7): `create_model` and `load_model`.
+
+    import tokenmill
+    model = tokenmill.load_model("runs/demo")              # latest valid checkpoint of a run
+    model = tokenmill.load_model("runs/demo", which="best") # best by eval loss
+    model = tokenmill.create_model("tiny", vocab_size=4096) # fresh, initialised weights
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from tokenmill.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tokenmill.model.config import ModelConfig
+    from tokenmill.model.transformer import Transformer
+
+WHICH = ("latest", "best")
+
+
+def model_config_from(source: Any, vocab_size: int | None = None) -> ModelConfig:
+    """A validated ModelConfig from a preset name ("tiny", "gpt2,tiny"), a Config, a ModelConfig or a mapping
+    (either a whole config with a `model:` section or the model section itself)."""
+    from tokenmill.config import Config, build_section, load_config
+    from tokenmill.model.config import ModelConfig
+
+    if isinstance(source, str):
+        cfg = load_config([name for name in source.split(",") if name]).model
+    elif isinstance(source, Config):
+        cfg = source.model
+    elif isinstance(source, ModelConfig):
+        cfg = source
+    elif isinstance(source, dict):
+        cfg = build_section(ModelConfig, source.get("model", source), "model")
+    else:
+        raise UserError(f"create_model takes a preset name, Config, ModelConfig or dict, not {type(source).__name__}")
+    if vocab_size is not None:
+        cfg = ModelConfig(**{**cfg.__dict__, "vocab_size": vocab_size})
+    cfg.validate()
+    return cfg
+
+
+def create_model(preset_or_cfg: Any = "tiny", vocab_size: int | None = None,
+                 device: str | torch.device = "cpu") -> Transformer:
+    """A freshly initialised Transformer (model.vocab_size must be set, here or in the config)."""
+    from tokenmill.model.build import build_model
+
+    return build_model(model_config_from(preset_or_cfg, vocab_size), device=device)
+
+
+def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """The checkpoint folder named by `path`: itself, or the latest valid / best one of a run folder."""
+    from tokenmill.checkpoint import CHECKPOINTS, Checkpointer
+
+    if which not in WHICH:
+        raise UserError(f"which={which!r} is not allowed: choose one of {', '.join(WHICH)}")
+    path = Path(path)
+    if (path / CHECKPOINTS).is_dir() or (path.name == CHECKPOINTS and path.is_dir()):
+        run_dir = path if (path / CHECKPOINTS).is_dir() else path.parent
+        checkpointer = Checkpointer(run_dir)
+        found = checkpointer.best() if which == "best" else checkpointer.latest_valid()
+        if found is None:
+            why = checkpointer.problems[0] if checkpointer.problems else "no checkpoint saved"
+            kind = "checkpoint with an eval loss" if which == "best" else "valid checkpoint"
+            raise UserError(f"no {kind} in {run_dir}: {why}")
+        return found
+    return Checkpointer(path.parent.parent).verify(path)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", which: str = "latest",
+               dtype: torch.dtype | None = None) -> Transformer:
+    """A ready Transformer (eval mode) from a checkpoint folder or a run folder.
+
+    The model is rebuilt from the checkpoint's config.yaml and its weights loaded from safetensors
+    (no pickle). `dtype` optionally casts the weights (e.g. torch.bfloat16 for inference).
+    """
+    from tokenmill.checkpoint import CONFIG, load_weights_into, read_weights
+    from tokenmill.model.build import build_model
+
+    folder = find_checkpoint(path, which)
+    config_file = folder / CONFIG
+    if not config_file.is_file():
+        raise UserError(f"checkpoint {folder} has no {CONFIG}, so the model shape is unknown; "
+                        f"build the model yourself and use Checkpointer.load")
+    try:
+        data = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"checkpoint file {config_file} is not valid YAML ({err})") from err
+    cfg = model_config_from(data)
+    model = build_model(cfg, device=device)  # init also fills non-persistent buffers (RoPE tables)
+    load_weights_into(model, read_weights(folder), str(folder))
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
