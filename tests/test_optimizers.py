@@ -391,3 +391,33 @@ def test_bad_optim_values():
         OptimConfig(muon_momentum=1.0).validate()
     with pytest.raises(ConfigError, match="muon_weight_decay"):
         OptimConfig(muon_weight_decay=-1.0).validate()
+
+
+# --- the real model ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_roles_and_muon_on_the_transformer(tied):
+    from tokenmill.model import ModelConfig, build_model
+
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, vocab_size=64, max_seq_len=16,
+                      tie_embeddings=tied, bias=True, position="learned", norm="layernorm")
+    model = build_model(cfg)
+    roles = parameter_roles(model)
+    assert roles["tok_emb.weight"] == roles["pos_emb.weight"] == "embedding"
+    assert roles["blocks.0.attn.q_proj.weight"] == roles["blocks.0.ffn.down_proj.weight"] == "matrix"
+    assert roles["blocks.0.attn.q_proj.bias"] == "bias"
+    assert roles["blocks.0.attn_norm.weight"] == roles["blocks.0.attn_norm.bias"] == roles["norm.weight"] == "norm"
+    assert ("head.weight" in roles) == (not tied)
+    if not tied:
+        assert roles["head.weight"] == "head"
+    opt = build_optimizer(model, OptimConfig(name="muon"))
+    muon = {n for g in opt.param_groups if g["kind"] == "muon" for n in g["names"]}
+    assert muon == {n for n, r in roles.items() if r == "matrix"}
+    assert opt.param_groups[0]["kind"] == "adamw"  # lr[0] reported by schedulers is optim.lr's
+    x = torch.randint(0, 64, (2, 9))
+    first = model.loss(x).item()
+    for _ in range(5):
+        model.loss(x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert model.loss(x).item() < first

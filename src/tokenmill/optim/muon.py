@@ -104,7 +104,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._adamw_options = adamw_options or {}
         # The inner optimizers fill each group dict with their defaults in place; we then adopt the same dicts.
         inner = self._build_inner(muon_groups, adamw_groups)
-        super().__init__(muon_groups + adamw_groups, defaults={})
+        super().__init__(groups, defaults={})  # the caller's order (e.g. AdamW first, so lr[0] is optim.lr)
         self._inner = inner
         self._link()
 

@@ -70,7 +70,8 @@ def build_adamw8bit(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: flo
 
 def build_muon(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: float) -> torch.optim.Optimizer:
     """Muon (lr = optim.muon_lr) for hidden matrices, AdamW (lr = optim.lr) for embeddings, head, norms and
-    biases; one optimizer whose groups carry `kind`."""
+    biases; one optimizer whose groups carry `kind`. AdamW groups come first, so `get_last_lr()[0]` is the
+    schedule applied to `optim.lr` as with every other optimizer."""
     from tokenmill.optim.muon import MuonWithAdamW
 
     roles = parameter_roles(model)
@@ -84,7 +85,7 @@ def build_muon(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: float) -
         buckets[key][0].append(name)
         buckets[key][1].append(p)
     groups = []
-    for (kind, decay), (names, ps) in sorted(buckets.items(), key=lambda kv: (kv[0][0] != "muon", not kv[0][1])):
+    for (kind, decay), (names, ps) in sorted(buckets.items(), key=lambda kv: (kv[0][0] != "adamw", not kv[0][1])):
         group: dict[str, Any] = {"params": ps, "names": names, "kind": kind, "group": "decay" if decay else "no_decay"}
         if kind == "muon":
             group.update(lr=cfg.muon_lr * lr_scale, momentum=cfg.muon_momentum,
