@@ -135,8 +135,8 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
 
     model = build_model(cfg.model, device=device)
     engine = build_engine(model, cfg, dist, precision)  # pipeline split -> AC -> compile -> FSDP2/DDP
-    lr = scaled_lr(cfg.optim.lr, plan.global_batch_sequences, cfg.optim.lr_sqrt_batch_scaling)
-    optimizer = engine.build_optimizer(lambda params_model: build_optimizer(params_model, cfg.optim, lr=lr))
+    lr_scale = scaled_lr(1.0, plan.global_batch_sequences, cfg.optim.lr_sqrt_batch_scaling)  # every group, Muon's too
+    optimizer = engine.build_optimizer(lambda m: build_optimizer(m, cfg.optim, lr_scale=lr_scale))
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, plan.tokens_per_step)
     scaler = precision.make_scaler()
     train_loader = build_loader(cfg, tokenizer, "train", dist.rank, dist.world_size)
