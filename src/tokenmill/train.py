@@ -22,15 +22,15 @@ from tokenmill.config import Config
 from tokenmill.data.loader import build_loader
 from tokenmill.data.tokenizer import Tokenizer, build_tokenizer, check_vocab
 from tokenmill.errors import UserError
-from tokenmill.engine import build_engine
 from tokenmill.evaluation import evaluate
 from tokenmill.generate import sample
 from tokenmill.metrics.banner import build_banner
 from tokenmill.metrics.monitor import StepMonitor
 from tokenmill.metrics.sinks import build_sinks
-from tokenmill.model import build_model, param_counts
+from tokenmill.model import build_meta, param_counts
 from tokenmill.optim.optimizers import build_optimizer, scaled_lr
 from tokenmill.optim.schedules import build_scheduler
+from tokenmill.parallel.engine import Engine, build_engine
 from tokenmill.parallel.dist import DistInfo, all_reduce, any_rank, barrier, destroy_distributed, init_distributed
 from tokenmill.precision import Precision, resolve_precision
 from tokenmill.stability import DivergenceDetector
@@ -125,21 +125,20 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         tokenizer = build_tokenizer(cfg.data, run_dir / "tokenizer")
     cfg = resolve_model_vocab(cfg, tokenizer)
 
-    counts = param_counts(cfg.model)
-    plan: BatchPlan = plan_batches(cfg.train.micro_batch_size, cfg.train.seq_len, dist.world_size,
-                                   cfg.train.global_batch_tokens, cfg.train.total_tokens, cfg.train.max_steps,
-                                   counts["total"])
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise UserError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
                         f"lower train.seq_len or raise model.max_seq_len")
-
-    model = build_model(cfg.model, device=device)
-    engine = build_engine(model, cfg, dist, precision)  # pipeline split -> AC -> compile -> FSDP2/DDP
+    counts = param_counts(cfg.model)
+    # built on meta; the engine materialises it after wrapping (each FSDP rank allocates only its shards)
+    engine = build_engine(build_meta(cfg.model), cfg, dist, precision)  # pipeline -> AC -> compile -> FSDP2/DDP
+    plan: BatchPlan = plan_batches(cfg.train.micro_batch_size, cfg.train.seq_len, engine.dp_size,
+                                   cfg.train.global_batch_tokens, cfg.train.total_tokens, cfg.train.max_steps,
+                                   counts["total"])
     lr_scale = scaled_lr(1.0, plan.global_batch_sequences, cfg.optim.lr_sqrt_batch_scaling)  # every group, Muon's too
     optimizer = engine.build_optimizer(lambda m: build_optimizer(m, cfg.optim, lr_scale=lr_scale))
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, plan.tokens_per_step)
     scaler = precision.make_scaler()
-    train_loader = build_loader(cfg, tokenizer, "train", dist.rank, dist.world_size)
+    train_loader = build_loader(cfg, tokenizer, "train", engine.dp_rank, engine.dp_size)
     detector = DivergenceDetector(cfg.train.divergence_threshold, cfg.train.divergence_fast_alpha,
                                   cfg.train.divergence_slow_alpha, cfg.train.divergence_warmup_steps)
     state = TrainState()
@@ -227,7 +226,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
 
             # eval
             if eval_every and state.step % eval_every == 0 and state.step < plan.total_steps:
-                last_eval = run_eval(engine.model, cfg, tokenizer, precision, dist, sinks, state)
+                last_eval = run_eval(engine, cfg, tokenizer, sinks, state)
 
             # checkpoint
             if save_every and state.step % save_every == 0 and state.step < plan.total_steps:
@@ -239,7 +238,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
 
         # ---- tear down --------------------------------------------------------------------------------------
         if status == "completed":
-            last_eval = run_eval(engine.model, cfg, tokenizer, precision, dist, sinks, state)
+            last_eval = run_eval(engine, cfg, tokenizer, sinks, state)
             save("final")
             samples = write_samples(engine.unwrapped, cfg, tokenizer, dist, sinks, state)
             if dist.is_main:
@@ -256,12 +255,12 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     return TrainResult(status, exit_code, state, losses, last_eval, run_dir)
 
 
-def run_eval(model: torch.nn.Module, cfg: Config, tokenizer: Tokenizer, precision: Precision, dist: DistInfo,
-             sinks, state: TrainState) -> dict[str, float]:
+def run_eval(engine: Engine, cfg: Config, tokenizer: Tokenizer, sinks: Sink, state: TrainState) -> dict[str, float]:
     """Evaluate on the held-out split (a fresh loader each time: every eval sees the same batches)."""
-    loader = build_loader(cfg, tokenizer, "eval", dist.rank, dist.world_size)
+    loader = build_loader(cfg, tokenizer, "eval", engine.dp_rank, engine.dp_size)
     started = time.perf_counter()
-    result = evaluate(model, loader, cfg.train.eval_batches, tokenizer.decode, precision.autocast, dist.device, dist)
+    result = evaluate(engine.model, loader, cfg.train.eval_batches, tokenizer.decode, engine.precision.autocast,
+                      engine.dist.device, engine.dist)
     if result:
         result["seconds"] = time.perf_counter() - started
         state.best_eval_loss = min(state.best_eval_loss, result["loss"])
