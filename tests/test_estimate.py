@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from tokenmill.config import load_config
 from tokenmill.errors import UserError
 from tokenmill.estimate import estimate, resolve_gpu
 from tokenmill.metrics.flops import GPUS, flops_per_token
-from tokenmill.metrics.memory import activation_bytes, MODES
+from tokenmill.metrics.memory import MODES, activation_bytes
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -68,8 +69,7 @@ def test_vocab_zero_resolved_from_tokenizer_size():
     report = estimate(cfg, GPUS["L4"], micro_batch=2)
     assert report["model"]["vocab_size"] == 1024  # 1000 rounded up to a multiple of 64
     assert any("tokenizer_vocab_size=1000" in note for note in report["notes"])
-    act = activation_bytes(cfg.model.__class__(**{**cfg.model.__dict__, "vocab_size": 1024}), MODES["fp32"], 2,
-                           cfg.train.seq_len)
+    act = activation_bytes(dataclasses.replace(cfg.model, vocab_size=1024), MODES["fp32"], 2, cfg.train.seq_len)
     assert report["memory"]["plan"]["fp32"]["activations"]["none"] == act
 
 
@@ -92,3 +92,11 @@ def test_device_name_accepted_and_does_not_fit(capsys):
     report = json.loads(out)
     assert code == 0 and report["gpu"]["memory_gib"] == 16
     assert report["max_micro_batch"] == {"fp32": {"none": 0, "all": 0}, "bf16-mixed": {"none": 0, "all": 0}}
+
+
+def test_vocab_zero_with_byte_tokenizer():
+    # The byte tokenizer has 256 bytes + 3 specials = 259 ids -> 320 with vocab_multiple_of 64.
+    cfg = load_config(["tiny"], None, ["data.tokenizer=byte"])
+    report = estimate(cfg, GPUS["H100 SXM"])
+    assert report["model"]["vocab_size"] == 320
+    assert report["parameters"]["embedding"] == 320 * 256

@@ -48,9 +48,20 @@ def resolve_vocab(cfg: Any) -> tuple[Any, str]:
     if model.vocab_size > 0:
         return model, ""
     mult = model.vocab_multiple_of
-    vocab = -(-cfg.data.tokenizer_vocab_size // mult) * mult
-    note = (f"model.vocab_size=0: assumed data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size} rounded up to "
-            f"a multiple of model.vocab_multiple_of={mult} = {vocab} (the trained tokenizer decides the real value)")
+    if cfg.data.tokenizer == "bpe":  # trained on first use: its size is the requested one
+        size, where = cfg.data.tokenizer_vocab_size, f"data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size}"
+    else:  # byte, a tokenizer.json path, or a Hub name (from the local cache when offline)
+        from tokenmill.data.tokenizer import load_tokenizer
+
+        try:
+            size = load_tokenizer(cfg.data.tokenizer).vocab_size
+        except UserError as err:
+            raise UserError(f"model.vocab_size=0 needs the tokenizer's size, which could not be read ({err}); "
+                            f"set model.vocab_size") from None
+        where = f"tokenizer {cfg.data.tokenizer!r} vocab {size}"
+    vocab = -(-size // mult) * mult  # the trainer's rule (train.resolve_model_vocab)
+    note = (f"model.vocab_size=0: {where} rounded up to a multiple of model.vocab_multiple_of={mult} "
+            f"= {vocab}")
     return dataclasses.replace(model, vocab_size=vocab), note
 
 
