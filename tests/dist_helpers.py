@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
+import queue as queue_mod
 import socket
 import subprocess
 import sys
@@ -34,7 +36,8 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
     torch.set_num_threads(1)
     try:
         result = fn(*args)
-        queue.put((rank, True, result))
+        # plain pickle: multiprocessing's pickler would share tensors through handles that die with the child
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -57,12 +60,12 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -
         for _ in range(world_size):
             rank, ok, value = queue.get(timeout=timeout)
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
                 break
-    except Exception as err:  # queue.Empty: a rank hung
-        errors.append(f"ranks did not finish within {timeout}s ({type(err).__name__})")
+    except queue_mod.Empty:
+        errors.append(f"ranks did not finish within {timeout}s")
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)
@@ -81,3 +84,84 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 120, cwd: str | P
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *(extra or []), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A minimal training loop over the Engine (phase-1 tests; the real loop is tokenmill.train)
+
+TINY_MODEL = dict(n_layers=4, d_model=32, n_heads=2, vocab_size=64, max_seq_len=16, tie_embeddings=False,
+                  ffn="mlp", multiple_of=16)
+SEQ = 8
+GLOBAL_SEQS = 8  # sequences per optimizer step over the whole job
+
+
+def tiny_config(strategy: str = "single", pp: int = 1, schedule: str = "1F1B", micro_batch: int = 2,
+                **parallel: Any) -> Any:
+    from tokenmill.config import config_from_dict
+
+    return config_from_dict({
+        "model": dict(TINY_MODEL),
+        "train": {"micro_batch_size": micro_batch, "seq_len": SEQ, "precision": "fp32", "device": "cpu"},
+        "optim": {"lr": 1e-2, "fused": False},
+        "parallel": {"strategy": strategy, "pp": pp, "pp_schedule": schedule, "timeout_s": 60, **parallel},
+    })
+
+
+def global_batches(steps: int, seed: int = 1) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY_MODEL["vocab_size"], (steps, GLOBAL_SEQS, SEQ + 1), generator=g)
+
+
+def full_params(engine: Any) -> dict:
+    """The full (unsharded) parameters on this rank: FSDP gathers; pipeline ranks return their own stages."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if engine.strategy == "fsdp":
+        sd = get_model_state_dict(engine.unwrapped, options=StateDictOptions(full_state_dict=True))
+    else:
+        sd = engine.unwrapped.state_dict()
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def run_loop(cfg: Any, steps: int, *, clip: float = 1.0, start: int = 0, engine_and_opt: Any = None) -> dict:
+    """Train `steps` steps of the fixed global batches; return losses, pre-clip norms, params, and state.
+
+    Rank d of D data-parallel ranks takes rows [d*G/D, (d+1)*G/D) of each global batch and accumulates
+    them in micro-batches of train.micro_batch_size: the same tokens, in the same sum, as one process
+    accumulating all G rows.
+    """
+    import torch
+
+    from tokenmill.model import build_model
+    from tokenmill.optim.optimizers import build_optimizer
+    from tokenmill.parallel.dist import all_reduce, init_distributed
+    from tokenmill.parallel.engine import Engine
+    from tokenmill.precision import Precision
+
+    dist = init_distributed(cfg.parallel, "cpu")
+    if engine_and_opt is None:
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        engine = Engine(model, cfg, dist, Precision("fp32", dist.device))
+        opt = engine.build_optimizer(lambda m: build_optimizer(m, cfg.optim))
+    else:
+        engine, opt = engine_and_opt
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    data = global_batches(start + steps)
+    per_rank = GLOBAL_SEQS // engine.dp_size
+    mbs = cfg.train.micro_batch_size
+    accum = per_rank // mbs
+    losses, norms = [], []
+    for step in range(start, start + steps):
+        rows = data[step, engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
+        total = torch.zeros(())
+        for m in range(accum):
+            batch = {"tokens": rows[m * mbs:(m + 1) * mbs]}
+            total += engine.forward_backward(batch, scaler, denominator=per_rank * SEQ, sync=m == accum - 1)
+        losses.append(all_reduce(total, "avg").item())
+        norms.append(float(engine.clip_grad_norm(clip)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"losses": losses, "norms": norms, "engine": engine, "opt": opt, "dist": dist}
