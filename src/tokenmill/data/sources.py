@@ -288,11 +288,12 @@ class StreamSource(Source):
             return datasets.load_dataset(**args)
         except UserError:
             raise
+        except StopIteration:  # datasets' schema inference found no rows
+            raise UserError(f"source {self.name}: the dataset is empty (no documents)") from None
         except Exception as err:
-            if files is not None:
-                raise
-            raise UserError(f"source {self.name}: cannot open it on the Hugging Face Hub ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else 'no details'})") from None
+            where = "read it" if files is not None else "open it on the Hugging Face Hub"
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else "no details"
+            raise UserError(f"source {self.name}: cannot {where} ({type(err).__name__}: {detail})") from None
 
     def dataset(self, epoch: int, seed: int | None) -> Any:
         files = self.files
