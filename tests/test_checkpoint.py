@@ -166,14 +166,15 @@ def test_wrapper_prefixes_are_stripped(tmp_path):
 
 def test_changed_model_shape_names_the_keys(tmp_path):
     model, *_ = make()
-    path = Checkpointer(tmp_path).save(1, {}, model)
+    path = Checkpointer(tmp_path, config={"model": {"vocab_size": 11, "d_model": 8}}).save(1, {}, model)
     other = TinyLM(vocab=13, d=8)
     other.extra = nn.Linear(2, 2)
     with pytest.raises(UserError) as err:
-        Checkpointer(tmp_path).load(path, other)
+        Checkpointer(tmp_path).load(path, other, cfg={"model": {"vocab_size": 13, "d_model": 8}})
     message = str(err.value)
     assert "tok_emb.weight (11, 8) vs model (13, 8)" in message
     assert "missing keys: extra.bias, extra.weight" in message
+    assert "changed: model.vocab_size 11 -> 13" in message
     assert "\n" not in message
 
 
@@ -337,8 +338,12 @@ def test_refuse_out_dir_with_another_runs_checkpoints(tmp_path):
     with pytest.raises(UserError, match=r"--resume .* --overwrite"):
         prepare_run_dir(tmp_path)
     assert len(Checkpointer(tmp_path).list_checkpoints()) == 2
-    prepare_run_dir(tmp_path, resume=True)
+    assert prepare_run_dir(tmp_path, resume=True).name == "step_00000002"
     assert len(Checkpointer(tmp_path).list_checkpoints()) == 2
+    with pytest.raises(UserError, match="contradict"):
+        prepare_run_dir(tmp_path, resume=True, overwrite=True)
+    assert prepare_run_dir(tmp_path, overwrite=True, is_main=False) is None
+    assert len(Checkpointer(tmp_path).list_checkpoints()) == 2  # only the main process deletes
     prepare_run_dir(tmp_path, overwrite=True)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
     assert (tmp_path / "tokenizer").is_dir()
@@ -351,14 +356,76 @@ def test_old_metrics_without_checkpoints_are_moved_aside(tmp_path):
     assert (tmp_path / "metrics.1.jsonl").read_text() == '{"kind": "train"}\n'
 
 
-def test_per_rank_loader_states(tmp_path):
-    model, *_ = make()
-    path = Checkpointer(tmp_path).save(1, {}, model, loader=[{"cursor": 5}, {"cursor": 7}])
-    assert Checkpointer(tmp_path, rank=1).load(path)["loader_state"] == {"cursor": 7}
+def _two_rank_save_load(run_dir: str) -> dict:
+    import torch.distributed as tdist
+
+    import tokenmill.checkpoint
+    from tokenmill.parallel.dist import init_distributed
+    from tokenmill.run_config import ParallelConfig
+
+    dist = init_distributed(ParallelConfig(strategy="ddp"), "cpu")
+    model, opt, sched, loader = make()
+    loader.cursor = 10 + dist.rank  # each rank reads its own part of the data
+    torch.manual_seed(100 + dist.rank)
+    ck = Checkpointer(run_dir, cfg(), dist=dist)
+    path = ck.save(5, {"tokens_seen": 50}, model, opt, sched, loader)
+    expected = torch.rand(3)
+    loader.cursor = -1
+    torch.manual_seed(0)
+    info = ck.load(path, model, opt, sched, loader)
+    out = {"cursor": loader.cursor, "rng_ok": torch.equal(torch.rand(3), expected), "step": info["step"]}
+    # Rank 0's disk fills up during the next save: every rank must raise, none may hang.
+    if dist.rank == 0:
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        tokenmill.checkpoint.write_manifest = full
+    try:
+        ck.save(6, {"tokens_seen": 60}, model, opt, sched, loader)
+    except UserError as err:
+        out["error"] = str(err)
+    tdist.barrier()
+    return out
+
+
+def test_two_ranks_keep_their_own_state_and_fail_together(tmp_path):
+    from dist_helpers import run_ranks
+
+    results = run_ranks(_two_rank_save_load, 2, str(tmp_path), timeout=120)
+    assert [r["cursor"] for r in results] == [10, 11]
+    assert all(r["rng_ok"] and r["step"] == 5 for r in results)
+    assert all("disk full while saving checkpoint" in r.get("error", "") for r in results)
+    assert [p.name for p in Checkpointer(tmp_path).list_checkpoints()] == ["step_00000005"]
     with pytest.raises(UserError, match="same number of processes"):
-        Checkpointer(tmp_path, rank=2).load(path)
-    assert Checkpointer(tmp_path, rank=1).save(2, {}, model) == tmp_path / "checkpoints" / "step_00000002"
-    assert not (tmp_path / "checkpoints" / "step_00000002").exists()  # only rank 0 writes
+        Checkpointer(tmp_path, rank=2).load(tmp_path / "checkpoints" / "step_00000005")
+
+
+def test_named_state_and_engine_style_keywords(tmp_path):
+    """The training loop's call shape: keyword state pieces come back by name from load()."""
+    model, opt, sched, loader = make()
+
+    class Engine:  # the attributes of parallel.engine.Engine that checkpoints use
+        unwrapped = model
+        sharded = False
+
+        def optimizer_state_dict(self, optimizer):
+            return optimizer.state_dict()
+
+    ck = Checkpointer(tmp_path, cfg())
+    path = ck.save(3, engine=Engine(), optimizer=opt, scheduler=sched, loader=loader, cfg={"model": {"d": 8}},
+                   train_state={"step": 3, "tokens_seen": 30}, detector={"fast": 1.0}, scaler={"scale": 2.0},
+                   eval_loss=2.5, reason="interval")
+    assert ck.last_path == path
+    assert json.loads((path / "meta.json").read_text())["reason"] == "interval"
+    assert "d: 8" in (path / "config.yaml").read_text()
+    info = Checkpointer(tmp_path, cfg()).load(path, engine=Engine(), optimizer=opt, scheduler=sched, loader=loader)
+    assert info["detector"] == {"fast": 1.0} and info["scaler"] == {"scale": 2.0}
+    assert info["train_state"] == {"step": 3, "tokens_seen": 30}
+
+    class Sharded(Engine):
+        sharded = True
+
+    with pytest.raises(UserError, match="sharded"):
+        ck.save(4, engine=Sharded(), optimizer=opt)
 
 
 def test_rng_round_trip():

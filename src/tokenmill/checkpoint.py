@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import platform
 import shutil
 import subprocess
@@ -31,17 +30,18 @@ import yaml
 
 from tokenmill.checkpoint_files import (MANIFEST, TMP_PREFIX, atomic_write_json, staged_folder,
                                         verify_folder, write_file, write_json, write_manifest)
+from tokenmill.checkpoint_resume import prepare_run_dir, resolve_resume
 from tokenmill.checkpoint_state import (capture_rng, load_weights_into, restore_rng, retie, to_safe,
                                         weights_for_saving, write_safetensors)
 from tokenmill.errors import UserError
+
+__all__ = ["Checkpointer", "load_weights_into", "prepare_run_dir", "read_weights", "resolve_resume"]
 
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step_"
 BEST_POINTER = "best.json"
 WEIGHTS, STATE, CONFIG, META = "model.safetensors", "state.pt", "config.yaml", "meta.json"
 PER_RANK = "__per_rank__"  # marks a data-loader state saved as one dict per rank
-# Files written by a run besides its checkpoints; `--overwrite` removes them (never the tokenizer cache).
-RUN_OUTPUTS = (CHECKPOINTS, "metrics.jsonl", "tb", "wandb", "wandb_id.txt")
 
 
 def step_name(step: int) -> str:
@@ -92,18 +92,23 @@ def _finite_or_none(value: Any) -> float | None:
 class Checkpointer:
     """Owns `<run_dir>/checkpoints`: atomic saves, retention (last K + best k), verification, loading.
 
-    `cfg` is the `checkpoint` config section (keep_last, keep_best); `config` is the whole resolved
-    run config, stored beside every checkpoint as config.yaml.
+    `cfg` is the `checkpoint` config section (keep_last, keep_best); `config` is the resolved run config
+    stored beside every checkpoint as config.yaml (a `cfg=` given to save() replaces it). `dist` (a
+    parallel.dist.DistInfo) or `rank` says which process this is; call save/load on every rank.
     """
 
-    def __init__(self, run_dir: str | Path, cfg: Any = None, *, config: Any = None, rank: int = 0) -> None:
+    def __init__(self, run_dir: str | Path, cfg: Any = None, *, config: Any = None, rank: int = 0,
+                 dist: Any = None) -> None:
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CHECKPOINTS
         self.keep_last = max(1, getattr(cfg, "keep_last", 3))
         self.keep_best = max(0, getattr(cfg, "keep_best", 1))
         self.config_text = _config_text(config)
-        self.rank = rank
+        self.dist = dist
+        self.rank = dist.rank if dist is not None else rank
+        self.distributed = bool(getattr(dist, "distributed", False))
         self.problems: list[str] = []  # why checkpoints were skipped by latest_valid / best
+        self.last_path: Path | None = None
         self.last_save_s = 0.0
         self.last_save_bytes = 0
         self._verified: dict[Path, int] = {}  # folder -> manifest mtime_ns already checked deeply
@@ -111,40 +116,72 @@ class Checkpointer:
     # ------------------------------------------------------------------------------------- save
     def save(self, step: int, state: dict[str, Any] | None = None, model: torch.nn.Module | None = None,
              optimizer: Any = None, scheduler: Any = None, loader: Any = None, extra: dict[str, Any] | None = None,
-             *, eval_loss: float | None = None) -> Path:
+             *, engine: Any = None, cfg: Any = None, eval_loss: float | None = None, reason: str | None = None,
+             train_state: dict[str, Any] | None = None, **named: Any) -> Path:
         """Write checkpoint `step` atomically, update best.json, apply retention; return its folder.
 
-        `state` is the loop's train state (tokens_seen, best_eval_loss, detector, ...); `loader` is an
-        object with state_dict(), a state dict, or a list of per-rank state dicts gathered by the loop.
-        Off rank 0 nothing is written and the would-be folder is returned. Raises UserError on disk
+        Call on every rank: loader and RNG states are gathered per rank, rank 0 writes, and all ranks
+        then agree on the outcome (a failed write raises the same UserError everywhere, no hang).
+        `state`/`train_state` is the loop's counters (step, tokens_seen, best_eval_loss, ...); `loader`
+        an object with state_dict() (or a state dict); `engine` (parallel.engine.Engine) supplies the
+        model and the full optimizer state under ZeRO-1. Other keyword arguments (detector=..., scaler=...)
+        and `extra` are stored as they are and come back by name from load(). Raises UserError on disk
         full / write errors, with earlier checkpoints intact.
         """
         final = self.dir / step_name(step)
-        if self.rank != 0:
-            return final
+        if engine is not None:
+            model = model if model is not None else engine.unwrapped
+            if getattr(engine, "sharded", False):
+                raise UserError("checkpoints of sharded runs (parallel.strategy=fsdp or parallel.pp>1) need "
+                                "torch.distributed.checkpoint, which tokenmill does not write yet; use ddp or zero1")
+        optimizer_state = None
+        if optimizer is not None:  # a collective under ZeRO-1 (every rank must get here)
+            optimizer_state = engine.optimizer_state_dict(optimizer) if engine is not None else optimizer.state_dict()
+        loader_state = self._gather(self._loader_state(loader))
+        rng_state = self._gather(capture_rng())
+        error, failure = None, None
+        if self.rank == 0:
+            try:
+                self._write(final, step, {**(train_state or {}), **(state or {})}, model, optimizer_state, scheduler,
+                            loader_state, rng_state, {**(extra or {}), **named}, cfg, eval_loss, reason)
+            except Exception as err:  # told to every rank below, then re-raised here
+                failure = err
+                error = str(err) if isinstance(err, UserError) else f"saving checkpoint {final} failed on rank 0: {err}"
+        error = self._agree(error)
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise UserError(error)
+        self.last_path = final
+        return final
+
+    def _write(self, final: Path, step: int, state: dict[str, Any], model: torch.nn.Module | None,
+               optimizer_state: Any, scheduler: Any, loader_state: Any, rng_state: Any, extra: dict[str, Any],
+               cfg: Any, eval_loss: float | None, reason: str | None) -> None:
         start = time.perf_counter()
-        state = dict(state or {})
         eval_loss = _finite_or_none(eval_loss)
+        config_text = _config_text(cfg) if cfg is not None else self.config_text
         blob = {
             "format_version": 1,
             "step": step,
-            "train_state": to_safe(state, "state"),
-            "optimizer": to_safe(optimizer.state_dict(), "optimizer") if optimizer is not None else None,
+            "train_state": to_safe(state, "train_state"),
+            "optimizer": to_safe(optimizer_state, "optimizer"),
             "scheduler": to_safe(scheduler.state_dict(), "scheduler") if scheduler is not None else None,
-            "loader": to_safe(self._loader_state(loader), "loader"),
-            "rng": capture_rng(),
-            "extra": to_safe(extra or {}, "extra"),
+            "loader": to_safe(loader_state, "loader"),
+            "rng": rng_state,
+            "extra": to_safe(extra, "extra"),
             "eval_loss": eval_loss,
         }
-        meta = {"step": step, "tokens_seen": state.get("tokens_seen"), "eval_loss": eval_loss,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": time.time(), **_versions()}
+        meta = {"step": step, "tokens_seen": state.get("tokens_seen"), "eval_loss": eval_loss, "reason": reason,
+                "world_size": getattr(self.dist, "world_size", 1), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "unix_time": time.time(), **_versions()}
         self._remove_stale_tmp()
         with staged_folder(final) as tmp:
             if model is not None:
                 self._write_weights(tmp / WEIGHTS, model)
             write_file(tmp / STATE, lambda handle: torch.save(blob, handle))
-            if self.config_text is not None:
-                write_file(tmp / CONFIG, lambda handle: handle.write(self.config_text.encode()))
+            if config_text is not None:
+                write_file(tmp / CONFIG, lambda handle: handle.write(config_text.encode()))
             write_json(tmp / META, meta)
             write_manifest(tmp, step)  # last: its presence marks the folder complete
         self._verified[final] = (final / MANIFEST).stat().st_mtime_ns
@@ -153,14 +190,31 @@ class Checkpointer:
             atomic_write_json(self.dir / BEST_POINTER, {"name": final.name, "step": step, "eval_loss": eval_loss})
         self._retain(final)
         self.last_save_s = time.perf_counter() - start
-        return final
+
+    def _gather(self, value: Any) -> Any:
+        """Per-rank values as {PER_RANK: [rank 0, rank 1, ...]} in a distributed run; the value itself otherwise."""
+        if not self.distributed:
+            return value
+        import torch.distributed as tdist
+
+        values: list[Any] = [None] * tdist.get_world_size()
+        tdist.all_gather_object(values, value)
+        return {PER_RANK: values}
+
+    def _agree(self, error: str | None) -> str | None:
+        """Rank 0's outcome on every rank (so a failed save stops all ranks instead of hanging them)."""
+        if not self.distributed:
+            return error
+        import torch.distributed as tdist
+
+        box = [error]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
 
     @staticmethod
     def _loader_state(loader: Any) -> Any:
         if loader is None or isinstance(loader, dict):
             return loader
-        if isinstance(loader, (list, tuple)):
-            return {PER_RANK: list(loader)}
         return loader.state_dict()
 
     @staticmethod
@@ -174,6 +228,9 @@ class Checkpointer:
         if self.dir.is_dir():
             for path in self.dir.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Nothing is pending (saves are synchronous); kept so an async saver can wait here later."""
 
     # ------------------------------------------------------------------------------------- find
     def list_checkpoints(self) -> list[Path]:
@@ -220,13 +277,7 @@ class Checkpointer:
 
     def best(self) -> Path | None:
         """The valid checkpoint with the lowest eval loss (best.json, else a scan of meta.json files)."""
-        pointer = self.dir / BEST_POINTER
-        candidates = []
-        if pointer.is_file():
-            try:
-                candidates.append(self.dir / json.loads(pointer.read_text())["name"])
-            except (OSError, ValueError, KeyError):
-                pass
+        candidates = [path for path in [self._best_pointer()] if path is not None]
         candidates += [path for _, path in self._scored()]
         for path in candidates:
             try:
@@ -234,6 +285,12 @@ class Checkpointer:
             except UserError as err:
                 self.problems.append(str(err))
         return None
+
+    def _best_pointer(self) -> Path | None:
+        try:
+            return self.dir / json.loads((self.dir / BEST_POINTER).read_text())["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def is_best(self, eval_loss: float, exclude: Path | None = None) -> bool:
         """True if `eval_loss` beats every checkpoint saved so far (call before save to decide on a best save)."""
@@ -244,14 +301,8 @@ class Checkpointer:
     def _retain(self, just_written: Path) -> None:
         """Delete complete checkpoints outside last keep_last and best keep_best; never the new or best one."""
         complete = [p for p in self.list_checkpoints() if (p / MANIFEST).is_file()]
-        keep = set(complete[-self.keep_last:]) | {just_written}
+        keep = set(complete[-self.keep_last:]) | {just_written, self._best_pointer()}
         keep |= {path for _, path in self._scored()[: self.keep_best]}
-        pointer = self.dir / BEST_POINTER
-        if pointer.is_file():
-            try:
-                keep.add(self.dir / json.loads(pointer.read_text())["name"])
-            except (OSError, ValueError, KeyError):
-                pass
         for path in complete:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
@@ -259,14 +310,22 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------- load
     def load(self, path: str | Path, model: torch.nn.Module | None = None, optimizer: Any = None,
-             scheduler: Any = None, loader: Any = None, *, restore_rng_state: bool = True) -> dict[str, Any]:
-        """Verify `path`, load what is given in place and restore RNG states.
+             scheduler: Any = None, loader: Any = None, *, engine: Any = None, cfg: Any = None,
+             restore_rng_state: bool = True) -> dict[str, Any]:
+        """Verify `path`, load what is given in place and restore this rank's RNG states.
 
-        Returns {"path", "step", "train_state", "extra", "eval_loss", "meta", "loader_state"}.
+        `cfg` (the current run config) lets a model mismatch name the changed model.* settings.
+        Returns {"path", "step", "train_state", "extra", "eval_loss", "meta", "loader_state"} plus every
+        named value given to save() (e.g. "detector", "scaler").
         """
         path = self.verify(path)
+        if engine is not None and model is None:
+            model = engine.unwrapped
         if model is not None:
-            load_weights_into(model, read_weights(path), str(path))
+            try:
+                load_weights_into(model, read_weights(path), str(path))
+            except UserError as err:
+                raise UserError(f"{err}{self._config_diff(path, cfg)}") from None
         blob = torch.load(path / STATE, map_location="cpu", weights_only=True)
         if optimizer is not None:
             if blob.get("optimizer") is None:
@@ -278,21 +337,32 @@ class Checkpointer:
                                 f"the same optim.* settings") from err
         if scheduler is not None and blob.get("scheduler") is not None:
             scheduler.load_state_dict(blob["scheduler"])
-        loader_state = self._loader_for_rank(blob.get("loader"), path)
+        loader_state = self._for_rank(blob.get("loader"), path, "data-loader")
         if loader is not None and loader_state is not None:
             loader.load_state_dict(loader_state)
         if restore_rng_state:
-            restore_rng(blob["rng"])
-        return {"path": path, "step": blob["step"], "train_state": blob.get("train_state", {}),
-                "extra": blob.get("extra", {}), "eval_loss": blob.get("eval_loss"), "meta": self._meta(path),
+            restore_rng(self._for_rank(blob["rng"], path, "RNG"))
+        extra = blob.get("extra") or {}
+        return {**extra, "path": path, "step": blob["step"], "train_state": blob.get("train_state") or {},
+                "extra": extra, "eval_loss": blob.get("eval_loss"), "meta": self._meta(path),
                 "loader_state": loader_state}
 
-    def _loader_for_rank(self, saved: Any, path: Path) -> Any:
+    def _config_diff(self, path: Path, cfg: Any) -> str:
+        """' (changed: model.d_model 256 -> 512, ...)' between the saved config.yaml and `cfg`."""
+        if cfg is None or not (path / CONFIG).is_file():
+            return ""
+        saved = (yaml.safe_load((path / CONFIG).read_text()) or {}).get("model", {})
+        now = cfg.to_dict()["model"] if hasattr(cfg, "to_dict") else dict(cfg.get("model", {}))
+        changed = [f"model.{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                   if saved.get(k) != now.get(k)]
+        return f" (changed: {', '.join(changed)})" if changed else ""
+
+    def _for_rank(self, saved: Any, path: Path, what: str) -> Any:
         if not (isinstance(saved, dict) and PER_RANK in saved):
             return saved
         states = saved[PER_RANK]
         if self.rank >= len(states):
-            raise UserError(f"checkpoint {path} holds data-loader states for {len(states)} ranks but this is rank "
+            raise UserError(f"checkpoint {path} holds {what} states for {len(states)} ranks but this is rank "
                             f"{self.rank}: resume with the same number of processes")
         return states[self.rank]
 
@@ -308,62 +378,3 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     with safe_open(str(file), framework="pt") as handle:
         tied = json.loads((handle.metadata() or {}).get("tied", "{}"))
     return retie(load_file(str(file), device="cpu"), tied)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Choosing what to resume, and protecting run folders
-
-def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> Path | None:
-    """The checkpoint to resume: None (fresh start), the latest valid one (`True`/"latest"), or PATH.
-
-    PATH may be a checkpoint folder or a run folder (its latest valid checkpoint). `--resume` on a run
-    with no checkpoints yet starts fresh (so a restarted job can always pass it); one whose
-    checkpoints are all damaged is an error.
-    """
-    if resume is None or resume is False or resume == "":
-        return None
-    if resume is True or resume in ("latest", "auto"):
-        return _latest_or_error(Path(run_dir), required=False)
-    path = Path(resume)
-    if (path / CHECKPOINTS).is_dir() and not (path / MANIFEST).exists():
-        return _latest_or_error(path, required=True)
-    return Checkpointer(path.parent.parent).verify(path)
-
-
-def _latest_or_error(run_dir: Path, required: bool) -> Path | None:
-    checkpointer = Checkpointer(run_dir)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        latest = checkpointer.latest_valid()
-    if latest is None and (required or checkpointer.list_checkpoints()):
-        why = checkpointer.problems[0] if checkpointer.problems else f"{run_dir / CHECKPOINTS} holds no checkpoint"
-        raise UserError(f"nothing to resume in {run_dir}: {why}")
-    return latest
-
-
-def prepare_run_dir(run_dir: str | Path, resume: str | bool | None = None, overwrite: bool = False) -> None:
-    """Refuse to start a new run over another run's checkpoints unless told to resume or overwrite.
-
-    With `overwrite` the previous run's outputs (checkpoints, metrics, TensorBoard, W&B id) are deleted;
-    without checkpoints, an old metrics.jsonl is renamed aside so runs never mix in one file.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        return
-    existing = Checkpointer(run_dir).list_checkpoints()
-    if existing and not overwrite:
-        raise UserError(f"{run_dir} already holds another run's checkpoints ({existing[-1].name}, {len(existing)} in "
-                        f"all): pass --resume to continue it, --overwrite to replace it, or choose another "
-                        f"train.out_dir")
-    if overwrite:
-        for name in RUN_OUTPUTS:
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        return
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        index = 1
-        while (run_dir / f"metrics.{index}.jsonl").exists():
-            index += 1
-        os.replace(metrics, run_dir / f"metrics.{index}.jsonl")
