@@ -54,6 +54,10 @@ class SDPABackend:
         return None if doc_ids is None else document_causal_mask(doc_ids)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, dropout_p: float) -> torch.Tensor:
+        if mask is not None and q.shape[1] != k.shape[1]:
+            # enable_gqa is not supported by every masked kernel (SDPA would fall back to math); expand kv heads
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
                                               enable_gqa=q.shape[1] != k.shape[1])
 

@@ -28,7 +28,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return normed * self.weight
+        # keep the input dtype: fp32 master weights under bf16 autocast would otherwise promote q/k to fp32
+        return normed * self.weight.to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
