@@ -145,6 +145,10 @@ class Transformer(nn.Module):
 
     def hidden(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, d) after the last norm, before the head."""
+        return self.norm(self.trunk(idx, doc_ids))
+
+    def trunk(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual stream (B, T, d) after the last block, before the final norm."""
         B, T = idx.shape
         if T > self.cfg.max_seq_len:
             raise UserError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
@@ -160,7 +164,7 @@ class Transformer(nn.Module):
                            mask=self.backend.prepare(doc_ids, T, idx.device))
         for block in self.blocks:
             x = block(x, ctx)
-        return self.norm(x)
+        return x
 
     def output_weight(self) -> torch.Tensor:
         """(V, d) matrix of the output head: the token embedding when tied."""
@@ -168,10 +172,10 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only (generation: the head runs on one row)."""
-        h = self.hidden(idx, doc_ids)
+        x = self.trunk(idx, doc_ids)
         if last_only:
-            h = h[:, -1:]
-        return F.linear(h, self.output_weight())
+            x = x[:, -1:]  # final norm and head on one position only
+        return F.linear(self.norm(x), self.output_weight())
 
     # -- loss -------------------------------------------------------------------------------------------
 
