@@ -1,28 +1,36 @@
 """Training memory model for one GPU: static state (weights, gradients, optimizer) and activations.
 
-Static bytes are exact: parameters x bytes per parameter. Activations follow Korthikanti et al. 2022,
-"Reducing Activation Recomputation in Large Transformer Models" (arXiv:2205.05198), section 4.1: a
-GPT block saves s b h (34 + 5 a s / h) bytes in 16-bit (per token and layer: 34 h bytes + 5 a s for
-the score matrix). We keep their per-tensor accounting and adapt it to what tokenmill computes:
+Static bytes are exact: parameters x bytes per parameter. Activations start from the per-tensor
+accounting of Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"
+(arXiv:2205.05198), section 4.1: a GPT block saves s b h (34 + 5 a s / h) bytes in 16-bit. We count
+the tensors that tokenmill's blocks really save for backward (tests/test_memory.py checks the count
+against `torch.autograd.graph.saved_tensors_hooks` on CPU, in fp32 and under bf16 autocast):
 
 per token and layer (A = activation bytes: 2 bf16 / 4 fp32; R = 4, the residual stream, which stays
 fp32 under autocast; d = d_model, q = n_heads x d_head, kv = n_kv_heads x d_head, f = FFN width):
-  attention  R d (norm input) + A d (norm output = q/k/v input) + A (q + 2 kv) (attention inputs; GQA
-             shrinks k, v) + A q (attention output = o_proj input) [+ A (q + kv) with QK-norm]
-  scores     none with SDPA/flash/flex (they keep only an O(s) log-sum-exp); `eager` saves the
-             softmax A n_heads s (Korthikanti's 5 a s term with dropout mask and dropped copy)
-  FFN        R d + A d (norm in/out) + 2 A f (mlp: activation input and output) or 4 A f (swiglu:
-             gate, up, silu(gate), product)
-  dropout    1 byte per element per mask, only when dropout > 0 (2 d per layer, Korthikanti's 2 s b h)
-Korthikanti's 34 = 32 (with A = 2, MHA, mlp 4d, R = A) + 2 (dropout masks); we reproduce it exactly
-in tests. Per-token statistics (norm rstd, attention log-sum-exp: a few bytes) are left out.
+  norm feeding k linears   R d (input) + stats (rmsnorm 4, layernorm 8) [+ R d: RMSNorm keeps its fp32
+                           normalised x for the weight's gradient] + the linears' input: in fp32 one
+                           shared 4 d; under autocast every linear casts it again, k x A d (k = 3 for
+                           q/k/v, 2 for swiglu's gate/up, 1 for mlp's up and for the head)
+  attention  norm(3) + A (q + 2 kv) (SDPA inputs; GQA shrinks k, v) + A q (output = o_proj input)
+             + 4 n_heads (fp32 log-sum-exp of flash/SDPA: no s^2 score matrix)
+             [QK-norm: (4 + A)(q + kv) + 4 (n_heads + n_kv_heads): fp32 input copy, normalised x, rstd]
+             [`eager` instead of the SDPA inputs: 3 A q (q, k and v expanded to n_heads) + the fp32
+             softmax 4 n_heads s + A n_heads s for the probabilities A V consumes (autocast or dropout)]
+  FFN        norm(2 swiglu / 1 mlp) + 4 A f (swiglu: gate, up, silu(gate), product) or 2 A f (mlp:
+             activation input and output)
+  dropout    1 byte per element per mask when dropout > 0 (Korthikanti's 2 s b h; eager: + (1 + A)
+             n_heads s for the attention-probability mask and dropped copy)
+With A = R = 2, MHA, mlp 4d, layernorm and no autocast casts this is Korthikanti's 34 h (32 h + 2 h of
+dropout masks) plus stats; their 5 a s score term applies to `eager` only.
 
-Outside the blocks: final norm (R d + A d) and the loss: fp32 log-probs 4 V bytes per token are saved
-for backward (the logits term B S V 4 of the brief); at the start of backward the gradient of the
-log-probs and of the logits (2 x 4 V more) coexist with them. With `train.loss_chunk_size` these
-terms cover one chunk only. Under autocast, matmuls also save bf16 copies of their weights (2 bytes
-per matmul weight). Activation checkpointing of every block keeps only each block's input (R d)
-plus one block recomputed at a time (Korthikanti's full recomputation, 2 s b h L in 16-bit).
+Outside the blocks: final norm(1), the int64 token ids (16 bytes per token) and the loss: fp32
+log-probs, 4 V bytes per token, are saved for backward (the logits term B S V 4); at the start of
+backward the gradients of the log-probs and of the logits (2 x 4 V more) coexist with them. With
+`train.loss_chunk_size` these terms cover one chunk only (the model recomputes each chunk's logits).
+Under autocast, matmuls also save bf16 copies of their weights (2 bytes per matmul weight; autocast
+caches one cast per weight per forward). Activation checkpointing of every block keeps only each
+block's input (R d) plus one block recomputed at a time (Korthikanti's full recomputation).
 """
 
 from __future__ import annotations
@@ -68,20 +76,41 @@ def static_bytes(n_params: int, mode: MemoryMode, optimizer_bytes: int = ADAMW_S
     return out
 
 
+def norm_bytes_per_token(cfg: ModelConfig, mode: MemoryMode, consumers: int) -> int:
+    """Bytes saved around one residual-stream norm whose output feeds `consumers` linears."""
+    r, d = mode.residual, cfg.d_model
+    rms = cfg.norm == "rmsnorm"
+    out = r * d + (4 if rms else 8)  # input and rstd (layernorm: mean and rstd)
+    if rms:
+        out += r * d  # the normalised x, kept by the multiply with the weight
+    autocast = mode.weight_copy > 0
+    return out + (consumers if autocast else 1) * mode.activation * d
+
+
 def block_bytes_per_token(cfg: ModelConfig, mode: MemoryMode, seq_len: int) -> int:
     """Bytes one block saves for backward per token (see the module docstring for each term)."""
-    a, r = mode.activation, mode.residual
-    d, hd = cfg.d_model, cfg.resolved_head_dim()
-    q, kv, f = cfg.n_heads * hd, cfg.kv_heads() * hd, cfg.ffn_width()
-    attn = r * d + a * d + a * (q + 2 * kv) + a * q
+    a = mode.activation
+    hd, nq, nkv = cfg.resolved_head_dim(), cfg.n_heads, cfg.kv_heads()
+    q, kv, f = nq * hd, nkv * hd, cfg.ffn_width()
+    attn = norm_bytes_per_token(cfg, mode, 3) + a * q  # + attention output (= o_proj input)
     if cfg.qk_norm:
-        attn += a * (q + kv)  # the per-head RMSNorm keeps its inputs
+        attn += (4 + a) * (q + kv) + 4 * (nq + nkv)
     if cfg.attention == "eager":
-        attn += a * cfg.n_heads * seq_len  # softmax output, saved for the A V backward
+        # q and k, v expanded to n_heads; the fp32 softmax (CUDA autocast runs softmax in fp32) and the
+        # probabilities A V consumes: their low-precision copy under autocast, or with dropout the
+        # 1-byte mask (CUDA; the CPU kernel keeps a float mask) and the dropped copy.
+        attn += 3 * a * q + 4 * nq * seq_len
         if cfg.dropout > 0:
-            attn += (1 + a) * cfg.n_heads * seq_len  # dropout mask and the dropped probabilities
-    ffn = r * d + a * d + (4 if cfg.ffn == "swiglu" else 2) * a * f
-    masks = 2 * d if cfg.dropout > 0 else 0
+            attn += (1 + a) * nq * seq_len
+        elif mode.weight_copy:
+            attn += a * nq * seq_len
+    else:
+        attn += a * (q + 2 * kv) + 4 * nq  # kernel inputs (GQA: k, v not expanded) and fp32 log-sum-exp
+    if cfg.ffn == "swiglu":
+        ffn = norm_bytes_per_token(cfg, mode, 2) + 4 * a * f
+    else:
+        ffn = norm_bytes_per_token(cfg, mode, 1) + 2 * a * f
+    masks = 2 * cfg.d_model if cfg.dropout > 0 else 0
     return attn + ffn + masks
 
 
@@ -101,7 +130,8 @@ def activation_bytes(cfg: ModelConfig, mode: MemoryMode, micro_batch: int, seq_l
     loss_tokens = min(loss_chunk_size, tokens) if loss_chunk_size > 0 else tokens
     out = {
         "blocks": blocks,
-        "final_norm": tokens * (mode.residual + mode.activation) * cfg.d_model,
+        "final_norm": tokens * norm_bytes_per_token(cfg, mode, 1),
+        "token_ids": tokens * 16,  # int64 inputs (embedding backward) and targets (cross-entropy backward)
         "logits": loss_tokens * cfg.vocab_size * 4,  # fp32 log-probs saved by cross-entropy
         "loss_backward": loss_tokens * cfg.vocab_size * 4 * 2,  # their gradient + the logits' gradient
         "weight_copies": copies,
