@@ -1,8 +1,9 @@
 """Where metrics go (SPEC O3, STYLE rule 11): console, JSONL, TensorBoard, Weights & Biases.
 
 A sink has `log(step, metrics, kind)` and `close()`. Kinds: config, startup, resume, train, eval, sample
-({"prompt", "text"} or {"samples": {prompt: text}}), checkpoint, nonfinite, diverged, summary. Ranks other than 0 get a MultiSink with no sinks, so the loop never checks the rank.
-TensorBoard and W&B are imported only when enabled.
+({"prompt", "text"} or {"samples": {prompt: text}}), checkpoint, nonfinite, diverged, summary. Ranks
+other than 0 get a MultiSink with no sinks, so the loop never checks the rank. TensorBoard and W&B are
+imported only when enabled.
 
 Resuming at step N: metrics.jsonl keeps its events up to step N and continues in the same file;
 TensorBoard purges events after N; W&B continues the same run id (stored in <out_dir>/wandb_id.txt).
@@ -23,7 +24,8 @@ from typing import Any, Protocol
 from tokenmill.errors import UserError
 
 KINDS = ("config", "startup", "resume", "train", "eval", "sample", "checkpoint", "nonfinite", "diverged", "summary")
-STEP_KINDS = ("train", "eval", "sample", "checkpoint", "nonfinite", "diverged")  # dropped after the resume step when a run resumes
+# events of these kinds logged after the resumed checkpoint's step are dropped when a run resumes
+STEP_KINDS = ("train", "eval", "sample", "checkpoint", "nonfinite", "diverged")
 JSONL_NAME = "metrics.jsonl"
 TB_DIR = "tb"
 WANDB_ID_FILE = "wandb_id.txt"
