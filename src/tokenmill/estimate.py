@@ -102,6 +102,10 @@ def estimate(cfg: Any, gpu: flops.GPUSpec, micro_batch: int | None = None, n_gpu
                                                         cfg.train.loss_chunk_size)
                           for label, ac in (("none", False), ("all", True))}
 
+    acts = plan["bf16-mixed"]["activations"]["none"]
+    if cfg.train.loss_chunk_size == 0 and acts["logits"] + acts["loss_backward"] > 0.25 * acts["total"]:
+        notes.append("the fp32 logits and their gradients are over a quarter of the activations: "
+                     "train.loss_chunk_size=4096 computes the loss in chunks and removes most of them")
     if cfg.train.total_tokens:
         budget, budget_source = cfg.train.total_tokens, "train.total_tokens"
     else:
