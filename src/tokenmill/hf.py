@@ -256,7 +256,8 @@ def to_hf(model: Any, **config_overrides: Any) -> Any:
     dtype = sd["tok_emb.weight"].dtype
     hf_model.to(dtype=dtype)
     missing, unexpected = hf_model.load_state_dict(to_hf_weights(sd, cfg), strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    params = {name for name, _ in hf_model.named_parameters()}  # buffers (older GPT-2 masks) may stay missing
+    missing = [k for k in missing if k in params]
     if missing or unexpected:
         raise RuntimeError(f"HF {class_name} weight mismatch: missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings:
