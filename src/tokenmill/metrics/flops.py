@@ -7,9 +7,11 @@ Conventions (shared/research/perf_anchors.md; the same ones the start-up banner 
 - MFU = achieved model FLOP/s / (dense BF16 peak x GPUs), also when FP8 matmuls are used (a
   "bf16-equivalent MFU"). An unknown device gets no peak and hence no MFU: we never guess a peak
   (a fallback peak is how other tools printed "563% MFU").
-- Training FLOPs per token = 6 N_matmul + 12 L H_q d_head S (attention scores), the full non-causal
-  form of PaLM (Chowdhery et al. 2022, appendix B), Chinchilla (Hoffmann et al. 2022, appendix F) and
-  nanoGPT's `estimate_mfu`. `causal=True` halves the attention term as current Megatron does.
+- Training FLOPs per token = 6 N_matmul + 12 L H_q d_head S (attention scores): the full non-causal
+  form of PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT's `estimate_mfu`; the score term is also
+  Chinchilla's (Hoffmann et al. 2022, appendix F: 2 x 2 S d_head H_q forward for QK^T and AV).
+  Softmax, norms and other elementwise work are not counted. `causal=True` halves the score term,
+  as current Megatron does ("/2 causal mask").
 """
 
 from __future__ import annotations
