@@ -113,24 +113,31 @@ def test_no_grad_work_off_log_steps():
     assert [monitor.is_log_step(s) for s in range(1, 7)] == [False, False, True, False, False, True]
 
 
-def test_mfu_and_paused_time_arithmetic(monkeypatch):
-    cfg, model, plan = setup("log.interval_steps=2", steps=10)
+def test_mfu_and_step_time_arithmetic(monkeypatch):
+    cfg, model, plan = setup("log.interval_steps=3", steps=10)
     clock = [100.0]
     monkeypatch.setattr(monitor_mod.time, "perf_counter", lambda: clock[0])
     monitor = StepMonitor(cfg, plan, precision="bf16", peak_tflops=100.0, flops_per_token=2e6)
     monitor.step_start()
     clock[0] += 1.0
-    with monitor.paused():  # eval / checkpoint: not step time
-        clock[0] += 30.0
+    monitor.after_optimizer_step(model)
+    clock[0] += 30.0  # eval / checkpoint between steps: not step time
+    monitor.step_start()
+    clock[0] += 0.5
+    with monitor.paused():  # excluded work inside a step
+        clock[0] += 7.0
+    clock[0] += 0.5  # a skipped (non-finite) step: no optimizer step, its window ends at the next start
     monitor.step_start()
     clock[0] += 1.0
-    metrics = monitor.log_step(2, 3.0, 1.0, 1e-3, tokens_seen=64)
+    monitor.after_optimizer_step(model)
+    clock[0] += 5.0  # logging itself
+    metrics = monitor.log_step(3, 3.0, 1.0, 1e-3, tokens_seen=64)
     assert metrics["step_time_s"] == pytest.approx(1.0)
     tokens_per_s = plan.tokens_per_step / 1.0
     assert metrics["tokens_per_s"] == pytest.approx(tokens_per_s)
     assert metrics["tflops"] == pytest.approx(tokens_per_s * 2e6 / 1e12)
     assert metrics["mfu"] == pytest.approx(tokens_per_s * 2e6 / 100e12)
-    assert metrics["eta_s"] == pytest.approx(8 * 1.0)
+    assert metrics["eta_s"] == pytest.approx(7 * 1.0)
     assert metrics["grad_mean"] is None  # no before_optimizer_step: nothing invented
     auto = StepMonitor(cfg, plan, precision="bf16")
     assert auto.peak_tflops is None  # CPU: never a guessed peak

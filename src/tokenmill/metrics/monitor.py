@@ -11,7 +11,7 @@ The loop calls, per optimizer step:
     optimizer.step(); scheduler.step()
     monitor.after_optimizer_step(model)      # update/param ratios, progress bar
     if log step: monitor.log_step(step, loss, grad_norm, lr, tokens_seen)
-and wraps eval / checkpoint time in `with monitor.paused():` so it does not count as step time.
+Eval and checkpoints between steps are not step time; `with monitor.paused():` excludes work inside a step.
 """
 
 from __future__ import annotations
@@ -159,8 +159,8 @@ class StepMonitor:
         self.progress = ProgressBar(self.total_steps, start_step,
                                     cfg.log.progress_bar and getattr(dist, "is_main", True), console)
         # interval state (reset at each log step)
-        self._interval_start: float | None = None
-        self._paused = 0.0
+        self._window_start: float | None = None
+        self._busy = 0.0
         self._iterations = 0
         self._step_time_avg: float | None = None
         self._grad: dict[str, Any] | None = None
@@ -172,22 +172,30 @@ class StepMonitor:
         return step % self.log_every == 0 or step == self.total_steps
 
     # ---- timing ----------------------------------------------------------------------------------------
+    # Step time is the sum of step windows (step_start -> after_optimizer_step), so eval, checkpoints and
+    # logging between steps never count; a skipped (non-finite) step's window closes at the next start.
     def step_start(self) -> None:
-        """Mark the start of one optimizer step (skipped non-finite steps count as time spent too)."""
-        if self._interval_start is None:
-            self._interval_start = time.perf_counter()
-            self._paused = 0.0
+        """Mark the start of one optimizer step."""
+        now = time.perf_counter()
+        if self._window_start is not None:  # the previous step was skipped before its optimizer step
+            self._busy += now - self._window_start
+        self._window_start = now
         self._iterations += 1
+
+    def _close_window(self) -> None:
+        if self._window_start is not None:
+            self._busy += time.perf_counter() - self._window_start
+            self._window_start = None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Time inside (eval, checkpoint, sampling) is not step time."""
+        """Time inside (e.g. an eval in the middle of a step) is not step time."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            if self._interval_start is not None:
-                self._paused += time.perf_counter() - start
+            if self._window_start is not None:
+                self._busy -= time.perf_counter() - start
 
     # ---- gradients and updates -------------------------------------------------------------------------
     def before_optimizer_step(self, model: nn.Module) -> None:
@@ -225,6 +233,9 @@ class StepMonitor:
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Count the step, advance the progress bar; on a log step queue update/param ratios."""
         self.completed += 1
+        if self.is_log_step(self.completed) and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host sync (log steps only): queued GPU work counts as step time
+        self._close_window()
         if self._snapshot is not None:
             named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
             olds = {g: iter(v) for g, v in self._snapshot.items()}
@@ -286,10 +297,10 @@ class StepMonitor:
         return metrics
 
     def _throughput(self, step: int) -> dict[str, float | None]:
-        now = time.perf_counter()
+        self._close_window()
         out: dict[str, float | None] = {k: None for k in ("step_time_s", "tokens_per_s", "mfu", "tflops", "eta_s")}
-        if self._interval_start is not None and self._iterations:
-            elapsed = max(now - self._interval_start - self._paused, 1e-9)
+        if self._iterations:
+            elapsed = max(self._busy, 1e-9)
             step_time = elapsed / self._iterations
             tokens_per_s = self.tokens_per_step / step_time  # global: all ranks
             self._step_time_avg = step_time if self._step_time_avg is None else (
@@ -302,7 +313,7 @@ class StepMonitor:
                     from tokenmill.metrics.flops import mfu
 
                     out["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.peak_tflops, self.world_size)
-        self._interval_start, self._iterations, self._paused = None, 0, 0.0
+        self._busy, self._iterations = 0.0, 0
         return out
 
     def close(self) -> None:

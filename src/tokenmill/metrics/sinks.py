@@ -160,7 +160,7 @@ class ConsoleSink:
     def log(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
         m = metrics
         if kind == "train":
-            self.console.print(format_train(step, m))
+            self.console.print(format_train(step, m), soft_wrap=True)  # one line; the terminal wraps it
         elif kind == "eval":
             extra = "".join(f" | {k} {v:.4f}" for k, v in m.items() if k != "loss" and isinstance(v, float))
             self.console.print(f"[bold]eval[/] step {step} | loss {_num(m.get('loss'), '.4f')}{extra}")
