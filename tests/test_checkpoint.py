@@ -439,3 +439,56 @@ def test_rng_round_trip():
     torch.manual_seed(7)
     checkpoint_state.restore_rng(state)
     assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
+
+
+KILL_SCRIPT = """
+import sys, time, torch
+import tokenmill.checkpoint as ck
+from torch import nn
+real = ck.write_safetensors
+def slow(handle, tensors, metadata):
+    real(handle, tensors, metadata)
+    handle.flush()
+    open(sys.argv[2], "w").close()  # tell the parent: half the files are on disk
+    time.sleep(60)
+ck.write_safetensors = slow
+torch.manual_seed(0)
+ck.Checkpointer(sys.argv[1]).save(3, {}, nn.Linear(64, 64))
+"""
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ck, first, second = _two_checkpoints(tmp_path)
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path), str(ready)])
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the saving process did not start"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    partial = tmp_path / "checkpoints" / ".tmp-step_00000003"
+    assert (partial / "model.safetensors").is_file() and not (tmp_path / "checkpoints" / "step_00000003").exists()
+    assert resolve_resume(tmp_path, True) == second
+    model, opt, sched, loader = make()
+    assert Checkpointer(tmp_path).load(second, model, opt, sched, loader)["step"] == 2
+
+
+@pytest.mark.gpu
+def test_cuda_model_and_rng_round_trip(tmp_path):
+    model = TinyLM().cuda()
+    torch.cuda.manual_seed(5)
+    path = Checkpointer(tmp_path).save(1, {}, model)
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(9)
+    fresh = TinyLM(vocab=11).cuda()
+    Checkpointer(tmp_path).load(path, fresh)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+    assert torch.equal(fresh.proj.weight, model.proj.weight) and fresh.proj.weight.is_cuda

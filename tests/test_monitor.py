@@ -169,3 +169,26 @@ def test_progress_bar_only_on_a_terminal():
     off = StepMonitor(cfg, plan, precision="fp32", console=Console(file=io.StringIO(), force_terminal=True),
                       dist=type("D", (), {"device": torch.device("cpu"), "world_size": 2, "is_main": False})())
     assert off.progress.progress is None  # rank 1
+
+
+@pytest.mark.gpu
+def test_gpu_memory_and_mfu_from_the_peak_table():
+    from tokenmill.metrics.flops import lookup_gpu
+
+    cfg, model, plan = setup("log.interval_steps=1", steps=2)
+    model = model.cuda()
+    dist = type("D", (), {"device": torch.device("cuda"), "world_size": 1, "is_main": True})()
+    monitor = StepMonitor(cfg, plan, dist=dist, precision="bf16")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monitor.step_start()
+    loss = model.loss(torch.randint(0, 64, (2, 17), device="cuda"))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    monitor.before_optimizer_step(model)
+    opt.step()
+    monitor.after_optimizer_step(model)
+    metrics = monitor.log_step(1, loss.detach(), norm, 1e-3, tokens_seen=32)
+    assert metrics["mem_allocated_gib"] > 0 and metrics["mem_peak_gib"] >= metrics["mem_allocated_gib"]
+    assert metrics["mem_reserved_gib"] >= metrics["mem_allocated_gib"]
+    known = lookup_gpu(torch.cuda.get_device_name()) is not None
+    assert (metrics["mfu"] is not None) == known
