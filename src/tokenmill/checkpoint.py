@@ -177,13 +177,14 @@ class Checkpointer:
                 "unix_time": time.time(), **_versions()}
         self._remove_stale_tmp()
         with staged_folder(final) as tmp:
+            written = {}  # name -> {bytes, sha256}, hashed while writing
             if model is not None:
-                self._write_weights(tmp / WEIGHTS, model)
-            write_file(tmp / STATE, lambda handle: torch.save(blob, handle))
+                written[WEIGHTS] = self._write_weights(tmp / WEIGHTS, model)
+            written[STATE] = write_file(tmp / STATE, lambda handle: torch.save(blob, handle))
             if config_text is not None:
-                write_file(tmp / CONFIG, lambda handle: handle.write(config_text.encode()))
-            write_json(tmp / META, meta)
-            write_manifest(tmp, step)  # last: its presence marks the folder complete
+                written[CONFIG] = write_file(tmp / CONFIG, lambda handle: handle.write(config_text.encode()))
+            written[META] = write_json(tmp / META, meta)
+            write_manifest(tmp, step, written)  # last: its presence marks the folder complete
         self._verified[final] = (final / MANIFEST).stat().st_mtime_ns
         self.last_save_bytes = sum(p.stat().st_size for p in final.iterdir())
         if eval_loss is not None and self.is_best(eval_loss, exclude=final):
@@ -218,11 +219,11 @@ class Checkpointer:
         return loader.state_dict()
 
     @staticmethod
-    def _write_weights(path: Path, model: torch.nn.Module) -> None:
+    def _write_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:
         tensors, tied = weights_for_saving(model)
         # safetensors metadata is str -> str; the tied map travels as JSON.
         metadata = {"format": "pt", "tied": json.dumps(tied)}
-        write_file(path, lambda handle: write_safetensors(handle, tensors, metadata))
+        return write_file(path, lambda handle: write_safetensors(handle, tensors, metadata))
 
     def _remove_stale_tmp(self) -> None:
         if self.dir.is_dir():

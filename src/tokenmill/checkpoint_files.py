@@ -45,20 +45,40 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, writer: Callable[[IO[bytes]], Any]) -> None:
-    """Create `path`, let `writer` fill it, then flush and fsync it."""
+class HashingWriter:
+    """A binary file wrapper that hashes and counts what passes through (no read-back to checksum)."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        self.size += view.nbytes
+        return self.handle.write(view)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, ... of the real file
+        return getattr(self.handle, name)
+
+
+def write_file(path: Path, writer: Callable[[IO[bytes]], Any]) -> dict[str, Any]:
+    """Create `path`, let `writer` fill it, flush and fsync it; return its manifest entry (bytes, sha256)."""
     with open(path, "wb") as handle:
-        writer(handle)
+        hashing = HashingWriter(handle)
+        writer(hashing)  # type: ignore[arg-type]
         handle.flush()
         os.fsync(handle.fileno())
+    return {"bytes": hashing.size, "sha256": hashing.digest.hexdigest()}
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    write_file(path, lambda handle: handle.write(data))
+def write_bytes(path: Path, data: bytes) -> dict[str, Any]:
+    return write_file(path, lambda handle: handle.write(data))
 
 
-def write_json(path: Path, data: Any) -> None:
-    write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+def write_json(path: Path, data: Any) -> dict[str, Any]:
+    return write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def sha256_of(path: Path) -> str:
@@ -69,12 +89,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, step: int) -> None:
-    """Record size and sha256 of every file in `folder`; must be the last file written."""
+def write_manifest(folder: Path, step: int, written: dict[str, dict[str, Any]] | None = None) -> None:
+    """Record size and sha256 of every file in `folder`; must be the last file written.
+
+    `written` holds entries returned by write_file (hashed while writing); other files are read back.
+    """
     files = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name != MANIFEST:
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+            known = (written or {}).get(path.name)
+            size = path.stat().st_size
+            files[path.name] = known if known and known["bytes"] == size else {"bytes": size,
+                                                                                 "sha256": sha256_of(path)}
     write_json(folder / MANIFEST, {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "files": files})
 
 
