@@ -117,6 +117,13 @@ class SlotPipeline:
         tokens = torch.stack(rows).to(torch.int64)  # (B, T+1)
         return {"tokens": tokens, "doc_ids": doc_ids_of(tokens, self.eos)}
 
+    def close(self) -> None:
+        """Stop the dataloader workers now (they also stop when the loader is garbage-collected)."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def stats(self) -> dict[str, int]:
         sources = self.mixture.state_dict()["sources"]
         return {"documents": self.packer.documents, "replaced_chars": sum(c["replaced"] for c in sources),
@@ -228,11 +235,22 @@ class Loader:
                 self.exhausted = True
                 return
             except UserError as err:
+                self.close()
                 raise UserError(_one_line(err)) from None
+            except BaseException:
+                self.close()
+                raise
             cursor = batch.pop("_cursor")
             self._cursors[cursor["worker"]] = cursor["sources"]
             self._stats[cursor["worker"]] = cursor["stats"]
             yield batch
+
+    def close(self) -> None:
+        """Stop the dataloader workers now (they also stop when the loader is garbage-collected)."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def stats(self) -> dict[str, int]:
         """Documents read, U+FFFD characters from undecodable bytes, empty documents skipped, batches."""

@@ -236,7 +236,9 @@ class StreamReader(DocReader):
         if position and position.get("ds") is not None:
             self.ds.load_state_dict(position["ds"])  # resumes inside the file, no re-reading (datasets >= 2.18)
         self.index = int(position["index"]) if position else 0
-        self._it = iter(self.ds)
+        # `.iter(batch_size=1)` rather than `iter(ds)`: inside a DataLoader worker, `iter(ds)` would shard the
+        # dataset by worker on its own (and stop workers beyond its file count); we shard by document instead.
+        self._it = self.ds.iter(batch_size=1)
         _OPEN_ITERATORS.add(self)
 
     def __next__(self) -> str:
@@ -250,7 +252,7 @@ class StreamReader(DocReader):
             self.index += 1
             if raw % self.n_slots != self.slot:
                 continue
-            text = self._clean(example.get(self.field))
+            text = self._clean(example[self.field][0])
             if text is not None:
                 return text
 
@@ -277,8 +279,17 @@ class StreamSource(Source):
         self.files = files
         self.field = field
         self.shuffle_files = files is not None and len(files) > 1
+        self._cache: dict[tuple, Any] = {}  # file order -> loaded dataset (a tiny source cycles epochs fast)
 
     def _build(self, files: list[str] | None) -> Any:
+        key = tuple(files or ())
+        if key not in self._cache:
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = self._load(files)
+        return self._cache[key]
+
+    def _load(self, files: list[str] | None) -> Any:
         import datasets
 
         args = dict(self.args, split="train", streaming=True)
@@ -299,7 +310,7 @@ class StreamSource(Source):
         files = self.files
         if files is not None and seed is not None and len(files) > 1:
             files = [files[i] for i in _doc_order(len(files), seed, epoch)]
-        return self._build(files).select_columns([self.field])
+        return self._build(files).select_columns([self.field])  # a fresh wrapper: no stale resume state
 
     def reader(self, epoch: int, slot: int, n_slots: int, position: dict | None, seed: int | None) -> DocReader:
         if not _OPEN_ITERATORS and not getattr(StreamSource, "_atexit", False):
