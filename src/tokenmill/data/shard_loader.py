@@ -1,0 +1,216 @@
+"""The shard loader: fixed windows sliced from memory-mapped token shards, disjoint per (rank, worker), resumable.
+
+Windows. A split's shards are cut into non-overlapping windows of L = seq_len + 1 tokens (a window never
+crosses a shard file; the < L tokens left at a shard's end are skipped). Window w of shard k covers tokens
+[w*L, (w+1)*L) of that shard.
+
+Order. Epoch e visits the windows in the permutation `default_rng([seed, e]).permutation(n)` (identity
+when shuffling is off; a full permutation is a perfect shuffle, so no shuffle buffer is needed). The
+C = world_size * workers readers share it: reader c = rank * workers + worker takes positions
+base + c, base + c + C, base + c + 2C, ... so the readers are disjoint and together read every window of
+the epoch once. Every reader takes the same number of windows per epoch, (n - base) // C; the remaining
+< C positions are skipped that epoch, so ranks always have the same number of batches and never wait on
+one another. Batches of B windows run on across epoch ends.
+
+State. A reader's position is (epoch, base, consumed). Each batch carries its reader's position after it;
+the loader records it in the main process, so `state_dict()` is exact whatever the workers prefetched.
+- Same world size and worker count: the next batch after `load_state_dict` is exactly the one an
+  uninterrupted loader would give (also across epochs; the worker that was next is still next).
+- Another world size or worker count: every reader restarts at the global cursor
+  base + C_old * max(consumed) of the furthest epoch, which lies past every window already read (all
+  ranks consume in lockstep, so one rank's state suffices); at most C_old * B windows of that epoch
+  are skipped, none is repeated.
+
+Memory. np.memmap pages stay resident once touched, so reading a large dataset would grow RSS up to the
+file size (nanoGPT #287). The reader drops its maps after every REMAP_BYTES read, which bounds the resident
+set at about that size; reopening costs microseconds.
+
+doc_ids. Per row, the index of the document each position belongs to (0 for the row's first), from the
+shard's document-start index: a 1 at each document start inside the window, then a cumulative sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from tokenmill.data.shards import ShardSet
+from tokenmill.errors import UserError
+
+REMAP_BYTES = 64 << 20  # drop the memory maps after reading this much (bounds resident memory)
+STATE_VERSION = 1
+
+
+class WindowReader:
+    """Reads whole windows (by global window index) and their doc_ids from the memory-mapped shards."""
+
+    def __init__(self, shard_set: ShardSet, window: int):
+        self.shard_set, self.window = shard_set, window
+        counts = np.array([s.tokens // window for s in shard_set.shards], dtype=np.int64)
+        self.cum = np.concatenate([[0], np.cumsum(counts)])  # first global window of each shard
+        self.n_windows = int(self.cum[-1])
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._bytes = 0
+
+    def __getstate__(self) -> dict[str, Any]:  # workers open their own maps
+        return {**self.__dict__, "_maps": {}, "_bytes": 0}
+
+    def _open(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k not in self._maps:
+            shard = self.shard_set.shards[k]
+            tokens = np.memmap(shard.path, dtype=self.shard_set.dtype, mode="r", shape=(shard.tokens,))
+            self._maps[k] = (tokens, np.load(shard.index_path, mmap_mode="r"))
+        return self._maps[k]
+
+    def read(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B,) global window indices -> tokens (B, L) int64 and doc_ids (B, L) int64."""
+        L = self.window
+        tokens = np.empty((len(windows), L), dtype=np.int64)
+        marks = np.zeros((len(windows), L), dtype=np.int64)
+        shard_of = np.searchsorted(self.cum, windows, side="right") - 1
+        offsets = (windows - self.cum[shard_of]) * L
+        for i, (k, off) in enumerate(zip(shard_of.tolist(), offsets.tolist())):
+            mm, starts = self._open(k)
+            tokens[i] = mm[off:off + L]  # the only per-token work: one uint16/32 -> int64 copy
+            lo = int(np.searchsorted(starts, off, side="right"))  # first document starting after the row start
+            hi = int(np.searchsorted(starts, off + L, side="left"))
+            if hi > lo:
+                marks[i, starts[lo:hi] - off] = 1
+        np.cumsum(marks, axis=1, out=marks)
+        self._bytes += tokens.size * self.shard_set.dtype.itemsize
+        if self._bytes >= REMAP_BYTES:
+            self._maps.clear()  # unmapping releases the touched pages from this process's resident set
+            self._bytes = 0
+        return tokens, marks
+
+
+class ShardDataset(IterableDataset):
+    """The batches of one rank; inside DataLoader workers each worker is its own reader (see module doc)."""
+
+    def __init__(self, reader: WindowReader, batch_size: int, rank: int, world_size: int, workers: int, seed: int,
+                 shuffle: bool):
+        self.reader, self.batch_size, self.rank, self.world_size = reader, batch_size, rank, world_size
+        self.workers, self.seed, self.shuffle = workers, seed, shuffle
+        self.positions = [(0, 0, 0)] * workers  # per logical worker: (epoch, base, consumed)
+        self.shift = 0  # physical worker p plays logical worker (p + shift) % workers, so the next one is still next
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    @property
+    def readers(self) -> int:
+        return self.world_size * self.workers
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The window permutation of an epoch (cached: one at a time)."""
+        if self._perm is None or self._perm[0] != epoch:
+            n = self.reader.n_windows
+            perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                    else np.arange(n, dtype=np.int64))
+            self._perm = (epoch, perm)
+        return self._perm[1]
+
+    def batches(self, worker: int) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, int, int]]]:
+        """Endless (tokens, doc_ids, position after this batch) for one logical worker of this rank."""
+        epoch, base, consumed = self.positions[worker]
+        reader_id, readers, n = self.rank * self.workers + worker, self.readers, self.reader.n_windows
+        while True:
+            parts, need = [], self.batch_size
+            while need:
+                per_reader = (n - base) // readers
+                if consumed >= per_reader:
+                    epoch, base, consumed = epoch + 1, 0, 0
+                    continue
+                take = min(need, per_reader - consumed)
+                pos = base + reader_id + readers * np.arange(consumed, consumed + take, dtype=np.int64)
+                parts.append(self.order(epoch)[pos])
+                consumed, need = consumed + take, need - take
+            windows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            tokens, doc_ids = self.reader.read(windows)
+            yield tokens, doc_ids, (epoch, base, consumed)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.shift) % self.workers
+        for tokens, doc_ids, position in self.batches(worker):
+            yield {"tokens": torch.from_numpy(tokens), "doc_ids": torch.from_numpy(doc_ids),
+                   "_position": torch.tensor([worker, *position], dtype=torch.long)}
+
+
+class ShardLoader:
+    """Endless iterator of {"tokens", "doc_ids"} (B, seq_len + 1) batches with exact `state_dict` resume.
+
+    Train: `iter()` continues where the last batch left off. With `restart_each_iter` (eval), every `iter()`
+    starts again from the loader's initial (or loaded) position, so each evaluation sees the same batches.
+    """
+
+    def __init__(self, shard_set: ShardSet, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, shuffle: bool = True, restart_each_iter: bool = False):
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is outside world size {world_size}")
+        self.num_workers = num_workers
+        reader = WindowReader(shard_set, seq_len + 1)
+        self.dataset = ShardDataset(reader, batch_size, rank, world_size, max(num_workers, 1), seed, shuffle)
+        if reader.n_windows < self.dataset.readers:
+            raise UserError(f"{shard_set.folder} {shard_set.split} split has {reader.n_windows} windows of "
+                            f"{seq_len + 1} tokens, fewer than the {self.dataset.readers} readers (ranks x workers); "
+                            f"use a shorter seq_len, fewer workers or more data")
+        self.seq_len, self.seed, self.restart_each_iter = seq_len, seed, restart_each_iter
+        self._next_worker = 0
+        self._start = (list(self.dataset.positions), 0)
+        self._it: Iterator[dict[str, torch.Tensor]] | None = None
+        self.batches = 0
+
+    def __iter__(self) -> ShardLoader:
+        if self.restart_each_iter:
+            self.dataset.positions, self._next_worker = list(self._start[0]), self._start[1]
+            self._it = None
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            ds = self.dataset
+            ds.shift = self._next_worker
+            self._it = iter(ds if self.num_workers == 0 else
+                            DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=4))
+        batch = next(self._it)
+        worker, epoch, base, consumed = batch.pop("_position").tolist()
+        self.dataset.positions[worker] = (epoch, base, consumed)
+        self._next_worker = (worker + 1) % self.dataset.workers
+        self.batches += 1
+        return batch
+
+    def stats(self) -> dict[str, int]:
+        """Batches handed out by this loader object (documents are counted by `prepare`, not here)."""
+        return {"batches": self.batches}
+
+    def close(self) -> None:
+        """Stop worker processes (a later `next` starts them again from the recorded state)."""
+        self._it = None
+
+    def state_dict(self) -> dict[str, Any]:
+        ds = self.dataset
+        return {"version": STATE_VERSION, "kind": "shards", "world_size": ds.world_size, "workers": ds.workers,
+                "windows": ds.reader.n_windows, "seq_len": self.seq_len, "seed": self.seed, "shuffle": ds.shuffle,
+                "next_worker": self._next_worker, "positions": [list(p) for p in ds.positions]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ds = self.dataset
+        if state.get("kind") != "shards" or state.get("version") != STATE_VERSION:
+            raise UserError(f"loader state is not a tokenmill shard-loader state v{STATE_VERSION} "
+                            f"(kind={state.get('kind')}, version={state.get('version')}); was the data source changed?")
+        mine = (ds.reader.n_windows, self.seq_len, self.seed, ds.shuffle)
+        theirs = (state["windows"], state["seq_len"], state["seed"], state["shuffle"])
+        if mine != theirs:
+            raise UserError(f"loader state is for (windows, seq_len, seed, shuffle)={theirs} but this loader has {mine}; "
+                            f"resume with the same data, train.seq_len and train.seed")
+        positions = [tuple(int(v) for v in p) for p in state["positions"]]
+        if (state["world_size"], state["workers"]) == (ds.world_size, ds.workers):
+            ds.positions, self._next_worker = positions, int(state["next_worker"])
+        else:
+            old_readers = state["world_size"] * state["workers"]
+            epoch, cursor = max((e, b + old_readers * c) for e, b, c in positions)
+            ds.positions, self._next_worker = [(epoch, cursor, 0)] * ds.workers, 0
+        self._start = (list(ds.positions), self._next_worker)
+        self._it = None
