@@ -153,6 +153,10 @@ class TokenStream(IterableDataset):
         self.start_cursor: list | None = None  # merged cursor to start from (different layout)
         self._pipe: SlotPipeline | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to spawned workers before they iterate: the live pipeline (open file streams) stays here.
+        return {k: v for k, v in self.__dict__.items() if k != "_pipe"} | {"_pipe": None}
+
     def _worker(self) -> int:
         info = get_worker_info()
         return info.id if info is not None else 0
