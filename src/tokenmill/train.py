@@ -26,7 +26,7 @@ from tokenmill.evaluation import evaluate
 from tokenmill.generate import sample
 from tokenmill.metrics.banner import build_banner
 from tokenmill.metrics.monitor import StepMonitor
-from tokenmill.metrics.sinks import build_sinks
+from tokenmill.metrics.sinks import MultiSink, build_sinks
 from tokenmill.model import build_meta, param_counts
 from tokenmill.optim.optimizers import build_optimizer, scaled_lr
 from tokenmill.optim.schedules import build_scheduler
@@ -105,6 +105,13 @@ def train(cfg: Config, resume: str | bool | None = None, overwrite: bool = False
     dist = init_distributed(cfg.parallel, cfg.train.device)
     try:
         return _train(cfg, dist, resume, overwrite)
+    except torch.OutOfMemoryError as err:
+        raise UserError(
+            f"out of GPU memory with micro_batch_size={cfg.train.micro_batch_size}, seq_len={cfg.train.seq_len}, "
+            f"activation_checkpointing={cfg.train.activation_checkpointing}: lower train.micro_batch_size (raise "
+            f"train.global_batch_tokens accumulation instead), set train.activation_checkpointing=all, set "
+            f"train.loss_chunk_size=4096, or lower train.seq_len; `tokenmill estimate --gpu NAME` shows what fits"
+        ) from err
     finally:
         destroy_distributed()
 
@@ -143,17 +150,10 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
                                   cfg.train.divergence_slow_alpha, cfg.train.divergence_warmup_steps)
     state = TrainState()
     checkpointer = Checkpointer(run_dir, cfg.checkpoint, dist=dist)
-    sinks = build_sinks(cfg.log, run_dir, dist.rank, config=cfg.to_dict())
     cadence = cfg.train.step_cadence
     log_every = max(1, round(cfg.log.interval_steps * cadence))
     eval_every = round(cfg.train.eval_interval * cadence)
     save_every = round(cfg.checkpoint.interval_steps * cadence)
-
-    def save(reason: str) -> None:
-        checkpointer.save(state.step, engine=engine, optimizer=optimizer, scheduler=scheduler,
-                          loader=train_loader, cfg=cfg, train_state=asdict(state), detector=detector.state_dict(),
-                          scaler=scaler.state_dict(), eval_loss=last_eval.get("loss"), reason=reason)
-        sinks.log(state.step, {"path": str(checkpointer.last_path), "reason": reason}, kind="checkpoint")
 
     # ---- resume -------------------------------------------------------------------------------------------
     if resume_path is not None:
@@ -163,6 +163,17 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         detector.load_state_dict(restored["detector"])
         if restored.get("scaler"):
             scaler.load_state_dict(restored["scaler"])
+    # built after resume: sinks rewind past events a killed run logged after its checkpoint (and reuse its W&B run)
+    sinks = build_sinks(cfg.log, run_dir, dist.rank, config=cfg.to_dict(), resume_step=state.step)
+    if resume_path is not None:
+        sinks.log(state.step, {"path": str(resume_path)}, kind="resume")
+
+    def save(reason: str, eval_result: dict[str, float] | None = None) -> None:
+        """Checkpoint on every rank; `eval_result` only when an eval ran at this step (it ranks `best`)."""
+        checkpointer.save(state.step, engine=engine, optimizer=optimizer, scheduler=scheduler,
+                          loader=train_loader, cfg=cfg, train_state=asdict(state), detector=detector.state_dict(),
+                          scaler=scaler.state_dict(), eval_loss=(eval_result or {}).get("loss"), reason=reason)
+        sinks.log(state.step, {"path": str(checkpointer.last_path), "reason": reason}, kind="checkpoint")
 
     banner = build_banner(cfg, counts, plan, dist, precision.name, resumed_from=resume_path)
     sinks.log(state.step, banner.as_dict(), kind="startup")
@@ -225,12 +236,13 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
                                  state.tokens_seen, skipped=state.skipped_steps)
 
             # eval
+            evaluated: dict[str, float] | None = None
             if eval_every and state.step % eval_every == 0 and state.step < plan.total_steps:
-                last_eval = run_eval(engine, cfg, tokenizer, sinks, state)
+                evaluated = last_eval = run_eval(engine, cfg, tokenizer, sinks, state)
 
             # checkpoint
             if save_every and state.step % save_every == 0 and state.step < plan.total_steps:
-                save("interval")
+                save("interval", evaluated)
             if any_rank(stop.reason is not None, device):
                 save("signal")
                 status = "stopped"
@@ -239,7 +251,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         # ---- tear down --------------------------------------------------------------------------------------
         if status == "completed":
             last_eval = run_eval(engine, cfg, tokenizer, sinks, state)
-            save("final")
+            save("final", last_eval)
             samples = write_samples(engine.unwrapped, cfg, tokenizer, dist, sinks, state)
             if dist.is_main:
                 for prompt, text in samples.items():
@@ -255,7 +267,8 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     return TrainResult(status, exit_code, state, losses, last_eval, run_dir)
 
 
-def run_eval(engine: Engine, cfg: Config, tokenizer: Tokenizer, sinks: Sink, state: TrainState) -> dict[str, float]:
+def run_eval(engine: Engine, cfg: Config, tokenizer: Tokenizer, sinks: MultiSink,
+             state: TrainState) -> dict[str, float]:
     """Evaluate on the held-out split (a fresh loader each time: every eval sees the same batches)."""
     loader = build_loader(cfg, tokenizer, "eval", engine.dp_rank, engine.dp_size)
     started = time.perf_counter()
@@ -268,7 +281,7 @@ def run_eval(engine: Engine, cfg: Config, tokenizer: Tokenizer, sinks: Sink, sta
     return result
 
 
-def write_samples(model: torch.nn.Module, cfg: Config, tokenizer: Tokenizer, dist: DistInfo, sinks,
+def write_samples(model: torch.nn.Module, cfg: Config, tokenizer: Tokenizer, dist: DistInfo, sinks: MultiSink,
                   state: TrainState) -> dict[str, str]:
     """Generate from the fixed prompts with a private RNG (training randomness is untouched)."""
     if not dist.is_main:
