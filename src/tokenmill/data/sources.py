@@ -304,7 +304,8 @@ class StreamSource(Source):
         except Exception as err:
             where = "read it" if files is not None else "open it on the Hugging Face Hub"
             detail = str(err).strip().splitlines()[0] if str(err).strip() else "no details"
-            raise UserError(f"source {self.name}: cannot {where} ({type(err).__name__}: {detail})") from None
+            hint = "" if files is not None else "; check the network, or use a local path or data.sources=[stdlib]"
+            raise UserError(f"source {self.name}: cannot {where} ({type(err).__name__}: {detail}){hint}") from None
 
     def dataset(self, epoch: int, seed: int | None) -> Any:
         files = self.files
