@@ -142,6 +142,7 @@ def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLik
     manifest = _prepare_folder(out, fmt.new_manifest(tokenizer, tokenizer_spec, settings), overwrite)
     if manifest is None:
         return PrepareStats(0, 0, 0, 0.0, 0, -1)  # already complete with these settings
+    fmt.write_manifest(out, manifest)  # from now on the folder is this (unfinished) dataset: a rerun resumes it
     dtype = fmt.token_dtype(tokenizer.vocab_size)
     resumed = len(manifest["chunks"])
     docs_done, bytes_done = manifest["source_docs"], manifest["source_bytes"]
