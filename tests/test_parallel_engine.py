@@ -44,10 +44,46 @@ def test_data_parallel_matches_single_process(strategy, reference):
     _check(results, reference)
 
 
-@pytest.mark.parametrize("schedule", ["GPipe", "1F1B"])
+@pytest.mark.parametrize("schedule", ["GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble"])
 def test_pipeline_matches_single_process(schedule, reference):
     results = run_ranks(_worker, 2, "single", 2, schedule, 4, timeout=90)
     assert [r["dp"] for r in results] == [1, 1]
     # each pp rank holds half the blocks: together they are the whole model
     assert not set(results[0]["params"]) & set(results[1]["params"])
     _check(results, reference)
+
+
+def _sync_and_metrics_body() -> dict:
+    import torch.nn as nn
+
+    from tokenmill.parallel.data_parallel import apply_ddp, no_sync_context
+    from tokenmill.parallel.dist import init_distributed
+    from tokenmill.parallel.global_ops import global_token_count, loss_denominator, reduce_metrics
+
+    dist = init_distributed(tiny_config().parallel, "cpu")
+    torch.manual_seed(0)
+    ddp = apply_ddp(nn.Linear(4, 1), dist)
+    x = torch.full((2, 4), float(dist.rank + 1))  # different data per rank
+    with no_sync_context(ddp, sync=False):
+        ddp(x).sum().backward()
+    local = ddp.module.weight.grad.clone()  # not synchronised: still this rank's own gradient
+    with no_sync_context(ddp, sync=True):
+        ddp(x).sum().backward()
+    synced = ddp.module.weight.grad.clone()
+    metrics = reduce_metrics({"tokens_per_s": 100.0 * (dist.rank + 1), "step_time_s": 1.0 + dist.rank,
+                              "loss": float(dist.rank)}, dist)
+    return {"local": local, "synced": synced, "metrics": metrics,
+            "tokens": float(global_token_count(10 + dist.rank, dist)),
+            "denominator": float(loss_denominator(10 + dist.rank, dist))}
+
+
+def test_no_sync_and_global_metrics():
+    r0, r1 = run_ranks(_sync_and_metrics_body, 2, timeout=60)
+    # no_sync: each rank kept its own gradient (rank 1's data is twice rank 0's)
+    torch.testing.assert_close(r1["local"], 2 * r0["local"])
+    # sync: both ranks hold the same average of (accumulated local) gradients: (2g + 4g) / 2 = 3g
+    torch.testing.assert_close(r0["synced"], r1["synced"])
+    torch.testing.assert_close(r0["synced"], 3 * r0["local"])
+    for r in (r0, r1):
+        assert r["metrics"] == {"tokens_per_s": 300.0, "step_time_s": 2.0, "loss": 0.5}
+        assert r["tokens"] == 21.0 and r["denominator"] == 10.5

@@ -74,13 +74,13 @@ class LocalView(nn.Module):
 
 def build_mesh(dist: DistInfo, pp: int) -> Any:
     """DeviceMesh ("dp", "pp") over the job (rank = dp_index * pp + pp_index), or None in one process."""
-    if dist.world_size % pp:
-        raise UserError(f"parallel.pp={pp} does not divide the {dist.world_size} processes; launch a multiple of "
-                        f"{pp} processes (torchrun --nproc-per-node) or change parallel.pp")
     if not dist.distributed:
         if pp > 1:
             raise UserError(f"parallel.pp={pp} needs {pp} processes: launch with torchrun --nproc-per-node={pp}")
         return None
+    if dist.world_size % pp:
+        raise UserError(f"parallel.pp={pp} does not divide the {dist.world_size} processes; launch a multiple of "
+                        f"{pp} processes (torchrun --nproc-per-node) or change parallel.pp")
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(dist.device.type, (dist.world_size // pp, pp), mesh_dim_names=("dp", "pp"))
