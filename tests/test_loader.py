@@ -205,3 +205,27 @@ def test_shards_folder_is_delegated(tmp_path, monkeypatch):
     assert calls == [(str(tmp_path), TOK, "train", 2, 16, 1, 2, 1, cfg.train.seed, 5)]
     with pytest.raises(UserError, match="only data.sources entry"):
         build_loader(make_cfg([str(tmp_path), "stdlib"]), TOK, "train")
+
+
+def _two_rank_cursor(path: str) -> tuple[list, list]:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    loader = build_loader(make_cfg([path], seq_len=31, batch=2, shuffle=0), TOK, "train", rank, 2)
+    take(iter(loader), 6)
+    own = [dict(c) for c in loader._cursors[0]]
+    return own, loader.state_dict()["cursor"]  # state_dict() gathers the cursor over both ranks
+
+
+def test_cursor_is_gathered_over_ranks(tmp_path):
+    from dist_helpers import run_ranks
+
+    # rank 0 reads the long documents (even indices), rank 1 the short ones: their positions differ
+    docs = [("<l%05d> " % i) + "x" * 200 if i % 2 == 0 else "<s%05d>" % i for i in range(400)]
+    path = str(write_jsonl(tmp_path / "d.jsonl", docs))
+    (own0, global0), (own1, global1) = run_ranks(_two_rank_cursor, 2, path, timeout=120)
+    assert global0 == global1
+    assert own0[0]["position"]["index"] != own1[0]["position"]["index"]
+    furthest = max(own0[0]["position"]["index"], own1[0]["position"]["index"])
+    assert global0[0]["position"]["index"] == furthest
