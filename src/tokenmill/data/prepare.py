@@ -49,9 +49,10 @@ class PrepareStats:
         return self.bytes / 1e6 / max(self.seconds, 1e-9)
 
 
-def _init_worker(tokenizer: Any) -> None:
+def _init_worker(tokenizer: Any, single_threaded: bool = True) -> None:
     global _TOKENIZER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # N processes already use the cores
+    if single_threaded:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # N processes already use the cores
     _TOKENIZER = tokenizer
 
 
@@ -157,7 +158,7 @@ def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLik
         pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
         results = pool.imap(_encode_task, _tasks(doc_iter, eval_fraction, dtype))
     else:
-        _init_worker(tokenizer)
+        _init_worker(tokenizer, single_threaded=False)  # in this process: leave the environment alone
         results = map(_encode_task, _tasks(doc_iter, eval_fraction, dtype))
     try:
         for result in itertools.chain(results, [None]):

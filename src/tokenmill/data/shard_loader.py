@@ -1,4 +1,4 @@
-"""The shard loader: fixed windows sliced from memory-mapped token shards, disjoint per (rank, worker), resumable.
+"""The shard loader: fixed token windows read from prepared shards, disjoint per (rank, worker), resumable.
 
 Windows. A split's shards are cut into non-overlapping windows of L = seq_len + 1 tokens (a window never
 crosses a shard file; the < L tokens left at a shard's end are skipped). Window w of shard k covers tokens
@@ -21,9 +21,13 @@ the loader records it in the main process, so `state_dict()` is exact whatever t
   ranks consume in lockstep, so one rank's state suffices); at most C_old * B windows of that epoch
   are skipped, none is repeated.
 
-Memory. np.memmap pages stay resident once touched, so reading a large dataset would grow RSS up to the
-file size (nanoGPT #287). The reader drops its maps after every REMAP_BYTES read, which bounds the resident
-set at about that size; reopening costs microseconds.
+Memory. Pages of an np.memmap stay in the process's resident set once touched, so slicing windows from
+a map grows RSS towards the file size over a long run (nanoGPT #287; here a 4 KiB window fault maps in
+~100 KiB through fault-around and large page-cache folios, measured). Token windows are therefore read
+with one positioned read (`os.preadv`) per window into the batch buffer: the page cache still serves
+them, but nothing stays mapped, and it measured faster than slicing a map (benchmarks/data_throughput.py).
+The small document indexes are memory-mapped (shared between workers) and re-opened every
+REMAP_WINDOWS windows, which bounds what binary search leaves resident.
 
 doc_ids. Per row, the index of the document each position belongs to (0 for the row's first), from the
 shard's document-start index: a 1 at each document start inside the window, then a cumulative sum.
@@ -31,6 +35,7 @@ shard's document-start index: a 1 at each document start inside the window, then
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -40,51 +45,63 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tokenmill.data.shards import ShardSet
 from tokenmill.errors import UserError
 
-REMAP_BYTES = 64 << 20  # drop the memory maps after reading this much (bounds resident memory)
+REMAP_WINDOWS = 8192  # windows between re-opening the memory-mapped document indexes (bounds resident memory)
 STATE_VERSION = 1
 
 
 class WindowReader:
-    """Reads whole windows (by global window index) and their doc_ids from the memory-mapped shards."""
+    """Reads whole windows (by global window index) and their doc_ids from a split's shards."""
 
     def __init__(self, shard_set: ShardSet, window: int):
         self.shard_set, self.window = shard_set, window
+        self.itemsize = shard_set.dtype.itemsize
         counts = np.array([s.tokens // window for s in shard_set.shards], dtype=np.int64)
         self.cum = np.concatenate([[0], np.cumsum(counts)])  # first global window of each shard
         self.n_windows = int(self.cum[-1])
-        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._bytes = 0
+        self._fds: dict[int, int] = {}
+        self._index: dict[int, np.ndarray] = {}
+        self._since_remap = 0
 
-    def __getstate__(self) -> dict[str, Any]:  # workers open their own maps
-        return {**self.__dict__, "_maps": {}, "_bytes": 0}
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers open their own files
+        return {**self.__dict__, "_fds": {}, "_index": {}, "_since_remap": 0}
 
-    def _open(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if k not in self._maps:
-            shard = self.shard_set.shards[k]
-            tokens = np.memmap(shard.path, dtype=self.shard_set.dtype, mode="r", shape=(shard.tokens,))
-            self._maps[k] = (tokens, np.load(shard.index_path, mmap_mode="r"))
-        return self._maps[k]
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+    def _fd(self, k: int) -> int:
+        if k not in self._fds:
+            self._fds[k] = os.open(self.shard_set.shards[k].path, os.O_RDONLY)
+        return self._fds[k]
+
+    def _doc_starts(self, k: int) -> np.ndarray:
+        if k not in self._index:
+            mapped = np.load(self.shard_set.shards[k].index_path, mmap_mode="r")
+            self._index[k] = mapped.view(np.ndarray)  # same pages, without np.memmap's per-slice overhead
+        return self._index[k]
 
     def read(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B,) global window indices -> tokens (B, L) int64 and doc_ids (B, L) int64."""
-        L = self.window
-        tokens = np.empty((len(windows), L), dtype=np.int64)
+        L, dtype = self.window, self.shard_set.dtype
+        raw = np.empty((len(windows), L), dtype=dtype)
         marks = np.zeros((len(windows), L), dtype=np.int64)
         shard_of = np.searchsorted(self.cum, windows, side="right") - 1
         offsets = (windows - self.cum[shard_of]) * L
         for i, (k, off) in enumerate(zip(shard_of.tolist(), offsets.tolist())):
-            mm, starts = self._open(k)
-            tokens[i] = mm[off:off + L]  # the only per-token work: one uint16/32 -> int64 copy
+            if os.preadv(self._fd(k), [raw[i]], off * self.itemsize) != L * self.itemsize:
+                raise UserError(f"checksum error: {self.shard_set.shards[k].path} is shorter than its manifest says "
+                                f"(truncated while in use?); re-run `tokenmill prepare ... --overwrite`")
+            starts = self._doc_starts(k)
             lo = int(np.searchsorted(starts, off, side="right"))  # first document starting after the row start
             hi = int(np.searchsorted(starts, off + L, side="left"))
             if hi > lo:
                 marks[i, starts[lo:hi] - off] = 1
         np.cumsum(marks, axis=1, out=marks)
-        self._bytes += tokens.size * self.shard_set.dtype.itemsize
-        if self._bytes >= REMAP_BYTES:
-            self._maps.clear()  # unmapping releases the touched pages from this process's resident set
-            self._bytes = 0
-        return tokens, marks
+        self._since_remap += len(windows)
+        if self._since_remap >= REMAP_WINDOWS:
+            self._index.clear()  # unmapping releases the index pages binary search touched
+            self._since_remap = 0
+        return raw.astype(np.int64), marks  # the only per-token work: the read and one widening copy
 
 
 class ShardDataset(IterableDataset):
