@@ -421,11 +421,20 @@ def test_named_state_and_engine_style_keywords(tmp_path):
     assert info["detector"] == {"fast": 1.0} and info["scaler"] == {"scale": 2.0}
     assert info["train_state"] == {"step": 3, "tokens_seen": 30}
 
-    class Sharded(Engine):
+    class Sharded(Engine):  # FSDP / pipeline runs: model + optimizer go through DCP (parallel/dcp.py)
         sharded = True
 
-    with pytest.raises(UserError, match="sharded"):
-        ck.save(4, engine=Sharded(), optimizer=opt)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    path4 = ck.save(4, engine=Sharded(), optimizer=opt, scheduler=sched, train_state={"step": 4})
+    assert (path4 / ".metadata").is_file() and not (path4 / "model.safetensors").exists()
+    ck.verify(path4)  # the manifest covers the shard files
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    info = ck.load(path4, engine=Sharded(), optimizer=opt, scheduler=sched)
+    assert info["train_state"] == {"step": 4}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
 
 
 def test_rng_round_trip():

@@ -41,7 +41,19 @@ CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step_"
 BEST_POINTER = "best.json"
 WEIGHTS, STATE, CONFIG, META = "model.safetensors", "state.pt", "config.yaml", "meta.json"
+SHARDS_PREFIX = ".shards-"  # DCP shards of a sharded save before they join the staged folder
+SHARDED_MARKER = ".metadata"  # DCP's metadata file: present only in sharded checkpoints
 PER_RANK = "__per_rank__"  # marks a data-loader state saved as one dict per rank
+
+
+class _Frozen:
+    """A state_dict captured at save time (an async sharded save writes it later)."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
 
 
 def step_name(step: int) -> str:
@@ -112,6 +124,9 @@ class Checkpointer:
         self.last_save_s = 0.0
         self.last_save_bytes = 0
         self._verified: dict[Path, int] = {}  # folder -> manifest mtime_ns already checked deeply
+        self.async_save = bool(getattr(cfg, "async_save", False))  # sharded runs only (DCP async_save)
+        self._pending: tuple | None = None  # arguments of an async sharded save's final _write
+        self._ckpt_group: Any = None
 
     # ------------------------------------------------------------------------------------- save
     def save(self, step: int, state: dict[str, Any] | None = None, model: torch.nn.Module | None = None,
@@ -129,21 +144,30 @@ class Checkpointer:
         full / write errors, with earlier checkpoints intact.
         """
         final = self.dir / step_name(step)
+        self.wait()  # an async sharded save still in flight is finalised first
         if engine is not None:
             model = model if model is not None else engine.unwrapped
-            if getattr(engine, "sharded", False):
-                raise UserError("checkpoints of sharded runs (parallel.strategy=fsdp or parallel.pp>1) need "
-                                "torch.distributed.checkpoint, which tokenmill does not write yet; use ddp or zero1")
+        sharded = bool(getattr(engine, "sharded", False))
         optimizer_state = None
-        if optimizer is not None:  # a collective under ZeRO-1 (every rank must get here)
+        if optimizer is not None and not sharded:  # a collective under ZeRO-1 (every rank must get here)
             optimizer_state = engine.optimizer_state_dict(optimizer) if engine is not None else optimizer.state_dict()
         loader_state = self._gather(self._loader_state(loader))
         rng_state = self._gather(capture_rng())
+        shards = None
+        if sharded:  # FSDP / pipeline: every rank writes its model + optimizer shards through DCP (parallel/dcp.py)
+            shards = self._write_shards(final, model, optimizer)
+            model, scheduler = None, _Frozen(scheduler.state_dict()) if scheduler is not None else None
+            if shards.future is not None:  # async: finish (files, manifest, rename) at the next save or close()
+                args = (final, step, {**(train_state or {}), **(state or {})}, model, optimizer_state, scheduler,
+                        loader_state, rng_state, {**(extra or {}), **named}, cfg, eval_loss, reason, shards)
+                self._pending = args
+                self.last_path = final
+                return final
         error, failure = None, None
         if self.rank == 0:
             try:
                 self._write(final, step, {**(train_state or {}), **(state or {})}, model, optimizer_state, scheduler,
-                            loader_state, rng_state, {**(extra or {}), **named}, cfg, eval_loss, reason)
+                            loader_state, rng_state, {**(extra or {}), **named}, cfg, eval_loss, reason, shards)
             except Exception as err:  # told to every rank below, then re-raised here
                 failure = err
                 error = str(err) if isinstance(err, UserError) else f"saving checkpoint {final} failed on rank 0: {err}"
@@ -157,7 +181,7 @@ class Checkpointer:
 
     def _write(self, final: Path, step: int, state: dict[str, Any], model: torch.nn.Module | None,
                optimizer_state: Any, scheduler: Any, loader_state: Any, rng_state: Any, extra: dict[str, Any],
-               cfg: Any, eval_loss: float | None, reason: str | None) -> None:
+               cfg: Any, eval_loss: float | None, reason: str | None, shards: Any = None) -> None:
         start = time.perf_counter()
         eval_loss = _finite_or_none(eval_loss)
         config_text = _config_text(cfg) if cfg is not None else self.config_text
@@ -173,11 +197,14 @@ class Checkpointer:
             "eval_loss": eval_loss,
         }
         meta = {"step": step, "tokens_seen": state.get("tokens_seen"), "eval_loss": eval_loss, "reason": reason,
+                "sharded": shards is not None,
                 "world_size": getattr(self.dist, "world_size", 1), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "unix_time": time.time(), **_versions()}
         self._remove_stale_tmp()
         with staged_folder(final) as tmp:
             written = {}  # name -> {bytes, sha256}, hashed while writing
+            if shards is not None:  # DCP shards + .metadata of every rank (hashed by write_manifest)
+                shards.move_into(tmp)
             if model is not None:
                 written[WEIGHTS] = self._write_weights(tmp / WEIGHTS, model)
             written[STATE] = write_file(tmp / STATE, lambda handle: torch.save(blob, handle))
@@ -230,8 +257,40 @@ class Checkpointer:
             for path in self.dir.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
+    def _write_shards(self, final: Path, model: torch.nn.Module, optimizer: Any) -> Any:
+        from tokenmill.parallel.dcp import write_shards
+
+        async_save = bool(getattr(self, "async_save", False)) and self.distributed
+        if async_save and self._ckpt_group is None:
+            import torch.distributed as tdist
+
+            self._ckpt_group = tdist.new_group(backend="gloo")  # background writes never share training's group
+        return write_shards(self.dir / f"{SHARDS_PREFIX}{final.name}", model, optimizer, async_save=async_save,
+                            process_group=self._ckpt_group)
+
+    def wait(self) -> None:
+        """Finish an async sharded save (small files, manifest, rename) on every rank; no-op when none."""
+        args, self._pending = getattr(self, "_pending", None), None
+        if args is None:
+            return
+        shards = args[-1]
+        shards.wait()  # this rank's shards are on disk
+        error, failure = None, None
+        if self.rank == 0:
+            try:
+                self._write(*args)
+            except Exception as err:
+                failure = err
+                error = str(err) if isinstance(err, UserError) else f"saving checkpoint {args[0]} failed on rank 0: {err}"
+        error = self._agree(error)
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise UserError(error)
+
     def close(self) -> None:
-        """Nothing is pending (saves are synchronous); kept so an async saver can wait here later."""
+        """Wait for an async sharded save in flight (call before exit)."""
+        self.wait()
 
     # ------------------------------------------------------------------------------------- find
     def list_checkpoints(self) -> list[Path]:
@@ -322,6 +381,12 @@ class Checkpointer:
         path = self.verify(path)
         if engine is not None and model is None:
             model = engine.unwrapped
+        if (path / SHARDED_MARKER).is_file():  # written by a sharded run: any layout reads its own slices
+            from tokenmill.parallel.dcp import load_sharded
+
+            if model is not None:
+                load_sharded(path, model, optimizer)
+            model, optimizer = None, None
         if model is not None:
             try:
                 load_weights_into(model, read_weights(path), str(path))

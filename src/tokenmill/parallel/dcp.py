@@ -138,44 +138,86 @@ def _finalize(tmp: Path, final: Path, step: int) -> None:
     fsync_path(final.parent)
 
 
+@dataclass
+class ShardWrite:
+    """Shards of one checkpoint being written (async) or written into `folder` by every rank."""
+
+    folder: Path
+    future: Future | None = None
+
+    def wait(self) -> None:
+        """Block until this rank's shards (and, on rank 0, DCP's .metadata) are on disk."""
+        if self.future is not None:
+            future, self.future = self.future, None
+            future.result()
+
+    def move_into(self, dest: Path) -> dict[str, dict[str, Any]]:
+        """Rank 0: move every written file into checkpoint folder `dest` (same filesystem: renames)."""
+        self.wait()
+        moved = {}
+        for path in sorted(self.folder.iterdir()):
+            os.replace(path, dest / path.name)
+            moved[path.name] = path.name
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return moved
+
+
+def write_shards(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 async_save: bool = False, process_group: tdist.ProcessGroup | None = None) -> ShardWrite:
+    """Every rank writes its model + optimizer shards into `folder` (a collective; emptied first by rank 0).
+
+    With `async_save` the state is staged to host memory before this returns and written by a background
+    thread; `wait()` (or `move_into`) blocks until it is on disk. `process_group` should then be a gloo
+    group kept for checkpoints, so background writes never share a communicator with training.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    if _rank() == 0:
+        shutil.rmtree(folder, ignore_errors=True)  # left by a save that was killed
+        folder.mkdir(parents=True)
+    _barrier()  # the folder exists before any rank writes into it
+    state = get_sharded_state(model, optimizer)
+    try:
+        if async_save:
+            return ShardWrite(folder, dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group))
+        dcp.save(state, checkpoint_id=str(folder), no_dist=not tdist.is_initialized())
+    except OSError as err:
+        raise UserError(f"could not write sharded checkpoint {folder}: {err.strerror or err} (earlier checkpoints "
+                        f"are intact; check free space and permissions)") from err
+    return ShardWrite(folder)
+
+
 def save_sharded(final: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int = 0,
                  write_files: Callable[[Path], None] | None = None, extra_state: dict[str, Any] | None = None,
                  async_save: bool = False, process_group: tdist.ProcessGroup | None = None) -> SaveHandle:
     """Write model + optimizer shards of every rank into checkpoint folder `final` (a collective).
 
     Rank 0 also writes `extra_state` (tensors and primitives only) as state.pt and calls
-    `write_files(tmp_folder)` for any other small files, before the manifest. With `async_save` the
-    returned handle must be waited on (`process_group` should then be a gloo group kept for checkpoints,
-    so the background writes never share a communicator with training collectives).
+    `write_files(tmp_folder)` for any other small files - both at call time, so they describe the same
+    step as the shards - and the manifest last. With `async_save` the returned handle must be waited on
+    (see `write_shards` for `process_group`).
     """
-    import torch.distributed.checkpoint as dcp
-
     from tokenmill.checkpoint_files import TMP_PREFIX, write_file
 
     final = Path(final)
     tmp = final.parent / f"{TMP_PREFIX}{final.name}"
     if _rank() == 0:
         final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        tmp.mkdir()
-    _barrier()  # the folder exists before any rank writes into it
-    handle = SaveHandle(final=final, tmp=tmp, step=step)
     try:
-        state = get_sharded_state(model, optimizer)
+        shards = write_shards(tmp, model, optimizer, async_save=async_save, process_group=process_group)
         if _rank() == 0:
             if extra_state is not None:
                 write_file(tmp / STATE_FILE, lambda f: torch.save(extra_state, f))
             if write_files is not None:
                 write_files(tmp)
-        if async_save:
-            handle.future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=process_group)
-            return handle
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not tdist.is_initialized())
-    except OSError as err:
+    except BaseException:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write sharded checkpoint {final}: {err.strerror or err} (earlier checkpoints "
-                        f"are intact; check free space and permissions)") from err
+        raise
+    handle = SaveHandle(final=final, tmp=tmp, step=step, future=shards.future)
+    if async_save:
+        return handle
     handle.wait()
     _barrier()  # nobody reads or prunes checkpoints before the rename
     return handle
