@@ -134,7 +134,7 @@ def run_loop(cfg: Any, steps: int, *, clip: float = 1.0, start: int = 0, engine_
     """
     import torch
 
-    from tokenmill.model import build_model
+    from tokenmill.model import build_meta
     from tokenmill.optim.optimizers import build_optimizer
     from tokenmill.parallel.dist import all_reduce, init_distributed
     from tokenmill.parallel.engine import Engine
@@ -143,8 +143,8 @@ def run_loop(cfg: Any, steps: int, *, clip: float = 1.0, start: int = 0, engine_
     dist = init_distributed(cfg.parallel, "cpu")
     if engine_and_opt is None:
         torch.manual_seed(0)
-        model = build_model(cfg.model)
-        engine = Engine(model, cfg, dist, Precision("fp32", dist.device))
+        # built on meta like the trainer does: the engine initialises it (parallel.init=full)
+        engine = Engine(build_meta(cfg.model), cfg, dist, Precision("fp32", dist.device))
         opt = engine.build_optimizer(lambda m: build_optimizer(m, cfg.optim))
     else:
         engine, opt = engine_and_opt

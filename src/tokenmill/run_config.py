@@ -90,9 +90,15 @@ class ParallelConfig:
     fsdp_reduce_dtype: str = opt("fp32", "FSDP gradient reduce dtype: fp32 or bf16")
     fsdp_cpu_offload: bool = opt(False, "keep FSDP parameters and optimizer state on the CPU")
     timeout_s: int = opt(600, "collective timeout: a stuck rank fails the job after this many seconds")
+    init: str = opt("full", "full: each rank initialises the whole model, then shards/splits it (same weights as one "
+                    "process); sharded: each rank initialises only its shards/stages (models too big for one device)")
 
     def validate(self) -> None:
+        from tokenmill.parallel.pipeline import PP_SCHEDULES
+
         require_choice("parallel.strategy", self.strategy, STRATEGIES)
         require_positive(self, "parallel", "pp", "pp_microbatch_scale", "timeout_s")
+        require_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        require_choice("parallel.init", self.init, ("full", "sharded"))
         require_choice("parallel.fsdp_param_dtype", self.fsdp_param_dtype, ("fp32", "bf16"))
         require_choice("parallel.fsdp_reduce_dtype", self.fsdp_reduce_dtype, ("fp32", "bf16"))

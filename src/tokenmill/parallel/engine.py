@@ -57,11 +57,12 @@ class LocalView(nn.Module):
     """This pp-rank's parameters under the full model's names (tok_emb, blocks.{i}, norm, head).
 
     The optimizer, the gradient norm and DCP checkpoints see this module; it shares the stage modules'
-    parameters and is never called.
+    parameters. It is never called; `loss()` runs a forward-only pipeline pass for evaluation.
     """
 
-    def __init__(self, parts: PipelineParts) -> None:
+    def __init__(self, parts: PipelineParts, eval_loss: Callable[..., torch.Tensor]) -> None:
         super().__init__()
+        self._eval_loss = eval_loss
         self.blocks = nn.ModuleDict()
         for stage in parts.stages:
             for name in ("tok_emb", "pos_emb", "norm", "head"):
@@ -70,6 +71,18 @@ class LocalView(nn.Module):
             for key, block in stage.blocks.items():
                 self.blocks[key] = block
         self.cfg = parts.stages[0].cfg
+
+    def loss(self, window: torch.Tensor, doc_ids: torch.Tensor | None = None, ignore_index: int = -100,
+             chunk_size: int = 0, reduction: str = "mean") -> torch.Tensor:
+        """Forward-only loss through the pipeline (for evaluation; every pp-rank gets the value).
+
+        Causal only: `doc_ids` do not cross stages and are ignored (see pipeline.py).
+        """
+        return self._eval_loss(window, reduction)
+
+
+def _is_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
 
 
 def build_mesh(dist: DistInfo, pp: int) -> Any:
@@ -119,6 +132,10 @@ class Engine:
         """Pipeline split -> AC -> compile -> FSDP2 / DDP (see the module docstring); returns what to call."""
         cfg, dist = self.cfg, self.dist
         tcfg = cfg.train
+        # 0. a meta-built model is initialised whole on this rank's device (parallel.init=full): every layout
+        #    then starts from the weights one process would have. init=sharded defers it to after step 4.
+        if _is_meta(model) and (cfg.parallel.init == "full" or (self.strategy != "fsdp" and self.pp == 1)):
+            materialize(model, dist.device)
         # 1. pipeline split
         modules: list[nn.Module] = [model]
         if self.pp > 1:
@@ -146,10 +163,15 @@ class Engine:
                 apply_fsdp(m, cfg.parallel, mesh=dp_mesh)
             if self.pp == 1:
                 register_fsdp_forward_method(model, "loss")
-        # meta-built models are allocated here, after sharding: each rank allocates only its shards
-        for m in modules:
-            materialize(m, dist.device)
-        self.model = LocalView(self.pipeline) if self.pipeline else model
+        # init=sharded: allocate and initialise only this rank's shards / stages, after sharding
+        if self.pipeline is not None and any(_is_meta(m) for m in modules):
+            for m in modules:
+                m.to_empty(device=dist.device)
+            with torch.no_grad():
+                model.init_weights()  # parameters of other ranks' stages are still on meta: no-ops there
+        elif self.pipeline is None:
+            materialize(model, dist.device)
+        self.model = LocalView(self.pipeline, self._pipeline_eval_loss) if self.pipeline else model
         self.unwrapped = self.model
         if self.pipeline:
             wrapped = modules
@@ -160,7 +182,7 @@ class Engine:
             pp_group = self.mesh["pp"].get_group()
             self.schedule = build_schedule(self.pipeline, self.pipeline.n_microbatches, dist.device, pp_group,
                                            self._pipeline_loss, modules=wrapped)
-            return model
+            return None  # the stages are driven by the schedule (the full model is no longer referenced)
         if ddp_like:
             train_module: nn.Module = apply_ddp(LossForward(model, tcfg.loss_chunk_size), dist)
             if tcfg.compile:
@@ -235,6 +257,45 @@ class Engine:
                 total = total / scaler.get_scale()
         all_reduce(total, "sum", group=self.mesh["pp"].get_group())
         return total
+
+    @torch.no_grad()
+    def _pipeline_eval_loss(self, window: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        parts = self.pipeline
+        self._denominator, self._scaler = 1.0, None
+        tokens = window.to(self.dist.device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        losses: list[torch.Tensor] = []
+        self.schedule.eval(*((inputs,) if parts.has_first else ()), target=targets if parts.has_last else None,
+                           losses=losses)
+        total = torch.zeros((), device=self.dist.device, dtype=torch.float32)
+        if parts.has_last:
+            total = torch.stack([loss.float() for loss in losses]).sum()
+        all_reduce(total, "sum", group=self.mesh["pp"].get_group())
+        return total if reduction == "sum" else total / targets.numel()
+
+    def inference_model(self) -> nn.Module | None:
+        """A plain, whole model for generation on rank 0 (None on other ranks); a collective when sharded.
+
+        FSDP shards and pipeline stages cannot run on one rank alone, so their full weights are gathered
+        to rank 0 and loaded into a fresh model there (host memory for one copy of the weights).
+        """
+        if not self.sharded:
+            return self.unwrapped
+        import torch.distributed as tdist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from tokenmill.model import build_model
+
+        # full tensors on every rank of a stage (cpu_offload would keep them on global rank 0 only)
+        local = get_model_state_dict(self.unwrapped, options=StateDictOptions(full_state_dict=True))
+        parts: list[Any] = [None] * self.dist.world_size if self.dist.is_main else None
+        tdist.gather_object({k: v.cpu() for k, v in local.items()} if self.dp_rank == 0 else {}, parts, dst=0)
+        if not self.dist.is_main:
+            return None
+        full = {k: v for part in parts for k, v in part.items()}
+        model = build_model(self.cfg.model, device=self.dist.device)
+        model.load_state_dict(full)
+        return model
 
     # ---- clip ----------------------------------------------------------------------------------------
 

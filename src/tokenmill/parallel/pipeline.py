@@ -125,11 +125,6 @@ class StageModule(nn.Module):
             x = F.linear(self.norm(x), self.head.weight)  # (B, T, V)
         return x
 
-    def init_weights(self) -> None:
-        """Not used: stages are cut from an initialised model (or loaded); kept so wrappers can call it."""
-        if self.rope is not None:
-            self.rope.reset_cache()
-
 
 def check_pipeline_config(cfg: Any) -> None:
     """Refuse combinations pipeline stages cannot run (see the module docstring), with the fix."""
