@@ -18,6 +18,7 @@ import torch
 
 from tokenmill.batching import BatchPlan, plan_batches
 from tokenmill.checkpoint import Checkpointer, prepare_run_dir
+from tokenmill.checkpoint_state import capture_rng, restore_rng
 from tokenmill.config import Config
 from tokenmill.data.loader import build_loader
 from tokenmill.data.tokenizer import Tokenizer, build_tokenizer, check_vocab
@@ -26,7 +27,7 @@ from tokenmill.evaluation import evaluate
 from tokenmill.generate import sample
 from tokenmill.metrics.banner import build_banner
 from tokenmill.metrics.monitor import StepMonitor
-from tokenmill.metrics.sinks import MultiSink, build_sinks
+from tokenmill.metrics.sinks import MultiSink, build_sinks, get_console
 from tokenmill.model import build_meta, param_counts
 from tokenmill.optim.optimizers import build_optimizer, scaled_lr
 from tokenmill.optim.schedules import build_scheduler
@@ -120,6 +121,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     # ---- set up -------------------------------------------------------------------------------------------
     run_dir = Path(cfg.train.out_dir)
     resume_path = prepare_run_dir(run_dir, resume, overwrite, is_main=dist.is_main)
+    get_console()  # imports rich, whose import draws from Python's RNG (rich.style): do it before seeding
     seed_everything(cfg.train.seed)
     device = dist.device
     precision = Precision(resolve_precision(cfg.train.precision, device), device)
@@ -159,6 +161,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     if resume_path is not None:
         restored = checkpointer.load(resume_path, engine=engine, optimizer=optimizer, scheduler=scheduler,
                                      loader=train_loader, cfg=cfg)
+        resumed_rng = capture_rng()  # the checkpoint's RNG states, as load() restored them
         state = TrainState(**restored["train_state"])
         detector.load_state_dict(restored["detector"])
         if restored.get("scaler"):
@@ -184,6 +187,8 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     # ---- loop ---------------------------------------------------------------------------------------------
     stop = StopRequest()
     batches = iter(train_loader)
+    if resume_path is not None:  # set-up since the load (sinks, iter) may have drawn: start from the saved RNG
+        restore_rng(resumed_rng)
     losses: list[float] = []
     last_eval: dict[str, float] = {}
     status, exit_code = "completed", EXIT_OK

@@ -226,7 +226,11 @@ class Loader:
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             return StatefulDataLoader(self.stream, batch_size=None, num_workers=nw,
                                       prefetch_factor=4 if nw else None, snapshot_every_n_steps=SNAPSHOT_EVERY,
-                                      pin_memory=torch.cuda.is_available())
+                                      pin_memory=torch.cuda.is_available(),
+                                      # own generator: iter() draws a worker base seed, which from the global
+                                      # RNG would shift dropout after a resume (the resumed run calls iter()
+                                      # after restoring RNG states) and make evals change training randomness
+                                      generator=torch.Generator())
 
     def __iter__(self):
         if self._it is None or self.restart_each_iter:
