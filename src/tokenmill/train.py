@@ -168,6 +168,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
             scaler.load_state_dict(restored["scaler"])
     # built after resume: sinks rewind past events a killed run logged after its checkpoint (and reuse its W&B run)
     sinks = build_sinks(cfg.log, run_dir, dist.rank, config=cfg.to_dict(), resume_step=state.step)
+    sinks.log(state.step, cfg.to_dict(), kind="config")  # the resolved config (vocab filled in), SPEC O3
     if resume_path is not None:
         sinks.log(state.step, {"path": str(resume_path)}, kind="resume")
 
