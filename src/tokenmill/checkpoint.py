@@ -387,6 +387,12 @@ class Checkpointer:
             if model is not None:
                 load_sharded(path, model, optimizer)
             model, optimizer = None, None
+        elif getattr(engine, "sharded", False) and model is not None:  # a single-file checkpoint into shards/stages
+            from tokenmill.parallel.dcp import load_full_state
+
+            blob = torch.load(path / STATE, map_location="cpu", weights_only=True)
+            load_full_state(model, optimizer, read_weights(path), blob.get("optimizer") if optimizer else None)
+            model, optimizer = None, None
         if model is not None:
             try:
                 load_weights_into(model, read_weights(path), str(path))

@@ -272,6 +272,9 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     if not is_sharded_checkpoint(path):
         raise UserError(f"{path} is not a sharded checkpoint ({METADATA} is missing); pass a folder written by a "
                         f"distributed (fsdp or pipeline) run")
+    if type(optimizer).__name__ == "ZeroRedundancyOptimizer":
+        raise UserError(f"{path} is a sharded checkpoint, which parallel.strategy=zero1 cannot resume; resume it "
+                        f"with parallel.strategy=fsdp, ddp or single")
     state = get_sharded_state(model, optimizer)
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -291,6 +294,46 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
                        options=opts)
     extra = path / STATE_FILE
     return torch.load(extra, map_location="cpu", weights_only=True) if extra.is_file() else {}
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict[str, torch.Tensor],
+                    optim_sd: dict[str, Any] | None = None) -> None:
+    """Load a single-process checkpoint's full state into a sharded layout (FSDP shards, pipeline stages).
+
+    Every rank passes the full state and keeps its own slices. The optimizer state is in torch's native
+    format (parameters by index); indices are mapped to names through the groups' `names` (tokenmill's
+    optimizers record them) or, without names, through the parameter order, which must then match.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    local = set(get_sharded_state(model, None)["model"])
+    missing = sorted(local - set(model_sd))
+    if missing:
+        raise UserError(f"checkpoint weights lack {', '.join(missing[:4])}: the model config changed since it was saved")
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, {k: v for k, v in model_sd.items() if k in local}, options=opts)
+    if optimizer is None or optim_sd is None:
+        return
+    current = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    names_now = [name for g in current["param_groups"] for name in g["params"]]
+    saved_ids = [i for g in optim_sd["param_groups"] for i in g["params"]]
+    if all("names" in g for g in optim_sd["param_groups"]):
+        saved_names = [n for g in optim_sd["param_groups"] for n in g["names"]]
+    elif len(saved_ids) == len(names_now):
+        saved_names = names_now
+    else:
+        raise UserError("the checkpoint's optimizer state does not match this model's parameters; resume with the "
+                        "same model.* and optim.* settings")
+    by_id = dict(zip(saved_ids, saved_names))
+    keep = set(names_now)
+    state = {by_id[i]: v for i, v in optim_sd["state"].items() if by_id.get(i) in keep}
+    groups = []
+    for g in optim_sd["param_groups"]:
+        params = [by_id[i] for i in g["params"] if by_id[i] in keep]
+        if params:
+            groups.append({**{k: v for k, v in g.items() if k != "names"}, "params": params})
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=opts)
 
 
 def _cause(err: BaseException) -> str:
