@@ -1,13 +1,13 @@
 """Data pipeline throughput (SPEC performance targets; issue 3 benchmark). Prints a table; asserts nothing.
 
 Rows:
-- shard loader tokens/s in one process (goal >= 50M tokens/s): B x (T+1) windows from a memory-mapped
-  uint16 folder of --tokens random tokens, read for one whole epoch;
+- shard loader tokens/s in one process (goal >= 50M tokens/s): B x (T+1) windows from a prepared uint16
+  folder of --tokens random tokens, read for one whole epoch;
 - resident memory (VmRSS) before and after that read, next to a naive np.memmap that keeps its map
   (the nanoGPT #287 leak the loader avoids);
 - streaming tokenize + pack tokens/s (data.loader, 0 workers, no shuffle buffer so that every window is
-  tokenized inside the timed loop, a BPE trained on stdlib, stdlib documents from a jsonl file) against raw `tokenizers` encode_batch of the same documents in the same
-  process (goal >= 90% of raw);
+  tokenized inside the timed loop, a BPE trained on stdlib, stdlib documents from a jsonl file) against
+  raw `tokenizers` encode_batch of the same documents in the same process (goal >= 90% of raw);
 - `prepare` MB/s of the stdlib corpus with the same BPE, 1 and N worker processes.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/data_throughput.py [--tokens 256M] [--workers N]
@@ -113,7 +113,8 @@ def bench_streaming(tok, tmp: Path, batch: int, seq_len: int, chars: int, repeat
                                        f"--train.out_dir={tmp}"])
     best_raw = best_loader = 0.0
     for _ in range(repeats):
-        for chunk_chars, chunk_docs in ((1 << 18, 512), (1 << 62, 512)):  # the packer's chunking, and plain 512-document calls
+        # the packer's chunking (256K characters), and plain 512-document calls
+        for chunk_chars, chunk_docs in ((1 << 18, 512), (1 << 62, 512)):
             start, raw_tokens, i = time.perf_counter(), 0, 0
             while i < len(texts):
                 j, size = i, 0

@@ -226,6 +226,17 @@ def test_truncated_and_corrupt_shards(tmp_path):
         open_shards(folder, "train", TOK, verify="full")  # ... the full one does not
 
 
+def test_state_from_other_data_or_seq_len_refused(tmp_path):
+    a = loader(make_shards(tmp_path / "a"))
+    take(iter(a), 2)
+    state = roundtrip(a.state_dict())
+    with pytest.raises(UserError, match="seq_len 9 -> 19"):
+        loader(tmp_path / "a", seq_len=19).load_state_dict(state)
+    other = loader(make_shards(tmp_path / "b", (700, 500, 334)))  # same window count, other content
+    with pytest.raises(UserError, match="dataset"):
+        other.load_state_dict(state)
+
+
 def test_unfinished_folder_and_too_few_windows(tmp_path):
     folder = make_shards(tmp_path / "d", (50,))
     with pytest.raises(UserError, match="fewer than the 4 readers"):

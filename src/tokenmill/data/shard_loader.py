@@ -190,7 +190,8 @@ class ShardLoader:
             ds = self.dataset
             ds.shift = self._next_worker
             self._it = iter(ds if self.num_workers == 0 else
-                            DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=4))
+                            DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
+                                       pin_memory=torch.cuda.is_available()))
         batch = next(self._it)
         worker, epoch, base, consumed = batch.pop("_position").tolist()
         self.dataset.positions[worker] = (epoch, base, consumed)
@@ -208,20 +209,23 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         ds = self.dataset
-        return {"version": STATE_VERSION, "kind": "shards", "world_size": ds.world_size, "workers": ds.workers,
-                "windows": ds.reader.n_windows, "seq_len": self.seq_len, "seed": self.seed, "shuffle": ds.shuffle,
-                "next_worker": self._next_worker, "positions": [list(p) for p in ds.positions]}
+        return {"version": STATE_VERSION, "kind": "shards", "dataset": ds.reader.shard_set.fingerprint,
+                "world_size": ds.world_size, "workers": ds.workers, "windows": ds.reader.n_windows,
+                "seq_len": self.seq_len, "seed": self.seed, "shuffle": ds.shuffle, "next_worker": self._next_worker,
+                "positions": [list(p) for p in ds.positions]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ds = self.dataset
         if state.get("kind") != "shards" or state.get("version") != STATE_VERSION:
             raise UserError(f"loader state is not a tokenmill shard-loader state v{STATE_VERSION} "
                             f"(kind={state.get('kind')}, version={state.get('version')}); was the data source changed?")
-        mine = (ds.reader.n_windows, self.seq_len, self.seed, ds.shuffle)
-        theirs = (state["windows"], state["seq_len"], state["seed"], state["shuffle"])
-        if mine != theirs:
-            raise UserError(f"loader state is for (windows, seq_len, seed, shuffle)={theirs} but this loader has {mine}; "
-                            f"resume with the same data, train.seq_len and train.seed")
+        keys = ("dataset", "windows", "seq_len", "seed", "shuffle")
+        mine = self.state_dict()
+        changed = [k for k in keys if state.get(k) != mine[k]]
+        if changed:
+            diff = ", ".join(f"{k} {state.get(k)!r} -> {mine[k]!r}" for k in changed)
+            raise UserError(f"cannot resume the shard loader: {diff}; resume with the same shards folder, "
+                            f"train.seq_len and train.seed")
         positions = [tuple(int(v) for v in p) for p in state["positions"]]
         if (state["world_size"], state["workers"]) == (ds.world_size, ds.workers):
             ds.positions, self._next_worker = positions, int(state["next_worker"])

@@ -121,7 +121,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is damaged ({err}); re-run `tokenmill prepare ... --out {folder} --overwrite`") from err
+        raise UserError(f"{path} is damaged ({err}); re-run `tokenmill prepare ... --out {folder} --overwrite`") \
+            from err
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise UserError(f"{path} is format {manifest.get('format')} v{manifest.get('version')}, this tokenmill reads "
                         f"{FORMAT} v{FORMAT_VERSION}; re-run `tokenmill prepare ... --out {folder} --overwrite`")
@@ -152,6 +153,12 @@ class ShardSet:
     def tokens(self) -> int:
         return sum(s.tokens for s in self.shards)
 
+    @property
+    def fingerprint(self) -> str:
+        """Identity of this split's content (from the shard checksums): a loader state only resumes on it."""
+        digests = "".join(e["sha256"] for e in self.manifest["splits"][self.split]["shards"])
+        return hashlib.sha256(digests.encode()).hexdigest()[:16]
+
 
 def verify_shard(folder: Path, entry: dict[str, Any], itemsize: int, mode: str) -> None:
     """Size check (truncation) and, with mode "full", sha256 of both files; errors name the damaged file."""
@@ -176,7 +183,7 @@ def check_tokenizer(manifest: dict[str, Any], folder: Path, tokenizer: Any) -> N
     built = manifest["tokenizer"]
     if tokenizer is None or built["hash"] == tokenizer.hash:
         return
-    theirs = folder if (folder / "tokenizer.json").is_file() else built["spec"]  # prepare saves a copy beside the shards
+    theirs = folder if (folder / "tokenizer.json").is_file() else built["spec"]  # prepare saves a copy there
     raise UserError(f"shards in {folder} were built with tokenizer {built['hash']} ({built['spec']}) but this run uses "
                     f"{tokenizer.hash} ({getattr(tokenizer, 'name', '?')}); set data.tokenizer={theirs}, or re-run "
                     f"`tokenmill prepare SOURCE --tokenizer <yours> --out {folder} --overwrite`")
