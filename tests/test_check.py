@@ -46,6 +46,7 @@ def test_broken_setup_shows_duplicates(shards, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["duplicate_windows"] == report["windows"] // 2  # the second "rank" repeats the first
     assert report["duplicate_rate"] == pytest.approx(0.5)
+    assert report["epoch_windows"] > report["windows"]  # the duplicates are not from a second epoch
     cfg = load_config(["tiny"], None, [f"--data.sources=[{shards}]", "--data.tokenizer=byte",
                                        "--train.seq_len=63", "--train.micro_batch_size=4"])
     ok = run_check(cfg, Tokenizer.byte(), 6, 3, 0)

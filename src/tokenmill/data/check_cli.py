@@ -57,7 +57,7 @@ def _table(report, cfg) -> None:
 def run(args: argparse.Namespace) -> int:
     from tokenmill.config_cli import config_from_args
     from tokenmill.data.check import run_check, verify_shard_checksums
-    from tokenmill.data.shards import is_shard_dir
+    from tokenmill.data.shards import is_shard_dir, open_shards
     from tokenmill.data.tokenizer import build_tokenizer
 
     for name in ("batches", "ranks"):
@@ -71,10 +71,16 @@ def run(args: argparse.Namespace) -> int:
     rank_ids = [0] * args.ranks if args.same_rank else None
     report = run_check(cfg, tokenizer, args.batches, args.ranks, workers, rank_ids)
     shard_dirs = [s for s in cfg.data.sources if is_shard_dir(Path(s).expanduser())]
+    epoch_windows = None
     if shard_dirs:
         report.checksums = verify_shard_checksums(shard_dirs[0])
+        shards = open_shards(shard_dirs[0], "train", tokenizer, verify="none")
+        epoch_windows = sum(s.tokens // (cfg.train.seq_len + 1) for s in shards.shards)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
-    else:
-        _table(report, cfg)
+        print(json.dumps({**report.to_dict(), "epoch_windows": epoch_windows}, indent=1))
+        return 0
+    _table(report, cfg)
+    if epoch_windows is not None and report.windows > epoch_windows:
+        print(f"note: {report.windows:,} windows read but one epoch holds {epoch_windows:,}: later epochs repeat "
+              f"windows, so duplicates are expected; use fewer --batches")
     return 0
