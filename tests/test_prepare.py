@@ -175,3 +175,25 @@ def test_cli_prepare_bad_inputs(tmp_path, capsys):
     assert err.startswith("error:") and "missing.jsonl" in err and "\n" not in err
     assert main(["prepare", "stdlib", "--tokenizer", "bpe", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "tokenizer train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe-file"])
+def test_default_bpe_setting_uses_the_shards_tokenizer(tmp_path, bpe, tokenizer):
+    from types import SimpleNamespace
+
+    from tokenmill.data.tokenizer import build_tokenizer
+
+    docs = [d for d in corpus(40) if d]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    spec = "byte"
+    if tokenizer == "bpe-file":
+        bpe.save(tmp_path / "tok")
+        spec = str(tmp_path / "tok")
+    out = tmp_path / "shards"
+    assert main(["prepare", str(src), "--tokenizer", spec, "--out", str(out), "--no-progress"]) == 0
+    data_cfg = SimpleNamespace(tokenizer="bpe", sources=[str(out)], text_field="text", tokenizer_vocab_size=512,
+                               tokenizer_train_chars=0)
+    built = build_tokenizer(data_cfg, tmp_path / "cache")
+    assert built.hash == read_manifest(out)["tokenizer"]["hash"]
+    assert not (tmp_path / "cache").exists()  # nothing trained

@@ -233,6 +233,12 @@ def build_tokenizer(data_cfg: Any, cache_dir: str | os.PathLike) -> Tokenizer:
     from tokenmill.data.sources import open_source
 
     spec = parse_sources(data_cfg.sources)[0]
+    shards = Path(spec.location)
+    if (shards / "manifest.json").is_file():  # pre-tokenized shards: use the tokenizer that wrote them
+        from tokenmill.data.shards import read_manifest
+
+        return load_tokenizer(str(shards) if (shards / "tokenizer.json").is_file()
+                              else read_manifest(shards)["tokenizer"]["spec"])
     chars = getattr(data_cfg, "tokenizer_train_chars", 0)
     key = _short_hash(json.dumps([spec.location, data_cfg.text_field, data_cfg.tokenizer_vocab_size, chars]))
     folder = Path(cache_dir) / f"tokenizer-bpe{data_cfg.tokenizer_vocab_size}-{key}"
