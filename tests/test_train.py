@@ -104,6 +104,25 @@ def test_jsonl_holds_every_o2_field_and_event_kind_and_tensorboard_is_readable(t
     assert "startup" in texts and "summary" in texts, texts
 
 
+@pytest.mark.parametrize("masking", [False, True])
+def test_eval_measures_the_loss_training_optimises(tmp_path, monkeypatch, masking):
+    """Eval uses the run's document masking (attention pattern) and loss chunking, like the train steps."""
+    import tokenmill.model.transformer as transformer
+
+    calls = []  # (training mode, doc_ids given, chunk_size) of every loss computation
+    real_loss = transformer.Transformer.loss
+
+    def loss(self, tokens, doc_ids=None, **kwargs):
+        calls.append((self.training, doc_ids is not None, kwargs.get("chunk_size", 0)))
+        return real_loss(self, tokens, doc_ids, **kwargs)
+
+    monkeypatch.setattr(transformer.Transformer, "loss", loss)
+    train(tiny_config(tmp_path / "run", 2, f"train.document_masking={str(masking).lower()}",
+                      "train.loss_chunk_size=16"))
+    assert {mode for mode, _, _ in calls} == {True, False}  # train steps and eval batches both seen
+    assert {(docs, chunk) for _, docs, chunk in calls} == {(masking, 16)}, calls
+
+
 # ---------------------------------------------------------------------------------------------------------
 # stability: non-finite steps and divergence (faults injected at chosen micro-steps)
 

@@ -279,7 +279,8 @@ def run_eval(engine: Engine, cfg: Config, tokenizer: Tokenizer, sinks: MultiSink
     loader = build_loader(cfg, tokenizer, "eval", engine.dp_rank, engine.dp_size)
     started = time.perf_counter()
     result = evaluate(engine.model, loader, cfg.train.eval_batches, tokenizer.decode, engine.precision.autocast,
-                      engine.dist.device, engine.dist)
+                      engine.dist.device, engine.dist, chunk_size=cfg.train.loss_chunk_size,
+                      document_masking=cfg.train.document_masking)
     if result:
         result["seconds"] = time.perf_counter() - started
         state.best_eval_loss = min(state.best_eval_loss, result["loss"])
