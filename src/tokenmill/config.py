@@ -118,7 +118,9 @@ def _field_map(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _unknown_key(key: str, candidates: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    leaf = key.rsplit(".", 1)[-1]
+    moved = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf]  # right name, other section: train.lr
+    close = moved[:1] or difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
 

@@ -120,6 +120,9 @@ def train(cfg: Config, resume: str | bool | None = None, overwrite: bool = False
 def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bool) -> TrainResult:
     # ---- set up -------------------------------------------------------------------------------------------
     run_dir = Path(cfg.train.out_dir)
+    # batch arithmetic that does not divide fails here, before any file is touched or a tokenizer trained
+    plan_batches(cfg.train.micro_batch_size, cfg.train.seq_len, max(1, dist.world_size // cfg.parallel.pp),
+                 cfg.train.global_batch_tokens, cfg.train.total_tokens, cfg.train.max_steps, n_params=1)
     resume_path = prepare_run_dir(run_dir, resume, overwrite, is_main=dist.is_main)
     get_console()  # imports rich, whose import draws from Python's RNG (rich.style): do it before seeding
     seed_everything(cfg.train.seed)
