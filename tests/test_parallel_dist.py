@@ -58,3 +58,14 @@ def test_two_gloo_ranks():
         assert r["world"] == 2 and r["backend"] == "gloo"
         assert r["sum"] == 3.0 and r["max"] == 1.0 and r["avg"] == 0.5
         assert r["name"] == "from-0" and r["flag"] is True
+
+
+def test_stale_store_risk_flags_restarts_with_shared_store(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    assert tdist.stale_store_risk()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert not tdist.stale_store_risk()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    assert not tdist.stale_store_risk()

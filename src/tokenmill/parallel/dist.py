@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,10 @@ def init_distributed(parallel_cfg: Any, device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     # NCCL only moves CUDA tensors; gloo runs everywhere (CPU tests, laptops).
     backend = "nccl" if dev.type == "cuda" else "gloo"
+    if rank == 0 and stale_store_risk():
+        warnings.warn("torchrun --max-restarts with its shared rendezvous store can hand restarted workers the "
+                      "addresses of the dead ones (pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                      "before torchrun (deploy/ scripts do)", stacklevel=2)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=int(getattr(parallel_cfg, "timeout_s", 600)))
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
@@ -85,6 +90,12 @@ def init_distributed(parallel_cfg: Any, device: str = "auto") -> DistInfo:
     else:
         backend = dist.get_backend()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
+
+
+def stale_store_risk() -> bool:
+    """True when torchrun may restart workers (--max-restarts > 0) while sharing its TCPStore with them."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0)
 
 
 def is_distributed() -> bool:
