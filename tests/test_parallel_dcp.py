@@ -117,3 +117,23 @@ def test_bad_inputs(tmp_path):
     other = ModelConfig(**{**tiny_config().model.__dict__, "d_model": 64})
     with pytest.raises(UserError, match="does not fit"):
         dcp.load_sharded(ckpt, build_model(other))
+
+
+def test_consolidate_cli(tmp_path):
+    from safetensors.torch import load_file
+
+    from tokenmill.cli import main
+    from tokenmill.model import build_model
+
+    model = build_model(tiny_config().model)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    dcp.save_sharded(ckpt, model, None, step=1)
+    out = tmp_path / "model.safetensors"
+    assert main(["checkpoint", "consolidate", str(tmp_path / "run"), str(out)]) == 0  # run folder: latest
+    merged = load_file(str(out))
+    assert merged.keys() == model.state_dict().keys()
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+    assert main(["checkpoint", "consolidate", str(ckpt), str(tmp_path / "model.bin")]) == 2
+    (ckpt / "__0_0.distcp").write_bytes(b"damaged")
+    assert main(["checkpoint", "consolidate", str(ckpt), str(tmp_path / "again.safetensors")]) == 2
+    assert not (tmp_path / "again.safetensors").exists()

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "tokenizer": ("tokenmill.data.tokenizer_cli", "train a byte-level BPE tokenizer", False),
     "prepare": ("tokenmill.data.prepare_cli", "pre-tokenize a source into memory-mapped shards", False),
     "data": ("tokenmill.data.check_cli", "data checks: tokenmill data check", True),
+    "checkpoint": ("tokenmill.checkpoint_cli", "checkpoint tools: tokenmill checkpoint consolidate DIR OUT", False),
 }
 
 

@@ -25,10 +25,12 @@ reads them with `weights_only=True`, so a checkpoint cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,14 @@ def _planner_cls() -> type:
                 self.state_dict[read_item.dest_index.fqn] = obj
 
     return SafeLoadPlanner
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns on every single-process save/load that it assumes a single process: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -181,7 +191,8 @@ def write_shards(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
     try:
         if async_save:
             return ShardWrite(folder, dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group))
-        dcp.save(state, checkpoint_id=str(folder), no_dist=not tdist.is_initialized())
+        with _quiet():
+            dcp.save(state, checkpoint_id=str(folder), no_dist=not tdist.is_initialized())
     except OSError as err:
         raise UserError(f"could not write sharded checkpoint {folder}: {err.strerror or err} (earlier checkpoints "
                         f"are intact; check free space and permissions)") from err
@@ -279,8 +290,9 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(state, checkpoint_id=str(path), planner=_planner_cls()(allow_partial_load=not strict),
-                 no_dist=not tdist.is_initialized())
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(path), planner=_planner_cls()(allow_partial_load=not strict),
+                     no_dist=not tdist.is_initialized())
     except (CheckpointException, RuntimeError, ValueError, KeyError) as err:
         raise UserError(f"sharded checkpoint {path} does not fit this model/optimizer ({_cause(err)}); resume "
                         f"with the same model.* and optim.* settings") from err
@@ -367,8 +379,9 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
             tensors[key[len("model."):]] = torch.empty(item.size, dtype=item.properties.dtype)
     if not tensors:
         raise UserError(f"sharded checkpoint {path} holds no model weights")
-    dcp.load({"model": tensors}, storage_reader=reader, planner=_planner_cls()(allow_partial_load=True),
-             no_dist=True)
+    with _quiet():
+        dcp.load({"model": tensors}, storage_reader=reader, planner=_planner_cls()(allow_partial_load=True),
+                 no_dist=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
