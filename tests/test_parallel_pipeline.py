@@ -87,3 +87,17 @@ def test_engine_layout_errors(monkeypatch):
     three = DistInfo(0, 3, 0, __import__("torch").device("cpu"), "gloo")
     with pytest.raises(UserError, match="parallel.pp=2 does not divide the 3 processes"):
         build_mesh(three, 2)
+
+
+def test_zero1_with_pipeline_is_refused():
+    import torch
+
+    from tokenmill.model import build_meta
+    from tokenmill.parallel.dist import DistInfo
+    from tokenmill.parallel.engine import Engine
+    from tokenmill.precision import Precision
+
+    cfg = tiny_config("zero1", pp=2)
+    one = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    with pytest.raises(UserError, match="zero1 cannot be combined with parallel.pp"):
+        Engine(build_meta(cfg.model), cfg, one, Precision("fp32", one.device))

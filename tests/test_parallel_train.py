@@ -67,16 +67,16 @@ def reference(shards, tmp_path_factory) -> dict[int, float]:
     return ref
 
 
-@pytest.mark.parametrize("extra", [["--parallel.strategy=ddp"], ["--parallel.strategy=fsdp"],
-                                   ["--parallel.pp=2", "--parallel.pp_schedule=1F1B"]],
-                         ids=["ddp", "fsdp", "pp2-1F1B"])
+@pytest.mark.parametrize("extra", [["--parallel.strategy=ddp"], ["--parallel.strategy=zero1"],
+                                   ["--parallel.strategy=fsdp"], ["--parallel.pp=2", "--parallel.pp_schedule=1F1B"]],
+                         ids=["ddp", "zero1", "fsdp", "pp2-1F1B"])
 def test_torchrun_matches_single_process(shards, reference, tmp_path, extra):
     ok(torchrun(["-m", "tokenmill", *run_args(shards, tmp_path, *extra)]))
     got = losses(tmp_path)
     assert got == pytest.approx(reference, abs=1e-5)
     final = tmp_path / "checkpoints" / f"step_{STEPS:08d}"
     assert (final / "manifest.json").is_file()
-    sharded = extra != ["--parallel.strategy=ddp"]
+    sharded = extra[0] not in ("--parallel.strategy=ddp", "--parallel.strategy=zero1")
     assert (final / ".metadata").is_file() == sharded and (final / "model.safetensors").is_file() != sharded
 
 

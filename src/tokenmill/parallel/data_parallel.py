@@ -68,13 +68,15 @@ def apply_ddp(model: nn.Module, dist: DistInfo, bucket_cap_mb: int = 25) -> nn.M
 # ---------------------------------------------------------------------------------------------------
 # ZeRO-1
 
-def apply_zero1(optimizer: torch.optim.Optimizer, dist: DistInfo) -> torch.optim.Optimizer:
+def apply_zero1(optimizer: torch.optim.Optimizer, dist: DistInfo,
+                process_group: Any = None) -> torch.optim.Optimizer:
     """Re-create `optimizer` as a ZeroRedundancyOptimizer: each rank keeps the state of ~1/world of the
     parameters (greedy by size), steps them, and broadcasts the updated values (Rajbhandari et al. 2020,
     ZeRO stage 1, arXiv:1910.02054). Gradients are still all-reduced by DDP.
 
     The parameter groups (decay / no-decay, Muon / AdamW kinds, per-group LRs) and constructor options are
     copied from the optimizer built by `tokenmill.optim`, so the update is the same per parameter.
+    `process_group`: the data-parallel ranks (with pipeline stages, only the replicas of this stage).
     """
     if not dist.distributed:
         return optimizer
@@ -85,7 +87,8 @@ def apply_zero1(optimizer: torch.optim.Optimizer, dist: DistInfo) -> torch.optim
     try:
         # Each rank's local optimizer is `cls(its partition of every group, **defaults)`; `defaults` can hold
         # derived keys the constructor does not take (AdamW's decoupled_weight_decay), so keep only those it does.
-        zero = ZeroRedundancyOptimizer(groups, optimizer_class=cls, **_constructor_kwargs(cls, optimizer.defaults))
+        zero = ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=process_group,
+                                       **_constructor_kwargs(cls, optimizer.defaults))
     except TypeError as err:
         raise UserError(f"parallel.strategy=zero1 cannot wrap the {cls.__name__} optimizer ({err}); "
                         f"use parallel.strategy=ddp or fsdp with this optimizer") from err

@@ -110,6 +110,9 @@ class Engine:
     def __init__(self, model: nn.Module, cfg: Any, dist: DistInfo, precision: Any) -> None:
         self.cfg, self.dist, self.precision = cfg, dist, precision
         pcfg = cfg.parallel
+        if pcfg.pp > 1 and pcfg.strategy == "zero1":
+            raise UserError("parallel.strategy=zero1 cannot be combined with parallel.pp > 1 (its optimizer state "
+                            "cannot be saved per stage); use parallel.strategy=ddp or fsdp with pipeline stages")
         self.strategy = pcfg.strategy if dist.distributed else "single"
         self.mesh = build_mesh(dist, pcfg.pp)
         self.pp = pcfg.pp
@@ -195,8 +198,8 @@ class Engine:
     def build_optimizer(self, build: Callable[[nn.Module], torch.optim.Optimizer]) -> torch.optim.Optimizer:
         """The optimizer over this rank's parameters; ZeRO-1 re-creates it with sharded state."""
         optimizer = build(self.unwrapped)
-        if self.strategy == "zero1":
-            optimizer = apply_zero1(optimizer, self.dist)
+        if self.strategy == "zero1" and self.dp_size > 1:
+            optimizer = apply_zero1(optimizer, self.dist, process_group=self.mesh["dp"].get_group())
         return optimizer
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
