@@ -159,10 +159,11 @@ def test_eval_measures_the_loss_training_optimises(tmp_path, monkeypatch, maskin
 # stability: non-finite steps and divergence (faults injected at chosen micro-steps)
 
 class Faults:
-    """Replaces Engine.forward_backward: at chosen micro-steps (1-based) the loss and every gradient become
-    NaN, or the reported loss gets a constant added; also snapshots the weights before each micro-step."""
+    """Replaces Engine.forward_backward: at chosen micro-steps (1-based) every gradient becomes NaN (and the
+    loss too unless `grads_only`), or the reported loss gets a constant added; also snapshots the weights
+    before each micro-step."""
 
-    def __init__(self, monkeypatch, nan_at=(), spike_at=(), spike: float = 0.0) -> None:
+    def __init__(self, monkeypatch, nan_at=(), spike_at=(), spike: float = 0.0, grads_only: bool = False) -> None:
         self.calls, self.weights = 0, {}
         real = Engine.forward_backward
 
@@ -172,8 +173,8 @@ class Faults:
             loss = real(engine, *args, **kwargs)
             if self.calls in nan_at:
                 for p in engine.unwrapped.parameters():
-                    p.grad.fill_(math.nan)
-                return loss * math.nan
+                    p.grad.fill_(math.inf if grads_only else math.nan)
+                return loss if grads_only else loss * math.nan
             if self.calls in spike_at:
                 return loss + spike
             return loss
@@ -187,8 +188,9 @@ def assert_weights_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_nonfinite_step_is_skipped_without_an_update(tmp_path, monkeypatch):
-    faults = Faults(monkeypatch, nan_at={3})
+@pytest.mark.parametrize("grads_only", [False, True], ids=["nan-loss-and-grads", "inf-grads-finite-loss"])
+def test_nonfinite_step_is_skipped_without_an_update(tmp_path, monkeypatch, grads_only):
+    faults = Faults(monkeypatch, nan_at={3}, grads_only=grads_only)
     result = train(tiny_config(tmp_path / "run", 6))
     assert (result.status, result.state.step, result.state.skipped_steps) == ("completed", 6, 1)
     assert faults.calls == 7 and len(result.losses) == 6 and all(map(math.isfinite, result.losses))
@@ -197,7 +199,8 @@ def test_nonfinite_step_is_skipped_without_an_update(tmp_path, monkeypatch):
 
     bad = events(result.run_dir, "nonfinite")
     assert [e["step"] for e in bad] == [2]
-    assert bad[0]["loss"] is None or not math.isfinite(bad[0]["loss"])  # JSON has no NaN: logged as null
+    field = "grad_norm" if grads_only else "loss"
+    assert bad[0][field] is None or not math.isfinite(bad[0][field])  # JSON has no NaN: logged as null
     assert [e["step"] for e in events(result.run_dir, "train")] == list(range(1, 7))
     assert events(result.run_dir, "summary")[-1]["skipped_steps"] == 1
     weights, state = checkpoint_contents(checkpoints(result.run_dir)[-1])

@@ -110,13 +110,13 @@ def wait_for(path: Path, child, timeout: float = 120.0) -> None:
         time.sleep(0.005)
 
 
-# Slows each micro-step of the child by 40 ms (numerics untouched), so the kill lands inside the run.
+# Slows each micro-step of the child by 60 ms (numerics untouched), so the kill lands inside the run.
 SLOW_STEPS = """
 import time
 from tokenmill.parallel.engine import Engine
 _real = Engine.forward_backward
 def _slow(self, *args, **kwargs):
-    time.sleep(0.04)
+    time.sleep(0.06)
     return _real(self, *args, **kwargs)
 Engine.forward_backward = _slow
 """
@@ -127,7 +127,8 @@ def test_sigkill_at_random_moment_then_resume_equals_straight_run(tmp_path, stra
     args = cli_args(run_dir, 2 * K, *KILL)
     child = spawn_cli(args, SLOW_STEPS)
     wait_for(run_dir / "checkpoints" / f"step_{K:08d}" / "manifest.json", child)
-    delay = random.uniform(0.0, 0.25)  # the remaining K steps take >= 0.32 s
+    delay = random.SystemRandom().uniform(0.0, 0.25)  # the remaining K steps take >= 0.48 s; train() reseeds
+    # the global `random`, hence a private generator
     time.sleep(delay)
     child.send_signal(signal.SIGKILL)
     child.communicate(timeout=60)
