@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tokenmill train
+	$(BIN)/tokenmill train --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --timeout 600
