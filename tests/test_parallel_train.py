@@ -55,7 +55,8 @@ def single(shards: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "Error" in ln or "what()" in ln]
+    assert proc.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
