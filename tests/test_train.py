@@ -240,6 +240,7 @@ def test_sustained_loss_rise_stops_the_run_keeping_the_last_good_checkpoint(tmp_
     diverged = events(run_dir, "diverged")
     assert len(diverged) == 1 and 7 <= diverged[0]["step"] < 16, diverged
     assert "fast loss EMA" in diverged[0]["reason"]
+    assert diverged[0]["loss"] > 8.0  # the step that tipped it (not in the train events: the run stopped)
     summary = events(run_dir, "summary")[-1]
     assert (summary["status"], summary["steps"]) == ("diverged", diverged[0]["step"])
     steps = [int(p.name.split("_")[1]) for p in checkpoints(run_dir)]

@@ -235,7 +235,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
             losses.append(loss_value)
 
             if detector.update(loss_value):
-                sinks.log(state.step, {"reason": detector.describe()}, kind="diverged")
+                sinks.log(state.step, {"loss": loss_value, "reason": detector.describe()}, kind="diverged")
                 status, exit_code = "diverged", EXIT_DIVERGED
                 break  # no save: the last periodic checkpoint is the last good one
 
