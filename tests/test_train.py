@@ -260,7 +260,11 @@ def test_one_isolated_spike_does_not_stop_the_run(tmp_path, monkeypatch):
 # golden curve
 
 def test_golden_loss_curve(tmp_path):
-    """Regenerate (only for an intended numeric change): OMP_NUM_THREADS=1 .venv/bin/python tests/golden/make_golden.py"""
+    """The first 20 steps of a fixed tiny fp32 CPU run (tests/golden/tiny_cpu_fp32.json) within 1e-4 relative.
+
+    Regenerate only for an intended numeric change, and say why in the commit:
+        OMP_NUM_THREADS=1 .venv/bin/python tests/golden/make_golden.py
+    """
     golden = json.loads(GOLDEN.read_text())
     curve = golden_run(tmp_path)
     assert curve["corpus_sha256"] == golden["corpus_sha256"], "the golden corpus generator changed"
