@@ -133,3 +133,19 @@ def test_sharded_init_trains(strategy, pp):
     for k, v in full.items():
         if k.endswith("proj.weight") or k.endswith("head.weight"):
             assert 0.001 < float(v.std()) < 0.1, k
+
+
+def _fsdp_options_worker(options: dict) -> list[float]:
+    return run_loop(tiny_config("fsdp", **options), STEPS)["losses"]
+
+
+def test_fsdp_options(reference):
+    # ZeRO-2 style (keep gathered parameters) and CPU offload (a no-op on CPU devices) change no numbers
+    exact, _ = run_ranks(_fsdp_options_worker, 2, {"fsdp_reshard_after_forward": False, "fsdp_cpu_offload": True},
+                         timeout=90)
+    assert exact == pytest.approx(reference["losses"], abs=1e-5)
+    # bf16 compute and gradient reduction: within bf16 noise of fp32, and not bit-identical (the policy is on)
+    bf16, _ = run_ranks(_fsdp_options_worker, 2, {"fsdp_param_dtype": "bf16", "fsdp_reduce_dtype": "bf16"},
+                        timeout=90)
+    assert bf16 == pytest.approx(reference["losses"], abs=1e-2)
+    assert bf16 != pytest.approx(reference["losses"], abs=1e-6)

@@ -136,7 +136,10 @@ def apply_fsdp(model: nn.Module, parallel_cfg: Any, mesh: Any = None) -> nn.Modu
 
     mp = MixedPrecisionPolicy(param_dtype=FSDP_DTYPES[parallel_cfg.fsdp_param_dtype],
                               reduce_dtype=FSDP_DTYPES[parallel_cfg.fsdp_reduce_dtype])
-    offload = CPUOffloadPolicy() if parallel_cfg.fsdp_cpu_offload else OffloadPolicy()
+    # On a CPU device the shards already live in host memory: offloading is a no-op (and would pin memory,
+    # which needs an accelerator).
+    on_accelerator = mesh is not None and mesh.device_type != "cpu"
+    offload = CPUOffloadPolicy() if parallel_cfg.fsdp_cpu_offload and on_accelerator else OffloadPolicy()
     reshard = bool(parallel_cfg.fsdp_reshard_after_forward)
     kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
     blocks = list(model.blocks.children())
