@@ -149,3 +149,11 @@ def test_fsdp_options(reference):
                         timeout=90)
     assert bf16 == pytest.approx(reference["losses"], abs=1e-2)
     assert bf16 != pytest.approx(reference["losses"], abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_pipeline_with_data_parallel(strategy, reference):
+    """4 processes as a (dp=2, pp=2) mesh: stages replicated (ddp) or sharded (fsdp) over dp, with accumulation."""
+    results = run_ranks(_worker, 4, strategy, 2, "1F1B", 2, timeout=150)
+    assert [r["dp"] for r in results] == [2, 2, 2, 2]
+    _check(results, reference)

@@ -65,6 +65,28 @@ def apply_ddp(model: nn.Module, dist: DistInfo, bucket_cap_mb: int = 25) -> nn.M
                                                gradient_as_bucket_view=True)
 
 
+def allreduce_grads(params: list[nn.Parameter], group: Any, world: int) -> None:
+    """Average gradients over `group` in one flat buffer per dtype (DDP for pipeline stages).
+
+    DDP's reducer does not survive the pipeline schedule's repeated forward/backward per step (its bucket
+    rebuild counts every parameter once per microbatch), so data-parallel pipeline stages synchronise
+    here, once, after the last accumulation micro-step. Not overlapped with backward; FSDP overlaps.
+    """
+    import torch.distributed as tdist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = _flatten_dense_tensors(grads)
+        tdist.all_reduce(flat, group=group)  # SUM: gloo has no AVG
+        flat.div_(world)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+
 # ---------------------------------------------------------------------------------------------------
 # ZeRO-1
 

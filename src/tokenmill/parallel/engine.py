@@ -31,8 +31,8 @@ import torch.nn as nn
 
 from tokenmill.errors import UserError
 from tokenmill.parallel.activation import apply_activation_checkpointing
-from tokenmill.parallel.data_parallel import (apply_ddp, apply_fsdp, apply_zero1, full_optimizer_state, materialize,
-                                              no_sync_context)
+from tokenmill.parallel.data_parallel import (allreduce_grads, apply_ddp, apply_fsdp, apply_zero1, full_optimizer_state,
+                                              materialize, no_sync_context)
 from tokenmill.parallel.dist import DistInfo, all_reduce
 from tokenmill.parallel.global_ops import clip_grad_norm_
 from tokenmill.parallel.pipeline import (PipelineParts, build_schedule, check_microbatches, check_pipeline_config,
@@ -127,6 +127,7 @@ class Engine:
         self.schedule = None
         self._denominator = 1.0
         self._scaler: Any = None
+        self._stage_dp_group: Any = None
         self.train_module = self.apply_parallelism(model)
 
     # ---- wrapping ------------------------------------------------------------------------------------
@@ -177,14 +178,11 @@ class Engine:
         self.model = LocalView(self.pipeline, self._pipeline_eval_loss) if self.pipeline else model
         self.unwrapped = self.model
         if self.pipeline:
-            wrapped = modules
-            if ddp_like and self.dp_size > 1:
-                wrapped = [nn.parallel.DistributedDataParallel(
-                    m, process_group=dp_mesh.get_group(),
-                    device_ids=[dist.device.index] if dist.device.type == "cuda" else None) for m in modules]
+            # DDP over stages: gradients are averaged by allreduce_grads after the last micro-step
+            self._stage_dp_group = dp_mesh.get_group() if ddp_like and self.dp_size > 1 else None
             pp_group = self.mesh["pp"].get_group()
             self.schedule = build_schedule(self.pipeline, self.pipeline.n_microbatches, dist.device, pp_group,
-                                           self._pipeline_loss, modules=wrapped)
+                                           self._pipeline_loss, modules=modules)
             return None  # the stages are driven by the schedule (the full model is no longer referenced)
         if ddp_like:
             train_module: nn.Module = apply_ddp(LossForward(model, tcfg.loss_chunk_size), dist)
@@ -209,7 +207,11 @@ class Engine:
     # ---- micro-step ----------------------------------------------------------------------------------
 
     def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Gradient sync only on the last accumulation micro-step (pipeline stages sync every schedule step)."""
+        """Gradient sync only on the last accumulation micro-step.
+
+        Pipeline stages: FSDP reduce-scatters at the end of every schedule step (the schedule forces it),
+        DDP-style stages all-reduce once after the last micro-step (forward_backward does it).
+        """
         if self.pipeline is not None:
             return contextlib.nullcontext()
         return no_sync_context(self.train_module, sync)
@@ -226,7 +228,10 @@ class Engine:
         device = self.dist.device
         tokens = batch["tokens"].to(device, non_blocking=True)
         if self.pipeline is not None:
-            return self._pipeline_step(tokens, scaler, denominator)
+            loss = self._pipeline_step(tokens, scaler, denominator)
+            if sync and self._stage_dp_group is not None:
+                allreduce_grads(list(self.unwrapped.parameters()), self._stage_dp_group, self.dp_size)
+            return loss
         use_docs = getattr(self.cfg.train, "document_masking", False)
         doc_ids = batch["doc_ids"].to(device, non_blocking=True) if use_docs and "doc_ids" in batch else None
         with self.sync_context(sync):
