@@ -146,3 +146,16 @@ def test_resume_with_a_changed_model_shape_names_the_keys(finished_run, capsys):
 def test_resume_from_a_missing_path(finished_run, capsys):
     assert main([*cli_args(finished_run, 2), "--resume", str(finished_run / "checkpoints" / "step_00000099")]) == 2
     one_error_line(capsys, "step_00000099")
+
+
+def test_out_of_gpu_memory_names_the_knobs(tmp_path, capsys, monkeypatch):
+    """An OOM in a step becomes one line naming micro-batch, activation checkpointing and sequence length."""
+    from tokenmill.parallel.engine import Engine
+
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Engine, "forward_backward", oom)
+    assert main(cli_args(tmp_path / "run", 2)) == 2
+    one_error_line(capsys, "out of GPU memory", "train.micro_batch_size", "train.activation_checkpointing",
+                   "train.seq_len")
