@@ -82,8 +82,10 @@ def test_torchrun_matches_single_process(shards, reference, tmp_path, extra):
 
 
 def test_fsdp_checkpoint_resumes_in_one_process(shards, reference, tmp_path):
-    """Save sharded on 2 ranks, resume single-process from the mid-run checkpoint: the same later losses."""
-    ok(torchrun(["-m", "tokenmill", *run_args(shards, tmp_path / "two", "--parallel.strategy=fsdp")]))
+    """Save sharded on 2 ranks (async: written while training goes on), resume single-process from the
+    mid-run checkpoint: the same later losses."""
+    ok(torchrun(["-m", "tokenmill", *run_args(shards, tmp_path / "two", "--parallel.strategy=fsdp",
+                                                 "--checkpoint.async_save=true")]))
     mid = tmp_path / "two" / "checkpoints" / "step_00000002"
     ok(single(shards, tmp_path / "one", f"--resume={mid}"))
     got = losses(tmp_path / "one")
