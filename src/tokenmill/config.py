@@ -44,7 +44,21 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        """Block YAML, one key per line with its help as a comment; loads back to the same config."""
+        lines = []
+        for section in dataclasses.fields(self):
+            lines.append(f"{section.name}:")
+            value = getattr(self, section.name)
+            for f in dataclasses.fields(value):
+                text = _yaml_value(getattr(value, f.name))
+                lines.append(f"  {f.name}: {text}  # {f.metadata.get('help', '')}".rstrip())
+        return "\n".join(lines) + "\n"
+
+
+def _yaml_value(value: Any) -> str:
+    """One value as inline YAML (flow style for lists)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
 
 
 # ---------------------------------------------------------------------------------------------------
