@@ -13,7 +13,9 @@ other ranks (they would otherwise wait at the next collective until the timeout)
 from __future__ import annotations
 
 import datetime
+import gc
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -165,7 +167,24 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def destroy_distributed() -> None:
-    """Tear down the default process group (safe to call twice or when none exists)."""
-    if is_distributed():
-        dist.destroy_process_group()
+def destroy_distributed(failed: bool | None = None) -> None:
+    """Tear down the process group (safe to call twice or when none exists); call it from a `finally`.
+
+    `failed` defaults to "an exception is propagating" (sys.exc_info() inside the finally).
+    On success every rank first meets at a barrier (no rank closes its connections while a peer still
+    talks) and garbage is collected, so wrapper state that holds process-group work (FSDP, DTensor) is
+    freed while the interpreter is alive (gloo can abort at interpreter exit otherwise; pytorch #179291).
+    On failure no collective is attempted: gloo groups are destroyed locally, NCCL groups are left to the
+    exiting process (a collective destroy can hang while peers block in a collective; torchtitan #1342),
+    and torchrun stops the other ranks once this one exits non-zero.
+    """
+    if not is_distributed():
+        return
+    if failed is None:
+        failed = sys.exc_info()[0] is not None
+    if failed and dist.get_backend() == "nccl":
+        return
+    gc.collect()
+    if not failed:
+        dist.barrier()
+    dist.destroy_process_group()
