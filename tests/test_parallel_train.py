@@ -103,7 +103,13 @@ def test_two_nodes_with_c10d_rendezvous(shards, tmp_path):
            *run_args(shards, tmp_path, "--parallel.strategy=fsdp")]
     nodes = [subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
-    outs = [n.communicate(timeout=150)[0] for n in nodes]
+    try:
+        outs = [n.communicate(timeout=240)[0] for n in nodes]
+    finally:
+        for n in nodes:  # never leave a node waiting at the rendezvous after a failure
+            if n.poll() is None:
+                n.kill()
+                n.wait()
     assert [n.returncode for n in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert max(losses(tmp_path)) == STEPS
     assert len(list((tmp_path / "checkpoints" / f"step_{STEPS:08d}").glob("*.distcp"))) == 2
