@@ -4,6 +4,8 @@ accumulation, sharded checkpoints resume at another world size, a 2-"node" rende
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -101,14 +103,14 @@ def test_two_nodes_with_c10d_rendezvous(shards, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=tokenmill-test", "-m", "tokenmill",
            *run_args(shards, tmp_path, "--parallel.strategy=fsdp")]
-    nodes = [subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    nodes = [subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(2)]
     try:
         outs = [n.communicate(timeout=240)[0] for n in nodes]
     finally:
         for n in nodes:  # never leave a node waiting at the rendezvous after a failure
             if n.poll() is None:
-                n.kill()
+                os.killpg(n.pid, signal.SIGKILL)  # the agent and its worker
                 n.wait()
     assert [n.returncode for n in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert max(losses(tmp_path)) == STEPS
