@@ -3,7 +3,6 @@ load safely, and consolidate into one safetensors file."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
