@@ -159,3 +159,4 @@ def test_out_of_gpu_memory_names_the_knobs(tmp_path, capsys, monkeypatch):
     assert main(cli_args(tmp_path / "run", 2)) == 2
     one_error_line(capsys, "out of GPU memory", "train.micro_batch_size", "train.activation_checkpointing",
                    "train.seq_len")
+    assert [e["status"] for e in events(tmp_path / "run", "summary")] == ["failed"]

@@ -261,10 +261,10 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         if status == "completed":
             last_eval = run_eval(engine, cfg, tokenizer, sinks, state)
             save("final", last_eval)
-            samples = write_samples(engine.inference_model(), cfg, tokenizer, dist, sinks, state)  # gathers shards
-            if dist.is_main:
-                for prompt, text in samples.items():
-                    print(f"--- {prompt!r} -> {text!r}")
+            write_samples(engine.inference_model(), cfg, tokenizer, dist, sinks, state)  # gathers shards
+    except BaseException:
+        status = "failed"  # the summary must not claim success while an error propagates
+        raise
     finally:
         stop.restore()
         checkpointer.close()
