@@ -120,6 +120,22 @@ def _save_error(err: OSError, final: Path) -> UserError:
                      f"(earlier checkpoints are intact; check permissions and free space)")
 
 
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary folder to `final` and fsync the parent, so the rename survives a crash.
+
+    Re-saving a step (e.g. the end of a run resumed at that step) swaps the folders and drops the old one.
+    """
+    if final.exists():
+        old = final.parent / f"{OLD_PREFIX}{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
 @contextmanager
 def staged_folder(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `final`; on success it becomes `final` atomically.
@@ -135,15 +151,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
         tmp.mkdir()
         yield tmp
         fsync_path(tmp)
-        if final.exists():  # re-saving a step (e.g. end of a run resumed at that step): swap, then drop the old
-            old = parent / f"{OLD_PREFIX}{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_path(parent)
+        publish_folder(tmp, final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _save_error(err, final) from err

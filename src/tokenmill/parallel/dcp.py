@@ -133,19 +133,11 @@ class SaveHandle:
 
 def _finalize(tmp: Path, final: Path, step: int) -> None:
     """Manifest last, then the atomic rename (rank 0; every shard is already on disk)."""
-    from tokenmill.checkpoint_files import OLD_PREFIX, fsync_path, write_manifest
+    from tokenmill.checkpoint_files import fsync_path, publish_folder, write_manifest
 
     write_manifest(tmp, step)
     fsync_path(tmp)
-    if final.exists():  # re-saving a step: swap, then drop the old folder
-        old = final.parent / f"{OLD_PREFIX}{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_path(final.parent)
+    publish_folder(tmp, final)
 
 
 @dataclass
