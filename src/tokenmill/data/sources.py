@@ -19,6 +19,7 @@ import glob
 import os
 import sysconfig
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def _doc_order(n: int, seed: int | None, epoch: int) -> np.ndarray | None:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-class DocReader:
+class DocReader(ABC):
     """One slot's part of one epoch of a source: an iterator of texts that knows its resume position."""
 
     def __init__(self, source_name: str, slot: int, n_slots: int) -> None:
@@ -82,15 +83,17 @@ class DocReader:
     def __iter__(self) -> DocReader:
         return self
 
+    @abstractmethod
     def __next__(self) -> str:
-        raise NotImplementedError
+        """The next document's text of this slot."""
 
     @property
+    @abstractmethod
     def position(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Where this reader stands, enough to reopen it at the next document."""
 
     def close(self) -> None:
-        pass
+        """Release open files (readers without any keep the default)."""
 
     def _clean(self, text: Any) -> str | None:
         if not isinstance(text, str) or not text:
@@ -101,14 +104,15 @@ class DocReader:
         return text
 
 
-class Source:
+class Source(ABC):
     """A named document collection; `reader()` opens one slot's part of one epoch."""
 
     name: str
     shuffle_files: bool = False
 
+    @abstractmethod
     def reader(self, epoch: int, slot: int, n_slots: int, position: dict | None, seed: int | None) -> DocReader:
-        raise NotImplementedError
+        """Open one slot's part of one epoch, at `position` when resuming."""
 
     def iter_texts(self, max_chars: int | None = None) -> Iterator[str]:
         """All documents of epoch 0 in natural order (tokenizer training), stopping after `max_chars`."""
@@ -156,11 +160,13 @@ class IndexedReader(DocReader):
 class IndexedSource(Source):
     shuffle_files = True
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of documents."""
 
+    @abstractmethod
     def text(self, i: int, reader: DocReader) -> Any:
-        raise NotImplementedError
+        """Document `i`'s raw text field."""
 
     def reader(self, epoch: int, slot: int, n_slots: int, position: dict | None, seed: int | None) -> DocReader:
         return IndexedReader(self, epoch, slot, n_slots, position, seed)
