@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import checkpoint_contents, checkpoints, logged_curve, tiny_config
+from train_helpers import one_thread, checkpoint_contents, checkpoints, logged_curve, tiny_config  # noqa: F401 (one_thread: autouse fixture)
 
 from tokenmill.parallel.activation import is_checkpointed
 from tokenmill.parallel.engine import Engine
@@ -16,13 +16,6 @@ from tokenmill.train import train
 STEPS = 5
 PLAIN = ("model.dropout=0.0", "train.precision=fp32", "optim.fused=true")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Run:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import (checkpoint_contents, checkpoints, cli_args, events, golden_run, logged_curve,
+from train_helpers import (  # one_thread: autouse fixture
+    one_thread,checkpoint_contents, checkpoints, cli_args, events, golden_run, logged_curve,
                            tiny_config)
 
 from tokenmill.cli import main
@@ -22,13 +23,6 @@ from tokenmill.train import EXIT_DIVERGED, EXIT_NONFINITE, train
 GOLDEN = Path(__file__).parent / "golden" / "tiny_cpu_fp32.json"
 TOKENS_PER_STEP = 4 * 32  # tiny run: micro-batch 4 x seq_len 32, no accumulation
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def vocab_of(run_dir: Path) -> int:

@@ -8,18 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import cli_args, events
+from train_helpers import one_thread, cli_args, events  # noqa: F401 (one_thread: autouse fixture)
 
 from tokenmill.cli import build_parser, main
 from tokenmill.train_cli import config_from_train_args
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def parse(argv: list[str]):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import (assert_checkpoints_equal, checkpoints, cli_args, events, logged_curve, spawn_cli,
+from train_helpers import (  # one_thread: autouse fixture
+    one_thread,assert_checkpoints_equal, checkpoints, cli_args, events, logged_curve, spawn_cli,
                            tiny_config)
 
 from tokenmill.checkpoint_resume import resolve_resume
@@ -28,14 +29,6 @@ RESUME = ("model.dropout=0.1", f"train.eval_interval={N}")  # randomness and mid
 K = 8  # the kill tests: checkpoint every K steps of a 2K-step run
 KILL = ("model.dropout=0.1", f"checkpoint.interval_steps={K}")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Same thread count as the `python -m tokenmill` children, so in-process and child numerics agree."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sigterm_at_call(monkeypatch, call: int) -> None:

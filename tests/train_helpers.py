@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from tokenmill.checkpoint import STATE, read_weights
@@ -167,3 +168,15 @@ def golden_run(work_dir: str | Path) -> dict[str, Any]:
     return {"steps": [s for s, *_ in curve], "losses": [loss for _, loss, _, _ in curve],
             "grad_norms": [g for _, _, g, _ in curve], "lrs": [lr for *_, lr in curve],
             "corpus_sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(), "status": result.status}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Same thread count as the `python -m tokenmill` children, so in-process and child numerics agree.
+
+    Autouse in every test module that imports it.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

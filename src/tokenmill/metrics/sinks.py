@@ -184,7 +184,7 @@ class ConsoleSink:
         # banner itself with Banner.print()).
 
     def close(self) -> None:
-        pass
+        """The console needs no closing."""
 
 
 # ---------------------------------------------------------------------------------------------------
