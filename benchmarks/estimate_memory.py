@@ -15,7 +15,7 @@ import torch
 def measure(cfg, micro_batch: int, ac: str) -> int:
     """Peak bytes allocated over the second of two optimizer steps (the first one creates AdamW's state)."""
     from tokenmill.model import build_model
-    from tokenmill.parallel.activation import apply_activation_checkpointing
+    from tokenmill.levers.activation_checkpointing import apply_activation_checkpointing
 
     model = build_model(cfg.model, device="cuda")
     if ac != "none":
@@ -47,7 +47,7 @@ def main() -> int:
         print("estimate_memory: needs a CUDA GPU (nothing to measure on this machine)")
         return 0
     from tokenmill.config import load_config
-    from tokenmill.estimate import estimate
+    from tokenmill.metrics.estimate import estimate
     from tokenmill.metrics.flops import GPUS, lookup_gpu
 
     gpu = lookup_gpu(torch.cuda.get_device_name()) or GPUS["H100 SXM"]

@@ -119,7 +119,7 @@ def bare_round(cfg, batch: dict[str, torch.Tensor], steps: int) -> dict[str, lis
 def tokenmill_round(precision: str, compile_: bool, steps: int, extra: list[str]
                     ) -> tuple[dict[str, list[float]], float]:
     """tokenmill's train() on the fixed batch; returns (step times, wall seconds of set-up + compile)."""
-    import tokenmill.train as train_module
+    import tokenmill.train.loop as train_module
     from tokenmill.parallel.engine import Engine
 
     starts: list[tuple[float, float]] = []

@@ -97,7 +97,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 120, cwd: str | P
 
 
 # ---------------------------------------------------------------------------------------------------
-# A minimal training loop over the Engine (phase-1 tests; the real loop is tokenmill.train)
+# A minimal training loop over the Engine (phase-1 tests; the real loop is tokenmill.train.loop)
 
 TINY_MODEL = dict(n_layers=4, d_model=32, n_heads=2, vocab_size=64, max_seq_len=16, tie_embeddings=False,
                   ffn="mlp", multiple_of=16)
@@ -148,7 +148,7 @@ def run_loop(cfg: Any, steps: int, *, clip: float = 1.0, start: int = 0, engine_
     from tokenmill.optim.optimizers import build_optimizer
     from tokenmill.parallel.dist import all_reduce, init_distributed
     from tokenmill.parallel.engine import Engine
-    from tokenmill.precision import Precision
+    from tokenmill.train.precision import Precision
 
     dist = init_distributed(cfg.parallel, "cpu")
     if engine_and_opt is None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from tokenmill.checkpoint import STATE, read_weights
+from tokenmill.checkpoint.manager import STATE, read_weights
 from tokenmill.config import Config, load_config
 from tokenmill.metrics.sinks import read_jsonl
 
@@ -115,7 +115,7 @@ def assert_checkpoints_equal(left: str | Path, right: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the golden run (tests/golden/)
+# the golden run (tests/train/golden/)
 
 GOLDEN_STEPS = 20
 GOLDEN_WORDS = ("the model reads tokens and learns to predict the next one from the ones before it while "
@@ -153,7 +153,7 @@ def golden_run(work_dir: str | Path) -> dict[str, Any]:
     """Run the golden config under `work_dir` (one torch thread) and return its curve as stored in the JSON."""
     import hashlib
 
-    from tokenmill.train import train
+    from tokenmill.train.loop import train
 
     work_dir = Path(work_dir)
     corpus = write_golden_corpus(work_dir / "golden_corpus.txt")

@@ -1,9 +1,10 @@
-"""Python entry points for using models outside the trainer (SPEC C7): `create_model` and `load_model`.
+"""Python entry points for using models outside the trainer: `create_model`, `load_model`, `load_tokenizer`.
 
     import tokenmill
     model = tokenmill.load_model("runs/demo")              # latest valid checkpoint of a run
     model = tokenmill.load_model("runs/demo", which="best") # best by eval loss
     model = tokenmill.create_model("tiny", vocab_size=4096) # fresh, initialised weights
+    tokenizer = tokenmill.load_tokenizer("runs/demo")      # the tokenizer that checkpoint was trained with
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tokenmill.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+    from tokenmill.data.tokenizer import Tokenizer
     from tokenmill.model.config import ModelConfig
     from tokenmill.model.transformer import Transformer
 
@@ -56,7 +58,7 @@ def create_model(preset_or_cfg: Any = "tiny", vocab_size: int | None = None,
 
 def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
     """The checkpoint folder named by `path`: itself, or the latest valid / best one of a run folder."""
-    from tokenmill.checkpoint import CHECKPOINTS, Checkpointer
+    from tokenmill.checkpoint.manager import CHECKPOINTS, Checkpointer
 
     if which not in WHICH:
         raise UserError(f"which={which!r} is not allowed: choose one of {', '.join(WHICH)}")
@@ -80,21 +82,58 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", which: str 
     The model is rebuilt from the checkpoint's config.yaml and its weights loaded from safetensors
     (no pickle). `dtype` optionally casts the weights (e.g. torch.bfloat16 for inference).
     """
-    from tokenmill.checkpoint import CONFIG, load_weights_into, read_weights
+    from tokenmill.checkpoint.manager import load_weights_into, read_weights
     from tokenmill.model.build import build_model
 
     folder = find_checkpoint(path, which)
-    config_file = folder / CONFIG
-    if not config_file.is_file():
-        raise UserError(f"checkpoint {folder} has no {CONFIG}, so the model shape is unknown; "
-                        f"build the model yourself and use Checkpointer.load")
-    try:
-        data = yaml.safe_load(config_file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"checkpoint file {config_file} is not valid YAML ({err})") from err
-    cfg = model_config_from(data)
+    cfg = model_config_from(_checkpoint_config(folder))
     model = build_model(cfg, device=device)  # init also fills non-persistent buffers (RoPE tables)
     load_weights_into(model, read_weights(folder), str(folder))
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def load_tokenizer(path: str | Path, which: str = "latest") -> Tokenizer:
+    """The tokenizer a checkpoint was trained with, without training or downloading anything.
+
+    Looked up in order: `tokenizer.json` inside the checkpoint folder; the run folder's tokenizer cache (the
+    one `train` built for this config); the tokenizer named in the checkpoint's config when it needs no files
+    ('byte') or is a tokenizer.json path that still exists.
+    """
+    from tokenmill.data.tokenizer import Tokenizer, load_tokenizer as load_named
+
+    folder = find_checkpoint(path, which)
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(folder)
+    data = _checkpoint_config(folder).get("data") or {}
+    name = str(data.get("tokenizer", "bpe"))
+    if name == "bpe":
+        cache = folder.parent.parent / "tokenizer"
+        vocab = data.get("tokenizer_vocab_size")
+        found = sorted(cache.glob(f"tokenizer-bpe{vocab}-*/tokenizer.json")) if cache.is_dir() else []
+        if len(found) == 1:
+            return Tokenizer.from_file(found[0].parent)
+        raise UserError(f"checkpoint {folder} holds no tokenizer.json and its run folder has "
+                        f"{'several cached tokenizers' if found else 'no cached tokenizer'} in {cache}; "
+                        f"copy the run's tokenizer.json into the checkpoint folder")
+    if name == "byte" or Path(name).exists():
+        return load_named(name)
+    raise UserError(f"checkpoint {folder} holds no tokenizer.json and its tokenizer {name!r} is not available "
+                    f"offline; copy that tokenizer.json into the checkpoint folder")
+
+
+def _checkpoint_config(folder: Path) -> dict[str, Any]:
+    """The resolved run config stored beside a checkpoint's weights, as a mapping."""
+    from tokenmill.checkpoint.manager import CONFIG
+
+    config_file = folder / CONFIG
+    if not config_file.is_file():
+        raise UserError(f"checkpoint {folder} has no {CONFIG}, so its model and tokenizer are unknown")
+    try:
+        data = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"checkpoint file {config_file} is not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"checkpoint file {config_file} is not a mapping of config sections")
+    return data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenmill.sections import opt, require, require_positive
+from tokenmill.config.fields import opt, require, require_positive
 
 
 @dataclass

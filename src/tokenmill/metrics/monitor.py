@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.checkpoint_state import clean_key
+from tokenmill.checkpoint.state import clean_key
 
 # Every per-log-step field of SPEC O2; each train event carries all of them (None where not
 # measurable: MFU and CUDA memory on a CPU, MFU on a GPU missing from the peak table).
@@ -321,7 +321,7 @@ class StepMonitor:
 
 
 def _resolve_precision(name: str, device: torch.device) -> str:
-    from tokenmill.precision import resolve_precision
+    from tokenmill.train.precision import resolve_precision
 
     return resolve_precision(name, device)
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from tokenmill.errors import UserError
-from tokenmill.parallel.activation import apply_activation_checkpointing
+from tokenmill.levers.activation_checkpointing import apply_activation_checkpointing
 from tokenmill.parallel.data_parallel import (allreduce_grads, apply_ddp, apply_fsdp, apply_zero1, full_optimizer_state,
                                               materialize, no_sync_context)
 from tokenmill.parallel.dist import DistInfo, all_reduce

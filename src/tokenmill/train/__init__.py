@@ -1,0 +1,1 @@
+"""Pretraining: the loop (`train(cfg)`), its state, batching, precision, stability and evaluation."""

@@ -1,0 +1,307 @@
+"""`train(cfg)`: the whole training run, top to bottom (STYLE rule 5).
+
+Set up (process group, tokenizer, model, optimizer, schedule, loaders, sinks) -> resume -> loop (accumulate,
+check, clip, step, schedule, log, eval, checkpoint) -> tear down. Helpers own their state (loader, checkpointer,
+monitor, detector); everything that decides the next batch or update is in the checkpoint, so a resumed run
+continues bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from tokenmill.train.batching import BatchPlan, plan_batches
+from tokenmill.checkpoint.manager import Checkpointer, prepare_run_dir
+from tokenmill.checkpoint.state import capture_rng, restore_rng
+from tokenmill.config import Config
+from tokenmill.data.loader import build_loader
+from tokenmill.data.tokenizer import Tokenizer, build_tokenizer, check_vocab
+from tokenmill.errors import UserError
+from tokenmill.train.evaluation import evaluate
+from tokenmill.generation.sampling import sample
+from tokenmill.metrics.banner import build_banner
+from tokenmill.metrics.monitor import StepMonitor
+from tokenmill.metrics.sinks import MultiSink, build_sinks, get_console
+from tokenmill.model import build_meta, param_counts
+from tokenmill.optim.optimizers import build_optimizer, scaled_lr
+from tokenmill.optim.schedules import build_scheduler
+from tokenmill.parallel.engine import Engine, build_engine
+from tokenmill.parallel.dist import DistInfo, all_reduce, any_rank, barrier, destroy_distributed, init_distributed
+from tokenmill.train.precision import Precision, resolve_precision
+from tokenmill.train.stability import DivergenceDetector
+
+EXIT_OK, EXIT_DIVERGED, EXIT_NONFINITE = 0, 3, 4
+
+
+@dataclass
+class TrainState:
+    """Loop counters saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_eval_loss: float = math.inf
+    skipped_steps: int = 0
+
+
+@dataclass
+class TrainResult:
+    status: str  # completed | stopped | diverged | nonfinite
+    exit_code: int
+    state: TrainState
+    losses: list[float] = field(default_factory=list)  # this process's step losses, in order
+    last_eval: dict[str, float] = field(default_factory=dict)
+    run_dir: Path = Path(".")
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and exits 0."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker): no handlers
+                pass
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.reason = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_model_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
+    """`model.vocab_size: 0` takes the tokenizer's vocab rounded up to `vocab_multiple_of`; else check it fits."""
+    if cfg.model.vocab_size == 0:
+        m = cfg.model.vocab_multiple_of
+        vocab = -(-tokenizer.vocab_size // m) * m
+        return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
+    check_vocab(cfg.model.vocab_size, tokenizer)
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config, resume: str | bool | None = None, overwrite: bool = False) -> TrainResult:
+    """Run (or resume) training as `cfg` says; returns how it ended. Joins/leaves the torchrun process group."""
+    dist = init_distributed(cfg.parallel, cfg.train.device)
+    try:
+        return _train(cfg, dist, resume, overwrite)
+    except torch.OutOfMemoryError as err:
+        raise UserError(
+            f"out of GPU memory with micro_batch_size={cfg.train.micro_batch_size}, seq_len={cfg.train.seq_len}, "
+            f"activation_checkpointing={cfg.train.activation_checkpointing}: lower train.micro_batch_size (raise "
+            f"train.global_batch_tokens accumulation instead), set train.activation_checkpointing=all, set "
+            f"train.loss_chunk_size=4096, or lower train.seq_len; `tokenmill estimate --gpu NAME` shows what fits"
+        ) from err
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bool) -> TrainResult:
+    # ---- set up -------------------------------------------------------------------------------------------
+    run_dir = Path(cfg.train.out_dir)
+    # batch arithmetic that does not divide fails here, before any file is touched or a tokenizer trained
+    plan_batches(cfg.train.micro_batch_size, cfg.train.seq_len, max(1, dist.world_size // cfg.parallel.pp),
+                 cfg.train.global_batch_tokens, cfg.train.total_tokens, cfg.train.max_steps, n_params=1,
+                 grad_accum=cfg.train.grad_accum)
+    resume_path = prepare_run_dir(run_dir, resume, overwrite, is_main=dist.is_main)
+    get_console()  # imports rich, whose import draws from Python's RNG (rich.style): do it before seeding
+    seed_everything(cfg.train.seed)
+    device = dist.device
+    precision = Precision(resolve_precision(cfg.train.precision, device), device)
+
+    # Rank 0 trains/caches the tokenizer first; the others then read the cache.
+    if dist.is_main:
+        tokenizer = build_tokenizer(cfg.data, run_dir / "tokenizer")
+    barrier()
+    if not dist.is_main:
+        tokenizer = build_tokenizer(cfg.data, run_dir / "tokenizer")
+    cfg = resolve_model_vocab(cfg, tokenizer)
+
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise UserError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+                        f"lower train.seq_len or raise model.max_seq_len")
+    counts = param_counts(cfg.model)
+    # built on meta; the engine materialises it after wrapping (each FSDP rank allocates only its shards)
+    engine = build_engine(build_meta(cfg.model), cfg, dist, precision)  # pipeline -> AC -> compile -> FSDP2/DDP
+    plan: BatchPlan = plan_batches(cfg.train.micro_batch_size, cfg.train.seq_len, engine.dp_size,
+                                   cfg.train.global_batch_tokens, cfg.train.total_tokens, cfg.train.max_steps,
+                                   counts["total"], grad_accum=cfg.train.grad_accum)
+    lr_scale = scaled_lr(1.0, plan.global_batch_sequences, cfg.optim.lr_sqrt_batch_scaling)  # every group, Muon's too
+    optimizer = engine.build_optimizer(lambda m: build_optimizer(m, cfg.optim, lr_scale=lr_scale))
+    scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, plan.tokens_per_step)
+    scaler = precision.make_scaler()
+    train_loader = build_loader(cfg, tokenizer, "train", engine.dp_rank, engine.dp_size)
+    detector = DivergenceDetector(cfg.train.divergence_threshold, cfg.train.divergence_fast_alpha,
+                                  cfg.train.divergence_slow_alpha, cfg.train.divergence_warmup_steps)
+    state = TrainState()
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint, dist=dist)
+    cadence = cfg.train.step_cadence
+    log_every = max(1, round(cfg.log.interval_steps * cadence))
+    eval_every = round(cfg.train.eval_interval * cadence)
+    save_every = round(cfg.checkpoint.interval_steps * cadence)
+
+    # ---- resume -------------------------------------------------------------------------------------------
+    if resume_path is not None:
+        restored = checkpointer.load(resume_path, engine=engine, optimizer=optimizer, scheduler=scheduler,
+                                     loader=train_loader, cfg=cfg)
+        resumed_rng = capture_rng()  # the checkpoint's RNG states, as load() restored them
+        state = TrainState(**restored["train_state"])
+        detector.load_state_dict(restored["detector"])
+        if restored.get("scaler"):
+            scaler.load_state_dict(restored["scaler"])
+    # built after resume: sinks rewind past events a killed run logged after its checkpoint (and reuse its W&B run)
+    sinks = build_sinks(cfg.log, run_dir, dist.rank, config=cfg.to_dict(), resume_step=state.step)
+    sinks.log(state.step, cfg.to_dict(), kind="config")  # the resolved config (vocab filled in), SPEC O3
+    if resume_path is not None:
+        sinks.log(state.step, {"path": str(resume_path)}, kind="resume")
+
+    def save(reason: str, eval_result: dict[str, float] | None = None) -> None:
+        """Checkpoint on every rank; `eval_result` only when an eval ran at this step (it ranks `best`)."""
+        checkpointer.save(state.step, engine=engine, optimizer=optimizer, scheduler=scheduler,
+                          loader=train_loader, cfg=cfg, train_state=asdict(state), detector=detector.state_dict(),
+                          scaler=scaler.state_dict(), eval_loss=(eval_result or {}).get("loss"), reason=reason)
+        sinks.log(state.step, {"path": str(checkpointer.last_path), "reason": reason}, kind="checkpoint")
+
+    banner = build_banner(cfg, counts, plan, dist, precision.name, resumed_from=resume_path)
+    sinks.log(state.step, banner.as_dict(), kind="startup")
+    if dist.is_main:
+        banner.print()
+    monitor = StepMonitor(cfg, plan, counts, dist, sinks, start_step=state.step)
+
+    # ---- loop ---------------------------------------------------------------------------------------------
+    stop = StopRequest()
+    batches = iter(train_loader)
+    if resume_path is not None:  # set-up since the load (sinks, iter) may have drawn: start from the saved RNG
+        restore_rng(resumed_rng)
+    losses: list[float] = []
+    last_eval: dict[str, float] = {}
+    status, exit_code = "completed", EXIT_OK
+    try:
+        while state.step < plan.total_steps:
+            monitor.step_start()
+            # accumulate: sum of token losses / tokens per rank-step, so gradients are a per-token mean
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(plan.grad_accum):
+                batch = next(batches)
+                loss_sum += engine.forward_backward(batch, scaler, denominator=plan.tokens_per_micro_step *
+                                                    plan.grad_accum, sync=micro == plan.grad_accum - 1)
+            step_loss = all_reduce(loss_sum, "avg")
+
+            # check and clip: decided before the optimizer step, identically on every rank
+            scaler.unscale_(optimizer)
+            grad_norm = engine.clip_grad_norm(cfg.train.grad_clip)
+            loss_value = step_loss.item()  # host sync: the step decision and the detector need the value
+            nonfinite = not (math.isfinite(loss_value) and math.isfinite(float(grad_norm)))
+            if any_rank(nonfinite, device):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                state.skipped_steps += 1
+                sinks.log(state.step, {"loss": loss_value, "grad_norm": float(grad_norm)}, kind="nonfinite")
+                if cfg.train.nonfinite_policy == "stop":
+                    save("nonfinite")
+                    status, exit_code = "nonfinite", EXIT_NONFINITE
+                    break
+                continue
+
+            # step and schedule
+            monitor.before_optimizer_step(engine.model)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            monitor.after_optimizer_step(engine.model)
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += plan.tokens_per_step
+            losses.append(loss_value)
+
+            if detector.update(loss_value):
+                sinks.log(state.step, {"loss": loss_value, "reason": detector.describe()}, kind="diverged")
+                status, exit_code = "diverged", EXIT_DIVERGED
+                break  # no save: the last periodic checkpoint is the last good one
+
+            # log
+            if state.step % log_every == 0 or state.step == plan.total_steps:
+                monitor.log_step(state.step, loss_value, grad_norm, scheduler.get_last_lr()[0],
+                                 state.tokens_seen, skipped=state.skipped_steps)
+
+            # eval
+            evaluated: dict[str, float] | None = None
+            if eval_every and state.step % eval_every == 0 and state.step < plan.total_steps:
+                evaluated = last_eval = run_eval(engine, cfg, tokenizer, sinks, state)
+
+            # checkpoint
+            if save_every and state.step % save_every == 0 and state.step < plan.total_steps:
+                save("interval", evaluated)
+            if any_rank(stop.reason is not None, device):
+                save("signal")
+                status = "stopped"
+                break
+
+        # ---- tear down --------------------------------------------------------------------------------------
+        if status == "completed":
+            last_eval = run_eval(engine, cfg, tokenizer, sinks, state)
+            save("final", last_eval)
+            write_samples(engine.inference_model(), cfg, tokenizer, dist, sinks, state)  # gathers shards
+    except BaseException:
+        status = "failed"  # the summary must not claim success while an error propagates
+        raise
+    finally:
+        stop.restore()
+        checkpointer.close()
+        sinks.log(state.step, {"status": status, "steps": state.step, "tokens_seen": state.tokens_seen,
+                               "skipped_steps": state.skipped_steps, "final_loss": losses[-1] if losses else None,
+                               "eval": last_eval}, kind="summary")
+        monitor.close()
+        sinks.close()
+    return TrainResult(status, exit_code, state, losses, last_eval, run_dir)
+
+
+def run_eval(engine: Engine, cfg: Config, tokenizer: Tokenizer, sinks: MultiSink,
+             state: TrainState) -> dict[str, float]:
+    """Evaluate on the held-out split (a fresh loader each time: every eval sees the same batches)."""
+    loader = build_loader(cfg, tokenizer, "eval", engine.dp_rank, engine.dp_size)
+    started = time.perf_counter()
+    result = evaluate(engine.model, loader, cfg.train.eval_batches, tokenizer.decode, engine.precision.autocast,
+                      engine.dist.device, engine.dist, chunk_size=cfg.train.loss_chunk_size,
+                      document_masking=cfg.train.document_masking)
+    if result:
+        result["seconds"] = time.perf_counter() - started
+        state.best_eval_loss = min(state.best_eval_loss, result["loss"])
+        sinks.log(state.step, result, kind="eval")
+    return result
+
+
+def write_samples(model: torch.nn.Module, cfg: Config, tokenizer: Tokenizer, dist: DistInfo, sinks: MultiSink,
+                  state: TrainState) -> dict[str, str]:
+    """Generate from the fixed prompts with a private RNG (training randomness is untouched)."""
+    if not dist.is_main:
+        return {}
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    samples = {}
+    for prompt in cfg.train.sample_prompts:
+        ids = tokenizer.encode_batch([prompt])[0]
+        out = sample(model, ids, cfg.train.sample_tokens, generator=generator, stop_id=tokenizer.eos_id)
+        samples[prompt] = prompt + tokenizer.decode(out)
+    sinks.log(state.step, {"samples": samples}, kind="sample")
+    return samples
