@@ -34,7 +34,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def presets_from_args(args: argparse.Namespace) -> list[str]:
-    return [name for item in args.preset for name in item.split(",") if name.strip()]
+    """Preset names from repeated or comma-separated `--preset` values; an empty one is an error, not the demo."""
+    from tokenmill.errors import ConfigError
+
+    names = [name.strip() for item in args.preset for name in item.split(",") if name.strip()]
+    if args.preset and not names:
+        raise ConfigError(f"--preset {','.join(args.preset)!r} names no preset: give a name such as tiny "
+                          f"(`tokenmill config presets` lists them)")
+    return names
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:

@@ -1,7 +1,8 @@
 """Config machinery: YAML load, presets and `extends:`, dotted overrides, typed coercion, suggestions.
 
 Precedence, lowest first: section defaults < presets (in the order given) < config file < overrides.
-Any YAML (preset or file) may say `extends: NAME` (or a list) to start from presets.
+Any YAML (preset or file) may say `extends:` with a preset name, a YAML file (relative to the extending file)
+or a list of them; parents merge left to right, the extending file on top.
 """
 
 from __future__ import annotations
@@ -43,33 +44,66 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
     return data
 
 
-def load_preset(name: str) -> dict[str, Any]:
+def load_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The raw mapping of a preset, with its `extends` chain applied."""
     path = resources.files("tokenmill.config") / "presets" / f"{name}.yaml"
     if not path.is_file():
         close = difflib.get_close_matches(name, preset_names(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; available: {', '.join(preset_names())}"
-        raise ConfigError(f"unknown preset '{name}'{hint}")
-    return _expand_extends(_read_yaml(path.read_text(), f"preset {name}"), seen=(name,))
+        chain = f" (extended by {' -> '.join(seen)})" if seen else ""
+        raise ConfigError(f"unknown preset '{name}'{chain}{hint}")
+    return _expand_extends(_read_yaml(path.read_text(), f"preset {name}"), seen + (name,), base_dir=None)
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
+def load_file(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The raw mapping of a user config file, with its `extends` chain applied."""
     path = Path(path)
+    chain = f" (extended by {' -> '.join(seen)})" if seen else ""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory{chain}: pass a YAML file (or use --preset)")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (pass an existing YAML file or use --preset)")
-    return _expand_extends(_read_yaml(path.read_text(), str(path)), seen=(str(path),))
+        raise ConfigError(f"config file not found: {path}{chain} (pass an existing YAML file or use --preset)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+    return _expand_extends(_read_yaml(text, str(path)), seen + (str(path.resolve()),), base_dir=path.resolve().parent)
 
 
-def _expand_extends(data: dict[str, Any], seen: tuple[str, ...]) -> dict[str, Any]:
-    parents = data.pop("extends", None) or []
+def _is_file_reference(parent: str) -> bool:
+    """`extends:` entries ending in .yaml/.yml or containing a path separator name files; others name presets."""
+    return parent.endswith((".yaml", ".yml")) or "/" in parent or "\\" in parent
+
+
+def _expand_extends(data: dict[str, Any], seen: tuple[str, ...], base_dir: Path | None) -> dict[str, Any]:
+    """Merge the parents named by `extends:` (presets or YAML files, left to right), then `data` on top.
+
+    File paths are relative to the extending file; `seen` is the chain so far (cycles and errors name it).
+    """
+    parents = data.pop("extends", None)
+    if parents is None:
+        parents = []
     if isinstance(parents, str):
         parents = [parents]
+    where = seen[-1] if seen else "config"
+    if not isinstance(parents, list) or not all(isinstance(p, str) and p.strip() for p in parents):
+        raise ConfigError(f"{where}: extends={parents!r} is not allowed: name a preset, a YAML file, or a list of "
+                          f"them (e.g. extends: [tiny, base.yaml])")
     merged: dict[str, Any] = {}
     for parent in parents:
-        if parent in seen:
-            raise ConfigError(f"preset '{parent}' extends itself (cycle: {' -> '.join(seen + (parent,))})")
-        merged = deep_merge(merged, load_preset(parent))
+        if _is_file_reference(parent):
+            if base_dir is None:
+                raise ConfigError(f"{where}: a shipped preset cannot extend the file '{parent}'")
+            target = str((base_dir / parent).resolve())
+            if target in seen:
+                raise ConfigError(f"config file '{parent}' extends itself (cycle: {' -> '.join(seen + (target,))})")
+            merged = deep_merge(merged, load_file(target, seen))
+        else:
+            if parent in seen:
+                raise ConfigError(f"preset '{parent}' extends itself (cycle: {' -> '.join(seen + (parent,))})")
+            merged = deep_merge(merged, load_preset(parent, seen))
     return deep_merge(merged, data)
 
 
