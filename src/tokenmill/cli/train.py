@@ -9,6 +9,7 @@ import argparse
 
 from tokenmill.cli.common import add_config_arguments, presets_from_args
 from tokenmill.config import Config, load_config
+from tokenmill.errors import ConfigError
 
 DEMO_PRESET = "demo"
 
@@ -42,6 +43,9 @@ def config_from_train_args(args: argparse.Namespace) -> Config:
     presets = presets_from_args(args)
     if not presets and args.config_file is None:
         presets = [DEMO_PRESET]
+    if args.grad_accum is not None and str(args.grad_accum).strip().lstrip("+").isdigit() and int(args.grad_accum) < 1:
+        raise ConfigError(f"--grad-accum {args.grad_accum} is not allowed: give the micro-steps per optimizer step "
+                          f"(>= 1); leave it out to derive them from train.global_batch_tokens")
     shortcuts = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
     if args.compile:
         shortcuts.append("train.compile=true")
