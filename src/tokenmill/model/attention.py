@@ -170,6 +170,7 @@ class FlashAttnBackend:
         return out.transpose(1, 2)
 
 
+# The keys are ATTENTION_NAMES in model/config.py, the names config validation accepts (a test keeps them equal).
 ATTENTION: dict[str, type] = {
     "sdpa": SDPABackend,
     "eager": EagerBackend,

@@ -1,10 +1,22 @@
-"""The `model` config section: every architectural choice of the decoder, by name (SPEC M1-M4)."""
+"""The `model` config section: every architectural choice of the decoder, by name.
+
+The names of each choice live here, so validating a config imports no torch; the registries that map these
+names to code (`NORMS` in model/norms.py, `ATTENTION` in model/attention.py, ...) must have exactly these keys.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from tokenmill.config.fields import opt, require, require_choice, require_positive
+
+NORM_NAMES = ("layernorm", "layernorm_nobias", "rmsnorm")
+NORM_POSITION_NAMES = ("pre", "post")
+POSITION_NAMES = ("learned", "rope", "none")
+FFN_NAMES = ("mlp", "swiglu")
+ACTIVATION_NAMES = ("gelu", "gelu_tanh", "silu", "relu", "leaky_relu")
+ATTENTION_NAMES = ("sdpa", "eager", "flex", "flash_attn")
+INIT_NAMES = ("normal", "fan_in", "deepnet")
 
 
 @dataclass
@@ -23,7 +35,8 @@ class ModelConfig:
     position: str = opt("rope", "position encoding (POSITIONS): learned, rope, none")
     rope_theta: float = opt(10000.0, "RoPE base frequency")
     ffn: str = opt("swiglu", "feed-forward type (FFNS): mlp or swiglu")
-    activation: str = opt("silu", "activation of the mlp FFN (ACTIVATIONS); swiglu always gates with silu")
+    activation: str = opt("silu", "activation of the mlp FFN (ACTIVATIONS): gelu, gelu_tanh, silu, relu, leaky_relu; "
+                                 "swiglu always gates with silu")
     ffn_mult: float = opt(4.0, "mlp hidden = ffn_mult x d_model (swiglu: 2/3 of that, rounded)")
     ffn_hidden: int = opt(0, "explicit FFN hidden width; 0 = derived from ffn_mult and multiple_of")
     multiple_of: int = opt(256, "round a derived swiglu hidden width up to this multiple")
@@ -54,14 +67,6 @@ class ModelConfig:
         return hidden
 
     def validate(self) -> None:
-        # Registries live with the code that owns them (STYLE rule 4); imported here, not at module load.
-        from tokenmill.model.attention import ATTENTION
-        from tokenmill.model.ffn import ACTIVATIONS, FFNS
-        from tokenmill.model.init import INITS
-        from tokenmill.model.norms import NORMS
-        from tokenmill.model.position import POSITIONS
-        from tokenmill.model.transformer import NORM_POSITIONS
-
         require_positive(self, "model", "n_layers", "d_model", "n_heads", "max_seq_len", "norm_eps", "rope_theta")
         require_positive(self, "model", "n_kv_heads", "head_dim", "vocab_size", "ffn_hidden", allow_zero=True)
         require_positive(self, "model", "vocab_multiple_of", "multiple_of", "ffn_mult", "init_std")
@@ -72,13 +77,13 @@ class ModelConfig:
         require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
         require(self.position != "rope" or self.resolved_head_dim() % 2 == 0, "model.head_dim",
                 self.resolved_head_dim(), "rope needs an even head dimension")
-        require_choice("model.norm", self.norm, NORMS)
-        require_choice("model.norm_position", self.norm_position, NORM_POSITIONS)
-        require_choice("model.position", self.position, POSITIONS)
-        require_choice("model.ffn", self.ffn, FFNS)
-        require_choice("model.activation", self.activation, ACTIVATIONS)
-        require_choice("model.attention", self.attention, ATTENTION)
-        require_choice("model.init", self.init, INITS)
+        require_choice("model.norm", self.norm, NORM_NAMES)
+        require_choice("model.norm_position", self.norm_position, NORM_POSITION_NAMES)
+        require_choice("model.position", self.position, POSITION_NAMES)
+        require_choice("model.ffn", self.ffn, FFN_NAMES)
+        require_choice("model.activation", self.activation, ACTIVATION_NAMES)
+        require_choice("model.attention", self.attention, ATTENTION_NAMES)
+        require_choice("model.init", self.init, INIT_NAMES)
         # DeepNorm scales the residual stream by (2N)^(1/4) before a norm; under pre-norm the stream would grow
         # as alpha^(2N) instead (arXiv:2203.00555 defines it for post-norm only).
         require(self.init != "deepnet" or self.norm_position == "post", "model.init", self.init,

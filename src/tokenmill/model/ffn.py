@@ -17,6 +17,7 @@ from torch import nn
 
 from tokenmill.model.config import ModelConfig
 
+# The keys are ACTIVATION_NAMES in model/config.py, the names config validation accepts (a test keeps them equal).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact erf GELU (Hendrycks & Gimpel 2016)
     "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's tanh approximation ("gelu_new" in HF)
@@ -54,6 +55,7 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# The keys are FFN_NAMES in model/config.py, the names config validation accepts (a test keeps them equal).
 FFNS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "swiglu": SwiGLU,

@@ -75,6 +75,7 @@ class DeepNetInit(NormalInit):
         return deepnet_alpha(cfg.n_layers)
 
 
+# The keys are INIT_NAMES in model/config.py, the names config validation accepts (a test keeps them equal).
 INITS: dict[str, type[NormalInit]] = {
     "normal": NormalInit,
     "fan_in": FanInInit,

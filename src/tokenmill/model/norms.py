@@ -43,6 +43,7 @@ def _layernorm_nobias(dim: int, eps: float) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps, bias=False)
 
 
+# The keys are NORM_NAMES in model/config.py, the names config validation accepts (a test keeps them equal).
 NORMS: dict[str, Callable[[int, float], nn.Module]] = {
     "layernorm": _layernorm,  # GPT-2: LayerNorm with weight and bias
     "layernorm_nobias": _layernorm_nobias,  # LayerNorm without bias (OLMo-style)

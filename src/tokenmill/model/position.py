@@ -90,6 +90,7 @@ class PositionKind:
     rotary: bool
 
 
+# The keys are POSITION_NAMES in model/config.py, the names config validation accepts (a test keeps them equal).
 POSITIONS: dict[str, PositionKind] = {
     "learned": PositionKind(table=True, rotary=False),  # GPT-2: pos_emb added to tok_emb
     "rope": PositionKind(table=False, rotary=True),  # Llama: rotate q and k

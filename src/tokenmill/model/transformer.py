@@ -47,6 +47,7 @@ class NormPosition:
     final_norm: bool
 
 
+# The keys are NORM_POSITION_NAMES in model/config.py, the names config validation accepts (a test keeps them equal).
 NORM_POSITIONS: dict[str, NormPosition] = {
     "pre": NormPosition(step=_pre_norm_step, final_norm=True),
     "post": NormPosition(step=_post_norm_step, final_norm=False),

@@ -1,10 +1,17 @@
-"""The `optim` and `schedule` config sections (SPEC T2, T3)."""
+"""The `optim` and `schedule` config sections, with the names of every optimizer and LR schedule.
+
+The names live here, so validating a config imports no torch; `OPTIMIZERS` in optim/optimizers.py and
+`SCHEDULES` in optim/schedules.py must have exactly these keys.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from tokenmill.config.fields import opt, require, require_choice, require_positive
+
+OPTIMIZER_NAMES = ("adamw", "adafactor", "muon", "adamw8bit")
+SCHEDULE_NAMES = ("cosine", "wsd", "wsd-linear", "infinite", "constant", "linear")
 
 
 @dataclass
@@ -23,9 +30,7 @@ class OptimConfig:
     stochastic_rounding_seed: int = opt(0, "adafactor: seed of the bf16 stochastic-rounding random bits")
 
     def validate(self) -> None:
-        from tokenmill.optim.optimizers import OPTIMIZERS
-
-        require_choice("optim.name", self.name, OPTIMIZERS)
+        require_choice("optim.name", self.name, OPTIMIZER_NAMES)
         require_positive(self, "optim", "lr", "eps", "muon_lr")
         require_positive(self, "optim", "weight_decay", "muon_weight_decay", allow_zero=True)
         require(0 <= self.muon_momentum < 1, "optim.muon_momentum", self.muon_momentum, "must be in [0, 1)")
@@ -44,9 +49,7 @@ class ScheduleConfig:
     anneal_steps: int = opt(0, "infinite: final anneal from the constant LR to min_lr_ratio; 0 = none")
 
     def validate(self) -> None:
-        from tokenmill.optim.schedules import SCHEDULES
-
-        require_choice("schedule.name", self.name, SCHEDULES)
+        require_choice("schedule.name", self.name, SCHEDULE_NAMES)
         require_positive(self, "schedule", "warmup_steps", "min_cooldown_tokens", "anneal_steps", allow_zero=True)
         require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         require(0 < self.decay_ratio <= 1, "schedule.decay_ratio", self.decay_ratio, "must be in (0, 1]")

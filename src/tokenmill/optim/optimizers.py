@@ -97,6 +97,7 @@ def build_muon(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: float) -
     return MuonWithAdamW(groups, adamw_options={"fused": True} if fused else {})
 
 
+# The keys are OPTIMIZER_NAMES in optim/config.py, the names config validation accepts (a test keeps them equal).
 OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig, float, float], torch.optim.Optimizer]] = {
     "adamw": build_adamw,
     "adafactor": build_adafactor,

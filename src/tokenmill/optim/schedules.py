@@ -129,6 +129,7 @@ def infinite(step: int, total_steps: int, warmup_steps: int, cfg: ScheduleConfig
     return before_anneal(step)
 
 
+# The keys are SCHEDULE_NAMES in optim/config.py, the names config validation accepts (a test keeps them equal).
 SCHEDULES: dict[str, Schedule] = {
     "cosine": cosine,
     "wsd": wsd,

@@ -1,4 +1,8 @@
-"""The `parallel` config section: strategy, pipeline and FSDP options."""
+"""The `parallel` config section: strategy, pipeline and FSDP options.
+
+The names of the choices live here, so validating a config imports no torch; `PP_SCHEDULES` in
+parallel/pipeline.py and `FSDP_DTYPES` in parallel/data_parallel.py must have exactly these keys.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,9 @@ from dataclasses import dataclass
 from tokenmill.config.fields import opt, require_choice, require_positive
 
 STRATEGIES = ("single", "ddp", "zero1", "fsdp")
+PP_SCHEDULE_NAMES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble")
+INIT_MODES = ("full", "sharded")
+FSDP_DTYPE_NAMES = ("fp32", "bf16")
 
 
 @dataclass
@@ -24,11 +31,9 @@ class ParallelConfig:
                     "process); sharded: each rank initialises only its shards/stages (models too big for one device)")
 
     def validate(self) -> None:
-        from tokenmill.parallel.pipeline import PP_SCHEDULES
-
         require_choice("parallel.strategy", self.strategy, STRATEGIES)
         require_positive(self, "parallel", "pp", "pp_microbatch_scale", "timeout_s")
-        require_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
-        require_choice("parallel.init", self.init, ("full", "sharded"))
-        require_choice("parallel.fsdp_param_dtype", self.fsdp_param_dtype, ("fp32", "bf16"))
-        require_choice("parallel.fsdp_reduce_dtype", self.fsdp_reduce_dtype, ("fp32", "bf16"))
+        require_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULE_NAMES)
+        require_choice("parallel.init", self.init, INIT_MODES)
+        require_choice("parallel.fsdp_param_dtype", self.fsdp_param_dtype, FSDP_DTYPE_NAMES)
+        require_choice("parallel.fsdp_reduce_dtype", self.fsdp_reduce_dtype, FSDP_DTYPE_NAMES)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tokenmill.errors import UserError
 
 # schedule name (parallel.pp_schedule) -> (torch.distributed.pipelining class name, stages per rank)
+# The keys are PP_SCHEDULE_NAMES in parallel/config.py, the names config validation accepts (a test keeps them equal).
 PP_SCHEDULES: dict[str, tuple[str, int]] = {
     "GPipe": ("ScheduleGPipe", 1),
     "1F1B": ("Schedule1F1B", 1),
