@@ -1,10 +1,10 @@
-# Two entry points that work on a fresh machine: `make demo` (train the embedded demo) and `make test`.
+# Entry points that work on a fresh machine: `make demo` (train the embedded demo), `make lint` and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test gpu-test bench setup clean
+.PHONY: demo lint test gpu-test bench setup clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,16 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/tokenmill train --overwrite
+
+# Lint, format check and import contracts (pyproject.toml: [tool.ruff*], [tool.importlinter]). All three run
+# and each reports, so one failure does not hide the others; the target fails if any did.
+LINT_PATHS := src tests benchmarks
+lint: $(STAMP)
+	@status=0; \
+	$(BIN)/ruff check --output-format concise $(LINT_PATHS) || status=1; \
+	$(BIN)/ruff format --check --output-format concise $(LINT_PATHS) || status=1; \
+	PYTHONPATH=src $(BIN)/lint-imports --no-cache || status=1; \
+	exit $$status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --timeout 600

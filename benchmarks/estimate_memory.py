@@ -14,8 +14,8 @@ import torch
 
 def measure(cfg, micro_batch: int, ac: str) -> int:
     """Peak bytes allocated over the second of two optimizer steps (the first one creates AdamW's state)."""
-    from tokenmill.model import build_model
     from tokenmill.levers.activation_checkpointing import apply_activation_checkpointing
+    from tokenmill.model import build_model
 
     model = build_model(cfg.model, device="cuda")
     if ac != "none":

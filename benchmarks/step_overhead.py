@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import os
 import platform
 import statistics
@@ -87,7 +88,7 @@ def now() -> tuple[float, float]:
 
 def step_times(starts: list[tuple[float, float]]) -> dict[str, list[float]]:
     """Wall and CPU seconds of each step from step start times, skipping the warm-up steps."""
-    return {clock: [b[i] - a[i] for a, b in zip(starts, starts[1:])][WARMUP:]
+    return {clock: [b[i] - a[i] for a, b in itertools.pairwise(starts)][WARMUP:]
             for i, clock in enumerate(("wall", "cpu"))}
 
 

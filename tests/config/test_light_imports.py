@@ -21,17 +21,18 @@ def imported_modules(code: str) -> set[str]:
     is read too.
     """
     dump = f"import atexit, sys; atexit.register(lambda: print(*('{LOADED}' + m for m in sys.modules), sep='\\n'))\n"
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", dump + code], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", dump + code], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     reported = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
-    loaded = [line[len(LOADED):] for line in proc.stdout.splitlines() if line.startswith(LOADED)]
+    loaded = [line[len(LOADED) :] for line in proc.stdout.splitlines() if line.startswith(LOADED)]
     return set(reported[1:]) | set(loaded)  # reported[0] is importtime's column header
 
 
 def as_main(*argv: str) -> str:
     """Code that runs `python -m tokenmill ARGV`."""
-    return f"import runpy; sys.argv = ['tokenmill', *{list(argv)!r}]; runpy.run_module('tokenmill', run_name='__main__')"
+    return f"import runpy; sys.argv = {['tokenmill', *argv]!r}; runpy.run_module('tokenmill', run_name='__main__')"
 
 
 # (code, a module it must import: proves the modules were read and the path was exercised)

@@ -20,7 +20,6 @@ import yaml
 from tokenmill.config.run import Config
 from tokenmill.errors import ConfigError
 
-
 # ---------------------------------------------------------------------------------------------------
 # Presets
 

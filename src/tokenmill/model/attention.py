@@ -11,12 +11,12 @@ backend with one interface:
 block-diagonal causal (a token sees only earlier tokens of its own document); without it, plain causal
 and every backend takes its `is_causal` fast path.
 
-| backend    | no doc_ids                  | doc_ids                                         | notes                          |
-| ---------- | --------------------------- | ----------------------------------------------- | ------------------------------ |
-| sdpa       | SDPA is_causal (flash/cuDNN)| SDPA with a (B, 1, T, T) bool mask              | dense mask: O(T^2) memory      |
-| eager      | explicit softmax(QK^T)V     | same math with the bool mask                    | the reference for the tests    |
-| flex       | FlexAttention causal mask   | FlexAttention BlockMask from doc_ids            | no CPU backward in torch 2.13  |
-| flash_attn | flash_attn_func causal      | flash_attn_varlen_func with cu_seqlens          | CUDA, fp16/bf16 only           |
+| backend    | no doc_ids                   | doc_ids                                | notes                         |
+| ---------- | ---------------------------- | -------------------------------------- | ----------------------------- |
+| sdpa       | SDPA is_causal (flash/cuDNN) | SDPA with a (B, 1, T, T) bool mask     | dense mask: O(T^2) memory     |
+| eager      | explicit softmax(QK^T)V      | same math with the bool mask           | the reference for the tests   |
+| flex       | FlexAttention causal mask    | FlexAttention BlockMask from doc_ids   | no CPU backward in torch 2.13 |
+| flash_attn | flash_attn_func causal       | flash_attn_varlen_func with cu_seqlens | CUDA, fp16/bf16 only          |
 """
 
 from __future__ import annotations

@@ -110,17 +110,18 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """Initialise every parameter (and the RoPE cache); the only place init is decided (STYLE rule 2).
 
-        | parameter                         | normal                    | fan_in                          | deepnet                         |
-        | --------------------------------- | ------------------------- | ------------------------------- | ------------------------------- |
-        | tok_emb, pos_emb                  | N(0, init_std)            | N(0, init_std)                  | N(0, init_std)                  |
-        | q_proj, k_proj                    | N(0, init_std)            | N(0, 1/sqrt(fan_in))            | xavier normal, gain 1           |
-        | v_proj, gate_proj, up_proj        | N(0, init_std)            | N(0, 1/sqrt(fan_in))            | xavier normal, gain beta        |
-        | o_proj, down_proj (residual)      | N(0, init_std/sqrt(2L))   | N(0, 1/sqrt(fan_in)/sqrt(2L))   | xavier normal, gain beta        |
-        | head (untied)                     | N(0, init_std)            | N(0, 1/sqrt(d))                 | N(0, 1/sqrt(d))                 |
-        | linear biases                     | 0                         | 0                               | 0                               |
-        | norm weights / biases (incl. QK)  | 1 / 0                     | 1 / 0                           | 1 / 0                           |
+        | parameter                    | normal                  | fan_in                        | deepnet           |
+        | ---------------------------- | ----------------------- | ----------------------------- | ----------------- |
+        | tok_emb, pos_emb             | N(0, init_std)          | N(0, init_std)                | N(0, init_std)    |
+        | q_proj, k_proj               | N(0, init_std)          | N(0, 1/sqrt(fan_in))          | xavier, gain 1    |
+        | v_proj, gate_proj, up_proj   | N(0, init_std)          | N(0, 1/sqrt(fan_in))          | xavier, gain beta |
+        | o_proj, down_proj (residual) | N(0, init_std/sqrt(2L)) | N(0, 1/sqrt(fan_in)/sqrt(2L)) | xavier, gain beta |
+        | head (untied)                | N(0, init_std)          | N(0, 1/sqrt(d))               | N(0, 1/sqrt(d))   |
+        | linear biases                | 0                       | 0                             | 0                 |
+        | norm weight / bias, QK too   | 1 / 0                   | 1 / 0                         | 1 / 0             |
 
-        L = n_layers; DeepNet: beta = (8L)^(-1/4) and residual alpha = (2L)^(1/4) (see model/init.py).
+        L = n_layers; xavier = torch.nn.init.xavier_normal_; DeepNet (arXiv:2203.00555): beta = (8L)^(-1/4) and
+        residual alpha = (2L)^(1/4) (see model/init.py).
         """
         cfg = self.cfg
         scheme = INITS[cfg.init]()

@@ -176,7 +176,7 @@ class ScheduledLR(torch.optim.lr_scheduler.LRScheduler):
         self._step_count = int(state_dict["_step_count"])
         self.base_lrs = [float(x) for x in state_dict["base_lrs"]]
         self._last_lr = [float(x) for x in state_dict["_last_lr"]]
-        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
             group["lr"] = lr
 
 

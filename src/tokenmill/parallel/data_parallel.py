@@ -84,7 +84,7 @@ def allreduce_grads(params: list[nn.Parameter], group: Any, world: int) -> None:
         flat = _flatten_dense_tensors(grads)
         tdist.all_reduce(flat, group=group)  # SUM: gloo has no AVG
         flat.div_(world)
-        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             g.copy_(synced)
 
 

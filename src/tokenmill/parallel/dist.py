@@ -80,8 +80,8 @@ def init_distributed(parallel_cfg: Any, device: str = "auto") -> DistInfo:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if rank == 0 and stale_store_risk():
         warnings.warn("torchrun --max-restarts with its shared rendezvous store can hand restarted workers the "
-                      "addresses of the dead ones (pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                      "before torchrun (deploy/ scripts do)", stacklevel=2)
+                      "addresses of the dead ones (pytorch/pytorch#135712); export "
+                      "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (deploy/ scripts do)", stacklevel=2)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=int(getattr(parallel_cfg, "timeout_s", 600)))
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}

@@ -175,7 +175,8 @@ def build_schedule(parts: PipelineParts, n_micro: int, device: torch.device, pp_
 
     cls_name, spr = schedule_info(parts.schedule_name)
     modules = modules or parts.stages
-    pstages = [PipelineStage(m, s, parts.n_stages, device, group=pp_group) for m, s in zip(modules, parts.stage_ids)]
+    pstages = [PipelineStage(m, s, parts.n_stages, device, group=pp_group)
+               for m, s in zip(modules, parts.stage_ids, strict=True)]
     cls = getattr(schedules, cls_name)
     parts.n_microbatches = n_micro
     if spr == 1:
