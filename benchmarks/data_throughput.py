@@ -1,10 +1,10 @@
-"""Data pipeline throughput (SPEC performance targets; issue 3 benchmark). Prints a table; asserts nothing.
+"""Data pipeline throughput against the data-loading speed goals below. Prints a table; asserts nothing.
 
 Rows:
 - shard loader tokens/s in one process (goal >= 50M tokens/s): B x (T+1) windows from a prepared uint16
   folder of --tokens random tokens, read for one whole epoch;
 - resident memory (VmRSS) before and after that read, next to a naive np.memmap that keeps its map
-  (the nanoGPT #287 leak the loader avoids);
+  (the leak of karpathy/nanoGPT#287 that the loader avoids);
 - streaming tokenize + pack tokens/s (data.loader, 0 workers, no shuffle buffer so that every window is
   tokenized inside the timed loop, a BPE trained on stdlib, stdlib documents from a jsonl file) against
   raw `tokenizers` encode_batch of the same documents in the same process (goal >= 90% of raw);

@@ -1,4 +1,4 @@
-"""Measured vs estimated training memory (SPEC M5): peak CUDA memory of real bf16 AdamW steps against
+"""Measured vs estimated training memory: peak CUDA memory of real bf16 AdamW steps against
 `tokenmill estimate`'s plan, with and without activation checkpointing. Prints a table; needs a CUDA GPU.
 
     python benchmarks/estimate_memory.py [--preset gpt2-124m --preset llama-124m ...] [--micro-batch 8]
@@ -49,6 +49,7 @@ def main() -> int:
     from tokenmill.config import load_config
     from tokenmill.metrics.estimate import estimate
     from tokenmill.metrics.flops import GPUS, lookup_gpu
+    from tokenmill.metrics.memory import GIB
 
     gpu = lookup_gpu(torch.cuda.get_device_name()) or GPUS["H100 SXM"]
     print(f"{'preset':<14} {'B':>3} {'AC':<5} {'estimated GiB':>14} {'measured GiB':>13} {'est/meas':>9}")
@@ -59,10 +60,10 @@ def main() -> int:
             try:
                 measured = measure(cfg, args.micro_batch, ac)
             except torch.cuda.OutOfMemoryError:
-                print(f"{preset:<14} {args.micro_batch:>3} {ac:<5} {plan[key] / 2**30:>14.2f} {'OOM':>13}")
+                print(f"{preset:<14} {args.micro_batch:>3} {ac:<5} {plan[key] / GIB:>14.2f} {'OOM':>13}")
                 torch.cuda.empty_cache()
                 continue
-            print(f"{preset:<14} {args.micro_batch:>3} {ac:<5} {plan[key] / 2**30:>14.2f} {measured / 2**30:>13.2f} "
+            print(f"{preset:<14} {args.micro_batch:>3} {ac:<5} {plan[key] / GIB:>14.2f} {measured / GIB:>13.2f} "
                   f"{plan[key] / measured:>9.2f}")
     return 0
 

@@ -1,5 +1,5 @@
-"""Training-step overhead of tokenmill over a bare PyTorch loop, and demo tokens/s (SPEC performance targets:
-CPU overhead <= 5%). Prints a table; not a test.
+"""Training-step overhead of tokenmill over a bare PyTorch loop, and demo tokens/s (goal: CPU overhead <= 5%).
+Prints a table; not a test.
 
     OMP_NUM_THREADS=1 python benchmarks/step_overhead.py [--threads 1] [--steps 5] [--rounds 5] [--no-compile]
 

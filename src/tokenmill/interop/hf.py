@@ -1,4 +1,4 @@
-"""Hugging Face conversion (SPEC A3): tokenmill Transformer <-> transformers GPT2LMHeadModel / LlamaForCausalLM.
+"""Hugging Face conversion: tokenmill Transformer <-> transformers GPT2LMHeadModel / LlamaForCausalLM.
 
 Weights convert by renaming, except GPT-2's Conv1D layers, which store (in, out) matrices (transposed
 against nn.Linear) and fuse q, k, v into one `c_attn`. RoPE is the rotate-half layout on both sides, so

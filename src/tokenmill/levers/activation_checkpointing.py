@@ -1,10 +1,10 @@
 """Activation checkpointing (AC): recompute a block's activations in backward instead of storing them.
 
-Applied from outside the model (STYLE rule 1) by wrapping entries of `model.blocks` with PyTorch's
-`checkpoint_wrapper` in non-reentrant mode (the mode that works with torch.compile, FSDP2 and
-`torch.autograd.grad`; reentrant AC is deprecated, see torch.utils.checkpoint docs). The RNG state is
-stashed and restored, so dropout masks in the recomputation equal the first pass and the loss and
-gradients equal the un-checkpointed model exactly.
+Applied from outside the model (model code stays plain single-device PyTorch) by wrapping entries of
+`model.blocks` with PyTorch's `checkpoint_wrapper` in non-reentrant mode (the mode that works with
+torch.compile, FSDP2 and `torch.autograd.grad`; reentrant AC is deprecated, see torch.utils.checkpoint docs).
+The RNG state is stashed and restored, so dropout masks in the recomputation equal the first pass and the
+loss and gradients equal the un-checkpointed model exactly.
 
 State-dict keys: the wrapper inserts `_checkpoint_wrapped_module.` into parameter names, but it
 registers state-dict hooks that strip it on save and add it on load, so `model.state_dict()` keys are

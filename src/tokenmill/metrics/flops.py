@@ -1,6 +1,6 @@
 """Hardware peaks and model FLOPs: the GPU table, FLOPs per training token, and MFU.
 
-Conventions (shared/research/perf_anchors.md; the same ones the start-up banner and per-step MFU use):
+Conventions (the same ones the start-up banner and per-step MFU use; each cites its public source):
 - Peaks are **dense** tensor-core TFLOPS, without 2:4 sparsity. NVIDIA datasheets quote the sparse
   figure for the tensor-core rows; the dense figure is half of it ("Specifications are one-half lower
   without sparsity" - datasheet footnote, also quoted in torchtitan's `get_peak_flops`).

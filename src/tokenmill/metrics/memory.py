@@ -63,7 +63,7 @@ class MemoryMode:
 
 MODES: dict[str, MemoryMode] = {
     "fp32": MemoryMode("fp32", weight=4, grad=4, activation=4, residual=4, weight_copy=0),
-    # fp32 master weights and grads, bf16 compute (tokenmill.train.precision: autocast, SPEC T4).
+    # fp32 master weights and grads, bf16 compute (tokenmill.train.precision: autocast).
     "bf16-mixed": MemoryMode("bf16-mixed", weight=4, grad=4, activation=2, residual=4, weight_copy=2),
 }
 

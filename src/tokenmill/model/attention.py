@@ -1,4 +1,4 @@
-"""Causal self-attention and its backends, chosen by name through `ATTENTION` (SPEC M1, M2).
+"""Causal self-attention and its backends, chosen by name through `ATTENTION`.
 
 `Attention` owns the projections (q/k/v/o, Hugging Face Llama names), grouped-query heads (`n_kv_heads`),
 the optional per-head QK RMSNorm (Qwen3 / OLMo2 style) and RoPE. The score computation is delegated to a

@@ -1,4 +1,4 @@
-"""Feed-forward layers and activations, chosen by name through `FFNS` and `ACTIVATIONS` (SPEC M1).
+"""Feed-forward layers and activations, chosen by name through `FFNS` and `ACTIVATIONS`.
 
 - `mlp`: down(act(up(x))), hidden = ffn_mult x d (GPT-2: 4x, GELU-tanh).
 - `swiglu`: down(silu(gate(x)) * up(x)) (Shazeer 2020, arXiv:2002.05202), hidden = 2/3 of 4d rounded up to

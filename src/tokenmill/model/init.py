@@ -1,4 +1,4 @@
-"""Initialisation schemes, chosen by name through `INITS` (SPEC M3); applied only by `Transformer.init_weights()`.
+"""Initialisation schemes, chosen by name through `INITS`; applied only by `Transformer.init_weights()`.
 
 A scheme answers three questions; `init_weights()` asks them for every parameter:
 - `linear_std(role, fan_in, fan_out, cfg)`: std of the normal init of a linear weight, by its role

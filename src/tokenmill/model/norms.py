@@ -1,4 +1,4 @@
-"""Normalisation layers, chosen by name through `NORMS` (SPEC M1).
+"""Normalisation layers, chosen by name through `NORMS`.
 
 Every entry is a constructor `(dim, eps) -> nn.Module` whose parameters are named `weight` (and `bias`
 for `layernorm`), so state-dict keys stay `*.weight` / `*.bias` for every choice (Hugging Face GPT-2 and

@@ -1,4 +1,4 @@
-"""Position encodings, chosen by name through `POSITIONS` (SPEC M1): learned, rope, none.
+"""Position encodings, chosen by name through `POSITIONS`: learned, rope, none.
 
 - `learned`: a (max_seq_len, d_model) table added to the token embeddings (GPT-2). The table itself is the
   Transformer's `pos_emb` (state-dict key `pos_emb.weight`); this module only says how to index it.

@@ -1,9 +1,10 @@
-"""The decoder-only Transformer: embeddings, blocks, final norm, output head and next-token loss (SPEC M1, M7).
+"""The decoder-only Transformer: embeddings, blocks, final norm, output head and next-token loss.
 
-Plain single-device PyTorch (STYLE rule 1): parallelism, activation checkpointing and torch.compile are
-applied from `tokenmill.parallel`. Build it on the meta device and call `init_weights()` once
+Plain single-device PyTorch, never importing torch.distributed: parallelism, activation checkpointing and
+torch.compile are applied from outside (`tokenmill.parallel`, `tokenmill.levers`), so the model reads the same
+for one CPU and for a pipeline-parallel FSDP run. Build it on the meta device and call `init_weights()` once
 (`tokenmill.model.build_model` does both). Parameter names follow Hugging Face Llama inside blocks so
-GPT-2 and Llama checkpoints convert by renaming only (keys listed in notes/common.md).
+GPT-2 and Llama checkpoints convert by renaming only (the key maps are in `tokenmill.interop.hf`).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter (and the RoPE cache); the only place init is decided (STYLE rule 2).
+        """Initialise every parameter (and the RoPE cache); the only place init is decided,
+        so a model built on the meta device and initialised once (after any sharding) misses no parameter.
 
         | parameter                    | normal                  | fan_in                        | deepnet           |
         | ---------------------------- | ----------------------- | ----------------------------- | ----------------- |
@@ -183,7 +185,7 @@ class Transformer(nn.Module):
 
     def loss(self, window: torch.Tensor, doc_ids: torch.Tensor | None = None, ignore_index: int = -100,
              chunk_size: int = 0, reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy of a (B, T+1) window: inputs window[:, :-1], targets window[:, 1:] (SPEC M7).
+        """Next-token cross-entropy of a (B, T+1) window: inputs window[:, :-1], targets window[:, 1:].
 
         reduction "mean" averages over targets != ignore_index; "sum" returns the summed token loss (the
         trainer divides by the global token count under gradient accumulation). chunk_size > 0 runs head +

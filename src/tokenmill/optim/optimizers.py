@@ -1,4 +1,4 @@
-"""Optimizer registry (SPEC T2): `OPTIMIZERS[name](model, optim_cfg, lr, lr_scale) -> torch.optim.Optimizer`.
+"""Optimizer registry: `OPTIMIZERS[name](model, optim_cfg, lr, lr_scale) -> torch.optim.Optimizer`.
 
 Every builder uses the parameter roles of `param_groups.py` (no decay on norms, biases, embeddings unless
 `optim.decay_norms_biases_embeddings`), so all optimizers agree on which parameters decay. Every returned
@@ -20,7 +20,7 @@ from tokenmill.optim.param_groups import MUON_ROLES, build_param_groups, decays,
 
 
 def scaled_lr(lr: float, global_batch_sequences: int, enabled: bool) -> float:
-    """lr x sqrt(global batch in sequences) when enabled (seed 004's rule; square-root scaling keeps the
+    """lr x sqrt(global batch in sequences) when enabled (square-root scaling keeps the
     update's noise scale constant as the batch grows: Krizhevsky 2014 arXiv:1404.5997, Malladi et al. 2022
     arXiv:2205.10287 for Adam)."""
     if not enabled:

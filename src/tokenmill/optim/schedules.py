@@ -1,4 +1,4 @@
-"""LR schedules (SPEC T3): `SCHEDULES[name](step, total_steps, warmup_steps, cfg, tokens_per_step) -> multiplier`.
+"""LR schedules: `SCHEDULES[name](step, total_steps, warmup_steps, cfg, tokens_per_step) -> multiplier`.
 
 A schedule returns a multiplier in [0, 1] of each param group's base LR (so Muon's matrix LR and AdamW's LR
 follow the same shape). Every schedule starts with the same linear warmup:
@@ -95,7 +95,7 @@ def wsd_linear(step: int, total_steps: int, warmup_steps: int, cfg: ScheduleConf
 
 
 def infinite_cooldown_steps(total_steps: int, cfg: ScheduleConfig, tokens_per_step: int) -> float:
-    """Seed 004's adaptive cooldown length: max(min_cooldown_tokens / tokens_per_step, 0.7 x total_steps).
+    """Adaptive cooldown length of the infinite schedule: max(min_cooldown_tokens / tokens_per_step, 0.7 x total_steps).
 
     A short run therefore keeps its LR near the peak (its cooldown ends long after the run does, and a
     cosine starts flat) while a long run decays over 70% of its steps.
@@ -106,9 +106,10 @@ def infinite_cooldown_steps(total_steps: int, cfg: ScheduleConfig, tokens_per_st
 
 
 def infinite(step: int, total_steps: int, warmup_steps: int, cfg: ScheduleConfig, tokens_per_step: int) -> float:
-    """Seed 004's infinite schedule: warmup; cosine cooldown from 1 to `constant_lr_ratio` over the adaptive
-    cooldown length; constant; then, if `anneal_steps` > 0, a linear anneal over the last `anneal_steps` from
-    wherever the curve is (the constant, unless the cooldown is still running) to `min_lr_ratio`.
+    """Infinite schedule (Ibrahim et al. 2024, arXiv:2403.08763): warmup; cosine cooldown from 1 to
+    `constant_lr_ratio` over the adaptive cooldown length; constant; then, if `anneal_steps` > 0, a linear anneal
+    over the last `anneal_steps` from wherever the curve is (the constant, unless the cooldown is still running)
+    to `min_lr_ratio`.
 
     When the cooldown is longer than the run the LR never reaches the constant: intended, it stays high.
     The constant phase makes any checkpoint a valid starting point to continue pretraining or to anneal.

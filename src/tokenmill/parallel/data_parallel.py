@@ -1,7 +1,7 @@
-"""Data-parallel wrappers: DDP (P1), ZeRO-1 optimizer sharding (P2) and FSDP2 `fully_shard` (P3).
+"""Data-parallel wrappers: DDP, ZeRO-1 optimizer sharding and FSDP2 `fully_shard`.
 
-Each function transforms a plain single-device model (or optimizer) from the outside (STYLE rule 1);
-`tokenmill.parallel.engine.apply_parallelism` calls them in the one documented order.
+Each function transforms a plain single-device model (or optimizer) from the outside, so model code stays
+single-device; `tokenmill.parallel.engine.apply_parallelism` calls them in the one documented order.
 
 Gradient accumulation: every strategy all-reduces (or reduce-scatters) gradients during backward; on the
 accumulation micro-steps that do not end an optimizer step that traffic is wasted, so the loop wraps them
@@ -148,7 +148,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, dist: DistInfo) -> di
 # FSDP2
 
 def apply_fsdp(model: nn.Module, parallel_cfg: Any, mesh: Any = None) -> nn.Module:
-    """`fully_shard` each block, then the root (embedding, final norm, head) - FSDP2 (P3).
+    """`fully_shard` each block, then the root (embedding, final norm, head) - FSDP2.
 
     One block = one all-gather / reduce-scatter unit, so communication for block i+1 overlaps compute of
     block i. The last block keeps its parameters gathered after forward (backward needs them at once;

@@ -5,7 +5,7 @@ and creates the default process group: NCCL when the device is CUDA, gloo on CPU
 torchrun (no WORLD_SIZE), it returns a single-process DistInfo and creates no group, so every helper
 here (`barrier`, `all_reduce`, ...) degrades to a no-op and the same training code runs everywhere.
 
-Failure behaviour (SPEC P5): the collective timeout is `parallel.timeout_s`; a rank that raises calls
+Failure behaviour: the collective timeout is `parallel.timeout_s`; a rank that raises calls
 `destroy_distributed()` on its way out and exits non-zero, and torchrun's agent then tears down the
 other ranks (they would otherwise wait at the next collective until the timeout).
 """
@@ -113,7 +113,7 @@ def get_world_size() -> int:
 
 
 def print0(*args: Any, **kw: Any) -> None:
-    """print() on rank 0 only (STYLE rule 9)."""
+    """print() on rank 0 only, so a message appears once per run rather than once per process."""
     if get_rank() == 0:
         print(*args, **kw)
 

@@ -1,4 +1,4 @@
-"""Pipeline parallelism (SPEC P4): split the blocks into stages and run a torch.distributed.pipelining schedule.
+"""Pipeline parallelism: split the blocks into stages and run a torch.distributed.pipelining schedule.
 
 Layout. The `pp` ranks of one data-parallel replica hold `pp x stages_per_rank` consecutive stages: the
 first stage also owns the token (and learned position) embedding, the last owns the final norm and the
@@ -7,7 +7,7 @@ stages r and r + pp on pp-rank r ("looped"), and the V-shaped ZBV schedule puts 
 Each stage keeps the full model's parameter names (`blocks.5.attn.q_proj.weight`), so checkpoints are
 layout-free and DCP reshards them to any other pp degree or strategy.
 
-Microbatches (seed 004's rule): n_microbatches = pp x stages_per_rank x pp_microbatch_scale, and the
+Microbatches: n_microbatches = pp x stages_per_rank x pp_microbatch_scale, and the
 `train.micro_batch_size` sequences each replica processes per micro-step are split into that many
 pipeline microbatches, so micro_batch_size must be a multiple of it. A larger scale shrinks the bubble.
 
@@ -48,7 +48,7 @@ def schedule_info(name: str) -> tuple[str, int]:
 
 
 def n_microbatches(pp: int, schedule: str, scale: int) -> int:
-    """seed 004: pp x stages_per_rank x microbatch scale."""
+    """Pipeline microbatches per micro-step: pp x stages_per_rank x microbatch scale (see the module docstring)."""
     return pp * schedule_info(schedule)[1] * scale
 
 
