@@ -23,6 +23,7 @@ import torch.nn as nn
 from tokenmill.errors import UserError
 from tokenmill.parallel.dist import DistInfo
 
+# The keys are FSDP_DTYPE_NAMES in parallel/config.py, the names config validation accepts (a test keeps them equal).
 FSDP_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
