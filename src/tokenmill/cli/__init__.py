@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "prepare": ("prepare", "pre-tokenize a source into memory-mapped shards", False),
     "data": ("data", "data checks: tokenmill data check", True),
     "checkpoint": ("checkpoint", "checkpoint tools: tokenmill checkpoint consolidate DIR OUT", False),
+    "logs": ("logs", "analyse runs: tokenmill logs summary|plot|compare RUN...", False),
+    "ablate": ("ablate", "run a grid of configs x seeds and tabulate the results", True),
 }
 
 
