@@ -104,3 +104,20 @@ def test_logs_commands_start_without_torch(run_dir, command):
     assert "tokenmill.analysis.runs" in modules  # the check sees tokenmill's own imports
     assert not {m for m in modules if m == "torch" or m.startswith("torch.")}
     assert "matplotlib" not in modules
+
+
+def test_summary_of_a_real_tiny_run(tmp_path, capsys):
+    """The loop's own metrics.jsonl (not a fixture): the fields the analysis reads are the ones it writes."""
+    from train_helpers import cli_args, events
+
+    run = tmp_path / "real"
+    assert main(cli_args(run, 3)) == 0
+    capsys.readouterr()
+    assert main(["logs", "summary", str(run), "--json"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)
+    train = events(run, "train")
+    assert (s["status"], s["steps"], s["total_steps"]) == ("completed", 3, 3)
+    assert s["tokens"] == train[-1]["tokens_seen"] == 3 * 4 * 32 and s["params"] > 0
+    assert (s["final_loss"], s["final_loss_step"]) == (train[-1]["loss"], 3)
+    assert s["eval_loss"] == events(run, "eval")[-1]["loss"] and s["tokens_per_s"] > 0
+    assert main(["logs", "plot", str(run), "--out", str(tmp_path / "real.png")]) == 0

@@ -88,3 +88,10 @@ def test_bad_folders_are_one_clear_error(tmp_path, make, needle):
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_a_folder_of_runs_names_the_pattern_to_pass(tmp_path):
+    for cell in ("norm=a", "norm=b"):
+        write_run(tmp_path / "ablation" / cell / "seed1", completed_events())
+    with pytest.raises(UserError, match=r"holds 2 runs: pass .*ablation/\*/\*\)$"):
+        load_run(tmp_path / "ablation")

@@ -82,7 +82,7 @@ def test_killed_run_is_incomplete_with_what_it_logged(tmp_path):
     assert s["wall_time_s"] == pytest.approx(6.0)
     assert len(run.warnings) == 1 and "line 10" in run.warnings[0]
     row = dict(summary_rows([s], now=T0 + 3600 + 6))["status"]
-    assert row == ["incomplete (running or killed; last event 1h00m00s ago)"]
+    assert row == ["incomplete (running or killed; last event 1h00m ago)"]
 
 
 def test_short_run_has_no_best_window(tmp_path):

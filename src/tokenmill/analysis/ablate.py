@@ -193,7 +193,7 @@ def check_folders(jobs: Sequence[Job]) -> None:
                 stored = json.loads(record.read_text(encoding="utf-8"))["config"]
             except (OSError, ValueError, KeyError, TypeError):
                 raise UserError(f"{record} is damaged: move {job.folder} away or choose another --out-dir") from None
-            changed = config_diff(stored, job.config)
+            changed = sorted(config_diff(stored, job.config), key=lambda diff: None in diff[1:])  # shared keys first
             if changed:
                 key, old, new = changed[0]
                 raise UserError(f"{job.folder} holds a run with other settings ({key}: {old!r} -> {new!r}"
@@ -236,13 +236,13 @@ def run_jobs(base: Base, jobs: Sequence[Job], parallel: int = 1, echo: Callable[
     if parallel > 1 and "OMP_NUM_THREADS" not in env:  # N children must not each take every core
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     lock = threading.Lock()
-    counter = itertools.count(1)
+    counter, total = itertools.count(1), len(todo)
 
     def work(job: Job) -> None:
         _share_tokenizers(job, jobs)
         _run_one(base, job, env)
         with lock:
-            echo(f"[{next(counter)}/{len(todo)}] {job.cell} seed {job.seed}: {job.status} in {job.seconds:.0f}s"
+            echo(f"[{next(counter)}/{total}] {job.cell} seed {job.seed}: {job.status} in {job.seconds:.0f}s"
                  + (f" ({job.message})" if job.message else ""))
 
     # The first run trains the shared BPE tokenizer alone; the others then copy it instead of each training one.
@@ -344,7 +344,7 @@ def results_markdown(cells: Sequence[dict[str, Any]], grid_keys: Sequence[str]) 
             loss = f"**{loss}**"
         rows.append((cell["cell"], [*(cell["settings"][k] for k in grid_keys), str(len(cell["runs"])), loss,
                                     _pm(cell["eval_bpb"], lambda v: f"{v:.4f}"), _pm(cell["tokens_per_s"], human),
-                                    _pm(cell["params"], human), cell["status"]]))
+                                    human(cell["params"]["mean"]), cell["status"]]))
     header = ["cell", *grid_keys, "seeds", "eval loss", "eval bpb", "tokens/s", "params", "runs"]
     return markdown_table(header, rows)
 

@@ -86,7 +86,8 @@ def build_figure(runs: Sequence[Run], metrics: Sequence[str], x: str = "tokens",
         for ax, name in zip(axes, metrics):
             _draw_panel(ax, runs, name, x, smooth_window, log_y, time_unit)
             ax.set_xlabel(_x_label(x, time_unit))
-        fig.suptitle(_title(runs, x), fontsize=12)
+        _share_x_range(axes[:len(metrics)])
+        fig.suptitle(_title(runs), fontsize=12)
     return fig
 
 
@@ -133,10 +134,20 @@ def _draw_panel(ax: Any, runs: Sequence[Run], name: str, x: str, smooth_window: 
         ax.set_yscale("log")
     else:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
-    ax.margins(x=0.02)
     labelled = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
     if len(labelled) > 1:
         ax.legend(frameon=False, ncols=1 + (len(labelled) - 1) // 10, loc="best")
+
+
+def _share_x_range(axes: Sequence[Any]) -> None:
+    """One x range on every panel with data, so a step lines up across panels (eval is sparser than train)."""
+    xs = [float(v) for ax in axes for line in ax.get_lines() for v in line.get_xdata()]
+    if len(set(xs)) < 2:
+        return
+    pad = 0.02 * (max(xs) - min(xs))
+    for ax in axes:
+        if ax.get_lines():
+            ax.set_xlim(min(xs) - pad, max(xs) + pad)
 
 
 def _line_look(run_index: int, block: int, blocks: int, per_block: bool) -> tuple[Any, str]:
@@ -177,15 +188,12 @@ def _time_unit(runs: Sequence[Run]) -> tuple[str, float]:
 
 
 def _x_label(x: str, time_unit: tuple[str, float] | None) -> str:
-    if x == "time" and time_unit:
-        return f"active wall time ({time_unit[0]})"
-    return {"steps": "optimizer step", "tokens": "tokens seen"}.get(x, X_AXES.get(x, x))
+    return f"{X_AXES[x]} ({time_unit[0]})" if x == "time" and time_unit else X_AXES[x]
 
 
-def _title(runs: Sequence[Run], x: str) -> str:
+def _title(runs: Sequence[Run]) -> str:
     names = [run.name for run in runs]
-    shown = " vs ".join(names) if len(names) <= 3 else f"{len(names)} runs"
-    return f"tokenmill · {shown}"
+    return "tokenmill · " + (" vs ".join(names) if len(names) <= 3 else f"{len(names)} runs")
 
 
 def save_figure(fig: Any, out: str | Path) -> Path:

@@ -107,8 +107,13 @@ def load_run(path: str | Path) -> Run:
     elif path.is_dir():
         file, folder = path / JSONL_NAME, path
         if not file.is_file():
-            raise UserError(f"{path} is not a run folder: it has no {JSONL_NAME} (pass a run's train.out_dir, "
-                            f"e.g. runs/demo)")
+            hint = "pass a run's train.out_dir, e.g. runs/demo"
+            for pattern in ("*", "*/*"):  # a folder of runs (runs/), or an ablation (OUT/<cell>/seed<S>)
+                inside = list(path.glob(f"{pattern}/{JSONL_NAME}"))
+                if inside:
+                    hint = f"it holds {len(inside)} run{'s' * (len(inside) > 1)}: pass {path / pattern}"
+                    break
+            raise UserError(f"{path} is not a run folder: it has no {JSONL_NAME} ({hint})")
     elif path.exists():
         raise UserError(f"{path} is neither a run folder nor a {JSONL_NAME} file")
     else:

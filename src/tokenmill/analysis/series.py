@@ -43,7 +43,7 @@ METRICS: dict[str, Metric] = {
     "layer_grad_norm": Metric("train", "grad_norm", "Gradient norm per block", "L2 norm", per_block=True,
                               hint="logged with per-layer gradient statistics on", log_scale=True),
 }
-X_AXES = {"steps": "step", "tokens": "tokens", "time": "wall time"}
+X_AXES = {"steps": "optimizer step", "tokens": "tokens seen", "time": "active wall time"}  # name -> axis label
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tokenmill.analysis.runs import Run, finite
+from tokenmill.metrics import sinks as metric_units
 
 BEST_WINDOW = 5  # logged train losses averaged for the "best" train loss
 INCOMPLETE = "incomplete"  # no summary event: the run is still going, or its process was killed
@@ -117,22 +118,12 @@ def _num(value: Any, fmt: str = ".4f") -> str:
 
 
 def human(value: float | None) -> str:
-    """1234567 -> '1.23M'."""
-    if value is None:
-        return "-"
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.3g}{unit}"
-    return f"{value:.3g}"
+    """1234567 -> '1.23M'; None -> '-'."""
+    return "-" if value is None else metric_units.human(value)
 
 
 def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+    return "-" if seconds is None else metric_units.duration(seconds)
 
 
 def _at(value: Any, step: Any, fmt: str = ".4f") -> str:

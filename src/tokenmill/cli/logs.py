@@ -13,10 +13,10 @@ import sys
 
 from tokenmill.errors import UserError
 
-X_CHOICES = ("steps", "tokens", "time")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tokenmill.analysis.series import METRICS, X_AXES
+
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     p = sub.add_parser("summary", help="status, losses, throughput and problems of each run",
@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="one panel per metric, runs overlaid (PNG, SVG or --terminal text)")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder (a train.out_dir) or its metrics.jsonl")
     p.add_argument("--metrics", default=None, metavar="M,M",
-                   help="comma-separated panels among loss, eval_loss, eval_bpb, lr, tokens_per_s, step_time, "
-                        "grad_norm, mfu, update_ratio, layer_grad_norm (default: the usual ones the runs logged)")
-    p.add_argument("--x", choices=X_CHOICES, default="tokens",
+                   help=f"comma-separated panels among {', '.join(METRICS)} (default: the usual ones the runs "
+                        f"logged)")
+    p.add_argument("--x", choices=tuple(X_AXES), default="tokens",
                    help="x axis: optimizer steps, tokens seen (comparable across batch sizes; default) or active "
                         "wall time")
     p.add_argument("--smooth", type=int, default=1, metavar="N",
