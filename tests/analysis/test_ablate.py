@@ -12,8 +12,18 @@ from pathlib import Path
 import pytest
 from train_helpers import TINY_OVERRIDES
 
-from tokenmill.analysis.ablate import (Base, ablate, cell_names, collect, mean_std, parse_grid, parse_seeds, plan,
-                                       results_markdown, split_values)
+from tokenmill.analysis.ablate import (
+    Base,
+    ablate,
+    cell_names,
+    collect,
+    mean_std,
+    parse_grid,
+    parse_seeds,
+    plan,
+    results_markdown,
+    split_values,
+)
 from tokenmill.cli import main
 from tokenmill.errors import UserError
 
