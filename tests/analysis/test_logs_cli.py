@@ -93,15 +93,19 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(run_dir, tmp_path, cap
     assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("command", [["summary"], ["compare", "{run}"], ["plot", "--terminal"]])
-def test_logs_commands_start_without_torch(run_dir, command):
+@pytest.mark.parametrize("command, sentinel", [
+    (["logs", "summary", "{run}"], "tokenmill.analysis.runs"),
+    (["logs", "compare", "{run}", "{run}"], "tokenmill.analysis.compare"),
+    (["logs", "plot", "{run}", "--terminal"], "tokenmill.analysis.plot"),
+    (["ablate", "--help"], "tokenmill.cli.common"),
+])
+def test_commands_start_without_torch(run_dir, command, sentinel):
     argv = [w.format(run=run_dir) for w in command]
-    words = [argv[0], str(run_dir), *argv[1:]]
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "tokenmill", "logs", *words],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=120, check=False)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "tokenmill", *argv], capture_output=True,
+                          text=True, env=dict(os.environ), timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     modules = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
-    assert "tokenmill.analysis.runs" in modules  # the check sees tokenmill's own imports
+    assert sentinel in modules  # the check sees tokenmill's own imports
     assert not {m for m in modules if m == "torch" or m.startswith("torch.")}
     assert "matplotlib" not in modules
 
