@@ -12,26 +12,56 @@ TOKENS_PER_STEP = 100
 
 
 def config(step: int = 0, lr: float = 1e-3, out_dir: str = "runs/x", t: float = T0) -> dict[str, Any]:
-    return {"kind": "config", "step": step, "time": t, "model": {"n_layers": 2, "norm": "rmsnorm"},
-            "optim": {"lr": lr, "betas": [0.9, 0.95]}, "train": {"seed": 1, "out_dir": out_dir}}
+    return {
+        "kind": "config",
+        "step": step,
+        "time": t,
+        "model": {"n_layers": 2, "norm": "rmsnorm"},
+        "optim": {"lr": lr, "betas": [0.9, 0.95]},
+        "train": {"seed": 1, "out_dir": out_dir},
+    }
 
 
 def startup(step: int = 0, t: float = T0, params: int = 12345) -> dict[str, Any]:
-    return {"kind": "startup", "step": step, "time": t, "model": {"params_total": params},
-            "training": {"tokens_per_step": TOKENS_PER_STEP, "total_steps": 10}}
+    return {
+        "kind": "startup",
+        "step": step,
+        "time": t,
+        "model": {"params_total": params},
+        "training": {"tokens_per_step": TOKENS_PER_STEP, "total_steps": 10},
+    }
 
 
 def train(step: int, loss: float, t: float | None = None, **extra: Any) -> dict[str, Any]:
-    event = {"kind": "train", "step": step, "time": T0 + step if t is None else t, "loss": loss,
-             "lr": 1e-4 * step, "tokens_per_s": 1000.0 + step, "mfu": None, "step_time_s": 0.1,
-             "grad_norm": 1.0 + 0.1 * step, "tokens_seen": step * TOKENS_PER_STEP, "total_steps": 10, "skipped": 0}
+    event = {
+        "kind": "train",
+        "step": step,
+        "time": T0 + step if t is None else t,
+        "loss": loss,
+        "lr": 1e-4 * step,
+        "tokens_per_s": 1000.0 + step,
+        "mfu": None,
+        "step_time_s": 0.1,
+        "grad_norm": 1.0 + 0.1 * step,
+        "tokens_seen": step * TOKENS_PER_STEP,
+        "total_steps": 10,
+        "skipped": 0,
+    }
     event.update(extra)
     return event
 
 
 def evaluation(step: int, loss: float, t: float | None = None) -> dict[str, Any]:
-    return {"kind": "eval", "step": step, "time": T0 + step + 0.5 if t is None else t, "loss": loss,
-            "ppl": 2.0 ** loss, "bpb": loss / 2, "tokens": 64, "seconds": 0.1}
+    return {
+        "kind": "eval",
+        "step": step,
+        "time": T0 + step + 0.5 if t is None else t,
+        "loss": loss,
+        "ppl": 2.0**loss,
+        "bpb": loss / 2,
+        "tokens": 64,
+        "seconds": 0.1,
+    }
 
 
 def checkpoint(step: int, t: float, reason: str = "interval") -> dict[str, Any]:
@@ -39,9 +69,17 @@ def checkpoint(step: int, t: float, reason: str = "interval") -> dict[str, Any]:
 
 
 def summary(step: int, status: str = "completed", t: float | None = None, skipped: int = 0) -> dict[str, Any]:
-    return {"kind": "summary", "step": step, "time": T0 + step + 0.9 if t is None else t, "status": status,
-            "steps": step, "tokens_seen": step * TOKENS_PER_STEP, "skipped_steps": skipped, "final_loss": None,
-            "eval": {}}
+    return {
+        "kind": "summary",
+        "step": step,
+        "time": T0 + step + 0.9 if t is None else t,
+        "status": status,
+        "steps": step,
+        "tokens_seen": step * TOKENS_PER_STEP,
+        "skipped_steps": skipped,
+        "final_loss": None,
+        "eval": {},
+    }
 
 
 LOSSES = [5.0, 4.0, 3.5, 3.6, 3.0, 2.9, 3.1, 2.6, 2.85, 3.3]

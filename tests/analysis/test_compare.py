@@ -84,5 +84,4 @@ def test_report_shows_edges_and_the_divergence(tmp_path):
     b = write_run(tmp_path / "b", completed_events([x + (0.1 if s >= 20 else 0) for s, x in enumerate(long)]))
     text = render_comparison(compare_runs(load_run(a), load_run(b), tolerance=0.05))
     shown = [line.split()[0] for line in text.split("loss per step")[1].split("\n\n")[0].splitlines()[3:]]
-    assert shown == ["1", "2", "3", "4", "5", "...", "19", "20", "21", "22", "23", "...", "36", "37", "38", "39",
-                     "40"]
+    assert shown == ["1", "2", "3", "4", "5", "...", "19", "20", "21", "22", "23", "...", "36", "37", "38", "39", "40"]

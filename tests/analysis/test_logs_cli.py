@@ -69,19 +69,24 @@ def test_plot_terminal(run_dir, capsys):
     assert "Train loss (nats/token)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["summary", "{tmp}/nothing"], ["does not exist"]),
-    (["summary", "{tmp}"], ["is not a run folder", "metrics.jsonl"]),
-    (["summary", "{tmp}/empty"], ["is empty"]),
-    (["plot", "{run}", "--metrics", "loss,perplexity", "--out", "{tmp}/old.png"], ["unknown metric 'perplexity'",
-                                                                                    "eval_loss"]),
-    (["plot", "{run}", "--out", "{tmp}/plot.gif"], ["must end in .png or .svg"]),
-    (["plot", "{run}", "--out", "{tmp}/no/such/dir.png"], ["does not exist"]),
-    (["plot", "{run}", "--smooth", "0"], ["--smooth 0"]),
-    (["compare", "{run}", "{tmp}/nothing"], ["does not exist"]),
-    (["compare", "{run}", "{run}", "--tolerance", "-1"], ["--tolerance -1"]),
-    (["compare", "{run}", "{run}", "--metric", "update_ratio"], ["one curve per block"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["summary", "{tmp}/nothing"], ["does not exist"]),
+        (["summary", "{tmp}"], ["is not a run folder", "metrics.jsonl"]),
+        (["summary", "{tmp}/empty"], ["is empty"]),
+        (
+            ["plot", "{run}", "--metrics", "loss,perplexity", "--out", "{tmp}/old.png"],
+            ["unknown metric 'perplexity'", "eval_loss"],
+        ),
+        (["plot", "{run}", "--out", "{tmp}/plot.gif"], ["must end in .png or .svg"]),
+        (["plot", "{run}", "--out", "{tmp}/no/such/dir.png"], ["does not exist"]),
+        (["plot", "{run}", "--smooth", "0"], ["--smooth 0"]),
+        (["compare", "{run}", "{tmp}/nothing"], ["does not exist"]),
+        (["compare", "{run}", "{run}", "--tolerance", "-1"], ["--tolerance -1"]),
+        (["compare", "{run}", "{run}", "--metric", "update_ratio"], ["one curve per block"]),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(run_dir, tmp_path, capsys, argv, needles):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
@@ -93,16 +98,25 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(run_dir, tmp_path, cap
     assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("command, sentinel", [
-    (["logs", "summary", "{run}"], "tokenmill.analysis.runs"),
-    (["logs", "compare", "{run}", "{run}"], "tokenmill.analysis.compare"),
-    (["logs", "plot", "{run}", "--terminal"], "tokenmill.analysis.plot"),
-    (["ablate", "--help"], "tokenmill.cli.common"),
-])
+@pytest.mark.parametrize(
+    "command, sentinel",
+    [
+        (["logs", "summary", "{run}"], "tokenmill.analysis.runs"),
+        (["logs", "compare", "{run}", "{run}"], "tokenmill.analysis.compare"),
+        (["logs", "plot", "{run}", "--terminal"], "tokenmill.analysis.plot"),
+        (["ablate", "--help"], "tokenmill.cli.common"),
+    ],
+)
 def test_commands_start_without_torch(run_dir, command, sentinel):
     argv = [w.format(run=run_dir) for w in command]
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "tokenmill", *argv], capture_output=True,
-                          text=True, env=dict(os.environ), timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tokenmill", *argv],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     modules = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
     assert sentinel in modules  # the check sees tokenmill's own imports

@@ -23,8 +23,11 @@ def two_runs(tmp_path):
 
 
 def lines_of(ax):
-    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()
-            if not line.get_label().startswith("_")}
+    return {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+        for line in ax.get_lines()
+        if not line.get_label().startswith("_")
+    }
 
 
 def test_one_panel_per_metric_with_every_run(two_runs):
@@ -55,8 +58,14 @@ def test_per_block_metric_draws_a_line_per_block(tmp_path):
     events = completed_events()
     for event in events:
         if event["kind"] == "train":
-            event.update({"update_ratio/tok_emb": 1e-2, "update_ratio/blocks.1": 2e-3,
-                          "update_ratio/blocks.0": 3e-3, "update_ratio/norm": 1e-4})
+            event.update(
+                {
+                    "update_ratio/tok_emb": 1e-2,
+                    "update_ratio/blocks.1": 2e-3,
+                    "update_ratio/blocks.0": 3e-3,
+                    "update_ratio/norm": 1e-4,
+                }
+            )
     runs = load_runs([write_run(tmp_path / "r", events)])
     fig = build_figure(runs, ["update_ratio", "mfu"], x="steps")
     ratio, mfu = fig.get_axes()

@@ -13,11 +13,22 @@ def test_resume_rewinds_every_event_after_its_step(tmp_path):
     """A stopped run (summary at 6) resumed from step 3: its steps 4-6 and its summary are history no more."""
     first = [config(), startup()] + [train(s, 5.0 - s / 10) for s in range(1, 7)] + [summary(6, status="stopped")]
     t2 = T0 + 50
-    second = [config(step=3, t=t2), {"kind": "resume", "step": 3, "time": t2, "path": "p3"}, startup(3, t2),
-              train(4, 1.0, t=t2 + 1), summary(4, t=t2 + 2)]
+    second = [
+        config(step=3, t=t2),
+        {"kind": "resume", "step": 3, "time": t2, "path": "p3"},
+        startup(3, t2),
+        train(4, 1.0, t=t2 + 1),
+        summary(4, t=t2 + 2),
+    ]
     run = load_run(write_run(tmp_path / "r", first + second))
     assert [(e.kind, e.step) for e in run.events if e.kind in ("train", "summary", "resume")] == [
-        ("train", 1), ("train", 2), ("train", 3), ("resume", 3), ("train", 4), ("summary", 4)]
+        ("train", 1),
+        ("train", 2),
+        ("train", 3),
+        ("resume", 3),
+        ("train", 4),
+        ("summary", 4),
+    ]
     assert run.summary_event.get("status") == "completed" and run.sessions == 2
     assert run.wall_time_s == pytest.approx(3.0 + 2.0)
 
@@ -25,8 +36,12 @@ def test_resume_rewinds_every_event_after_its_step(tmp_path):
 def test_stop_then_resume_at_the_same_step_keeps_the_stop_on_record(tmp_path):
     first = [config(), startup(), train(1, 4.0), train(2, 3.0), summary(2, status="stopped")]
     t2 = T0 + 50
-    second = [config(step=2, t=t2), {"kind": "resume", "step": 2, "time": t2, "path": "p2"}, train(3, 2.0, t=t2 + 1),
-              summary(3, t=t2 + 2)]
+    second = [
+        config(step=2, t=t2),
+        {"kind": "resume", "step": 2, "time": t2, "path": "p2"},
+        train(3, 2.0, t=t2 + 1),
+        summary(3, t=t2 + 2),
+    ]
     run = load_run(write_run(tmp_path / "r", first + second))
     assert [e.get("status") for e in run.of_kind("summary")] == ["stopped", "completed"]
     assert [e.elapsed_s for e in run.of_kind("train")] == pytest.approx([1.0, 2.0, 2.9 + 1.0])
@@ -73,12 +88,15 @@ def test_runs_with_the_same_folder_name_get_distinct_names(tmp_path):
     assert [r.name for r in load_runs([a, b, c])] == ["x/demo", "y/demo", "other"]
 
 
-@pytest.mark.parametrize("make, needle", [
-    (lambda p: p.mkdir(), "is not a run folder: it has no metrics.jsonl"),
-    (lambda p: None, "does not exist"),
-    (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("")), "is empty"),
-    (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("garbage\n{}\n")), "holds no readable event"),
-])
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: p.mkdir(), "is not a run folder: it has no metrics.jsonl"),
+        (lambda p: None, "does not exist"),
+        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("")), "is empty"),
+        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("garbage\n{}\n")), "holds no readable event"),
+    ],
+)
 def test_bad_folders_are_one_clear_error(tmp_path, make, needle):
     path = tmp_path / "thing"
     make(path)

@@ -24,13 +24,32 @@ from tokenmill.analysis.summary import markdown_table, summarize, summary_rows, 
 
 # What the 10-step fixture run must summarise to (losses in run_fixtures.LOSSES; eval = train loss + 0.25).
 EXPECTED = {
-    "status": "completed", "steps": 10, "total_steps": 10, "tokens": 1000, "params": 12345,
-    "final_loss": 3.3, "final_loss_step": 10, "min_loss": 2.6, "min_loss_step": 8,
-    "best_loss": pytest.approx((3.0 + 2.9 + 3.1 + 2.6 + 2.85) / 5), "best_loss_step": 9,
-    "eval_loss": 3.55, "eval_ppl": pytest.approx(2 ** 3.55), "eval_bpb": 1.775, "eval_step": 10,
-    "best_eval_loss": 3.25, "best_eval_bpb": 1.625, "best_eval_step": 5,
-    "tokens_per_s": 1005.5, "mfu": None, "max_grad_norm": 2.0, "max_grad_norm_step": 10,
-    "lr_min": pytest.approx(1e-4), "lr_max": pytest.approx(1e-3), "skipped_steps": 0, "nonfinite": [],
+    "status": "completed",
+    "steps": 10,
+    "total_steps": 10,
+    "tokens": 1000,
+    "params": 12345,
+    "final_loss": 3.3,
+    "final_loss_step": 10,
+    "min_loss": 2.6,
+    "min_loss_step": 8,
+    "best_loss": pytest.approx((3.0 + 2.9 + 3.1 + 2.6 + 2.85) / 5),
+    "best_loss_step": 9,
+    "eval_loss": 3.55,
+    "eval_ppl": pytest.approx(2**3.55),
+    "eval_bpb": 1.775,
+    "eval_step": 10,
+    "best_eval_loss": 3.25,
+    "best_eval_bpb": 1.625,
+    "best_eval_step": 5,
+    "tokens_per_s": 1005.5,
+    "mfu": None,
+    "max_grad_norm": 2.0,
+    "max_grad_norm_step": 10,
+    "lr_min": pytest.approx(1e-4),
+    "lr_max": pytest.approx(1e-3),
+    "skipped_steps": 0,
+    "nonfinite": [],
     "diverged": [],
 }
 
@@ -50,8 +69,11 @@ def test_resumed_run_reads_as_if_it_never_stopped(tmp_path):
     first.append(checkpoint(4, T0 + 4.2))
     first += [train(5, 9.0), evaluation(5, 9.9), train(6, 9.0), train(7, 0.5)]  # rewound by the resume
     t2 = T0 + 100.0
-    second = [config(step=4, t=t2), {"kind": "resume", "step": 4, "time": t2, "path": "checkpoints/step_4"},
-              startup(step=4, t=t2)]
+    second = [
+        config(step=4, t=t2),
+        {"kind": "resume", "step": 4, "time": t2, "path": "checkpoints/step_4"},
+        startup(step=4, t=t2),
+    ]
     for step in range(5, 11):
         second.append(train(step, LOSSES[step - 1], t=t2 + step - 4))
         if step % 5 == 0:
@@ -93,11 +115,17 @@ def test_short_run_has_no_best_window(tmp_path):
 
 
 def test_nonfinite_and_diverged_events(tmp_path):
-    events = [config(), startup(), train(1, 4.0), train(2, 3.9),
-              {"kind": "nonfinite", "step": 2, "time": T0 + 2.5, "loss": None, "grad_norm": None},
-              train(3, 3.8, skipped=1), train(4, 7.5, skipped=1),
-              {"kind": "diverged", "step": 4, "time": T0 + 4.5, "loss": 7.5, "reason": "fast EMA 7.5 > slow 4"},
-              summary(4, status="diverged", skipped=1)]
+    events = [
+        config(),
+        startup(),
+        train(1, 4.0),
+        train(2, 3.9),
+        {"kind": "nonfinite", "step": 2, "time": T0 + 2.5, "loss": None, "grad_norm": None},
+        train(3, 3.8, skipped=1),
+        train(4, 7.5, skipped=1),
+        {"kind": "diverged", "step": 4, "time": T0 + 4.5, "loss": 7.5, "reason": "fast EMA 7.5 > slow 4"},
+        summary(4, status="diverged", skipped=1),
+    ]
     s = summarize(load_run(write_run(tmp_path / "bad", events)))
     assert s["status"] == "diverged" and s["skipped_steps"] == 1
     assert s["nonfinite"] == [{"step": 2, "loss": None, "grad_norm": None}]

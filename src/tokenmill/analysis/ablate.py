@@ -82,6 +82,7 @@ class Ablation:
 # ---------------------------------------------------------------------------------------------------------
 # planning
 
+
 def split_values(text: str) -> list[str]:
     """`a,b` -> [a, b]; commas inside [..], {..} or quotes stay (`[0.9,0.95],[0.9,0.99]` is two values)."""
     values, depth, quote, current = [], 0, "", ""
@@ -137,21 +138,24 @@ def cell_names(grid: dict[str, list[str]]) -> list[tuple[str, dict[str, str]]]:
     if not grid:
         return [("base", {})]
     last = [key.rsplit(".", 1)[-1] for key in grid]
-    short = {key: (part if last.count(part) == 1 else key) for key, part in zip(grid, last)}
+    short = {key: (part if last.count(part) == 1 else key) for key, part in zip(grid, last, strict=True)}
     cells = []
     for values in itertools.product(*grid.values()):
-        settings = dict(zip(grid, values))
+        settings = dict(zip(grid, values, strict=True))
         name = "__".join(f"{short[k]}={re.sub(r'[^A-Za-z0-9._+-]+', '_', v)}" for k, v in settings.items())
         cells.append((name, settings))
     names = [name for name, _ in cells]
     if len(set(names)) != len(names):
-        raise UserError("two grid cells get the same folder name (values that differ only in punctuation): "
-                        "write the values differently")
+        raise UserError(
+            "two grid cells get the same folder name (values that differ only in punctuation): "
+            "write the values differently"
+        )
     return cells
 
 
-def plan(base: Base, grid: dict[str, list[str]], seeds: list[int] | None, max_steps: int | None,
-         out_dir: str | Path) -> list[Job]:
+def plan(
+    base: Base, grid: dict[str, list[str]], seeds: list[int] | None, max_steps: int | None, out_dir: str | Path
+) -> list[Job]:
     """Every (cell, seed) job with its resolved, validated config; no file is touched."""
     from tokenmill.config import load_config
 
@@ -169,8 +173,7 @@ def plan(base: Base, grid: dict[str, list[str]], seeds: list[int] | None, max_st
             if seed is not None:
                 overrides.append(f"{RUN_KEYS['seed']}={seed}")
             else:  # the base's own seed names the folder
-                seed = _dotted(load_config(list(base.presets), base.config_file, overrides).to_dict(),
-                               RUN_KEYS["seed"])
+                seed = _dotted(load_config(list(base.presets), base.config_file, overrides).to_dict(), RUN_KEYS["seed"])
             folder = out / name / f"seed{seed}"
             overrides.append(f"{RUN_KEYS['out_dir']}={folder}")
             cfg = load_config(list(base.presets), base.config_file, overrides)
@@ -196,12 +199,15 @@ def check_folders(jobs: Sequence[Job]) -> None:
             changed = sorted(config_diff(stored, job.config), key=lambda diff: None in diff[1:])  # shared keys first
             if changed:
                 key, old, new = changed[0]
-                raise UserError(f"{job.folder} holds a run with other settings ({key}: {old!r} -> {new!r}"
-                                + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
-                                + "): choose another --out-dir")
+                raise UserError(
+                    f"{job.folder} holds a run with other settings ({key}: {old!r} -> {new!r}"
+                    + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
+                    + "): choose another --out-dir"
+                )
         elif job.folder.is_dir() and any(job.folder.iterdir()):
-            raise UserError(f"{job.folder} holds files that no ablation made (no {CELL_FILE}): choose another "
-                            f"--out-dir")
+            raise UserError(
+                f"{job.folder} holds files that no ablation made (no {CELL_FILE}): choose another --out-dir"
+            )
 
 
 def status_of(folder: Path) -> str:
@@ -214,6 +220,7 @@ def status_of(folder: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # running
+
 
 def train_argv(base: Base, job: Job) -> list[str]:
     argv = [sys.executable, "-m", "tokenmill", "train"]
@@ -242,8 +249,10 @@ def run_jobs(base: Base, jobs: Sequence[Job], parallel: int = 1, echo: Callable[
         _share_tokenizers(job, jobs)
         _run_one(base, job, env)
         with lock:
-            echo(f"[{next(counter)}/{total}] {job.cell} seed {job.seed}: {job.status} in {job.seconds:.0f}s"
-                 + (f" ({job.message})" if job.message else ""))
+            echo(
+                f"[{next(counter)}/{total}] {job.cell} seed {job.seed}: {job.status} in {job.seconds:.0f}s"
+                + (f" ({job.message})" if job.message else "")
+            )
 
     # The first run trains the shared BPE tokenizer alone; the others then copy it instead of each training one.
     if parallel > 1 and todo and todo[0].uses_bpe and not _cached_tokenizers(jobs):
@@ -254,8 +263,16 @@ def run_jobs(base: Base, jobs: Sequence[Job], parallel: int = 1, echo: Callable[
 
 def _run_one(base: Base, job: Job, env: dict[str, str]) -> None:
     job.folder.mkdir(parents=True, exist_ok=True)
-    _write_json(job.folder / CELL_FILE, {"cell": job.cell, "settings": job.settings, "seed": job.seed,
-                                         "overrides": job.overrides, "config": job.config})
+    _write_json(
+        job.folder / CELL_FILE,
+        {
+            "cell": job.cell,
+            "settings": job.settings,
+            "seed": job.seed,
+            "overrides": job.overrides,
+            "config": job.config,
+        },
+    )
     argv = train_argv(base, job)
     started = time.perf_counter()
     with open(job.folder / LOG_FILE, "a", encoding="utf-8") as log:
@@ -292,12 +309,16 @@ def _last_line(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # results
 
+
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
     """Mean and sample standard deviation (None for a single value) over seeds."""
     if not values:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
 
 
 def collect(jobs: Sequence[Job]) -> list[dict[str, Any]]:
@@ -342,9 +363,20 @@ def results_markdown(cells: Sequence[dict[str, Any]], grid_keys: Sequence[str]) 
         loss = _pm(cell["eval_loss"], lambda v: f"{v:.4f}")
         if best is not None and cell["eval_loss"]["mean"] == best and len(cells) > 1:
             loss = f"**{loss}**"
-        rows.append((cell["cell"], [*(cell["settings"][k] for k in grid_keys), str(len(cell["runs"])), loss,
-                                    _pm(cell["eval_bpb"], lambda v: f"{v:.4f}"), _pm(cell["tokens_per_s"], human),
-                                    human(cell["params"]["mean"]), cell["status"]]))
+        rows.append(
+            (
+                cell["cell"],
+                [
+                    *(cell["settings"][k] for k in grid_keys),
+                    str(len(cell["runs"])),
+                    loss,
+                    _pm(cell["eval_bpb"], lambda v: f"{v:.4f}"),
+                    _pm(cell["tokens_per_s"], human),
+                    human(cell["params"]["mean"]),
+                    cell["status"],
+                ],
+            )
+        )
     header = ["cell", *grid_keys, "seeds", "eval loss", "eval bpb", "tokens/s", "params", "runs"]
     return markdown_table(header, rows)
 
@@ -361,8 +393,10 @@ def write_results(ablation: Ablation, out_dir: Path, grid: dict[str, list[str]],
     try:
         from tokenmill.analysis.plot import build_ablation_figure, save_figure
 
-        losses = [[run["eval_loss"] for run in cell["runs"] if run["status"] == "completed" and run["eval_loss"]
-                   is not None] for cell in ablation.cells]
+        losses = [
+            [run["eval_loss"] for run in cell["runs"] if run["status"] == "completed" and run["eval_loss"] is not None]
+            for cell in ablation.cells
+        ]
         save_figure(build_ablation_figure(runs, losses), out_dir / RESULT_FILES["plot"])
         ablation.files.append(out_dir / RESULT_FILES["plot"])
     except UserError as err:
@@ -383,19 +417,31 @@ def _write_json(path: Path, data: Any) -> None:
     _write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def ablate(base: Base, grid: dict[str, list[str]], seeds: list[int] | None = None, max_steps: int | None = None,
-           out_dir: str | Path = "runs/ablation", parallel: int = 1, echo: Callable[[str], None] = print) -> Ablation:
+def ablate(
+    base: Base,
+    grid: dict[str, list[str]],
+    seeds: list[int] | None = None,
+    max_steps: int | None = None,
+    out_dir: str | Path = "runs/ablation",
+    parallel: int = 1,
+    echo: Callable[[str], None] = print,
+) -> Ablation:
     """Plan, check, run what is unfinished, and write the results; see the module docstring."""
     if parallel < 1:
         raise UserError(f"--parallel {parallel} must be at least 1")
     jobs = plan(base, grid, seeds, max_steps, out_dir)
     check_folders(jobs)
     cells = len({job.cell for job in jobs})
-    echo(f"ablation: {cells} cell{'s' * (cells > 1)} x {len(jobs) // cells} seed{'s' * (len(jobs) > cells)} "
-         f"in {Path(out_dir).resolve()}")
+    echo(
+        f"ablation: {cells} cell{'s' * (cells > 1)} x {len(jobs) // cells} seed{'s' * (len(jobs) > cells)} "
+        f"in {Path(out_dir).resolve()}"
+    )
     run_jobs(base, jobs, parallel, echo)
     ablation = Ablation(jobs, collect(jobs))
-    meta = {"base": {"presets": list(base.presets), "config_file": base.config_file,
-                     "overrides": list(base.overrides)}, "seeds": seeds, "max_steps": max_steps}
+    meta = {
+        "base": {"presets": list(base.presets), "config_file": base.config_file, "overrides": list(base.overrides)},
+        "seeds": seeds,
+        "max_steps": max_steps,
+    }
     write_results(ablation, Path(out_dir).resolve(), grid, meta)
     return ablation

@@ -38,20 +38,30 @@ class Comparison:
         return self.first_divergence is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"a": str(self.a.path), "b": str(self.b.path), "metric": self.metric, "tolerance": self.tolerance,
-                "equal": self.equal, "first_divergence_step": self.first_divergence,
-                "max_abs_diff": self.max_abs_diff, "max_abs_diff_step": self.max_abs_diff_step,
-                "config_diff": [{"key": k, "a": va, "b": vb} for k, va, vb in self.config_diff],
-                "steps": [{"step": s, "a": va, "b": vb, "diff": _diff(va, vb)} for s, va, vb in self.rows],
-                "summaries": self.summaries}
+        return {
+            "a": str(self.a.path),
+            "b": str(self.b.path),
+            "metric": self.metric,
+            "tolerance": self.tolerance,
+            "equal": self.equal,
+            "first_divergence_step": self.first_divergence,
+            "max_abs_diff": self.max_abs_diff,
+            "max_abs_diff_step": self.max_abs_diff_step,
+            "config_diff": [{"key": k, "a": va, "b": vb} for k, va, vb in self.config_diff],
+            "steps": [{"step": s, "a": va, "b": vb, "diff": _diff(va, vb)} for s, va, vb in self.rows],
+            "summaries": self.summaries,
+        }
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """Keys whose values differ (a key only one config has shows None on the other side)."""
     flat_a, flat_b = flatten(a), flatten(b)
     keys = sorted(set(flat_a) | set(flat_b))
-    return [(key, flat_a.get(key), flat_b.get(key)) for key in keys
-            if key.rsplit(".", 1)[-1] not in LOCATION_KEYS and flat_a.get(key) != flat_b.get(key)]
+    return [
+        (key, flat_a.get(key), flat_b.get(key))
+        for key in keys
+        if key.rsplit(".", 1)[-1] not in LOCATION_KEYS and flat_a.get(key) != flat_b.get(key)
+    ]
 
 
 def compare_runs(a: Run, b: Run, metric: str = "loss", tolerance: float = 0.0) -> Comparison:
@@ -69,13 +79,23 @@ def compare_runs(a: Run, b: Run, metric: str = "loss", tolerance: float = 0.0) -
     first = next((step for step, va, vb in rows if va is None or vb is None or abs(vb - va) > tolerance), None)
     diffs = [(abs(vb - va), step) for step, va, vb in rows if va is not None and vb is not None]
     worst = max(diffs) if diffs else (None, None)
-    return Comparison(a, b, metric, tolerance, config_diff(a.config, b.config), rows, first, worst[0], worst[1],
-                      [summarize(a), summarize(b)])
+    return Comparison(
+        a,
+        b,
+        metric,
+        tolerance,
+        config_diff(a.config, b.config),
+        rows,
+        first,
+        worst[0],
+        worst[1],
+        [summarize(a), summarize(b)],
+    )
 
 
 def _by_step(run: Run, metric: str) -> dict[int, float]:
     found = series(run, metric, "steps")
-    return {int(x): y for x, y in zip(found[0].x, found[0].y)} if found else {}
+    return dict(zip(map(int, found[0].x), found[0].y, strict=True)) if found else {}
 
 
 def _diff(va: float | None, vb: float | None) -> float | None:
@@ -115,24 +135,27 @@ def render_comparison(comp: Comparison, markdown: bool = False) -> str:
         step, va, vb = comp.rows[index]
         mark = "  <- first divergence" if step == comp.first_divergence else ""
         step_rows.append((str(step), [_value(va), _value(vb), _signed(_diff(va, vb)) + mark]))
-    parts.append(f"{comp.metric} per step ({len(comp.rows)} steps)\n"
-                 + table(["step", f"A {a}", f"B {b}", "B - A"], step_rows))
+    parts.append(
+        f"{comp.metric} per step ({len(comp.rows)} steps)\n" + table(["step", f"A {a}", f"B {b}", "B - A"], step_rows)
+    )
     parts.append(verdict(comp))
     parts.append("summaries\n" + table(["", f"A {a}", f"B {b}"], summary_rows(comp.summaries)))
     return "\n\n".join(parts)
 
 
 def verdict(comp: Comparison) -> str:
-    worst = ("" if comp.max_abs_diff is None
-             else f"; largest difference {comp.max_abs_diff:.3g} at step {comp.max_abs_diff_step}")
+    worst = (
+        ""
+        if comp.max_abs_diff is None
+        else f"; largest difference {comp.max_abs_diff:.3g} at step {comp.max_abs_diff_step}"
+    )
     if comp.equal:
         return f"equal: {comp.metric} agrees at all {len(comp.rows)} steps within {comp.tolerance:g}{worst}"
     step, va, vb = next(row for row in comp.rows if row[0] == comp.first_divergence)
     if va is None or vb is None:
         only = comp.a.name if vb is None else comp.b.name
         return f"diverged at step {step}: only {only} logged it{worst}"
-    return (f"diverged at step {step}: |{vb:.6g} - {va:.6g}| = {abs(vb - va):.3g} > tolerance "
-            f"{comp.tolerance:g}{worst}")
+    return f"diverged at step {step}: |{vb:.6g} - {va:.6g}| = {abs(vb - va):.3g} > tolerance {comp.tolerance:g}{worst}"
 
 
 def _value(value: Any) -> str:

@@ -26,14 +26,38 @@ DEFAULT_METRICS = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "mfu"
 SAVE_METADATA = {".png": {"Software": None}, ".svg": {"Creator": None, "Date": None}}
 SVG_HASH_SALT = "tokenmill"  # fixed salt for SVG element ids (random by default), so equal runs give equal files
 # Run events drawn as vertical lines on every panel: kind -> (legend label, colour, line style).
-EVENT_LINES = {"resume": ("resumed", "#7f7f7f", ":"), "nonfinite": ("non-finite step", "#ff7f0e", "--"),
-               "diverged": ("diverged", "#d62728", "-")}
-RUN_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-              "#17becf")  # matplotlib's tab10, in order
+EVENT_LINES = {
+    "resume": ("resumed", "#7f7f7f", ":"),
+    "nonfinite": ("non-finite step", "#ff7f0e", "--"),
+    "diverged": ("diverged", "#d62728", "-"),
+}
+RUN_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)  # matplotlib's tab10, in order
 RUN_LINESTYLES = ("-", "--", ":", "-.")  # per-block panels: colour = block, line style = run
-STYLE = {"font.size": 9, "axes.titlesize": 10.5, "axes.titleweight": "bold", "axes.labelsize": 9,
-         "legend.fontsize": 8, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
-         "grid.alpha": 0.3, "grid.linewidth": 0.6, "lines.linewidth": 1.6, "figure.dpi": 100}
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10.5,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "lines.linewidth": 1.6,
+    "figure.dpi": 100,
+}
 PANEL_SIZE = (6.4, 3.6)  # inches per panel
 FEW_POINTS = 20  # curves with at most this many points get markers (a single point is otherwise invisible)
 DPI = 150
@@ -65,8 +89,10 @@ def check_output(out: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 # matplotlib figures
 
-def build_figure(runs: Sequence[Run], metrics: Sequence[str], x: str = "tokens", smooth_window: int = 1,
-                 log_y: bool = False) -> Any:
+
+def build_figure(
+    runs: Sequence[Run], metrics: Sequence[str], x: str = "tokens", smooth_window: int = 1, log_y: bool = False
+) -> Any:
     """A matplotlib Figure with one panel per metric, every run overlaid (Agg canvas attached)."""
     matplotlib = _matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -81,18 +107,25 @@ def build_figure(runs: Sequence[Run], metrics: Sequence[str], x: str = "tokens",
         fig = Figure(figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows + 0.4), layout="constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-        for ax in axes[len(metrics):]:
+        for ax in axes[len(metrics) :]:
             fig.delaxes(ax)
-        for ax, name in zip(axes, metrics):
+        for ax, name in zip(axes[: len(metrics)], metrics, strict=True):
             _draw_panel(ax, runs, name, x, smooth_window, log_y, time_unit)
             ax.set_xlabel(_x_label(x, time_unit))
-        _share_x_range(axes[:len(metrics)])
+        _share_x_range(axes[: len(metrics)])
         fig.suptitle(_title(runs), fontsize=12)
     return fig
 
 
-def _draw_panel(ax: Any, runs: Sequence[Run], name: str, x: str, smooth_window: int, log_y: bool,
-                time_unit: tuple[str, float] | None) -> None:
+def _draw_panel(
+    ax: Any,
+    runs: Sequence[Run],
+    name: str,
+    x: str,
+    smooth_window: int,
+    log_y: bool,
+    time_unit: tuple[str, float] | None,
+) -> None:
     metric = METRICS[name]
     scale_x = time_unit[1] if time_unit else 1.0
     smoothed = smooth_window > 1 and metric.kind == "train"
@@ -116,9 +149,17 @@ def _draw_panel(ax: Any, runs: Sequence[Run], name: str, x: str, smooth_window: 
     ax.set_title(title, loc="left")
     ax.set_ylabel(metric.unit)
     if not drawn:
-        ax.text(0.5, 0.5, "not logged by " + ("this run" if len(runs) == 1 else "these runs")
-                + (f"\n({metric.hint})" if metric.hint else ""), transform=ax.transAxes, ha="center", va="center",
-                color="#777777")
+        ax.text(
+            0.5,
+            0.5,
+            "not logged by "
+            + ("this run" if len(runs) == 1 else "these runs")
+            + (f"\n({metric.hint})" if metric.hint else ""),
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="#777777",
+        )
         ax.set_xticks([])
         ax.set_yticks([])
         return
@@ -173,8 +214,14 @@ def _draw_event_lines(ax: Any, runs: Sequence[Run], x: str, scale_x: float) -> N
                 at = x_value(run, event, x)
                 if at is None:
                     continue
-                ax.axvline(at / scale_x, color=color, linestyle=style, linewidth=1.0, alpha=0.7,
-                           label=label if kind not in seen else "_" + label)
+                ax.axvline(
+                    at / scale_x,
+                    color=color,
+                    linestyle=style,
+                    linewidth=1.0,
+                    alpha=0.7,
+                    label=label if kind not in seen else "_" + label,
+                )
                 seen.add(kind)
 
 
@@ -217,8 +264,15 @@ TERMINAL_HEIGHT = 18  # text rows per panel
 TERMINAL_MARKERS = ("hd", "dot", "+", "x", "o", "*")  # one per run, so runs differ without colour
 
 
-def terminal_plot(runs: Sequence[Run], metrics: Sequence[str], x: str = "tokens", smooth_window: int = 1,
-                  log_y: bool = False, width: int | None = None, color: bool | None = None) -> str:
+def terminal_plot(
+    runs: Sequence[Run],
+    metrics: Sequence[str],
+    x: str = "tokens",
+    smooth_window: int = 1,
+    log_y: bool = False,
+    width: int | None = None,
+    color: bool | None = None,
+) -> str:
     """One text plot per metric (runs overlaid), for a quick look over ssh; colours only on a terminal."""
     try:
         import plotext
@@ -253,52 +307,67 @@ def terminal_plot(runs: Sequence[Run], metrics: Sequence[str], x: str = "tokens"
 # ---------------------------------------------------------------------------------------------------------
 # ablations
 
-def build_ablation_figure(cells: Sequence[tuple[str, Sequence[Run]]], eval_losses: Sequence[Sequence[float]],
-                          x: str = "tokens") -> Any:
+
+def build_ablation_figure(
+    cells: Sequence[tuple[str, Sequence[Run]]], eval_losses: Sequence[Sequence[float]], x: str = "tokens"
+) -> Any:
     """Left: each cell's train loss (mean over seeds, band = min..max); right: final eval loss (mean +- std)."""
     matplotlib = _matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter
 
     with matplotlib.rc_context(STYLE):
         fig = Figure(figsize=(2 * PANEL_SIZE[0], max(PANEL_SIZE[1], 0.45 * len(cells) + 1.5)), layout="constrained")
         FigureCanvasAgg(fig)
         curves, finals = fig.subplots(1, 2, width_ratios=(3, 2))
-        for index, (name, runs) in enumerate(cells):
-            color = RUN_COLORS[index % len(RUN_COLORS)]
-            xs, mean, low, high = _seed_band([s for run in runs for s in series(run, "loss", x)])
-            if xs:
-                curves.plot(xs, mean, color=color, label=name, marker="o" if len(xs) <= FEW_POINTS else None,
-                            markersize=3.5)
-                if len(runs) > 1:
-                    curves.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
-        curves.set_title("Train loss (mean over seeds)", loc="left")
-        curves.set_xlabel(_x_label(x, None))
-        curves.set_ylabel("nats/token")
-        if x == "tokens":
-            curves.xaxis.set_major_formatter(EngFormatter(sep=""))
-        if curves.get_lines():
-            curves.legend(frameon=False)
-        names = [name for name, _ in cells]
-        for pos, values in enumerate(eval_losses):
-            if not values:
-                continue
-            color = RUN_COLORS[pos % len(RUN_COLORS)]
-            mean = statistics.fmean(values)
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            finals.scatter(values, [pos] * len(values), color=color, alpha=0.35, s=14, linewidths=0)
-            finals.errorbar([mean], [pos], xerr=[std], fmt="o", color=color, capsize=4, markersize=6)
-            finals.annotate(f"{mean:.4f}" + (f" ± {std:.4f}" if std else ""), (mean, pos), xytext=(0, 7),
-                          textcoords="offset points", ha="center", fontsize=8)
-        finals.set_yticks(list(range(len(cells))), names)
-        finals.set_ylim(len(cells) - 0.5, -0.5)
-        finals.margins(x=0.25)
-        finals.set_title("Final eval loss (mean ± std; faint dots: seeds)", loc="left")
-        finals.set_xlabel("nats/token")
-        finals.grid(axis="y", visible=False)
+        _draw_seed_curves(curves, cells, x)
+        _draw_final_losses(finals, [name for name, _ in cells], eval_losses)
         fig.suptitle(f"tokenmill ablation · {len(cells)} cells", fontsize=12)
     return fig
+
+
+def _draw_seed_curves(ax: Any, cells: Sequence[tuple[str, Sequence[Run]]], x: str) -> None:
+    from matplotlib.ticker import EngFormatter
+
+    for index, (name, runs) in enumerate(cells):
+        color = RUN_COLORS[index % len(RUN_COLORS)]
+        xs, mean, low, high = _seed_band([s for run in runs for s in series(run, "loss", x)])
+        if xs:
+            marker = "o" if len(xs) <= FEW_POINTS else None
+            ax.plot(xs, mean, color=color, label=name, marker=marker, markersize=3.5)
+            if len(runs) > 1:
+                ax.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
+    several = any(len(runs) > 1 for _, runs in cells)
+    ax.set_title("Train loss" + (" (mean over seeds, band = min..max)" if several else ""), loc="left")
+    ax.set_xlabel(_x_label(x, None))
+    ax.set_ylabel("nats/token")
+    if x == "tokens":
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    if ax.get_lines():
+        ax.legend(frameon=False)
+
+
+def _draw_final_losses(ax: Any, names: Sequence[str], eval_losses: Sequence[Sequence[float]]) -> None:
+    """A dot per cell (mean, +- std bar, faint dots per seed), labelled with its gap to the best cell: the axis
+    zooms to the data, so the labels carry the scale."""
+    means = {pos: statistics.fmean(values) for pos, values in enumerate(eval_losses) if values}
+    best = min(means.values(), default=None)
+    for pos, mean in means.items():
+        values = eval_losses[pos]
+        color = RUN_COLORS[pos % len(RUN_COLORS)]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        ax.scatter(values, [pos] * len(values), color=color, alpha=0.35, s=14, linewidths=0)
+        ax.errorbar([mean], [pos], xerr=[std], fmt="o", color=color, capsize=4, markersize=6)
+        gap = "best" if mean == best else f"{mean - best:+.4f}"
+        text = f"{mean:.4f}" + (f" ± {std:.4f}" if std else "") + f" ({gap})"
+        ax.annotate(text, (mean, pos), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=8)
+    ax.set_yticks(list(range(len(names))), names)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.margins(x=0.25)
+    several = any(len(values) > 1 for values in eval_losses)
+    ax.set_title("Final eval loss" + (" (mean ± std; faint dots: seeds)" if several else ""), loc="left")
+    ax.set_xlabel("nats/token")
+    ax.grid(axis="y", visible=False)
 
 
 def _seed_band(lines: Sequence[Series]) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -306,7 +375,7 @@ def _seed_band(lines: Sequence[Series]) -> tuple[list[float], list[float], list[
     if not lines:
         return [], [], [], []
     common = sorted(set.intersection(*(set(line.x) for line in lines)))
-    by_x = [{x: y for x, y in zip(line.x, line.y)} for line in lines]
+    by_x = [dict(zip(line.x, line.y, strict=True)) for line in lines]
     mean = [statistics.fmean(values[x] for values in by_x) for x in common]
     low = [min(values[x] for values in by_x) for x in common]
     high = [max(values[x] for values in by_x) for x in common]

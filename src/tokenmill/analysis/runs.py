@@ -128,14 +128,24 @@ def load_run(path: str | Path) -> Run:
     warnings = []
     if bad_lines:
         shown = ", ".join(str(n) for n in bad_lines[:5]) + (", ..." if len(bad_lines) > 5 else "")
-        warnings.append(f"{file}: skipped {len(bad_lines)} unreadable line{'s' * (len(bad_lines) > 1)} "
-                        f"(line {shown}); read the rest")
+        warnings.append(
+            f"{file}: skipped {len(bad_lines)} unreadable line{'s' * (len(bad_lines) > 1)} "
+            f"(line {shown}); read the rest"
+        )
     if not raw:
         raise UserError(f"{file} holds no readable event: is it a tokenmill metrics.jsonl?")
     events, resumes, sessions, wall = _history(raw)
     config = _config_of(events, folder)
-    return Run(path=folder, name=folder.resolve().name, config=config, events=events, resumes=resumes,
-               sessions=sessions, wall_time_s=wall, warnings=warnings)
+    return Run(
+        path=folder,
+        name=folder.resolve().name,
+        config=config,
+        events=events,
+        resumes=resumes,
+        sessions=sessions,
+        wall_time_s=wall,
+        warnings=warnings,
+    )
 
 
 def _parse_lines(text: str) -> tuple[list[dict[str, Any]], list[int]]:
@@ -158,8 +168,12 @@ def _parse_lines(text: str) -> tuple[list[dict[str, Any]], list[int]]:
 
 
 def _is_event(event: Any) -> bool:
-    return (isinstance(event, dict) and isinstance(event.get("kind"), str) and isinstance(event.get("step", 0), int)
-            and isinstance(event.get("time", 0.0), (int, float)))
+    return (
+        isinstance(event, dict)
+        and isinstance(event.get("kind"), str)
+        and isinstance(event.get("step", 0), int)
+        and isinstance(event.get("time", 0.0), (int, float))
+    )
 
 
 def _salvage(line: str) -> Any:
@@ -194,10 +208,9 @@ def _history(raw: list[dict[str, Any]]) -> tuple[list[Event], list[Event], int, 
     kept: list[tuple[dict[str, Any], int]] = []  # (event, session index)
     for index, events in enumerate(_sessions(raw)):
         resume = next((e for e in events if e["kind"] == "resume"), None)
-        if resume is None:  # a fresh run: what an older run logged in this file is not part of it
-            kept = []
-        else:
-            kept = [(e, s) for e, s in kept if e.get("step", 0) <= resume.get("step", 0)]
+        # a fresh run (no resume): what an older run logged in this file is not part of it
+        step = None if resume is None else resume.get("step", 0)
+        kept = [] if step is None else [(e, s) for e, s in kept if e.get("step", 0) <= step]
         kept += [(e, index) for e in events]
     # active time: each session's span from its first to its last kept event, sessions laid end to end
     spans: dict[int, tuple[float, float]] = {}
@@ -210,9 +223,16 @@ def _history(raw: list[dict[str, Any]]) -> tuple[list[Event], list[Event], int, 
         first, last = spans[session]
         offsets[session] = total - first
         total += last - first
-    out = [Event(kind=e["kind"], step=int(e.get("step", 0)), time=float(e.get("time", 0.0)),
-                 elapsed_s=float(e.get("time", 0.0)) + offsets[s],
-                 data={k: v for k, v in e.items() if k not in EVENT_FIELDS}) for e, s in kept]
+    out = [
+        Event(
+            kind=e["kind"],
+            step=int(e.get("step", 0)),
+            time=float(e.get("time", 0.0)),
+            elapsed_s=float(e.get("time", 0.0)) + offsets[s],
+            data={k: v for k, v in e.items() if k not in EVENT_FIELDS},
+        )
+        for e, s in kept
+    ]
     return out, [e for e in out if e.kind == "resume"], len(spans), total
 
 
@@ -235,7 +255,7 @@ def load_runs(paths: list[str] | list[Path]) -> list[Run]:
     """Several runs with distinct names (the folder name, widened with its parents where two are alike)."""
     runs = [load_run(p) for p in paths]
     names = [_unique_name(run, runs) for run in runs]
-    for run, name in zip(runs, names):
+    for run, name in zip(runs, names, strict=True):
         run.name = name
     return runs
 

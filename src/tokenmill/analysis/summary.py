@@ -64,14 +64,21 @@ def _tokens(run: Run, end: Any, last_train: Any) -> int | None:
 
 def _train_losses(train: list[Any]) -> dict[str, Any]:
     if not train:
-        return dict.fromkeys(("final_loss", "final_loss_step", "min_loss", "min_loss_step", "best_loss",
-                              "best_loss_step"))
+        return dict.fromkeys(
+            ("final_loss", "final_loss_step", "min_loss", "min_loss_step", "best_loss", "best_loss_step")
+        )
     losses = [float(e.get("loss")) for e in train]
     low = min(range(len(losses)), key=losses.__getitem__)
-    out = {"final_loss": losses[-1], "final_loss_step": train[-1].step, "min_loss": losses[low],
-           "min_loss_step": train[low].step, "best_loss": None, "best_loss_step": None}
+    out = {
+        "final_loss": losses[-1],
+        "final_loss_step": train[-1].step,
+        "min_loss": losses[low],
+        "min_loss_step": train[low].step,
+        "best_loss": None,
+        "best_loss_step": None,
+    }
     # mean of the window ending at each log; the step is that window's last (fewer logs than a window: no best)
-    means = {i: statistics.fmean(losses[i - BEST_WINDOW + 1:i + 1]) for i in range(BEST_WINDOW - 1, len(losses))}
+    means = {i: statistics.fmean(losses[i - BEST_WINDOW + 1 : i + 1]) for i in range(BEST_WINDOW - 1, len(losses))}
     if means:
         best = min(means, key=means.__getitem__)
         out.update(best_loss=means[best], best_loss_step=train[best].step)
@@ -81,13 +88,20 @@ def _train_losses(train: list[Any]) -> dict[str, Any]:
 def _evals(run: Run) -> dict[str, Any]:
     evals = [e for e in run.of_kind("eval") if finite(e.get("loss")) is not None]
     if not evals:
-        return dict.fromkeys(("eval_loss", "eval_ppl", "eval_bpb", "eval_step", "best_eval_loss", "best_eval_bpb",
-                              "best_eval_step"))
+        return dict.fromkeys(
+            ("eval_loss", "eval_ppl", "eval_bpb", "eval_step", "best_eval_loss", "best_eval_bpb", "best_eval_step")
+        )
     last = evals[-1]
     best = min(evals, key=lambda e: e.get("loss"))
-    return {"eval_loss": last.get("loss"), "eval_ppl": finite(last.get("ppl")), "eval_bpb": finite(last.get("bpb")),
-            "eval_step": last.step, "best_eval_loss": best.get("loss"), "best_eval_bpb": finite(best.get("bpb")),
-            "best_eval_step": best.step}
+    return {
+        "eval_loss": last.get("loss"),
+        "eval_ppl": finite(last.get("ppl")),
+        "eval_bpb": finite(last.get("bpb")),
+        "eval_step": last.step,
+        "best_eval_loss": best.get("loss"),
+        "best_eval_bpb": finite(best.get("bpb")),
+        "best_eval_step": best.step,
+    }
 
 
 def _median(events: list[Any], key: str) -> float | None:
@@ -112,6 +126,7 @@ def _skipped(run: Run, end: Any, last_train: Any) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 # rendering: one row per quantity, one column per run
+
 
 def _num(value: Any, fmt: str = ".4f") -> str:
     return "-" if value is None else format(value, fmt)
@@ -153,8 +168,10 @@ def summary_rows(summaries: Sequence[dict[str, Any]], now: float | None = None) 
         ("status", lambda s: _status(s, now)),
         ("steps", lambda s: f"{s['steps']}" + (f" / {s['total_steps']}" if s["total_steps"] else "")),
         ("tokens", lambda s: human(s["tokens"])),
-        ("wall time", lambda s: duration(s["wall_time_s"]) + (f" ({s['sessions']} sessions)"
-                                                              if s["sessions"] > 1 else "")),
+        (
+            "wall time",
+            lambda s: duration(s["wall_time_s"]) + (f" ({s['sessions']} sessions)" if s["sessions"] > 1 else ""),
+        ),
         ("parameters", lambda s: human(s["params"])),
         ("train loss final", lambda s: _at(s["final_loss"], s["final_loss_step"])),
         ("train loss min", lambda s: _at(s["min_loss"], s["min_loss_step"])),
@@ -178,7 +195,7 @@ def text_table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]])
     """Aligned plain-text columns (no colour, so it pipes and diffs cleanly)."""
     table = [list(header)] + [[label, *cells] for label, cells in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 

@@ -16,13 +16,26 @@ DEFAULT_OUT_DIR = "runs/ablation"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tokenmill.cli.common import add_config_arguments
 
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="a config key and its values; repeat for more keys (cells = every combination)")
-    parser.add_argument("--seeds", default=None, metavar="S,S",
-                        help="run each cell once per seed (train.seed); default: the base's seed")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a config key and its values; repeat for more keys (cells = every combination)",
+    )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,S",
+        help="run each cell once per seed (train.seed); default: the base's seed",
+    )
     parser.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps per run")
-    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, metavar="DIR",
-                        help=f"folder of the runs and results (default {DEFAULT_OUT_DIR})")
+    parser.add_argument(
+        "--out-dir",
+        default=DEFAULT_OUT_DIR,
+        metavar="DIR",
+        help=f"folder of the runs and results (default {DEFAULT_OUT_DIR})",
+    )
     parser.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at once (default 1)")
     add_config_arguments(parser)
 
@@ -33,8 +46,15 @@ def run(args: argparse.Namespace) -> int:
 
     base = Base(tuple(presets_from_args(args)), args.config_file, tuple(args.overrides))
     grid = parse_grid(args.grid)
-    result = ablate(base, grid, parse_seeds(args.seeds), args.max_steps, args.out_dir, args.parallel,
-                    echo=lambda line: print(line, flush=True))
+    result = ablate(
+        base,
+        grid,
+        parse_seeds(args.seeds),
+        args.max_steps,
+        args.out_dir,
+        args.parallel,
+        echo=lambda line: print(line, flush=True),
+    )
     print()
     print(results_markdown(result.cells, list(grid)))
     print()

@@ -19,37 +19,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    p = sub.add_parser("summary", help="status, losses, throughput and problems of each run",
-                       description="status, losses, throughput and problems of each run (one column per run)")
+    p = sub.add_parser(
+        "summary",
+        help="status, losses, throughput and problems of each run",
+        description="status, losses, throughput and problems of each run (one column per run)",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder (a train.out_dir) or its metrics.jsonl")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="print a JSON list, one record per run")
     form.add_argument("--markdown", action="store_true", help="print a markdown table")
 
-    p = sub.add_parser("plot", help="one panel per metric, runs overlaid (PNG, SVG or text)",
-                       description="one panel per metric, runs overlaid (PNG, SVG or --terminal text)")
+    p = sub.add_parser(
+        "plot",
+        help="one panel per metric, runs overlaid (PNG, SVG or text)",
+        description="one panel per metric, runs overlaid (PNG, SVG or --terminal text)",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder (a train.out_dir) or its metrics.jsonl")
-    p.add_argument("--metrics", default=None, metavar="M,M",
-                   help=f"comma-separated panels among {', '.join(METRICS)} (default: the usual ones the runs "
-                        f"logged)")
-    p.add_argument("--x", choices=tuple(X_AXES), default="tokens",
-                   help="x axis: optimizer steps, tokens seen (comparable across batch sizes; default) or active "
-                        "wall time")
-    p.add_argument("--smooth", type=int, default=1, metavar="N",
-                   help="trailing mean over N logged points for train metrics (raw curve kept faint)")
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="M,M",
+        help=f"comma-separated panels among {', '.join(METRICS)} (default: the usual ones the runs logged)",
+    )
+    p.add_argument(
+        "--x",
+        choices=tuple(X_AXES),
+        default="tokens",
+        help="x axis: optimizer steps, tokens seen (comparable across batch sizes; default) or active wall time",
+    )
+    p.add_argument(
+        "--smooth",
+        type=int,
+        default=1,
+        metavar="N",
+        help="trailing mean over N logged points for train metrics (raw curve kept faint)",
+    )
     p.add_argument("--log-y", action="store_true", help="log-scale y axes (rates such as tokens/s stay linear)")
-    p.add_argument("--out", default="plot.png", metavar="FILE",
-                   help="output .png or .svg (default: plot.png in the current folder)")
+    p.add_argument(
+        "--out",
+        default="plot.png",
+        metavar="FILE",
+        help="output .png or .svg (default: plot.png in the current folder)",
+    )
     p.add_argument("--terminal", action="store_true", help="print text plots instead of writing a file")
 
-    p = sub.add_parser("compare", help="config diff and step-by-step curve difference of two runs; "
-                                       "exit 1 where they part",
-                       description="config diff, per-step difference and summaries of two runs; exit 0 when the "
-                                   "curves agree within --tolerance, 1 when they part (usable in CI)")
+    p = sub.add_parser(
+        "compare",
+        help="config diff and step-by-step curve difference of two runs; exit 1 where they part",
+        description="config diff, per-step difference and summaries of two runs; exit 0 when the "
+        "curves agree within --tolerance, 1 when they part (usable in CI)",
+    )
     p.add_argument("a", metavar="A", help="reference run folder")
     p.add_argument("b", metavar="B", help="run folder compared with A")
-    p.add_argument("--tolerance", type=float, default=0.0, metavar="X",
-                   help="largest allowed absolute difference per step (default 0: identical values)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="largest allowed absolute difference per step (default 0: identical values)",
+    )
     p.add_argument("--metric", default="loss", metavar="M", help="curve to compare (default loss; e.g. eval_loss)")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -97,8 +125,10 @@ def _plot(args: argparse.Namespace) -> int:
         return 0
     figure = plot.build_figure(runs, metrics, args.x, args.smooth, args.log_y)
     plot.save_figure(figure, out)
-    print(f"wrote {out} ({len(metrics)} panel{'s' * (len(metrics) > 1)}: {', '.join(metrics)}; "
-          f"{len(runs)} run{'s' * (len(runs) > 1)})")
+    print(
+        f"wrote {out} ({len(metrics)} panel{'s' * (len(metrics) > 1)}: {', '.join(metrics)}; "
+        f"{len(runs)} run{'s' * (len(runs) > 1)})"
+    )
     return 0
 
 
