@@ -138,4 +138,3 @@ def test_summary_of_a_real_tiny_run(tmp_path, capsys):
     assert s["tokens"] == train[-1]["tokens_seen"] == 3 * 4 * 32 and s["params"] > 0
     assert (s["final_loss"], s["final_loss_step"]) == (train[-1]["loss"], 3)
     assert s["eval_loss"] == events(run, "eval")[-1]["loss"] and s["tokens_per_s"] > 0
-    assert main(["logs", "plot", str(run), "--out", str(tmp_path / "real.png")]) == 0

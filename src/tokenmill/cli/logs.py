@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from tokenmill.errors import UserError
+
+if TYPE_CHECKING:
+    from tokenmill.analysis.runs import Run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     return {"summary": _summary, "plot": _plot, "compare": _compare}[args.action](args)
 
 
-def _load(paths: list[str]) -> list:
+def _load(paths: list[str]) -> list[Run]:
+    """The runs, with each one's warnings (skipped lines) printed to stderr."""
     from tokenmill.analysis.runs import load_runs
 
     runs = load_runs(paths)
