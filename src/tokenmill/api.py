@@ -5,15 +5,21 @@
     model = tokenmill.load_model("runs/demo", which="best") # best by eval loss
     model = tokenmill.create_model("tiny", vocab_size=4096) # fresh, initialised weights
     tokenizer = tokenmill.load_tokenizer("runs/demo")      # the tokenizer that checkpoint was trained with
+
+Every function that takes a checkpoint resolves it with `checkpoint.find.find_checkpoint` (also importable
+from here), which verifies the folder against its manifest first; nothing is read with a plain unpickler.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from tokenmill.checkpoint.find import find_checkpoint
+from tokenmill.checkpoint.folder import CONFIG, TOKENIZER
 from tokenmill.errors import UserError
 
 if TYPE_CHECKING:
@@ -23,7 +29,7 @@ if TYPE_CHECKING:
     from tokenmill.model.config import ModelConfig
     from tokenmill.model.transformer import Transformer
 
-WHICH = ("latest", "best")
+__all__ = ["create_model", "find_checkpoint", "load_model", "load_tokenizer", "model_config_from"]
 
 
 def model_config_from(source: Any, vocab_size: int | None = None) -> ModelConfig:
@@ -43,7 +49,7 @@ def model_config_from(source: Any, vocab_size: int | None = None) -> ModelConfig
     else:
         raise UserError(f"create_model takes a preset name, Config, ModelConfig or dict, not {type(source).__name__}")
     if vocab_size is not None:
-        cfg = ModelConfig(**{**cfg.__dict__, "vocab_size": vocab_size})
+        cfg = replace(cfg, vocab_size=vocab_size)
     cfg.validate()
     return cfg
 
@@ -56,39 +62,21 @@ def create_model(preset_or_cfg: Any = "tiny", vocab_size: int | None = None,
     return build_model(model_config_from(preset_or_cfg, vocab_size), device=device)
 
 
-def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
-    """The checkpoint folder named by `path`: itself, or the latest valid / best one of a run folder."""
-    from tokenmill.checkpoint.manager import CHECKPOINTS, Checkpointer
-
-    if which not in WHICH:
-        raise UserError(f"which={which!r} is not allowed: choose one of {', '.join(WHICH)}")
-    path = Path(path)
-    if (path / CHECKPOINTS).is_dir() or (path.name == CHECKPOINTS and path.is_dir()):
-        run_dir = path if (path / CHECKPOINTS).is_dir() else path.parent
-        checkpointer = Checkpointer(run_dir)
-        found = checkpointer.best() if which == "best" else checkpointer.latest_valid()
-        if found is None:
-            why = checkpointer.problems[0] if checkpointer.problems else "no checkpoint saved"
-            kind = "checkpoint with an eval loss" if which == "best" else "valid checkpoint"
-            raise UserError(f"no {kind} in {run_dir}: {why}")
-        return found
-    return Checkpointer(path.parent.parent).verify(path)
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu", which: str = "latest",
                dtype: torch.dtype | None = None) -> Transformer:
     """A ready Transformer (eval mode) from a checkpoint folder or a run folder.
 
     The model is rebuilt from the checkpoint's config.yaml and its weights loaded from safetensors
-    (no pickle). `dtype` optionally casts the weights (e.g. torch.bfloat16 for inference).
+    (no pickle). `dtype` optionally casts the weights (e.g. torch.bfloat16 for inference). A sharded
+    checkpoint (FSDP, pipeline) is made single-file once with `tokenmill checkpoint consolidate`.
     """
-    from tokenmill.checkpoint.manager import load_weights_into, read_weights
+    from tokenmill.checkpoint.manager import load_model_weights
     from tokenmill.model.build import build_model
 
     folder = find_checkpoint(path, which)
     cfg = model_config_from(_checkpoint_config(folder))
     model = build_model(cfg, device=device)  # init also fills non-persistent buffers (RoPE tables)
-    load_weights_into(model, read_weights(folder), str(folder))
+    load_model_weights(model, folder)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
@@ -104,8 +92,8 @@ def load_tokenizer(path: str | Path, which: str = "latest") -> Tokenizer:
     from tokenmill.data.tokenizer import Tokenizer, load_tokenizer as load_named
 
     folder = find_checkpoint(path, which)
-    if (folder / "tokenizer.json").is_file():
-        return Tokenizer.from_file(folder)
+    if (folder / TOKENIZER).is_file():
+        return Tokenizer.from_file(folder / TOKENIZER)
     data = _checkpoint_config(folder).get("data") or {}
     name = str(data.get("tokenizer", "bpe"))
     if name == "bpe":
@@ -114,19 +102,17 @@ def load_tokenizer(path: str | Path, which: str = "latest") -> Tokenizer:
         found = sorted(cache.glob(f"tokenizer-bpe{vocab}-*/tokenizer.json")) if cache.is_dir() else []
         if len(found) == 1:
             return Tokenizer.from_file(found[0].parent)
-        raise UserError(f"checkpoint {folder} holds no tokenizer.json and its run folder has "
-                        f"{'several cached tokenizers' if found else 'no cached tokenizer'} in {cache}; "
-                        f"copy the run's tokenizer.json into the checkpoint folder")
+        raise UserError(f"checkpoint {folder} holds no {TOKENIZER} and its run folder has "
+                        f"{'several cached tokenizers' if found else 'no cached tokenizer'} in {cache}; load the "
+                        f"run's tokenizer.json yourself (tokenmill.data.tokenizer.Tokenizer.from_file(PATH))")
     if name == "byte" or Path(name).exists():
         return load_named(name)
-    raise UserError(f"checkpoint {folder} holds no tokenizer.json and its tokenizer {name!r} is not available "
-                    f"offline; copy that tokenizer.json into the checkpoint folder")
+    raise UserError(f"checkpoint {folder} holds no {TOKENIZER} and its tokenizer {name!r} is not available "
+                    f"offline; load that tokenizer.json yourself (tokenmill.data.tokenizer.Tokenizer.from_file(PATH))")
 
 
 def _checkpoint_config(folder: Path) -> dict[str, Any]:
     """The resolved run config stored beside a checkpoint's weights, as a mapping."""
-    from tokenmill.checkpoint.manager import CONFIG
-
     config_file = folder / CONFIG
     if not config_file.is_file():
         raise UserError(f"checkpoint {folder} has no {CONFIG}, so its model and tokenizer are unknown")

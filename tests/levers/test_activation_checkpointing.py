@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from tokenmill.errors import ConfigError
-from tokenmill.levers.activation_checkpointing import apply_activation_checkpointing, clean_key, is_checkpointed
+from tokenmill.levers.activation_checkpointing import apply_activation_checkpointing, is_checkpointed
+from tokenmill.parallel.wrappers import canonical_name
 
 
 class _Block(nn.Module):
@@ -39,7 +40,7 @@ def _loss_and_grads(model, x, seed=0):
     torch.manual_seed(seed)
     loss = model(x)
     loss.backward()
-    grads = {clean_key(n): p.grad.clone() for n, p in model.named_parameters()}
+    grads = {canonical_name(n): p.grad.clone() for n, p in model.named_parameters()}
     return loss.detach(), grads
 
 

@@ -16,7 +16,8 @@ from tokenmill.optim.adafactor import stochastic_round_to_bf16
 from tokenmill.optim.config import OptimConfig
 from tokenmill.optim.muon import FallbackMuon, MuonWithAdamW, newton_schulz
 from tokenmill.optim.optimizers import OPTIMIZERS, build_optimizer, scaled_lr
-from tokenmill.optim.param_groups import build_param_groups, clean_name, parameter_roles
+from tokenmill.optim.param_groups import build_param_groups, parameter_roles
+from tokenmill.parallel.wrappers import canonical_name
 
 VOCAB, DIM = 32, 16
 
@@ -116,14 +117,9 @@ def test_decay_everything_flag():
 
 
 def test_wrapper_prefixes_are_dropped():
-    assert clean_name("module._orig_mod.blocks.0.attn.q_proj.weight") == "blocks.0.attn.q_proj.weight"
+    assert canonical_name("module._orig_mod.blocks.0.attn.q_proj.weight") == "blocks.0.attn.q_proj.weight"
 
-    class DDPLike(nn.Module):
-        def __init__(self, module: nn.Module) -> None:
-            super().__init__()
-            self.module = module
-
-    wrapped = DDPLike(torch.compile(tiny()))  # compile wraps lazily: nothing is compiled here
+    wrapped = nn.DataParallel(torch.compile(tiny()))  # DDP's naming on CPU; compile wraps lazily: nothing compiled
     assert any(n.startswith("module._orig_mod.") for n, _ in wrapped.named_parameters())
     assert parameter_roles(wrapped) == parameter_roles(tiny())
 

@@ -1,10 +1,12 @@
 """Crash-safe checkpoint folders: fsynced writes into a temporary folder, a sha256 manifest written last,
 an atomic rename, and verification that names the damaged file.
 
-A folder is a valid checkpoint only if `manifest.json` exists and every file it lists has the recorded
-size and sha256. Because the manifest is the last file written before the rename, a save killed at any
-moment leaves either the previous state or a `.tmp-*` folder that is never chosen.
-(Pattern: write-temp-then-rename plus fsync of file and directory, as in SimpleTuner PR #1443.)
+A folder is a valid checkpoint only if `manifest.json` exists, every file it lists has the recorded size
+and sha256, and the folder holds nothing else: a file dropped in later (say a `.metadata` that would send
+the loader down another path) makes the folder invalid instead of being read. Because the manifest is the
+last file written before the rename, a save killed at any moment leaves either the previous state or a
+`.tmp-*` folder that is never chosen. (Pattern: write-temp-then-rename plus fsync of file and directory,
+as in SimpleTuner PR #1443.)
 """
 
 from __future__ import annotations
@@ -21,11 +23,21 @@ from typing import IO, Any
 
 from tokenmill.errors import UserError
 
-MANIFEST = "manifest.json"
+# The files of one checkpoint folder
+WEIGHTS = "model.safetensors"  # weights of a single-file checkpoint
+STATE = "state.pt"  # every other part (weights_only-loadable values)
+CONFIG = "config.yaml"  # the resolved run config: rebuilds the model
+META = "meta.json"  # step, tokens seen, eval loss, versions, time; `sharded` says how the model was saved
+TOKENIZER = "tokenizer.json"  # the run's tokenizer (none for the byte tokenizer, which needs no file)
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded save's `*.distcp` files
+MANIFEST = "manifest.json"  # size and sha256 of every other file; written last
+
 FORMAT = "tokenmill-checkpoint"
 FORMAT_VERSION = 1
-TMP_PREFIX = ".tmp-"
-OLD_PREFIX = ".old-"
+TMP_PREFIX = ".tmp-"  # a folder being written
+OLD_PREFIX = ".old-"  # the previous copy of a step being re-saved, while the new one takes its name
+DELETE_PREFIX = ".del-"  # a checkpoint retention is deleting (renamed first, so a kill leaves no half folder)
+SHARDS_PREFIX = ".shards-"  # DCP shards of a sharded save before they join the staged folder
 HASH_CHUNK = 8 << 20  # bytes read at a time while hashing
 
 
@@ -104,6 +116,11 @@ def write_manifest(folder: Path, step: int, written: dict[str, dict[str, Any]] |
     write_json(folder / MANIFEST, {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "files": files})
 
 
+def _plain_name(name: str) -> bool:
+    """A file name inside the folder: no separators and no `..` (a manifest never points elsewhere)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     """Replace a small JSON file atomically (pointer files like best.json)."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
@@ -165,9 +182,44 @@ def staged_folder(final: Path) -> Iterator[Path]:
         raise
 
 
+def remove_path(path: Path) -> None:
+    """Delete a file, symlink or folder tree (whatever is there)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def delete_folder(folder: Path) -> None:
+    """Remove a checkpoint folder so that a kill at any moment leaves either the whole folder or none of it
+    under its name: it is renamed to `.del-<name>` first (atomic), then deleted."""
+    doomed = folder.parent / f"{DELETE_PREFIX}{folder.name}"
+    remove_path(doomed)
+    os.replace(folder, doomed)
+    fsync_path(folder.parent)
+    remove_path(doomed)
+
+
+def clean_interrupted(parent: Path) -> None:
+    """Tidy what a killed save or deletion left in `parent`: unfinished folders and files are removed, and a
+    previous copy moved aside by `publish_folder` gets its name back if the new copy never took it."""
+    if not parent.is_dir():
+        return
+    for path in parent.iterdir():
+        name = path.name
+        if name.startswith(OLD_PREFIX):
+            final = parent / name[len(OLD_PREFIX):]
+            if final.exists():
+                remove_path(path)
+            else:  # killed between the two renames: the old copy is complete
+                os.replace(path, final)
+        elif name.startswith((TMP_PREFIX, DELETE_PREFIX, SHARDS_PREFIX)):
+            remove_path(path)
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a checkpoint folder, or a UserError saying why there is none."""
-    if folder.name.startswith(TMP_PREFIX) or folder.name.startswith(OLD_PREFIX):
+    if folder.name.startswith((TMP_PREFIX, OLD_PREFIX, DELETE_PREFIX, SHARDS_PREFIX)):
         raise UserError(f"{folder} is an unfinished checkpoint (a save was interrupted); use an earlier one")
     if not folder.is_dir():
         raise UserError(f"checkpoint {folder} does not exist (pass a checkpoint folder such as "
@@ -190,9 +242,19 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def verify_folder(folder: Path, deep: bool = True) -> dict[str, Any]:
-    """Check every file against the manifest (sizes always; sha256 when `deep`); return the manifest."""
+    """Check every file against the manifest (sizes always; sha256 when `deep`) and that the folder holds
+    nothing the manifest does not list; return the manifest."""
     manifest = read_manifest(folder)
+    listed = set(manifest["files"]) | {MANIFEST}
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name not in listed)
+    if unlisted:
+        raise UserError(f"checkpoint {folder} holds {', '.join(unlisted[:3])}, which its {MANIFEST} does not "
+                        f"list (added after the save, so it is never read); remove it or use an earlier checkpoint")
     for name, entry in manifest["files"].items():
+        if not (_plain_name(name) and isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                and isinstance(entry.get("sha256"), str)):
+            raise UserError(f"checkpoint file {folder / MANIFEST} is damaged (bad entry {name!r}); use an "
+                            f"earlier checkpoint")
         path = folder / name
         if not path.is_file():
             raise UserError(f"checkpoint file {path} is missing; use an earlier checkpoint")
@@ -203,3 +265,17 @@ def verify_folder(folder: Path, deep: bool = True) -> dict[str, Any]:
         if deep and sha256_of(path) != entry["sha256"]:
             raise UserError(f"checkpoint file {path} is damaged (sha256 mismatch); use an earlier checkpoint")
     return manifest
+
+
+def is_sharded(folder: Path, manifest: dict[str, Any]) -> bool:
+    """Whether a verified folder holds a sharded (DCP) save: its own meta.json must say so and its manifest
+    must list DCP's metadata; either without the other is a damaged folder."""
+    try:
+        sharded = json.loads((folder / META).read_text()).get("sharded") is True
+    except (OSError, ValueError, AttributeError):
+        sharded = False
+    listed = DCP_METADATA in manifest["files"]
+    if sharded != listed:
+        raise UserError(f"checkpoint {folder} is inconsistent ({META} says sharded={sharded} but {MANIFEST} "
+                        f"{'lists' if listed else 'does not list'} {DCP_METADATA}); use an earlier checkpoint")
+    return sharded

@@ -1,69 +1,63 @@
-"""Checkpoints (SPEC C1-C5): save, verify, load and retain full training state, and pick what to resume.
+"""Checkpointer: save, verify, load and retain the full training state of a run, as a dict of Stateful parts.
+
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint, {"model": ModelState(model), "optimizer": opt,
+                                "scheduler": scheduler, "loader": loader, "train": train_state}, run_config=cfg)
+    checkpointer.save(step, eval_loss=..., reason="interval")   # every rank
+    checkpointer.load(path)                                      # every rank: each part restored in place
 
 Layout of one checkpoint, `<out_dir>/checkpoints/step_00000100/`:
-  model.safetensors  weights of the unwrapped model (no `module.`/`_orig_mod.`; tied tensors once)
-  state.pt           optimizer, scheduler, data-loader, RNG states, train state, extra (weights_only-loadable)
+  model.safetensors  weights of the plain model (no `module.`/`_orig_mod.`; tied tensors once), or, for a
+  .metadata, *.distcp   sharded run (FSDP, pipeline), model + optimizer shards of every rank (checkpoint/sharded.py)
+  state.pt           every other part, RNG states, step (weights_only-loadable; checkpoint/values.py)
   config.yaml        the resolved run config (rebuilds the model: tokenmill.load_model)
-  meta.json          step, tokens seen, eval loss, versions, git commit, time
-  manifest.json      size + sha256 of every file above; written last (see checkpoint_files.py)
+  tokenizer.json     the run's tokenizer, so the folder alone is enough to generate, export or serve
+  meta.json          step, tokens seen, eval loss, sharded or not, versions, git commit, time
+  manifest.json      size + sha256 of every file above; written last (checkpoint/folder.py)
 `<out_dir>/checkpoints/best.json` points at the best checkpoint by eval loss.
 
-Only rank 0 writes (the training loop adds a barrier after `save`); every rank may load.
-Sharded (FSDP/PP) checkpoints through torch.distributed.checkpoint are not handled here.
+Call save and load on every rank: per-rank parts (the data loader) and RNG states are gathered, rank 0
+writes, and every rank then learns the outcome, so a failed save raises the same error everywhere instead
+of hanging the job. A sharded save with `checkpoint.async_save` returns once the shards are staged in
+host memory; the next save, `wait()` or `close()` finishes it.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-import json
-import math
 import platform
-import shutil
 import subprocess
 import time
-import warnings
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
-from tokenmill.checkpoint.folder import (MANIFEST, TMP_PREFIX, atomic_write_json, staged_folder,
-                                        verify_folder, write_file, write_json, write_manifest)
-from tokenmill.checkpoint.resume import prepare_run_dir, resolve_resume
-from tokenmill.checkpoint.state import (capture_rng, load_weights_into, restore_rng, retie, to_safe,
-                                        weights_for_saving, write_safetensors)
+from tokenmill.checkpoint.config import CheckpointConfig
+from tokenmill.checkpoint.find import (BEST_POINTER, CHECKPOINTS, STEP_PREFIX, best_pointer, finite_or_none,
+                                       list_checkpoints, parse_step, read_meta, scored, step_name)
+from tokenmill.checkpoint.folder import (CONFIG, DELETE_PREFIX, MANIFEST, META, OLD_PREFIX, SHARDS_PREFIX, STATE,
+                                         TMP_PREFIX, TOKENIZER, WEIGHTS, atomic_write_json, clean_interrupted,
+                                         delete_folder, is_sharded, read_manifest, staged_folder, verify_folder,
+                                         write_bytes, write_file, write_json, write_manifest)
+from tokenmill.checkpoint.parts import MODEL, OPTIMIZER, ModelState, OptimizerState, Stateful, as_part
+from tokenmill.checkpoint.values import capture_rng, load_values, restore_rng, to_safe
+from tokenmill.checkpoint.weights import read_weights, write_weights
 from tokenmill.errors import UserError
 
-__all__ = ["Checkpointer", "load_weights_into", "prepare_run_dir", "read_weights", "resolve_resume"]
+__all__ = ["OUTPUTS", "Checkpointer", "PendingSave"]
 
-CHECKPOINTS = "checkpoints"
-STEP_PREFIX = "step_"
-BEST_POINTER = "best.json"
-WEIGHTS, STATE, CONFIG, META = "model.safetensors", "state.pt", "config.yaml", "meta.json"
-SHARDS_PREFIX = ".shards-"  # DCP shards of a sharded save before they join the staged folder
-SHARDED_MARKER = ".metadata"  # DCP's metadata file: present only in sharded checkpoints
-PER_RANK = "__per_rank__"  # marks a data-loader state saved as one dict per rank
-
-
-class _Frozen:
-    """A state_dict captured at save time (an async sharded save writes it later)."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._state
-
-
-def step_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
-
-
-def parse_step(name: str) -> int | None:
-    """The step of a `step_00000100` folder name, None for anything else (tmp folders, best.json)."""
-    digits = name[len(STEP_PREFIX):]
-    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
+# What a run's checkpointing writes under its out_dir (train/run_dir.py removes exactly these on --overwrite)
+OUTPUTS = tuple(f"{CHECKPOINTS}/{pattern}" for pattern in (
+    f"{STEP_PREFIX}*", BEST_POINTER, f"{TMP_PREFIX}*", f"{OLD_PREFIX}*", f"{DELETE_PREFIX}*", f"{SHARDS_PREFIX}*"))
+FORMAT_VERSION = 2  # of state.pt: {"format_version", "step", "eval_loss", "rng", "parts": {name: state}}
+PER_RANK = "__per_rank__"  # marks a value saved as one entry per rank
+PER_RANK_PARTS = ("loader",)  # parts whose state differs between ranks (each rank reads its own data)
+TRAIN = "train"  # the loop's counters; meta.json copies its tokens_seen
 
 
 @functools.cache
@@ -94,128 +88,151 @@ def _config_text(config: Any) -> str | None:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+@dataclass
+class PendingSave:
+    """One checkpoint between capture (every rank, at the step) and publication (rank 0)."""
+
+    final: Path
+    step: int
+    eval_loss: float | None
+    values: dict[str, Any]  # the content of state.pt
+    meta: dict[str, Any]
+    model: ModelState | None  # written as safetensors by rank 0; None for a sharded save
+    shards: Any = None  # sharded.ShardWrite: DCP shards of every rank, possibly still being written
 
 
 class Checkpointer:
-    """Owns `<run_dir>/checkpoints`: atomic saves, retention (last K + best k), verification, loading.
+    """Owns `<run_dir>/checkpoints`: atomic saves of `parts`, retention (last K + best k), verification, loading.
 
-    `cfg` is the `checkpoint` config section (keep_last, keep_best); `config` is the resolved run config
-    stored beside every checkpoint as config.yaml (a `cfg=` given to save() replaces it). `dist` (a
-    parallel.dist.DistInfo) or `rank` says which process this is; call save/load on every rank.
+    `cfg` is the `checkpoint` config section. `run_config` (the resolved run config) is stored beside every
+    checkpoint as config.yaml and names changed model settings when weights do not fit; `tokenizer_json`
+    (the text of the run's tokenizer.json) is stored as tokenizer.json. `dist` says which process this is.
     """
 
-    def __init__(self, run_dir: str | Path, cfg: Any = None, *, config: Any = None, rank: int = 0,
-                 dist: Any = None) -> None:
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None,
+                 parts: Mapping[str, Any] | None = None, *, run_config: Any = None, tokenizer_json: str | None = None,
+                 dist: Any = None, per_rank: Collection[str] = PER_RANK_PARTS) -> None:
+        cfg = cfg if cfg is not None else CheckpointConfig()
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CHECKPOINTS
-        self.keep_last = max(1, getattr(cfg, "keep_last", 3))
-        self.keep_best = max(0, getattr(cfg, "keep_best", 1))
-        self.config_text = _config_text(config)
-        self.dist = dist
-        self.rank = dist.rank if dist is not None else rank
-        self.distributed = bool(getattr(dist, "distributed", False))
-        self.problems: list[str] = []  # why checkpoints were skipped by latest_valid / best
+        self.keep_last = max(1, cfg.keep_last)
+        self.keep_best = max(0, cfg.keep_best)
+        self.parts: dict[str, Stateful] = {name: as_part(name, part) for name, part in (parts or {}).items()}
+        self.per_rank = frozenset(per_rank)
+        self.run_config = run_config
+        self.config_text = _config_text(run_config)
+        self.tokenizer_json = tokenizer_json
+        self.rank = dist.rank if dist is not None else 0
+        self.world_size = dist.world_size if dist is not None else 1
+        self.distributed = dist is not None and dist.distributed
+        self.async_save = cfg.async_save and self.distributed  # DCP async_save: sharded runs only
         self.last_path: Path | None = None
         self.last_save_s = 0.0
         self.last_save_bytes = 0
         self._verified: dict[Path, int] = {}  # folder -> manifest mtime_ns already checked deeply
-        self.async_save = bool(getattr(cfg, "async_save", False))  # sharded runs only (DCP async_save)
-        self._pending: tuple | None = None  # arguments of an async sharded save's final _write
+        self._pending: PendingSave | None = None  # an async sharded save to finish
         self._ckpt_group: Any = None
 
-    # ------------------------------------------------------------------------------------- save
-    def save(self, step: int, state: dict[str, Any] | None = None, model: torch.nn.Module | None = None,
-             optimizer: Any = None, scheduler: Any = None, loader: Any = None, extra: dict[str, Any] | None = None,
-             *, engine: Any = None, cfg: Any = None, eval_loss: float | None = None, reason: str | None = None,
-             train_state: dict[str, Any] | None = None, **named: Any) -> Path:
-        """Write checkpoint `step` atomically, update best.json, apply retention; return its folder.
+    @property
+    def sharded(self) -> bool:
+        model = self.parts.get(MODEL)
+        return isinstance(model, ModelState) and model.sharded
 
-        Call on every rank: loader and RNG states are gathered per rank, rank 0 writes, and all ranks
-        then agree on the outcome (a failed write raises the same UserError everywhere, no hang).
-        `state`/`train_state` is the loop's counters (step, tokens_seen, best_eval_loss, ...); `loader`
-        an object with state_dict() (or a state dict); `engine` (parallel.engine.Engine) supplies the
-        model and the full optimizer state under ZeRO-1. Other keyword arguments (detector=..., scaler=...)
-        and `extra` are stored as they are and come back by name from load(). Raises UserError on disk
-        full / write errors, with earlier checkpoints intact.
+    # ------------------------------------------------------------------------------------- save
+    def save(self, step: int, eval_loss: float | None = None, reason: str | None = None) -> Path:
+        """Write checkpoint `step` of every part atomically, update best.json, apply retention; return its folder.
+
+        Raises UserError on disk full / write errors (on every rank), with earlier checkpoints intact.
         """
+        self.wait()  # an async save still in flight is published first
+        if self.rank == 0:
+            clean_interrupted(self.dir)
+        pending = self._capture(step, finite_or_none(eval_loss), reason)
+        if pending.shards is not None and pending.shards.future is not None:
+            pending.values = copy.deepcopy(pending.values)  # training goes on: freeze the small state now
+            self._pending = pending
+        else:
+            self._publish(pending)
+        self.last_path = pending.final
+        return pending.final
+
+    def _capture(self, step: int, eval_loss: float | None, reason: str | None) -> PendingSave:
+        """Every rank: take each part's state now (collectives included); sharded runs start writing shards."""
         final = self.dir / step_name(step)
-        self.wait()  # an async sharded save still in flight is finalised first
-        if engine is not None:
-            model = model if model is not None else engine.unwrapped
-        sharded = bool(getattr(engine, "sharded", False))
-        optimizer_state = None
-        if optimizer is not None and not sharded:  # a collective under ZeRO-1 (every rank must get here)
-            optimizer_state = engine.optimizer_state_dict(optimizer) if engine is not None else optimizer.state_dict()
-        loader_state = self._gather(self._loader_state(loader))
-        rng_state = self._gather(capture_rng())
-        shards = None
-        if sharded:  # FSDP / pipeline: every rank writes its model + optimizer shards through DCP (parallel/dcp.py)
-            shards = self._write_shards(final, model, optimizer)
-            model, scheduler = None, _Frozen(scheduler.state_dict()) if scheduler is not None else None
-            if shards.future is not None:  # async: finish (files, manifest, rename) at the next save or close()
-                args = (final, step, {**(train_state or {}), **(state or {})}, model, optimizer_state, scheduler,
-                        loader_state, rng_state, {**(extra or {}), **named}, cfg, eval_loss, reason, shards)
-                self._pending = args
-                self.last_path = final
-                return final
+        sharded = self.sharded
+        states = {}
+        for name, part in self.parts.items():
+            if name == MODEL or (sharded and name == OPTIMIZER):
+                continue
+            state = part.state_dict()  # the optimizer's is a collective under ZeRO-1: every rank gets here
+            states[name] = self._gather(state) if name in self.per_rank else state
+        values = {"format_version": FORMAT_VERSION, "step": step, "eval_loss": eval_loss,
+                  "rng": self._gather(capture_rng()), "parts": to_safe(states, "parts")}
+        train = states.get(TRAIN)
+        meta = {"step": step, "tokens_seen": train.get("tokens_seen") if isinstance(train, Mapping) else None,
+                "eval_loss": eval_loss, "reason": reason, "sharded": sharded, "parts": sorted(self.parts),
+                "world_size": self.world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "unix_time": time.time(), **_versions()}
+        model = self.parts.get(MODEL)
+        shards = self._write_shards(final) if sharded else None
+        return PendingSave(final, step, eval_loss, values, meta, None if sharded else model, shards)
+
+    def _write_shards(self, final: Path) -> Any:
+        from tokenmill.checkpoint.sharded import write_shards
+
+        if self.async_save and self._ckpt_group is None:
+            import torch.distributed as tdist
+
+            self._ckpt_group = tdist.new_group(backend="gloo")  # background writes never share training's group
+        optimizer = self.parts.get(OPTIMIZER)
+        return write_shards(self.dir / f"{SHARDS_PREFIX}{final.name}", self.parts[MODEL].model,
+                            optimizer.optimizer if isinstance(optimizer, OptimizerState) else None,
+                            async_save=self.async_save, process_group=self._ckpt_group)
+
+    def _publish(self, pending: PendingSave) -> None:
+        """Every rank: wait for this rank's shards; rank 0 writes the folder; all agree on the outcome."""
+        if pending.shards is not None:
+            pending.shards.wait()
+        self._rank0_then_agree(lambda: self._write(pending), f"saving checkpoint {pending.final}")
+
+    def _rank0_then_agree(self, write: Callable[[], None], what: str) -> None:
+        """Run `write` on rank 0 only, then raise its error (as a one-line UserError) on every rank."""
         error, failure = None, None
         if self.rank == 0:
             try:
-                self._write(final, step, {**(train_state or {}), **(state or {})}, model, optimizer_state, scheduler,
-                            loader_state, rng_state, {**(extra or {}), **named}, cfg, eval_loss, reason, shards)
-            except Exception as err:  # told to every rank below, then re-raised here
+                write()
+            except Exception as err:  # noqa: BLE001 (told to every rank below, then re-raised here)
                 failure = err
-                error = str(err) if isinstance(err, UserError) else f"saving checkpoint {final} failed on rank 0: {err}"
+                error = str(err) if isinstance(err, UserError) else f"{what} failed on rank 0: {err}"
         error = self._agree(error)
         if failure is not None:
             raise failure
         if error is not None:
             raise UserError(error)
-        self.last_path = final
-        return final
 
-    def _write(self, final: Path, step: int, state: dict[str, Any], model: torch.nn.Module | None,
-               optimizer_state: Any, scheduler: Any, loader_state: Any, rng_state: Any, extra: dict[str, Any],
-               cfg: Any, eval_loss: float | None, reason: str | None, shards: Any = None) -> None:
+    def _write(self, pending: PendingSave) -> None:
+        """Rank 0: the staged folder, manifest last, atomic rename; then best.json and retention."""
         start = time.perf_counter()
-        eval_loss = _finite_or_none(eval_loss)
-        config_text = _config_text(cfg) if cfg is not None else self.config_text
-        blob = {
-            "format_version": 1,
-            "step": step,
-            "train_state": to_safe(state, "train_state"),
-            "optimizer": to_safe(optimizer_state, "optimizer"),
-            "scheduler": to_safe(scheduler.state_dict(), "scheduler") if scheduler is not None else None,
-            "loader": to_safe(loader_state, "loader"),
-            "rng": rng_state,
-            "extra": to_safe(extra, "extra"),
-            "eval_loss": eval_loss,
-        }
-        meta = {"step": step, "tokens_seen": state.get("tokens_seen"), "eval_loss": eval_loss, "reason": reason,
-                "sharded": shards is not None,
-                "world_size": getattr(self.dist, "world_size", 1), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "unix_time": time.time(), **_versions()}
-        self._remove_stale_tmp()
+        final = pending.final
         with staged_folder(final) as tmp:
             written = {}  # name -> {bytes, sha256}, hashed while writing
-            if shards is not None:  # DCP shards + .metadata of every rank (hashed by write_manifest)
-                shards.move_into(tmp)
-            if model is not None:
-                written[WEIGHTS] = self._write_weights(tmp / WEIGHTS, model)
-            written[STATE] = write_file(tmp / STATE, lambda handle: torch.save(blob, handle))
-            if config_text is not None:
-                written[CONFIG] = write_file(tmp / CONFIG, lambda handle: handle.write(config_text.encode()))
-            written[META] = write_json(tmp / META, meta)
-            write_manifest(tmp, step, written)  # last: its presence marks the folder complete
+            if pending.shards is not None:  # DCP shards + .metadata of every rank (hashed by write_manifest)
+                pending.shards.move_into(tmp)
+            if pending.model is not None:
+                weights = pending.model.state_dict()
+                written[WEIGHTS] = write_file(tmp / WEIGHTS, lambda handle: write_weights(handle, weights))
+            written[STATE] = write_file(tmp / STATE, lambda handle: torch.save(pending.values, handle))
+            if self.config_text is not None:
+                written[CONFIG] = write_bytes(tmp / CONFIG, self.config_text.encode())
+            if self.tokenizer_json is not None:
+                written[TOKENIZER] = write_bytes(tmp / TOKENIZER, self.tokenizer_json.encode())
+            written[META] = write_json(tmp / META, pending.meta)
+            write_manifest(tmp, pending.step, written)  # last: its presence marks the folder complete
         self._verified[final] = (final / MANIFEST).stat().st_mtime_ns
         self.last_save_bytes = sum(p.stat().st_size for p in final.iterdir())
-        if eval_loss is not None and self.is_best(eval_loss, exclude=final):
-            atomic_write_json(self.dir / BEST_POINTER, {"name": final.name, "step": step, "eval_loss": eval_loss})
+        if pending.eval_loss is not None and self.is_best(pending.eval_loss, exclude=final):
+            atomic_write_json(self.dir / BEST_POINTER, {"name": final.name, "step": pending.step,
+                                                        "eval_loss": pending.eval_loss})
         self._retain(final)
         self.last_save_s = time.perf_counter() - start
 
@@ -239,67 +256,41 @@ class Checkpointer:
         tdist.broadcast_object_list(box, src=0)
         return box[0]
 
-    @staticmethod
-    def _loader_state(loader: Any) -> Any:
-        if loader is None or isinstance(loader, dict):
-            return loader
-        return loader.state_dict()
-
-    @staticmethod
-    def _write_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:
-        tensors, tied = weights_for_saving(model)
-        # safetensors metadata is str -> str; the tied map travels as JSON.
-        metadata = {"format": "pt", "tied": json.dumps(tied)}
-        return write_file(path, lambda handle: write_safetensors(handle, tensors, metadata))
-
-    def _remove_stale_tmp(self) -> None:
-        if self.dir.is_dir():
-            for path in self.dir.glob(f"{TMP_PREFIX}*"):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-    def _write_shards(self, final: Path, model: torch.nn.Module, optimizer: Any) -> Any:
-        from tokenmill.checkpoint.sharded import write_shards
-
-        async_save = bool(getattr(self, "async_save", False)) and self.distributed
-        if async_save and self._ckpt_group is None:
-            import torch.distributed as tdist
-
-            self._ckpt_group = tdist.new_group(backend="gloo")  # background writes never share training's group
-        return write_shards(self.dir / f"{SHARDS_PREFIX}{final.name}", model, optimizer, async_save=async_save,
-                            process_group=self._ckpt_group)
-
     def wait(self) -> None:
-        """Finish an async sharded save (small files, manifest, rename) on every rank; no-op when none."""
-        args, self._pending = getattr(self, "_pending", None), None
-        if args is None:
-            return
-        shards = args[-1]
-        shards.wait()  # this rank's shards are on disk
-        error, failure = None, None
-        if self.rank == 0:
-            try:
-                self._write(*args)
-            except Exception as err:
-                failure = err
-                error = str(err) if isinstance(err, UserError) else f"saving checkpoint {args[0]} failed on rank 0: {err}"
-        error = self._agree(error)
-        if failure is not None:
-            raise failure
-        if error is not None:
-            raise UserError(error)
+        """Publish an async sharded save (small files, manifest, rename) on every rank; no-op when none."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._publish(pending)
 
     def close(self) -> None:
         """Wait for an async sharded save in flight (call before exit)."""
         self.wait()
 
-    # ------------------------------------------------------------------------------------- find
+    # ------------------------------------------------------------------------------------- retain
     def list_checkpoints(self) -> list[Path]:
         """Every `step_*` folder (valid or not), oldest first."""
-        if not self.dir.is_dir():
-            return []
-        found = [(parse_step(p.name), p) for p in self.dir.iterdir() if p.is_dir()]
-        return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+        return list_checkpoints(self.dir)
 
+    def is_best(self, eval_loss: float, exclude: Path | None = None) -> bool:
+        """True if `eval_loss` beats every checkpoint saved so far (call before save to decide on a best save)."""
+        losses = [loss for loss, path in scored(self.dir) if path != exclude]
+        return not losses or eval_loss < losses[0]
+
+    def _retain(self, just_written: Path) -> None:
+        """Delete complete checkpoints outside the last keep_last and best keep_best (never the new or the best
+        one), and folders without a manifest older than the new one: a save never leaves those, only a
+        deletion killed by an older tokenmill, and they are never chosen."""
+        found = self.list_checkpoints()
+        complete = [p for p in found if (p / MANIFEST).is_file()]
+        keep = set(complete[-self.keep_last:]) | {just_written, best_pointer(self.dir)}
+        keep |= {path for _, path in scored(self.dir)[: self.keep_best]}
+        newest = parse_step(just_written.name)
+        for path in found:
+            if path not in keep and (path in complete or (parse_step(path.name) or 0) < newest):
+                delete_folder(path)
+                self._verified.pop(path, None)
+
+    # ------------------------------------------------------------------------------------- load
     def verify(self, path: str | Path) -> Path:
         """Raise a one-line UserError if `path` is partial or damaged; checksums each folder once."""
         path = Path(path)
@@ -310,121 +301,76 @@ class Checkpointer:
             self._verified[path] = mtime
         return path
 
-    def latest_valid(self) -> Path | None:
-        """The newest checkpoint that passes verification; damaged ones are skipped (reasons in .problems)."""
-        for path in reversed(self.list_checkpoints()):
-            try:
-                return self.verify(path)
-            except UserError as err:
-                self.problems.append(str(err))
-                warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
-        return None
+    def load(self, path: str | Path, restore_rng_state: bool = True) -> dict[str, Any]:
+        """Verify `path`, restore every part in place and this rank's RNG states.
 
-    def _meta(self, path: Path) -> dict[str, Any]:
-        try:
-            return json.loads((path / META).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def _scored(self) -> list[tuple[float, Path]]:
-        """(eval loss, folder) of complete checkpoints saved with an eval loss, best first."""
-        scored = []
-        for path in self.list_checkpoints():
-            loss = _finite_or_none(self._meta(path).get("eval_loss")) if (path / MANIFEST).is_file() else None
-            if loss is not None:
-                scored.append((loss, path))
-        return sorted(scored, key=lambda item: (item[0], -parse_step(item[1].name)))
-
-    def best(self) -> Path | None:
-        """The valid checkpoint with the lowest eval loss (best.json, else a scan of meta.json files)."""
-        candidates = [path for path in [self._best_pointer()] if path is not None]
-        candidates += [path for _, path in self._scored()]
-        for path in candidates:
-            try:
-                return self.verify(path)
-            except UserError as err:
-                self.problems.append(str(err))
-        return None
-
-    def _best_pointer(self) -> Path | None:
-        try:
-            return self.dir / json.loads((self.dir / BEST_POINTER).read_text())["name"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def is_best(self, eval_loss: float, exclude: Path | None = None) -> bool:
-        """True if `eval_loss` beats every checkpoint saved so far (call before save to decide on a best save)."""
-        scored = [loss for loss, path in self._scored() if path != exclude]
-        return not scored or eval_loss < scored[0]
-
-    # ------------------------------------------------------------------------------------- retain
-    def _retain(self, just_written: Path) -> None:
-        """Delete complete checkpoints outside last keep_last and best keep_best; never the new or best one."""
-        complete = [p for p in self.list_checkpoints() if (p / MANIFEST).is_file()]
-        keep = set(complete[-self.keep_last:]) | {just_written, self._best_pointer()}
-        keep |= {path for _, path in self._scored()[: self.keep_best]}
-        for path in complete:
-            if path not in keep:
-                shutil.rmtree(path, ignore_errors=True)
-                self._verified.pop(path, None)
-
-    # ------------------------------------------------------------------------------------- load
-    def load(self, path: str | Path, model: torch.nn.Module | None = None, optimizer: Any = None,
-             scheduler: Any = None, loader: Any = None, *, engine: Any = None, cfg: Any = None,
-             restore_rng_state: bool = True) -> dict[str, Any]:
-        """Verify `path`, load what is given in place and restore this rank's RNG states.
-
-        `cfg` (the current run config) lets a model mismatch name the changed model.* settings.
-        Returns {"path", "step", "train_state", "extra", "eval_loss", "meta", "loader_state"} plus every
-        named value given to save() (e.g. "detector", "scaler").
+        Returns {"path", "step", "eval_loss", "meta"}. A part the checkpoint does not hold (or holds empty,
+        like a disabled grad scaler) keeps its current state; the optimizer's is required.
         """
         path = self.verify(path)
-        if engine is not None and model is None:
-            model = engine.unwrapped
-        if (path / SHARDED_MARKER).is_file():  # written by a sharded run: any layout reads its own slices
+        sharded_checkpoint = is_sharded(path, read_manifest(path))
+        if not (path / STATE).is_file():
+            raise UserError(f"checkpoint {path} holds weights only (no {STATE}), so training cannot resume from it; "
+                            f"load it with tokenmill.load_model or start a new run")
+        values = load_values(path / STATE)
+        saved = _saved_parts(values, path)
+        weights_done = self._load_model_and_optimizer(path, sharded_checkpoint, saved)
+        for name, part in self.parts.items():
+            if name in weights_done:
+                continue
+            state = saved.get(name)
+            if name in self.per_rank:
+                state = self._for_rank(state, path, name)
+            if state is None and name == OPTIMIZER:
+                raise UserError(f"checkpoint {path} holds no optimizer state; start a new run or load weights only")
+            if state is None or (isinstance(state, Mapping) and not state):
+                continue
+            try:
+                part.load_state_dict(state)
+            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+                raise UserError(f"the {name} state in {path / STATE} does not fit this run ({str(err)[:200]}); "
+                                f"resume with the same settings") from None
+        if restore_rng_state:
+            restore_rng(self._for_rank(values.get("rng"), path, "RNG"))
+        return {"path": path, "step": values["step"], "eval_loss": values.get("eval_loss"), "meta": read_meta(path)}
+
+    def _load_model_and_optimizer(self, path: Path, sharded_checkpoint: bool, saved: dict[str, Any]) -> set[str]:
+        """Restore the model (and, where they travel together, the optimizer); return the parts done."""
+        model = self.parts.get(MODEL)
+        if not isinstance(model, ModelState):
+            return set()
+        optimizer = self.parts.get(OPTIMIZER)
+        live_optimizer = optimizer.optimizer if isinstance(optimizer, OptimizerState) else None
+        if sharded_checkpoint:  # any layout reads its own slices of the shards
             from tokenmill.checkpoint.sharded import load_sharded
 
-            if model is not None:
-                load_sharded(path, model, optimizer)
-            model, optimizer = None, None
-        elif getattr(engine, "sharded", False) and model is not None:  # a single-file checkpoint into shards/stages
-            from tokenmill.checkpoint.sharded import load_full_state
-
-            blob = torch.load(path / STATE, map_location="cpu", weights_only=True)
-            load_full_state(model, optimizer, read_weights(path), blob.get("optimizer") if optimizer else None)
-            model, optimizer = None, None
-        if model is not None:
+            load_sharded(path, model.model, live_optimizer)
+            return {MODEL, OPTIMIZER}
+        weights = read_weights(path)
+        if not model.sharded:
             try:
-                load_weights_into(model, read_weights(path), str(path))
+                model.load_state_dict(weights)
             except UserError as err:
-                raise UserError(f"{err}{self._config_diff(path, cfg)}") from None
-        blob = torch.load(path / STATE, map_location="cpu", weights_only=True)
-        if optimizer is not None:
-            if blob.get("optimizer") is None:
-                raise UserError(f"checkpoint {path} holds no optimizer state; start a new run or load weights only")
-            try:
-                optimizer.load_state_dict(blob["optimizer"])
-            except (ValueError, KeyError) as err:
-                raise UserError(f"optimizer state in {path / STATE} does not fit this optimizer ({err}); resume with "
-                                f"the same optim.* settings") from err
-        if scheduler is not None and blob.get("scheduler") is not None:
-            scheduler.load_state_dict(blob["scheduler"])
-        loader_state = self._for_rank(blob.get("loader"), path, "data-loader")
-        if loader is not None and loader_state is not None:
-            loader.load_state_dict(loader_state)
-        if restore_rng_state:
-            restore_rng(self._for_rank(blob["rng"], path, "RNG"))
-        extra = blob.get("extra") or {}
-        return {**extra, "path": path, "step": blob["step"], "train_state": blob.get("train_state") or {},
-                "extra": extra, "eval_loss": blob.get("eval_loss"), "meta": self._meta(path),
-                "loader_state": loader_state}
+                raise UserError(f"checkpoint {path}: {err}{self._config_diff(path)}") from None
+            return {MODEL}
+        from tokenmill.checkpoint.sharded import load_full_state  # a single-file checkpoint into shards / stages
 
-    def _config_diff(self, path: Path, cfg: Any) -> str:
-        """' (changed: model.d_model 256 -> 512, ...)' between the saved config.yaml and `cfg`."""
-        if cfg is None or not (path / CONFIG).is_file():
+        optimizer_state = saved.get(OPTIMIZER) if live_optimizer is not None else None
+        if live_optimizer is not None and optimizer_state is None:
+            raise UserError(f"checkpoint {path} holds no optimizer state; start a new run or load weights only")
+        load_full_state(model.model, live_optimizer, weights, optimizer_state)
+        return {MODEL, OPTIMIZER}
+
+    def _config_diff(self, path: Path) -> str:
+        """' (changed: model.d_model 256 -> 512, ...)' between the saved config.yaml and the run config."""
+        if self.run_config is None or not (path / CONFIG).is_file():
             return ""
-        saved = (yaml.safe_load((path / CONFIG).read_text()) or {}).get("model", {})
-        now = cfg.to_dict()["model"] if hasattr(cfg, "to_dict") else dict(cfg.get("model", {}))
+        try:
+            saved = (yaml.safe_load((path / CONFIG).read_text()) or {}).get("model", {})
+        except (yaml.YAMLError, AttributeError):
+            return ""
+        config = self.run_config
+        now = config.to_dict()["model"] if hasattr(config, "to_dict") else dict(config.get("model", {}))
         changed = [f"model.{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                    if saved.get(k) != now.get(k)]
         return f" (changed: {', '.join(changed)})" if changed else ""
@@ -433,20 +379,37 @@ class Checkpointer:
         if not (isinstance(saved, dict) and PER_RANK in saved):
             return saved
         states = saved[PER_RANK]
-        if self.rank >= len(states):
-            raise UserError(f"checkpoint {path} holds {what} states for {len(states)} ranks but this is rank "
+        if not isinstance(states, list) or self.rank >= len(states):
+            count = len(states) if isinstance(states, list) else 0
+            raise UserError(f"checkpoint {path} holds {what} states for {count} ranks but this is rank "
                             f"{self.rank}: resume with the same number of processes")
         return states[self.rank]
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights of checkpoint folder `path` on the CPU, with tied duplicates filled back in."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def _saved_parts(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """{part name: state} of a state.pt; format 1 (before parts had names) is mapped onto today's names."""
+    version = values.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} was written by a newer tokenmill (state format {version}); upgrade "
+                        f"tokenmill to load it")
+    if version == 1:
+        saved = {TRAIN: values.get("train_state"), OPTIMIZER: values.get("optimizer"),
+                 "scheduler": values.get("scheduler"), "loader": values.get("loader"), **(values.get("extra") or {})}
+    else:
+        saved = values.get("parts")
+    if not isinstance(saved, dict) or not isinstance(values.get("step"), int) or not isinstance(values.get("rng"),
+                                                                                                 dict):
+        raise UserError(f"checkpoint file {path / STATE} is not a tokenmill state file; use an earlier checkpoint")
+    return saved
 
-    file = Path(path) / WEIGHTS
-    if not file.is_file():
-        raise UserError(f"checkpoint {path} holds no {WEIGHTS}")
-    with safe_open(str(file), framework="pt") as handle:
-        tied = json.loads((handle.metadata() or {}).get("tied", "{}"))
-    return retie(load_file(str(file), device="cpu"), tied)
+
+def load_model_weights(model: nn.Module, folder: Path) -> None:
+    """Weights of a verified single-file checkpoint folder into `model`; a sharded one names the command that
+    makes it single-file."""
+    if is_sharded(folder, read_manifest(folder)):
+        raise UserError(f"checkpoint {folder} is sharded (saved by an FSDP or pipeline run): run `tokenmill "
+                        f"checkpoint consolidate {folder} OUT_DIR` once and load OUT_DIR")
+    try:
+        ModelState(model).load_state_dict(read_weights(folder))
+    except UserError as err:
+        raise UserError(f"checkpoint {folder}: {err}") from None

@@ -1,4 +1,4 @@
-"""Sharded checkpoints (SPEC C6) through torch.distributed.checkpoint (DCP) for FSDP and pipeline runs.
+"""Sharded checkpoints through torch.distributed.checkpoint (DCP) for FSDP and pipeline runs.
 
 Every rank writes its own shards of the model and optimizer state, in parallel, into one folder; the
 folder is keyed by parameter names (`blocks.3.attn.q_proj.weight`), never by rank or layout, so a
@@ -6,21 +6,16 @@ checkpoint saved with FSDP on 2 ranks loads in a single process, with DDP, or wi
 The optimizer state is saved flattened per parameter (`state.<name>.exp_avg`), which is what makes it
 layout-free too.
 
-Folder layout (the same rules as tokenmill.checkpoint.manager's single-process folders):
+In a checkpoint folder (see checkpoint/manager.py) the shards sit beside the small files:
   .metadata, __<rank>_0.distcp   DCP model + optimizer state ("model.*", "optim.*")
-  state.pt, config.yaml, ...     small files written by rank 0 (`write_files` callback)
-  manifest.json                  sizes and sha256 of every file, written last
-Written into `.tmp-<name>` beside the final folder and renamed by rank 0 only after every rank's shards
-are on disk (DCP's finish step gathers all ranks before writing `.metadata`), then the manifest - so a
-crash at any point leaves the previous checkpoint as the latest valid one.
+`write_shards` puts them in a `.shards-<name>` folder first (every rank, optionally in the background);
+the Checkpointer then moves them into the staged folder on rank 0 and writes the manifest last.
 
-Async save (`async_save=True`): the state is copied to host memory (DCP staging) before `save_sharded`
-returns, the files are written by a background thread over a separate gloo group, and the returned
-handle's `wait()` finalises the folder. Call `wait()` before the next save and before exit
-(`ShardedSaver` does both; torchtitan #930 is the race this avoids).
-
-Safe loading (C4): DCP reads non-tensor values with `torch.load(weights_only=False)`; `SafeLoadPlanner`
-reads them with `weights_only=True`, so a checkpoint cannot run code.
+Safe loading: nothing here runs a plain unpickler. DCP's `.metadata` is a pickle that torch reads with
+`pickle.load`; `read_dcp_metadata` reads it with an unpickler that can only build DCP's own metadata
+classes (https://docs.python.org/3/library/pickle.html#restricting-globals) and checks that every shard
+it points at is a file of the same folder. Non-tensor values are read with `torch.load(weights_only=True)`
+(`SafeLoadPlanner`), tensors already are.
 """
 
 from __future__ import annotations
@@ -28,22 +23,101 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as tdist
-import torch.nn as nn
+from torch import nn
 
+from tokenmill.checkpoint.find import read_meta
+from tokenmill.checkpoint.folder import (CONFIG, DCP_METADATA, MANIFEST, META, TMP_PREFIX, TOKENIZER, WEIGHTS,
+                                        staged_folder, write_bytes, write_file, write_json, write_manifest)
+from tokenmill.checkpoint.weights import write_safetensors
 from tokenmill.errors import UserError
 
-METADATA = ".metadata"  # written by DCP last among its files
-STATE_FILE = "state.pt"
+# Every global a DCP metadata pickle refers to: DCP's metadata dataclasses, the shapes, dtypes and layouts in
+# them, and the checkpoint path DCP records (a pathlib path). Nothing else can be built, so nothing runs.
+DCP_METADATA_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.metadata", "Metadata"),
+    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # torch.layout pickles as _get_layout("torch.strided")
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath"),  # Python >= 3.13
+})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only DCP metadata: any other global (a function to call, a class to construct) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in DCP_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP checkpoint metadata")
+
+
+def read_dcp_metadata(folder: Path) -> Any:
+    """The DCP `Metadata` of a sharded checkpoint folder, read without running code; UserError otherwise."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = folder / DCP_METADATA
+    try:
+        with open(path, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            RuntimeError, OSError) as err:
+        raise UserError(f"checkpoint file {path} cannot be read safely ({str(err)[:200] or type(err).__name__}): "
+                        f"it is damaged or was not written by tokenmill; use an earlier checkpoint") from None
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(metadata, Metadata) or not isinstance(storage, dict):
+        raise UserError(f"checkpoint file {path} is not DCP checkpoint metadata; use an earlier checkpoint")
+    files = {p.name for p in folder.iterdir() if p.is_file()}
+    for info in storage.values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(info, _StorageInfo) or not isinstance(name, str) or name not in files:
+            raise UserError(f"checkpoint file {path} points at shard {name!r}, which is not a file of {folder}; "
+                            f"use an earlier checkpoint")
+    return metadata
+
+
+def _safe_reader(folder: Path) -> Any:
+    """A DCP FileSystemReader over `folder` that returns metadata read by `read_dcp_metadata`.
+
+    The metadata is read (and refused) here, before DCP starts: inside `dcp.load` a failed read is caught,
+    logged with a traceback and retried on per-rank files. `read_metadata` takes no keyword arguments, so
+    DCP never tries that per-rank fallback either.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    metadata = read_dcp_metadata(folder)
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self) -> Any:
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(folder))
 
 
 def _planner_cls() -> type:
@@ -68,11 +142,6 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """True for a folder written by `save_sharded` (it holds DCP's `.metadata`)."""
-    return (Path(path) / METADATA).is_file()
 
 
 def _options(full: bool = False) -> Any:
@@ -104,43 +173,6 @@ def _barrier() -> None:
 
 
 @dataclass
-class SaveHandle:
-    """A save in progress (async) or done. `wait()` blocks until the folder is final and returns it."""
-
-    final: Path
-    tmp: Path
-    step: int
-    future: Future | None = None
-    finalized: bool = False
-    error: BaseException | None = field(default=None, repr=False)
-
-    def wait(self) -> Path:
-        if self.finalized:
-            return self.final
-        try:
-            if self.future is not None:
-                self.future.result()
-            if _rank() == 0:
-                _finalize(self.tmp, self.final, self.step)
-        except BaseException:
-            if _rank() == 0:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        finally:
-            self.finalized = True
-        return self.final
-
-
-def _finalize(tmp: Path, final: Path, step: int) -> None:
-    """Manifest last, then the atomic rename (rank 0; every shard is already on disk)."""
-    from tokenmill.checkpoint.folder import fsync_path, publish_folder, write_manifest
-
-    write_manifest(tmp, step)
-    fsync_path(tmp)
-    publish_folder(tmp, final)
-
-
-@dataclass
 class ShardWrite:
     """Shards of one checkpoint being written (async) or written into `folder` by every rank."""
 
@@ -153,15 +185,12 @@ class ShardWrite:
             future, self.future = self.future, None
             future.result()
 
-    def move_into(self, dest: Path) -> dict[str, dict[str, Any]]:
+    def move_into(self, dest: Path) -> None:
         """Rank 0: move every written file into checkpoint folder `dest` (same filesystem: renames)."""
         self.wait()
-        moved = {}
         for path in sorted(self.folder.iterdir()):
             os.replace(path, dest / path.name)
-            moved[path.name] = path.name
         shutil.rmtree(self.folder, ignore_errors=True)
-        return moved
 
 
 def write_shards(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -191,113 +220,40 @@ def write_shards(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
     return ShardWrite(folder)
 
 
-def save_sharded(final: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int = 0,
-                 write_files: Callable[[Path], None] | None = None, extra_state: dict[str, Any] | None = None,
-                 async_save: bool = False, process_group: tdist.ProcessGroup | None = None) -> SaveHandle:
-    """Write model + optimizer shards of every rank into checkpoint folder `final` (a collective).
-
-    Rank 0 also writes `extra_state` (tensors and primitives only) as state.pt and calls
-    `write_files(tmp_folder)` for any other small files - both at call time, so they describe the same
-    step as the shards - and the manifest last. With `async_save` the returned handle must be waited on
-    (see `write_shards` for `process_group`).
-    """
-    from tokenmill.checkpoint.folder import TMP_PREFIX, write_file
-
-    final = Path(final)
-    tmp = final.parent / f"{TMP_PREFIX}{final.name}"
-    if _rank() == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        shards = write_shards(tmp, model, optimizer, async_save=async_save, process_group=process_group)
-        if _rank() == 0:
-            if extra_state is not None:
-                write_file(tmp / STATE_FILE, lambda f: torch.save(extra_state, f))
-            if write_files is not None:
-                write_files(tmp)
-    except BaseException:
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    handle = SaveHandle(final=final, tmp=tmp, step=step, future=shards.future)
-    if async_save:
-        return handle
-    handle.wait()
-    _barrier()  # nobody reads or prunes checkpoints before the rename
-    return handle
-
-
-class ShardedSaver:
-    """Keeps at most one async save in flight: a new save (and `close`) waits for the previous one."""
-
-    def __init__(self, async_save: bool = False) -> None:
-        self.async_save = async_save
-        self.pending: SaveHandle | None = None
-        self._group: tdist.ProcessGroup | None = None
-
-    def save(self, final: str | Path, model: nn.Module, optimizer: Any, step: int = 0,
-             write_files: Callable[[Path], None] | None = None, extra_state: dict[str, Any] | None = None) -> SaveHandle:
-        self.wait()
-        if self.async_save and tdist.is_initialized() and self._group is None:
-            self._group = tdist.new_group(backend="gloo")  # collective: every rank saves at the same step
-        self.pending = save_sharded(final, model, optimizer, step, write_files, extra_state,
-                                    async_save=self.async_save, process_group=self._group)
-        return self.pending
-
-    def wait(self) -> Path | None:
-        """Block until the in-flight save is final (every rank), returning its folder."""
-        if self.pending is None:
-            return None
-        try:
-            path = self.pending.wait()
-        finally:
-            self.pending = None
-        _barrier()
-        return path
-
-    def close(self) -> None:
-        self.wait()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Load
 
-def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 strict: bool = True) -> dict[str, Any]:
-    """Load model (+ optimizer) state from a sharded folder into this rank's layout, in place.
+def load_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 strict: bool = True) -> None:
+    """Load model (+ optimizer) state from a verified sharded folder into this rank's layout, in place.
 
     Works in any layout (single process, DDP, FSDP on any world size, pipeline stages): each rank reads
-    the slices it holds. Returns rank 0's state.pt (`extra_state`) or {} when there is none.
+    the slices it holds.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    path = Path(path)
-    if not is_sharded_checkpoint(path):
-        raise UserError(f"{path} is not a sharded checkpoint ({METADATA} is missing); pass a folder written by a "
-                        f"distributed (fsdp or pipeline) run")
-    if type(optimizer).__name__ == "ZeroRedundancyOptimizer":
-        raise UserError(f"{path} is a sharded checkpoint, which parallel.strategy=zero1 cannot resume; resume it "
-                        f"with parallel.strategy=fsdp, ddp or single")
-    state = get_sharded_state(model, optimizer)
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    from torch.distributed.optim import ZeroRedundancyOptimizer
 
+    folder = Path(folder)
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        raise UserError(f"{folder} is a sharded checkpoint, which parallel.strategy=zero1 cannot resume; resume it "
+                        f"with parallel.strategy=fsdp, ddp or single")
+    reader = _safe_reader(folder)
+    state = get_sharded_state(model, optimizer)
     try:
         with _quiet():
-            dcp.load(state, checkpoint_id=str(path), planner=_planner_cls()(allow_partial_load=not strict),
+            dcp.load(state, storage_reader=reader, planner=_planner_cls()(allow_partial_load=not strict),
                      no_dist=not tdist.is_initialized())
     except (CheckpointException, RuntimeError, ValueError, KeyError) as err:
-        raise UserError(f"sharded checkpoint {path} does not fit this model/optimizer ({_cause(err)}); resume "
+        raise UserError(f"sharded checkpoint {folder} does not fit this model/optimizer ({_cause(err)}); resume "
                         f"with the same model.* and optim.* settings") from err
     opts = StateDictOptions(flatten_optimizer_state_dict=True, strict=strict)
     if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
         set_model_state_dict(model, state["model"], options=opts)
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=opts)
-    extra = path / STATE_FILE
-    return torch.load(extra, map_location="cpu", weights_only=True) if extra.is_file() else {}
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict[str, torch.Tensor],
@@ -349,33 +305,69 @@ def _cause(err: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Consolidate
 
-def consolidate(path: str | Path, out: str | Path) -> Path:
-    """Merge the model shards of a sharded checkpoint into one safetensors file (no process group needed).
+def read_full_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights of a verified sharded folder on the CPU (no process group needed).
 
     Reads only the "model.*" entries (not the optimizer), so it needs host memory for the weights once.
-    The result loads with `safetensors.torch.load_file` under the plain model's names.
     """
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    path, out = Path(path), Path(out)
-    if not is_sharded_checkpoint(path):
-        raise UserError(f"{path} is not a sharded checkpoint ({METADATA} is missing); `tokenmill checkpoint "
-                        f"consolidate` needs a folder written by a distributed (fsdp or pipeline) run")
-    reader = dcp.FileSystemReader(str(path))
-    meta = reader.read_metadata()
-    tensors: dict[str, torch.Tensor] = {}
-    for key, item in meta.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
-            tensors[key[len("model."):]] = torch.empty(item.size, dtype=item.properties.dtype)
-    if not tensors:
-        raise UserError(f"sharded checkpoint {path} holds no model weights")
+    folder = Path(folder)
+    reader = _safe_reader(folder)
+    shapes = {key[len("model."):]: item for key, item in reader.read_metadata().state_dict_metadata.items()
+              if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+    if not shapes:
+        raise UserError(f"sharded checkpoint {folder} holds no model weights")
+    # the weights are stored in the shard files, so they cannot be larger: a metadata file that claims more
+    # is damaged (and would otherwise make us allocate whatever it says)
+    claimed = sum(item.size.numel() * item.properties.dtype.itemsize for item in shapes.values())
+    stored = sum(p.stat().st_size for p in folder.glob("*.distcp"))
+    if claimed > stored:
+        raise UserError(f"checkpoint file {folder / DCP_METADATA} claims {claimed} bytes of weights but the shards "
+                        f"hold {stored}: it is damaged; use an earlier checkpoint")
+    tensors = {name: torch.empty(item.size, dtype=item.properties.dtype) for name, item in shapes.items()}
     with _quiet():
         dcp.load({"model": tensors}, storage_reader=reader, planner=_planner_cls()(allow_partial_load=True),
                  no_dist=True)
+    return tensors
+
+
+def consolidate(folder: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Merge the model shards of a verified sharded checkpoint into one file or one loadable folder.
+
+    `out` ending in `.safetensors`: the weights alone, under the plain model's names. Any other `out`: a
+    single-file checkpoint folder (weights, config, tokenizer, meta, manifest) that `tokenmill.load_model`
+    and every command taking a checkpoint accept. An existing `out` is replaced only with `overwrite`, and
+    then only a file or another checkpoint folder, never a folder of other things.
+    """
+    folder, out = Path(folder), Path(out)
+    as_file = out.suffix == ".safetensors"
+    if out.exists():
+        if not overwrite:
+            raise UserError(f"{out} already exists: choose another output, or pass --force to replace it")
+        if as_file and not out.is_file():
+            raise UserError(f"{out} is a folder, not a .safetensors file: choose another output")
+        if not as_file and not (out / MANIFEST).is_file():
+            raise UserError(f"{out} exists and is not a checkpoint folder, so it is not replaced: choose another "
+                            f"output")
+    tensors = {name: tensor.contiguous() for name, tensor in read_full_weights(folder).items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out)
+    if as_file:
+        tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
+        try:
+            write_file(tmp, lambda handle: write_safetensors(handle, tensors, {"format": "pt"}))
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return out
+    meta = {**read_meta(folder), "sharded": False, "consolidated_from": str(folder)}
+    with staged_folder(out) as tmp:
+        written = {WEIGHTS: write_file(tmp / WEIGHTS, lambda handle: write_safetensors(handle, tensors,
+                                                                                      {"format": "pt"}))}
+        for name in (CONFIG, TOKENIZER):
+            if (folder / name).is_file():
+                written[name] = write_bytes(tmp / name, (folder / name).read_bytes())
+        written[META] = write_json(tmp / META, meta)
+        write_manifest(tmp, meta["step"] if isinstance(meta.get("step"), int) else 0, written)
     return out

@@ -8,8 +8,8 @@ loss and gradients equal the un-checkpointed model exactly.
 
 State-dict keys: the wrapper inserts `_checkpoint_wrapped_module.` into parameter names, but it
 registers state-dict hooks that strip it on save and add it on load, so `model.state_dict()` keys are
-the plain single-device keys and checkpoints load with or without AC. `clean_key()` strips the prefix
-from names taken from `named_parameters()` (which the hooks do not touch).
+the plain single-device keys and checkpoints load with or without AC. `parallel.wrappers.canonical_name()`
+strips the prefix from names taken from `named_parameters()` (which the hooks do not touch).
 
 Modes (`train.activation_checkpointing`): none; all (every block); every_k (blocks k-1, 2k-1, ...:
 every k-th block counting from 1, as torchtitan's selective layer AC does).
@@ -27,7 +27,6 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 
 from tokenmill.errors import ConfigError
 
-WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 
 # mode -> predicate(block index, every) deciding whether that block is checkpointed
 AC_MODES: dict[str, Callable[[int, int], bool]] = {
@@ -61,11 +60,3 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "all", every: i
 
 def is_checkpointed(module: nn.Module) -> bool:
     return hasattr(module, "_checkpoint_wrapped_module")
-
-
-def clean_key(name: str) -> str:
-    """A parameter name without AC, compile (`_orig_mod.`) and DDP (`module.`) wrapper prefixes."""
-    name = name.replace(WRAPPER_PREFIX, "").replace("_orig_mod.", "")
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return name

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.checkpoint.state import clean_key
+from tokenmill.parallel.wrappers import canonical_name
 
 # Every per-log-step field of SPEC O2; each train event carries all of them (None where not
 # measurable: MFU and CUDA memory on a CPU, MFU on a GPU missing from the peak table).
@@ -88,7 +88,7 @@ def _rss_bytes() -> int:
 def group_of(name: str) -> str:
     """Per-layer grouping of a parameter name: `blocks.3.attn.q_proj.weight` -> `blocks.3`, `tok_emb.weight`
     -> `tok_emb`."""
-    parts = clean_key(name).split(".")
+    parts = canonical_name(name).split(".")
     return ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 2 else parts[0]
 
 

@@ -29,6 +29,10 @@ STEP_KINDS = ("train", "eval", "sample", "checkpoint", "nonfinite", "diverged")
 JSONL_NAME = "metrics.jsonl"
 TB_DIR = "tb"
 WANDB_ID_FILE = "wandb_id.txt"
+# What the sinks write under a run's out_dir (train/run_dir.py removes exactly these on --overwrite): JSONL
+# (and its rewrite in progress), TensorBoard event files, W&B's run folders, logs and pointer, and the W&B id.
+OUTPUTS = (JSONL_NAME, f".tmp-{JSONL_NAME}", f"{TB_DIR}/events.out.tfevents.*", "wandb/run-*", "wandb/offline-run-*",
+           "wandb/latest-run", "wandb/debug.log", "wandb/debug-internal.log", WANDB_ID_FILE)
 
 _CONSOLE: Any = None
 

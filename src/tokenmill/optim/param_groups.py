@@ -28,8 +28,8 @@ from typing import Any
 
 from torch import nn
 
-# Name components that wrappers insert; dropping them gives the plain module's parameter names.
-WRAPPER_PREFIXES = ("module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+from tokenmill.parallel.wrappers import canonical_name, unwrap
+
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
 
@@ -38,23 +38,9 @@ DECAY_ROLES = frozenset({"matrix", "head"})
 MUON_ROLES = frozenset({"matrix"})
 
 
-def clean_name(name: str) -> str:
-    """Drop wrapper components from a dotted parameter name (`module._orig_mod.blocks.0.w` -> `blocks.0.w`)."""
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_PREFIXES)
-
-
 def _is_norm(module: nn.Module) -> bool:
     """A normalisation layer: a known torch type, or a custom class named like one (`RMSNorm`, `LayerNorm`)."""
     return isinstance(module, NORM_TYPES) or type(module).__name__.lower().endswith("norm")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def output_layer(model: nn.Module) -> nn.Module | None:
@@ -105,7 +91,7 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
             role = "head"
         else:
             role = "matrix"
-        roles[clean_name(name)] = role
+        roles[canonical_name(name)] = role
     return roles
 
 
@@ -116,7 +102,7 @@ def decays(role: str, decay_everything: bool) -> bool:
 
 def named_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     """Clean name -> parameter, each shared parameter once."""
-    return {clean_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    return {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def build_param_groups(model: nn.Module, weight_decay: float, decay_everything: bool = False,

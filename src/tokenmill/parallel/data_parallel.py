@@ -22,33 +22,16 @@ import torch.nn as nn
 
 from tokenmill.errors import UserError
 from tokenmill.parallel.dist import DistInfo
+from tokenmill.parallel.wrappers import uncompiled, unwrap
 
 # The keys are FSDP_DTYPE_NAMES in parallel/config.py, the names config validation accepts (a test keeps them equal).
 FSDP_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Unwrapping
-
-def find_wrapper(model: nn.Module) -> nn.Module:
-    """The module that owns gradient sync: under torch.compile's OptimizedModule, if any."""
-    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-        model = model._orig_mod
-    return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under compile and DDP wrappers (FSDP2 shards in place: nothing to unwrap)."""
-    model = find_wrapper(model)
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = find_wrapper(model.module)
-    return model
-
-
 def is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(find_wrapper(model), FSDPModule)
+    return isinstance(uncompiled(model), FSDPModule)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,7 +193,7 @@ def no_sync_context(model: nn.Module, sync: bool) -> Iterator[None]:
     mods = model if isinstance(model, (list, tuple)) else [model]
     with contextlib.ExitStack() as stack:
         for m in mods:
-            inner = find_wrapper(m)
+            inner = uncompiled(m)
             if isinstance(inner, nn.parallel.DistributedDataParallel):
                 stack.enter_context(inner.no_sync())
             elif is_fsdp(inner):

@@ -9,16 +9,16 @@ continues bit for bit on CPU.
 from __future__ import annotations
 
 import math
-import signal
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from tokenmill.train.batching import BatchPlan, plan_batches
-from tokenmill.checkpoint.manager import Checkpointer, prepare_run_dir
-from tokenmill.checkpoint.state import capture_rng, restore_rng
+from tokenmill.checkpoint.manager import Checkpointer
+from tokenmill.checkpoint.parts import ModelState, OptimizerState
+from tokenmill.checkpoint.values import capture_rng, restore_rng
 from tokenmill.config import Config
 from tokenmill.data.loader import build_loader
 from tokenmill.data.tokenizer import Tokenizer, build_tokenizer, check_vocab
@@ -34,19 +34,11 @@ from tokenmill.optim.schedules import build_scheduler
 from tokenmill.parallel.engine import Engine, build_engine
 from tokenmill.parallel.dist import DistInfo, all_reduce, any_rank, barrier, destroy_distributed, init_distributed
 from tokenmill.train.precision import Precision, resolve_precision
+from tokenmill.train.run_dir import prepare_run_dir
 from tokenmill.train.stability import DivergenceDetector
+from tokenmill.train.state import StopRequest, TrainState
 
 EXIT_OK, EXIT_DIVERGED, EXIT_NONFINITE = 0, 3, 4
-
-
-@dataclass
-class TrainState:
-    """Loop counters saved in every checkpoint."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    best_eval_loss: float = math.inf
-    skipped_steps: int = 0
 
 
 @dataclass
@@ -57,28 +49,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # this process's step losses, in order
     last_eval: dict[str, float] = field(default_factory=dict)
     run_dir: Path = Path(".")
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and exits 0."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a notebook worker): no handlers
-                pass
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.reason = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def resolve_model_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
@@ -124,7 +94,8 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     plan_batches(cfg.train.micro_batch_size, cfg.train.seq_len, max(1, dist.world_size // cfg.parallel.pp),
                  cfg.train.global_batch_tokens, cfg.train.total_tokens, cfg.train.max_steps, n_params=1,
                  grad_accum=cfg.train.grad_accum)
-    resume_path = prepare_run_dir(run_dir, resume, overwrite, is_main=dist.is_main)
+    run = prepare_run_dir(run_dir, resume, overwrite, is_main=dist.is_main)  # checks; changes files at commit()
+    resume_path = run.resume_from
     get_console()  # imports rich, whose import draws from Python's RNG (rich.style): do it before seeding
     seed_everything(cfg.train.seed)
     device = dist.device
@@ -155,7 +126,11 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     detector = DivergenceDetector(cfg.train.divergence_threshold, cfg.train.divergence_fast_alpha,
                                   cfg.train.divergence_slow_alpha, cfg.train.divergence_warmup_steps)
     state = TrainState()
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint, dist=dist)
+    parts = {"model": ModelState(engine.model, sharded=engine.sharded),
+             "optimizer": OptimizerState(optimizer, engine.optimizer_state_dict), "scheduler": scheduler,
+             "loader": train_loader, "train": state, "detector": detector, "scaler": scaler}
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint, parts, run_config=cfg, dist=dist,
+                                tokenizer_json=tokenizer.backend.to_str() if tokenizer.backend is not None else None)
     cadence = cfg.train.step_cadence
     log_every = max(1, round(cfg.log.interval_steps * cadence))
     eval_every = round(cfg.train.eval_interval * cadence)
@@ -163,13 +138,10 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
 
     # ---- resume -------------------------------------------------------------------------------------------
     if resume_path is not None:
-        restored = checkpointer.load(resume_path, engine=engine, optimizer=optimizer, scheduler=scheduler,
-                                     loader=train_loader, cfg=cfg)
+        checkpointer.load(resume_path)  # every part in place, and the RNG states
         resumed_rng = capture_rng()  # the checkpoint's RNG states, as load() restored them
-        state = TrainState(**restored["train_state"])
-        detector.load_state_dict(restored["detector"])
-        if restored.get("scaler"):
-            scaler.load_state_dict(restored["scaler"])
+    if dist.is_main:
+        run.commit()  # set-up succeeded: only now replace a previous run's outputs (--overwrite)
     # built after resume: sinks rewind past events a killed run logged after its checkpoint (and reuse its W&B run)
     sinks = build_sinks(cfg.log, run_dir, dist.rank, config=cfg.to_dict(), resume_step=state.step)
     sinks.log(state.step, cfg.to_dict(), kind="config")  # the resolved config (vocab filled in), SPEC O3
@@ -178,9 +150,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
 
     def save(reason: str, eval_result: dict[str, float] | None = None) -> None:
         """Checkpoint on every rank; `eval_result` only when an eval ran at this step (it ranks `best`)."""
-        checkpointer.save(state.step, engine=engine, optimizer=optimizer, scheduler=scheduler,
-                          loader=train_loader, cfg=cfg, train_state=asdict(state), detector=detector.state_dict(),
-                          scaler=scaler.state_dict(), eval_loss=(eval_result or {}).get("loss"), reason=reason)
+        checkpointer.save(state.step, eval_loss=(eval_result or {}).get("loss"), reason=reason)
         sinks.log(state.step, {"path": str(checkpointer.last_path), "reason": reason}, kind="checkpoint")
 
     banner = build_banner(cfg, counts, plan, dist, precision.name, resumed_from=resume_path)
