@@ -19,7 +19,7 @@ from train_helpers import (  # one_thread: autouse fixture
     one_thread,assert_checkpoints_equal, checkpoints, cli_args, events, logged_curve, spawn_cli,
                            tiny_config)
 
-from tokenmill.checkpoint.resume import resolve_resume
+from tokenmill.checkpoint.find import find_checkpoint
 from tokenmill.cli import main
 from tokenmill.parallel.engine import Engine
 from tokenmill.train.loop import train
@@ -136,7 +136,7 @@ def test_sigkill_at_random_moment_then_resume_equals_straight_run(tmp_path, stra
 # Dies in the middle of writing the second checkpoint's weights (the final one at step 2K).
 DIE_IN_SECOND_SAVE = """
 import io, os, signal
-import tokenmill.checkpoint.manager as _ck
+import tokenmill.checkpoint.weights as _ck
 _real = _ck.write_safetensors
 _calls = [0]
 def _dying(handle, tensors, metadata):
@@ -164,7 +164,7 @@ def test_kill_during_checkpoint_write_keeps_previous_and_resume_picks_it(tmp_pat
     partial = [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]
     assert partial == [f".tmp-step_{2 * K:08d}"], sorted(p.name for p in folder.iterdir())
     assert [p.name for p in checkpoints(run_dir)] == [f"step_{K:08d}"]
-    assert resolve_resume(run_dir, True) == folder / f"step_{K:08d}"  # verified deeply: intact
+    assert find_checkpoint(run_dir) == folder / f"step_{K:08d}"  # verified deeply: intact
 
     assert main([*args, "--resume"]) == 0
     assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]

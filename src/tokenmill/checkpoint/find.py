@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tokenmill.checkpoint.folder import MANIFEST, META, verify_folder
+from tokenmill.checkpoint.folder import MANIFEST, META, STAGING_PREFIXES, verify_folder
 from tokenmill.errors import UserError
 
 CHECKPOINTS = "checkpoints"  # the folder of a run that holds its checkpoints
@@ -135,7 +135,8 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
             what = "valid checkpoint with an eval loss" if which == "best" else "valid checkpoint"
             raise UserError(f"no {what} in {checkpoints.parent}: the run has not saved one yet")
         return found
-    if path.is_dir() and parse_step(path.name) is None and not (path / MANIFEST).exists():
+    named_like_one = parse_step(path.name) is not None or path.name.startswith(STAGING_PREFIXES)
+    if path.is_dir() and not named_like_one and not (path / MANIFEST).exists():
         raise UserError(f"{path} is neither a checkpoint folder (no {MANIFEST}) nor a run folder (no {CHECKPOINTS}/ "
                         f"folder): pass <out_dir> or <out_dir>/{CHECKPOINTS}/step_N")
     verify_folder(path)

@@ -38,6 +38,7 @@ TMP_PREFIX = ".tmp-"  # a folder being written
 OLD_PREFIX = ".old-"  # the previous copy of a step being re-saved, while the new one takes its name
 DELETE_PREFIX = ".del-"  # a checkpoint retention is deleting (renamed first, so a kill leaves no half folder)
 SHARDS_PREFIX = ".shards-"  # DCP shards of a sharded save before they join the staged folder
+STAGING_PREFIXES = (TMP_PREFIX, OLD_PREFIX, DELETE_PREFIX, SHARDS_PREFIX)  # never a checkpoint to read
 HASH_CHUNK = 8 << 20  # bytes read at a time while hashing
 
 
@@ -219,7 +220,7 @@ def clean_interrupted(parent: Path) -> None:
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a checkpoint folder, or a UserError saying why there is none."""
-    if folder.name.startswith((TMP_PREFIX, OLD_PREFIX, DELETE_PREFIX, SHARDS_PREFIX)):
+    if folder.name.startswith(STAGING_PREFIXES):
         raise UserError(f"{folder} is an unfinished checkpoint (a save was interrupted); use an earlier one")
     if not folder.is_dir():
         raise UserError(f"checkpoint {folder} does not exist (pass a checkpoint folder such as "
