@@ -1,4 +1,5 @@
-"""tokenmill.create_model / load_model (SPEC C7): a saved run comes back as a ready model."""
+"""tokenmill.create_model / load_model / load_tokenizer: a saved run, or one checkpoint folder alone, comes back as
+a ready model and its tokenizer."""
 
 from __future__ import annotations
 

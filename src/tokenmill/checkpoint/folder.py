@@ -161,11 +161,10 @@ def staged_folder(final: Path) -> Iterator[Path]:
     On any error the temporary folder is removed and earlier checkpoints are untouched; OS errors
     (disk full, permissions) become a one-line UserError.
     """
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f"{TMP_PREFIX}{final.name}"
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         yield tmp
         fsync_path(tmp)

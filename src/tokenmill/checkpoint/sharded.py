@@ -352,12 +352,15 @@ def consolidate(folder: str | Path, out: str | Path, overwrite: bool = False) ->
             raise UserError(f"{out} exists and is not a checkpoint folder, so it is not replaced: choose another "
                             f"output")
     tensors = {name: tensor.contiguous() for name, tensor in read_full_weights(folder).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
     if as_file:
         tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
             write_file(tmp, lambda handle: write_safetensors(handle, tensors, {"format": "pt"}))
             os.replace(tmp, out)
+        except OSError as err:
+            raise UserError(f"could not write {out}: {err.strerror or err} (check the folder, free space and "
+                            f"permissions)") from None
         finally:
             tmp.unlink(missing_ok=True)
         return out

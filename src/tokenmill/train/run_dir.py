@@ -25,9 +25,10 @@ from tokenmill.errors import UserError
 from tokenmill.metrics.sinks import JSONL_NAME
 from tokenmill.metrics.sinks import OUTPUTS as SINK_OUTPUTS
 
-OUTPUTS = CHECKPOINT_OUTPUTS + SINK_OUTPUTS  # every path pattern a run writes under its out_dir
+PROBE_PREFIX = ".tokenmill-write-test-"  # written and removed at set-up: a full disk fails there
+PROBE_BYTES = 1 << 20
+OUTPUTS = CHECKPOINT_OUTPUTS + SINK_OUTPUTS + (f"{PROBE_PREFIX}*",)  # every path pattern a run writes
 LATEST = (True, "latest", "auto")  # --resume without a path: this folder's latest valid checkpoint
-PROBE_BYTES = 1 << 20  # written once at set-up: a full disk fails here, before anything is deleted
 MAX_NAMED = 4  # checkpoints named in an error before "+N more"
 
 
@@ -47,9 +48,9 @@ class RunDir:
                 delete_folder(path)  # renamed first: a kill never leaves half a checkpoint under its name
             elif path.exists() or path.is_symlink():
                 remove_path(path)
-        for folder in {self.path / pattern.split("/")[0] for pattern in OUTPUTS if "/" in pattern}:
+        for folder in {path.parent for path in self.remove if path.parent != self.path}:
             if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()  # a writer's folder that held only its own files
+                folder.rmdir()  # a writer's folder (checkpoints/, tb/, wandb/) that held only its own files
         metrics = self.path / JSONL_NAME
         if self.move_metrics_aside and metrics.is_file():
             index = 1
@@ -101,7 +102,7 @@ def check_writable(path: Path) -> None:
     """A one-line UserError unless `path` is (or can be made) a writable folder with room for a write."""
     if path.exists() and not path.is_dir():
         raise UserError(f"train.out_dir={path} is a file, not a folder: choose another train.out_dir")
-    probe = path / f".tokenmill-write-test-{os.getpid()}"
+    probe = path / f"{PROBE_PREFIX}{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
