@@ -62,7 +62,8 @@ class OptimizerState:
 
 
 # a bare object under these names is wrapped (the wrapper, the bare type)
-WRAPPED: dict[str, tuple[type, type]] = {MODEL: (ModelState, nn.Module), OPTIMIZER: (OptimizerState, torch.optim.Optimizer)}
+WRAPPED: dict[str, tuple[type, type]] = {MODEL: (ModelState, nn.Module),
+                                         OPTIMIZER: (OptimizerState, torch.optim.Optimizer)}
 
 
 def as_part(name: str, part: Any) -> Stateful:

@@ -270,7 +270,8 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
     local = set(get_sharded_state(model, None)["model"])
     missing = sorted(local - set(model_sd))
     if missing:
-        raise UserError(f"checkpoint weights lack {', '.join(missing[:4])}: the model config changed since it was saved")
+        raise UserError(f"checkpoint weights lack {', '.join(missing[:4])}: the model config changed since it was "
+                        f"saved")
     opts = StateDictOptions(full_state_dict=True, strict=True)
     set_model_state_dict(model, {k: v for k, v in model_sd.items() if k in local}, options=opts)
     if optimizer is None or optim_sd is None:

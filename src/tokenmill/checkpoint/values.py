@@ -106,5 +106,5 @@ def load_values(path: Path) -> dict[str, Any]:
 def _reason(err: BaseException) -> str:
     """The informative line of a torch.load error (its first lines are generic advice)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    useful = [line for line in lines if "nsupported" in line or "failed reading" in line]
+    useful = [line for line in lines if "unsupported" in line.lower() or "failed reading" in line]
     return (useful or lines or [type(err).__name__])[0][:200]
