@@ -54,16 +54,18 @@ def model_config_from(source: Any, vocab_size: int | None = None) -> ModelConfig
     return cfg
 
 
-def create_model(preset_or_cfg: Any = "tiny", vocab_size: int | None = None,
-                 device: str | torch.device = "cpu") -> Transformer:
+def create_model(
+    preset_or_cfg: Any = "tiny", vocab_size: int | None = None, device: str | torch.device = "cpu"
+) -> Transformer:
     """A freshly initialised Transformer (model.vocab_size must be set, here or in the config)."""
     from tokenmill.model.build import build_model
 
     return build_model(model_config_from(preset_or_cfg, vocab_size), device=device)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", which: str = "latest",
-               dtype: torch.dtype | None = None) -> Transformer:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", which: str = "latest", dtype: torch.dtype | None = None
+) -> Transformer:
     """A ready Transformer (eval mode) from a checkpoint folder or a run folder.
 
     The model is rebuilt from the checkpoint's config.yaml and its weights loaded from safetensors
@@ -89,7 +91,8 @@ def load_tokenizer(path: str | Path, which: str = "latest") -> Tokenizer:
     one `train` built for this config); the tokenizer named in the checkpoint's config when it needs no files
     ('byte') or is a tokenizer.json path that still exists.
     """
-    from tokenmill.data.tokenizer import Tokenizer, load_tokenizer as load_named
+    from tokenmill.data.tokenizer import Tokenizer
+    from tokenmill.data.tokenizer import load_tokenizer as load_named
 
     folder = find_checkpoint(path, which)
     if (folder / TOKENIZER).is_file():
@@ -102,13 +105,17 @@ def load_tokenizer(path: str | Path, which: str = "latest") -> Tokenizer:
         found = sorted(cache.glob(f"tokenizer-bpe{vocab}-*/tokenizer.json")) if cache.is_dir() else []
         if len(found) == 1:
             return Tokenizer.from_file(found[0].parent)
-        raise UserError(f"checkpoint {folder} holds no {TOKENIZER} and its run folder has "
-                        f"{'several cached tokenizers' if found else 'no cached tokenizer'} in {cache}; load the "
-                        f"run's tokenizer.json yourself (tokenmill.data.tokenizer.Tokenizer.from_file(PATH))")
+        raise UserError(
+            f"checkpoint {folder} holds no {TOKENIZER} and its run folder has "
+            f"{'several cached tokenizers' if found else 'no cached tokenizer'} in {cache}; load the "
+            f"run's tokenizer.json yourself (tokenmill.data.tokenizer.Tokenizer.from_file(PATH))"
+        )
     if name == "byte" or Path(name).exists():
         return load_named(name)
-    raise UserError(f"checkpoint {folder} holds no {TOKENIZER} and its tokenizer {name!r} is not available "
-                    f"offline; load that tokenizer.json yourself (tokenmill.data.tokenizer.Tokenizer.from_file(PATH))")
+    raise UserError(
+        f"checkpoint {folder} holds no {TOKENIZER} and its tokenizer {name!r} is not available "
+        f"offline; load that tokenizer.json yourself (tokenmill.data.tokenizer.Tokenizer.from_file(PATH))"
+    )
 
 
 def _checkpoint_config(folder: Path) -> dict[str, Any]:

@@ -61,8 +61,14 @@ def make(tie: bool = True, seed: int = 0):
 
 
 def parts_of(model, opt=None, sched=None, loader=None, train=None, detector=None) -> dict:
-    given = {"model": model, "optimizer": opt, "scheduler": sched, "loader": loader, "train": train,
-             "detector": detector}
+    given = {
+        "model": model,
+        "optimizer": opt,
+        "scheduler": sched,
+        "loader": loader,
+        "train": train,
+        "detector": detector,
+    }
     return {name: part for name, part in given.items() if part is not None}
 
 
@@ -91,11 +97,26 @@ def test_round_trip_is_bitwise_and_continues_identically(tmp_path):
     train_steps(model, opt, sched, loader, 3)
     state = TrainState(step=3, tokens_seen=30, best_eval_loss=1.5)
     detector = DivergenceDetector(1.0, 0.1, 0.01, 0, fast=2.5, slow=2.6, seen=3)
-    ck = checkpointer(tmp_path, model, opt, sched, loader, state, detector, run_config={"model": {"d_model": 8}},
-                      tokenizer_json='{"stands": "for a tokenizer"}')
+    ck = checkpointer(
+        tmp_path,
+        model,
+        opt,
+        sched,
+        loader,
+        state,
+        detector,
+        run_config={"model": {"d_model": 8}},
+        tokenizer_json='{"stands": "for a tokenizer"}',
+    )
     path = ck.save(3)
-    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "manifest.json", "meta.json",
-                                                       "model.safetensors", "state.pt", "tokenizer.json"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.yaml",
+        "manifest.json",
+        "meta.json",
+        "model.safetensors",
+        "state.pt",
+        "tokenizer.json",
+    ]
     assert "tokenizer.json" in json.loads((path / "manifest.json").read_text())["files"]
     # Reference: continue the original run two more steps.
     train_steps(model, opt, sched, loader, 2)
@@ -129,8 +150,7 @@ def test_state_pt_loads_with_weights_only_and_meta_is_complete(tmp_path):
     blob = torch.load(path / "state.pt", weights_only=True)
     assert set(blob) == {"format_version", "step", "eval_loss", "rng", "parts"}
     assert set(blob["parts"]) == {"optimizer", "scheduler", "loader", "train"}  # the model is in safetensors
-    assert isinstance(blob["rng"]["numpy"]["key"], torch.Tensor) and isinstance(blob["rng"]["python"]["internal"],
-                                                                                 list)
+    assert isinstance(blob["rng"]["numpy"]["key"], torch.Tensor) and isinstance(blob["rng"]["python"]["internal"], list)
     meta = json.loads((path / "meta.json").read_text())
     assert {"tokenmill", "torch", "python", "git_commit", "time", "step", "tokens_seen", "sharded"} <= set(meta)
     assert meta["tokens_seen"] == 10 and meta["sharded"] is False
@@ -160,7 +180,7 @@ def test_tied_weights_saved_once_and_stay_tied(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), "pt") as handle:
-        assert "tok_emb.weight" in handle.keys() and "head.weight" not in handle.keys()
+        assert "tok_emb.weight" in handle.keys() and "head.weight" not in handle.keys()  # noqa: SIM118 (not a dict)
     fresh, *_ = make(tie=True, seed=5)
     checkpointer(tmp_path, fresh).load(path)
     assert fresh.head.weight is fresh.tok_emb.weight
@@ -299,8 +319,11 @@ def test_disk_full_gives_clear_error_and_keeps_previous(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("tokenmill.checkpoint.manager.torch.save", full)
-    with pytest.raises(UserError, match=r"disk full while saving checkpoint to .*step_00000003: free space or lower "
-                                        r"checkpoint.keep_last"):
+    with pytest.raises(
+        UserError,
+        match=r"disk full while saving checkpoint to .*step_00000003: free space or lower "
+        r"checkpoint.keep_last",
+    ):
         ck.save(3)
     assert sorted(p.name for p in ck.dir.iterdir()) == ["step_00000001", "step_00000002"]
     monkeypatch.undo()
@@ -414,10 +437,17 @@ def test_checkpoint_saved_before_parts_had_names_still_loads(tmp_path):
     model, opt, sched, loader = make()
     train_steps(model, opt, sched, loader, 2)
     path = checkpointer(tmp_path, model).save(2)
-    old = {"format_version": 1, "step": 2, "train_state": {"step": 2, "tokens_seen": 20},
-           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "loader": loader.state_dict(),
-           "rng": checkpoint_values.capture_rng(), "extra": {"detector": {"fast": 1.0, "slow": 2.0, "seen": 2}},
-           "eval_loss": None}
+    old = {
+        "format_version": 1,
+        "step": 2,
+        "train_state": {"step": 2, "tokens_seen": 20},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "loader": loader.state_dict(),
+        "rng": checkpoint_values.capture_rng(),
+        "extra": {"detector": {"fast": 1.0, "slow": 2.0, "seen": 2}},
+        "eval_loss": None,
+    }
     torch.save(checkpoint_values.to_safe(old), path / "state.pt")
     write_manifest(path, 2)
     model2, opt2, sched2, loader2 = make(seed=7)
@@ -470,8 +500,10 @@ def _two_rank_save_load(run_dir: str) -> dict:
     out = {"cursor": loader.cursor, "rng_ok": torch.equal(torch.rand(3), expected), "step": info["step"]}
     # Rank 0's disk fills up during the next save: every rank must raise, none may hang.
     if dist.rank == 0:
+
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
+
         tokenmill.checkpoint.manager.write_manifest = full
     try:
         ck.save(6)
@@ -493,7 +525,8 @@ def test_two_ranks_keep_their_own_state_and_fail_together(tmp_path):
     model, opt, sched, loader = make()
     with pytest.raises(UserError, match="same number of processes"):
         Checkpointer(tmp_path, cfg(), parts_of(model, opt, sched, loader), dist=rank2).load(
-            tmp_path / "checkpoints" / "step_00000005")
+            tmp_path / "checkpoints" / "step_00000005"
+        )
 
 
 def test_sharded_model_part_saves_dcp_shards_in_one_process(tmp_path):
@@ -501,8 +534,11 @@ def test_sharded_model_part_saves_dcp_shards_in_one_process(tmp_path):
     says the folder is sharded (the only way the loader takes that path)."""
     model, opt, sched, _ = make()
     train_steps(model, opt, sched, FakeLoader(), 1)
-    ck = Checkpointer(tmp_path, cfg(), {"model": ModelState(model, sharded=True), "optimizer": opt,
-                                        "scheduler": sched, "train": TrainState(step=4)})
+    ck = Checkpointer(
+        tmp_path,
+        cfg(),
+        {"model": ModelState(model, sharded=True), "optimizer": opt, "scheduler": sched, "train": TrainState(step=4)},
+    )
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     path = ck.save(4, reason="interval")
     assert (path / ".metadata").is_file() and not (path / "model.safetensors").exists()
@@ -513,8 +549,11 @@ def test_sharded_model_part_saves_dcp_shards_in_one_process(tmp_path):
         for p in model.parameters():
             p.add_(1.0)
     state = TrainState()
-    Checkpointer(tmp_path, cfg(), {"model": ModelState(model, sharded=True), "optimizer": opt,
-                                   "scheduler": sched, "train": state}).load(path)
+    Checkpointer(
+        tmp_path,
+        cfg(),
+        {"model": ModelState(model, sharded=True), "optimizer": opt, "scheduler": sched, "train": state},
+    ).load(path)
     assert state.step == 4
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k]), k

@@ -29,8 +29,11 @@ def reference() -> dict:
 
 def engine_checkpointer(run_dir: str, engine, opt, state: TrainState, async_save: bool = False) -> Checkpointer:
     """The parts the training loop gives its Checkpointer, for an Engine of the dist_helpers loop."""
-    parts = {"model": ModelState(engine.model, sharded=engine.sharded),
-             "optimizer": OptimizerState(opt, engine.optimizer_state_dict), "train": state}
+    parts = {
+        "model": ModelState(engine.model, sharded=engine.sharded),
+        "optimizer": OptimizerState(opt, engine.optimizer_state_dict),
+        "train": state,
+    }
     return Checkpointer(run_dir, CheckpointConfig(async_save=async_save), parts, dist=engine.dist)
 
 

@@ -17,8 +17,17 @@ from tokenmill.errors import UserError
 
 
 def _saved_run(tmp_path, overrides=()):
-    cfg = load_config(["tiny"], overrides=["model.vocab_size=128", "model.n_layers=2", "model.d_model=64",
-                                          "model.n_heads=2", "model.n_kv_heads=1", *overrides])
+    cfg = load_config(
+        ["tiny"],
+        overrides=[
+            "model.vocab_size=128",
+            "model.n_layers=2",
+            "model.d_model=64",
+            "model.n_heads=2",
+            "model.n_kv_heads=1",
+            *overrides,
+        ],
+    )
     torch.manual_seed(0)
     model = tokenmill.create_model(cfg)
     ck = Checkpointer(tmp_path, cfg.checkpoint, {"model": model}, run_config=cfg)
@@ -72,7 +81,7 @@ def test_import_is_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
     with pytest.raises(AttributeError):
-        tokenmill.no_such_thing
+        _ = tokenmill.no_such_thing
 
 
 @pytest.mark.slow
@@ -81,10 +90,9 @@ def test_a_checkpoint_folder_alone_holds_its_tokenizer(tmp_path):
     import json
     import shutil
 
-    from train_helpers import tiny_config
-
     from tokenmill.data.tokenizer import Tokenizer
     from tokenmill.train.loop import train
+    from train_helpers import tiny_config
 
     cfg = tiny_config(tmp_path / "run", 1, "data.tokenizer=bpe", "data.tokenizer_vocab_size=300")
     threads = torch.get_num_threads()
@@ -122,8 +130,16 @@ def test_older_checkpoints_without_a_tokenizer_use_the_fallbacks(tmp_path):
 def test_load_model_on_a_sharded_checkpoint_names_consolidate(tmp_path):
     from tokenmill.checkpoint.parts import ModelState
 
-    cfg = load_config(["tiny"], overrides=["model.vocab_size=128", "model.n_layers=2", "model.d_model=64",
-                                          "model.n_heads=2", "model.n_kv_heads=1"])
+    cfg = load_config(
+        ["tiny"],
+        overrides=[
+            "model.vocab_size=128",
+            "model.n_layers=2",
+            "model.d_model=64",
+            "model.n_heads=2",
+            "model.n_kv_heads=1",
+        ],
+    )
     model = tokenmill.create_model(cfg)
     path = Checkpointer(tmp_path, cfg.checkpoint, {"model": ModelState(model, sharded=True)}, run_config=cfg).save(3)
     with pytest.raises(UserError, match=r"sharded .*tokenmill checkpoint consolidate .*step_00000003 OUT_DIR"):

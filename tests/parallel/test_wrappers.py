@@ -10,17 +10,20 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from tokenmill.parallel.wrappers import canonical_name, uncompiled, unwrap
 
 
-@pytest.mark.parametrize("name, plain", [
-    ("blocks.0.attn.q_proj.weight", "blocks.0.attn.q_proj.weight"),
-    ("module.blocks.0.attn.q_proj.weight", "blocks.0.attn.q_proj.weight"),  # DDP
-    ("_orig_mod.module.tok_emb.weight", "tok_emb.weight"),  # torch.compile(DDP(model))
-    ("module._orig_mod.tok_emb.weight", "tok_emb.weight"),  # DDP(torch.compile(model))
-    ("blocks.3._orig_mod.ffn.w1.weight", "blocks.3.ffn.w1.weight"),  # a block compiled on its own
-    ("blocks.3._checkpoint_wrapped_module.ffn.w1.weight", "blocks.3.ffn.w1.weight"),  # activation checkpointing
-    ("blocks.3._fsdp_wrapped_module.norm.weight", "blocks.3.norm.weight"),  # FSDP1
-    ("encoder.module.weight", "encoder.module.weight"),  # a real submodule called `module` is kept
-    ("module", "module"),  # a parameter of that name is not a prefix
-])
+@pytest.mark.parametrize(
+    "name, plain",
+    [
+        ("blocks.0.attn.q_proj.weight", "blocks.0.attn.q_proj.weight"),
+        ("module.blocks.0.attn.q_proj.weight", "blocks.0.attn.q_proj.weight"),  # DDP
+        ("_orig_mod.module.tok_emb.weight", "tok_emb.weight"),  # torch.compile(DDP(model))
+        ("module._orig_mod.tok_emb.weight", "tok_emb.weight"),  # DDP(torch.compile(model))
+        ("blocks.3._orig_mod.ffn.w1.weight", "blocks.3.ffn.w1.weight"),  # a block compiled on its own
+        ("blocks.3._checkpoint_wrapped_module.ffn.w1.weight", "blocks.3.ffn.w1.weight"),  # activation checkpointing
+        ("blocks.3._fsdp_wrapped_module.norm.weight", "blocks.3.norm.weight"),  # FSDP1
+        ("encoder.module.weight", "encoder.module.weight"),  # a real submodule called `module` is kept
+        ("module", "module"),  # a parameter of that name is not a prefix
+    ],
+)
 def test_canonical_name(name, plain):
     assert canonical_name(name) == plain
 

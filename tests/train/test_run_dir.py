@@ -11,20 +11,21 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_helpers import cli_args, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 from tokenmill.checkpoint.manager import Checkpointer
 from tokenmill.cli import main
 from tokenmill.errors import UserError
 from tokenmill.train.run_dir import prepare_run_dir
+from train_helpers import cli_args, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
     """sha256 and mtime of every file under root, and every folder (so nothing added or removed goes unseen)."""
     out = {}
     for p in sorted(root.rglob("*")):
-        out[str(p.relative_to(root))] = ((hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-                                         if p.is_file() else ("dir", 0))
+        out[str(p.relative_to(root))] = (
+            (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) if p.is_file() else ("dir", 0)
+        )
     return out
 
 
@@ -125,7 +126,7 @@ def test_resume_from_another_run_is_refused_over_checkpoints_and_forks_into_a_ne
     assert run.resume_from == source / "checkpoints" / "step_00000003"
     run.commit()
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == sorted(USER_FILES)
-    assert snapshot(source) == {k[len("source/"):]: v for k, v in before.items() if k.startswith("source/")}
+    assert snapshot(source) == {k[len("source/") :]: v for k, v in before.items() if k.startswith("source/")}
     fork = tmp_path / "fork"
     assert prepare_run_dir(fork, resume=str(source)).resume_from.name == "step_00000003"
 
@@ -150,8 +151,9 @@ def test_read_only_out_dir(tmp_path):
         target.chmod(0o755)
 
 
-@pytest.mark.parametrize("code, needle", [(errno.ENOSPC, "is full"), (errno.EROFS, "is not writable"),
-                                          (errno.EACCES, "is not writable")])
+@pytest.mark.parametrize(
+    "code, needle", [(errno.ENOSPC, "is full"), (errno.EROFS, "is not writable"), (errno.EACCES, "is not writable")]
+)
 def test_full_or_read_only_disk_is_one_line_before_anything_changes(tmp_path, monkeypatch, code, needle):
     fake_run(tmp_path)
     before = snapshot(tmp_path)
@@ -205,10 +207,14 @@ def one_error_line(capsys, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("mistake, needle", [
-    ("train.seq_len=128", "model.max_seq_len"),  # found only after the tokenizer is built
-    ("data.sources=[/no/such/corpus.jsonl]", "corpus.jsonl"),  # found when the loader opens it
-], ids=["seq_len", "source"])
+@pytest.mark.parametrize(
+    "mistake, needle",
+    [
+        ("train.seq_len=128", "model.max_seq_len"),  # found only after the tokenizer is built
+        ("data.sources=[/no/such/corpus.jsonl]", "corpus.jsonl"),  # found when the loader opens it
+    ],
+    ids=["seq_len", "source"],
+)
 def test_overwrite_with_a_typo_leaves_the_previous_run(finished_run, capsys, mistake, needle):
     before = snapshot(finished_run)
     assert main([*cli_args(finished_run, 2, "checkpoint.interval_steps=1", mistake), "--overwrite"]) == 2
@@ -222,8 +228,7 @@ def test_resume_of_an_older_step_is_refused_on_the_command_line(finished_run, ca
     assert main([*cli_args(finished_run, 3, "checkpoint.interval_steps=1"), "--resume", str(older)]) == 2
     one_error_line(capsys, "step_00000002", "--overwrite")
     assert snapshot(finished_run) == before
-    assert main([*cli_args(finished_run, 3, "checkpoint.interval_steps=1"), "--resume", str(older),
-                 "--overwrite"]) == 0
+    assert main([*cli_args(finished_run, 3, "checkpoint.interval_steps=1"), "--resume", str(older), "--overwrite"]) == 0
     names = [p.name for p in Checkpointer(finished_run).list_checkpoints()]
     assert names == ["step_00000001", "step_00000002", "step_00000003"]  # step 2 re-made from step 1
     resumed = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]

@@ -29,7 +29,7 @@ def step_name(step: int) -> str:
 
 def parse_step(name: str) -> int | None:
     """The step of a `step_00000100` folder name, None for anything else (tmp folders, best.json)."""
-    digits = name[len(STEP_PREFIX):]
+    digits = name[len(STEP_PREFIX) :]
     return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
 
 
@@ -137,7 +137,9 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
         return found
     named_like_one = parse_step(path.name) is not None or path.name.startswith(STAGING_PREFIXES)
     if path.is_dir() and not named_like_one and not (path / MANIFEST).exists():
-        raise UserError(f"{path} is neither a checkpoint folder (no {MANIFEST}) nor a run folder (no {CHECKPOINTS}/ "
-                        f"folder): pass <out_dir> or <out_dir>/{CHECKPOINTS}/step_N")
+        raise UserError(
+            f"{path} is neither a checkpoint folder (no {MANIFEST}) nor a run folder (no {CHECKPOINTS}/ "
+            f"folder): pass <out_dir> or <out_dir>/{CHECKPOINTS}/step_N"
+        )
     verify_folder(path)
     return path

@@ -112,8 +112,7 @@ def write_manifest(folder: Path, step: int, written: dict[str, dict[str, Any]] |
         if path.is_file() and path.name != MANIFEST:
             known = (written or {}).get(path.name)
             size = path.stat().st_size
-            files[path.name] = known if known and known["bytes"] == size else {"bytes": size,
-                                                                                 "sha256": sha256_of(path)}
+            files[path.name] = known if known and known["bytes"] == size else {"bytes": size, "sha256": sha256_of(path)}
     write_json(folder / MANIFEST, {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "files": files})
 
 
@@ -132,10 +131,14 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 def _save_error(err: OSError, final: Path) -> UserError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"disk full while saving checkpoint to {final}: free space or lower checkpoint.keep_last "
-                         f"(earlier checkpoints are intact)")
-    return UserError(f"could not write checkpoint to {final}: {err.strerror or err} "
-                     f"(earlier checkpoints are intact; check permissions and free space)")
+        return UserError(
+            f"disk full while saving checkpoint to {final}: free space or lower checkpoint.keep_last "
+            f"(earlier checkpoints are intact)"
+        )
+    return UserError(
+        f"could not write checkpoint to {final}: {err.strerror or err} "
+        f"(earlier checkpoints are intact; check permissions and free space)"
+    )
 
 
 def publish_folder(tmp: Path, final: Path) -> None:
@@ -208,7 +211,7 @@ def clean_interrupted(parent: Path) -> None:
     for path in parent.iterdir():
         name = path.name
         if name.startswith(OLD_PREFIX):
-            final = parent / name[len(OLD_PREFIX):]
+            final = parent / name[len(OLD_PREFIX) :]
             if final.exists():
                 remove_path(path)
             else:  # killed between the two renames: the old copy is complete
@@ -222,22 +225,31 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if folder.name.startswith(STAGING_PREFIXES):
         raise UserError(f"{folder} is an unfinished checkpoint (a save was interrupted); use an earlier one")
     if not folder.is_dir():
-        raise UserError(f"checkpoint {folder} does not exist (pass a checkpoint folder such as "
-                        f"<out_dir>/checkpoints/step_00000100, or the run's out_dir)")
+        raise UserError(
+            f"checkpoint {folder} does not exist (pass a checkpoint folder such as "
+            f"<out_dir>/checkpoints/step_00000100, or the run's out_dir)"
+        )
     path = folder / MANIFEST
     if not path.is_file():
-        raise UserError(f"checkpoint {folder} is incomplete: {MANIFEST} is missing (the save did not finish); "
-                        f"use an earlier checkpoint")
+        raise UserError(
+            f"checkpoint {folder} is incomplete: {MANIFEST} is missing (the save did not finish); "
+            f"use an earlier checkpoint"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, OSError) as err:
         raise UserError(f"checkpoint file {path} is damaged ({err}); use an earlier checkpoint") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
-            manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise UserError(f"checkpoint file {path} is not a tokenmill manifest; use an earlier checkpoint")
     if manifest.get("version", 0) > FORMAT_VERSION:
-        raise UserError(f"checkpoint {folder} was written by a newer tokenmill (format {manifest['version']}); "
-                        f"upgrade tokenmill to load it")
+        raise UserError(
+            f"checkpoint {folder} was written by a newer tokenmill (format {manifest['version']}); "
+            f"upgrade tokenmill to load it"
+        )
     return manifest
 
 
@@ -248,20 +260,29 @@ def verify_folder(folder: Path, deep: bool = True) -> dict[str, Any]:
     listed = set(manifest["files"]) | {MANIFEST}
     unlisted = sorted(p.name for p in folder.iterdir() if p.name not in listed)
     if unlisted:
-        raise UserError(f"checkpoint {folder} holds {', '.join(unlisted[:3])}, which its {MANIFEST} does not "
-                        f"list (added after the save, so it is never read); remove it or use an earlier checkpoint")
+        raise UserError(
+            f"checkpoint {folder} holds {', '.join(unlisted[:3])}, which its {MANIFEST} does not "
+            f"list (added after the save, so it is never read); remove it or use an earlier checkpoint"
+        )
     for name, entry in manifest["files"].items():
-        if not (_plain_name(name) and isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
-                and isinstance(entry.get("sha256"), str)):
-            raise UserError(f"checkpoint file {folder / MANIFEST} is damaged (bad entry {name!r}); use an "
-                            f"earlier checkpoint")
+        if not (
+            _plain_name(name)
+            and isinstance(entry, dict)
+            and isinstance(entry.get("bytes"), int)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            raise UserError(
+                f"checkpoint file {folder / MANIFEST} is damaged (bad entry {name!r}); use an earlier checkpoint"
+            )
         path = folder / name
         if not path.is_file():
             raise UserError(f"checkpoint file {path} is missing; use an earlier checkpoint")
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise UserError(f"checkpoint file {path} is truncated or damaged ({size} bytes, expected "
-                            f"{entry['bytes']}); use an earlier checkpoint")
+            raise UserError(
+                f"checkpoint file {path} is truncated or damaged ({size} bytes, expected "
+                f"{entry['bytes']}); use an earlier checkpoint"
+            )
         if deep and sha256_of(path) != entry["sha256"]:
             raise UserError(f"checkpoint file {path} is damaged (sha256 mismatch); use an earlier checkpoint")
     return manifest
@@ -276,6 +297,8 @@ def is_sharded(folder: Path, manifest: dict[str, Any]) -> bool:
         sharded = False
     listed = DCP_METADATA in manifest["files"]
     if sharded != listed:
-        raise UserError(f"checkpoint {folder} is inconsistent ({META} says sharded={sharded} but {MANIFEST} "
-                        f"{'lists' if listed else 'does not list'} {DCP_METADATA}); use an earlier checkpoint")
+        raise UserError(
+            f"checkpoint {folder} is inconsistent ({META} says sharded={sharded} but {MANIFEST} "
+            f"{'lists' if listed else 'does not list'} {DCP_METADATA}); use an earlier checkpoint"
+        )
     return sharded

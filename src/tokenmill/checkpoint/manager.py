@@ -38,12 +38,41 @@ import yaml
 from torch import nn
 
 from tokenmill.checkpoint.config import CheckpointConfig
-from tokenmill.checkpoint.find import (BEST_POINTER, CHECKPOINTS, STEP_PREFIX, best_pointer, finite_or_none,
-                                       list_checkpoints, parse_step, read_meta, scored, step_name)
-from tokenmill.checkpoint.folder import (CONFIG, DELETE_PREFIX, MANIFEST, META, OLD_PREFIX, SHARDS_PREFIX, STATE,
-                                         TMP_PREFIX, TOKENIZER, WEIGHTS, atomic_write_json, clean_interrupted,
-                                         delete_folder, is_sharded, read_manifest, staged_folder, verify_folder,
-                                         write_bytes, write_file, write_json, write_manifest)
+from tokenmill.checkpoint.find import (
+    BEST_POINTER,
+    CHECKPOINTS,
+    STEP_PREFIX,
+    best_pointer,
+    finite_or_none,
+    list_checkpoints,
+    parse_step,
+    read_meta,
+    scored,
+    step_name,
+)
+from tokenmill.checkpoint.folder import (
+    CONFIG,
+    DELETE_PREFIX,
+    MANIFEST,
+    META,
+    OLD_PREFIX,
+    SHARDS_PREFIX,
+    STATE,
+    TMP_PREFIX,
+    TOKENIZER,
+    WEIGHTS,
+    atomic_write_json,
+    clean_interrupted,
+    delete_folder,
+    is_sharded,
+    read_manifest,
+    staged_folder,
+    verify_folder,
+    write_bytes,
+    write_file,
+    write_json,
+    write_manifest,
+)
 from tokenmill.checkpoint.parts import MODEL, OPTIMIZER, ModelState, OptimizerState, Stateful, as_part
 from tokenmill.checkpoint.values import capture_rng, load_values, restore_rng, to_safe
 from tokenmill.checkpoint.weights import read_weights, write_weights
@@ -52,8 +81,17 @@ from tokenmill.errors import UserError
 __all__ = ["OUTPUTS", "Checkpointer", "PendingSave"]
 
 # What a run's checkpointing writes under its out_dir (train/run_dir.py removes exactly these on --overwrite)
-OUTPUTS = tuple(f"{CHECKPOINTS}/{pattern}" for pattern in (
-    f"{STEP_PREFIX}*", BEST_POINTER, f"{TMP_PREFIX}*", f"{OLD_PREFIX}*", f"{DELETE_PREFIX}*", f"{SHARDS_PREFIX}*"))
+OUTPUTS = tuple(
+    f"{CHECKPOINTS}/{pattern}"
+    for pattern in (
+        f"{STEP_PREFIX}*",
+        BEST_POINTER,
+        f"{TMP_PREFIX}*",
+        f"{OLD_PREFIX}*",
+        f"{DELETE_PREFIX}*",
+        f"{SHARDS_PREFIX}*",
+    )
+)
 FORMAT_VERSION = 2  # of state.pt: {"format_version", "step", "eval_loss", "rng", "parts": {name: state}}
 PER_RANK = "__per_rank__"  # marks a value saved as one entry per rank
 PER_RANK_PARTS = ("loader",)  # parts whose state differs between ranks (each rank reads its own data)
@@ -64,8 +102,13 @@ TRAIN = "train"  # the loop's counters; meta.json copies its tokens_seen
 def _git_commit() -> str | None:
     """Commit of the tokenmill source tree, if it is a git checkout (cached: one subprocess per process)."""
     try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -74,8 +117,12 @@ def _git_commit() -> str | None:
 def _versions() -> dict[str, Any]:
     import tokenmill
 
-    return {"tokenmill": tokenmill.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "git_commit": _git_commit()}
+    return {
+        "tokenmill": tokenmill.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+    }
 
 
 def _config_text(config: Any) -> str | None:
@@ -109,9 +156,17 @@ class Checkpointer:
     (the text of the run's tokenizer.json) is stored as tokenizer.json. `dist` says which process this is.
     """
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None,
-                 parts: Mapping[str, Any] | None = None, *, run_config: Any = None, tokenizer_json: str | None = None,
-                 dist: Any = None, per_rank: Collection[str] = PER_RANK_PARTS) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: CheckpointConfig | None = None,
+        parts: Mapping[str, Any] | None = None,
+        *,
+        run_config: Any = None,
+        tokenizer_json: str | None = None,
+        dist: Any = None,
+        per_rank: Collection[str] = PER_RANK_PARTS,
+    ) -> None:
         cfg = cfg if cfg is not None else CheckpointConfig()
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CHECKPOINTS
@@ -166,13 +221,26 @@ class Checkpointer:
                 continue
             state = part.state_dict()  # the optimizer's is a collective under ZeRO-1: every rank gets here
             states[name] = self._gather(state) if name in self.per_rank else state
-        values = {"format_version": FORMAT_VERSION, "step": step, "eval_loss": eval_loss,
-                  "rng": self._gather(capture_rng()), "parts": to_safe(states, "parts")}
+        values = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "eval_loss": eval_loss,
+            "rng": self._gather(capture_rng()),
+            "parts": to_safe(states, "parts"),
+        }
         train = states.get(TRAIN)
-        meta = {"step": step, "tokens_seen": train.get("tokens_seen") if isinstance(train, Mapping) else None,
-                "eval_loss": eval_loss, "reason": reason, "sharded": sharded, "parts": sorted(self.parts),
-                "world_size": self.world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "unix_time": time.time(), **_versions()}
+        meta = {
+            "step": step,
+            "tokens_seen": train.get("tokens_seen") if isinstance(train, Mapping) else None,
+            "eval_loss": eval_loss,
+            "reason": reason,
+            "sharded": sharded,
+            "parts": sorted(self.parts),
+            "world_size": self.world_size,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "unix_time": time.time(),
+            **_versions(),
+        }
         model = self.parts.get(MODEL)
         shards = self._write_shards(final) if sharded else None
         return PendingSave(final, step, eval_loss, values, meta, None if sharded else model, shards)
@@ -185,9 +253,13 @@ class Checkpointer:
 
             self._ckpt_group = tdist.new_group(backend="gloo")  # background writes never share training's group
         optimizer = self.parts.get(OPTIMIZER)
-        return write_shards(self.dir / f"{SHARDS_PREFIX}{final.name}", self.parts[MODEL].model,
-                            optimizer.optimizer if isinstance(optimizer, OptimizerState) else None,
-                            async_save=self.async_save, process_group=self._ckpt_group)
+        return write_shards(
+            self.dir / f"{SHARDS_PREFIX}{final.name}",
+            self.parts[MODEL].model,
+            optimizer.optimizer if isinstance(optimizer, OptimizerState) else None,
+            async_save=self.async_save,
+            process_group=self._ckpt_group,
+        )
 
     def _publish(self, pending: PendingSave) -> None:
         """Every rank: wait for this rank's shards; rank 0 writes the folder; all agree on the outcome."""
@@ -201,7 +273,7 @@ class Checkpointer:
         if self.rank == 0:
             try:
                 write()
-            except Exception as err:  # noqa: BLE001 (told to every rank below, then re-raised here)
+            except Exception as err:  # told to every rank below, then re-raised here
                 failure = err
                 error = str(err) if isinstance(err, UserError) else f"{what} failed on rank 0: {err}"
         error = self._agree(error)
@@ -231,8 +303,9 @@ class Checkpointer:
         self._verified[final] = (final / MANIFEST).stat().st_mtime_ns
         self.last_save_bytes = sum(p.stat().st_size for p in final.iterdir())
         if pending.eval_loss is not None and self.is_best(pending.eval_loss, exclude=final):
-            atomic_write_json(self.dir / BEST_POINTER, {"name": final.name, "step": pending.step,
-                                                        "eval_loss": pending.eval_loss})
+            atomic_write_json(
+                self.dir / BEST_POINTER, {"name": final.name, "step": pending.step, "eval_loss": pending.eval_loss}
+            )
         self._retain(final)
         self.last_save_s = time.perf_counter() - start
 
@@ -282,7 +355,7 @@ class Checkpointer:
         deletion killed by an older tokenmill, and they are never chosen."""
         found = self.list_checkpoints()
         complete = [p for p in found if (p / MANIFEST).is_file()]
-        keep = set(complete[-self.keep_last:]) | {just_written, best_pointer(self.dir)}
+        keep = set(complete[-self.keep_last :]) | {just_written, best_pointer(self.dir)}
         keep |= {path for _, path in scored(self.dir)[: self.keep_best]}
         newest = parse_step(just_written.name)
         for path in found:
@@ -310,8 +383,10 @@ class Checkpointer:
         path = self.verify(path)
         sharded_checkpoint = is_sharded(path, read_manifest(path))
         if not (path / STATE).is_file():
-            raise UserError(f"checkpoint {path} holds weights only (no {STATE}), so training cannot resume from it; "
-                            f"load it with tokenmill.load_model or start a new run")
+            raise UserError(
+                f"checkpoint {path} holds weights only (no {STATE}), so training cannot resume from it; "
+                f"load it with tokenmill.load_model or start a new run"
+            )
         values = load_values(path / STATE)
         saved = _saved_parts(values, path)
         weights_done = self._load_model_and_optimizer(path, sharded_checkpoint, saved)
@@ -328,8 +403,10 @@ class Checkpointer:
             try:
                 part.load_state_dict(state)
             except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
-                raise UserError(f"the {name} state in {path / STATE} does not fit this run ({str(err)[:200]}); "
-                                f"resume with the same settings") from None
+                raise UserError(
+                    f"the {name} state in {path / STATE} does not fit this run ({str(err)[:200]}); "
+                    f"resume with the same settings"
+                ) from None
         if restore_rng_state:
             restore_rng(self._for_rank(values.get("rng"), path, "RNG"))
         return {"path": path, "step": values["step"], "eval_loss": values.get("eval_loss"), "meta": read_meta(path)}
@@ -371,8 +448,11 @@ class Checkpointer:
             return ""
         config = self.run_config
         now = config.to_dict()["model"] if hasattr(config, "to_dict") else dict(config.get("model", {}))
-        changed = [f"model.{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-                   if saved.get(k) != now.get(k)]
+        changed = [
+            f"model.{k} {saved.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)
+        ]
         return f" (changed: {', '.join(changed)})" if changed else ""
 
     def _for_rank(self, saved: Any, path: Path, what: str) -> Any:
@@ -381,8 +461,10 @@ class Checkpointer:
         states = saved[PER_RANK]
         if not isinstance(states, list) or self.rank >= len(states):
             count = len(states) if isinstance(states, list) else 0
-            raise UserError(f"checkpoint {path} holds {what} states for {count} ranks but this is rank "
-                            f"{self.rank}: resume with the same number of processes")
+            raise UserError(
+                f"checkpoint {path} holds {what} states for {count} ranks but this is rank "
+                f"{self.rank}: resume with the same number of processes"
+            )
         return states[self.rank]
 
 
@@ -390,15 +472,24 @@ def _saved_parts(values: dict[str, Any], path: Path) -> dict[str, Any]:
     """{part name: state} of a state.pt; format 1 (before parts had names) is mapped onto today's names."""
     version = values.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} was written by a newer tokenmill (state format {version}); upgrade "
-                        f"tokenmill to load it")
+        raise UserError(
+            f"checkpoint {path} was written by a newer tokenmill (state format {version}); upgrade tokenmill to load it"
+        )
     if version == 1:
-        saved = {TRAIN: values.get("train_state"), OPTIMIZER: values.get("optimizer"),
-                 "scheduler": values.get("scheduler"), "loader": values.get("loader"), **(values.get("extra") or {})}
+        saved = {
+            TRAIN: values.get("train_state"),
+            OPTIMIZER: values.get("optimizer"),
+            "scheduler": values.get("scheduler"),
+            "loader": values.get("loader"),
+            **(values.get("extra") or {}),
+        }
     else:
         saved = values.get("parts")
-    if not isinstance(saved, dict) or not isinstance(values.get("step"), int) or not isinstance(values.get("rng"),
-                                                                                                 dict):
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(values.get("step"), int)
+        or not isinstance(values.get("rng"), dict)
+    ):
         raise UserError(f"checkpoint file {path / STATE} is not a tokenmill state file; use an earlier checkpoint")
     return saved
 
@@ -407,8 +498,10 @@ def load_model_weights(model: nn.Module, folder: Path) -> None:
     """Weights of a verified single-file checkpoint folder into `model`; a sharded one names the command that
     makes it single-file."""
     if is_sharded(folder, read_manifest(folder)):
-        raise UserError(f"checkpoint {folder} is sharded (saved by an FSDP or pipeline run): run `tokenmill "
-                        f"checkpoint consolidate {folder} OUT_DIR` once and load OUT_DIR")
+        raise UserError(
+            f"checkpoint {folder} is sharded (saved by an FSDP or pipeline run): run `tokenmill "
+            f"checkpoint consolidate {folder} OUT_DIR` once and load OUT_DIR"
+        )
     try:
         ModelState(model).load_state_dict(read_weights(folder))
     except UserError as err:

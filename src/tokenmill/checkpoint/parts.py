@@ -49,8 +49,11 @@ class OptimizerState:
     """An optimizer as a checkpoint part. `full_state` returns the whole state in torch's format where the
     optimizer itself holds only a shard (ZeRO-1: a collective, None off rank 0)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer,
-                 full_state: Callable[[torch.optim.Optimizer], dict[str, Any] | None] | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        full_state: Callable[[torch.optim.Optimizer], dict[str, Any] | None] | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.full_state = full_state
 
@@ -62,8 +65,10 @@ class OptimizerState:
 
 
 # a bare object under these names is wrapped (the wrapper, the bare type)
-WRAPPED: dict[str, tuple[type, type]] = {MODEL: (ModelState, nn.Module),
-                                         OPTIMIZER: (OptimizerState, torch.optim.Optimizer)}
+WRAPPED: dict[str, tuple[type, type]] = {
+    MODEL: (ModelState, nn.Module),
+    OPTIMIZER: (OptimizerState, torch.optim.Optimizer),
+}
 
 
 def as_part(name: str, part: Any) -> Stateful:
@@ -73,8 +78,9 @@ def as_part(name: str, part: Any) -> Stateful:
         if isinstance(part, bare):
             return wrapper(part)
         if not isinstance(part, wrapper):
-            raise TypeError(f"checkpoint part {name!r} must be a {wrapper.__name__} or a {bare.__name__}, not "
-                            f"{type(part).__name__}")
+            raise TypeError(
+                f"checkpoint part {name!r} must be a {wrapper.__name__} or a {bare.__name__}, not {type(part).__name__}"
+            )
         return part
     if not isinstance(part, Stateful):
         raise TypeError(f"checkpoint part {name!r} ({type(part).__name__}) needs state_dict() and load_state_dict()")

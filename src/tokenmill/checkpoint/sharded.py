@@ -37,29 +37,46 @@ import torch.distributed as tdist
 from torch import nn
 
 from tokenmill.checkpoint.find import read_meta
-from tokenmill.checkpoint.folder import (CONFIG, DCP_METADATA, MANIFEST, META, TMP_PREFIX, TOKENIZER, WEIGHTS,
-                                        staged_folder, write_bytes, write_file, write_json, write_manifest)
+from tokenmill.checkpoint.folder import (
+    CONFIG,
+    DCP_METADATA,
+    MANIFEST,
+    META,
+    TMP_PREFIX,
+    TOKENIZER,
+    WEIGHTS,
+    staged_folder,
+    write_bytes,
+    write_file,
+    write_json,
+    write_manifest,
+)
 from tokenmill.checkpoint.weights import write_safetensors
 from tokenmill.errors import UserError
 
 # Every global a DCP metadata pickle refers to: DCP's metadata dataclasses, the shapes, dtypes and layouts in
 # them, and the checkpoint path DCP records (a pathlib path). Nothing else can be built, so nothing runs.
-DCP_METADATA_GLOBALS = frozenset({
-    ("torch.distributed.checkpoint.metadata", "Metadata"),
-    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
-    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
-    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
-    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # torch.layout pickles as _get_layout("torch.strided")
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"),
-    ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath"),  # Python >= 3.13
-})
+DCP_METADATA_GLOBALS = frozenset(
+    {
+        ("torch.distributed.checkpoint.metadata", "Metadata"),
+        ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+        ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+        ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+        ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # torch.layout pickles as _get_layout("torch.strided")
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("pathlib._local", "PosixPath"),
+        ("pathlib._local", "WindowsPath"),  # Python >= 3.13
+    }
+)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -82,10 +99,21 @@ def read_dcp_metadata(folder: Path) -> Any:
     try:
         with open(path, "rb") as handle:
             metadata = _MetadataUnpickler(handle).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            RuntimeError, OSError) as err:
-        raise UserError(f"checkpoint file {path} cannot be read safely ({str(err)[:200] or type(err).__name__}): "
-                        f"it is damaged or was not written by tokenmill; use an earlier checkpoint") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        RuntimeError,
+        OSError,
+    ) as err:
+        raise UserError(
+            f"checkpoint file {path} cannot be read safely ({str(err)[:200] or type(err).__name__}): "
+            f"it is damaged or was not written by tokenmill; use an earlier checkpoint"
+        ) from None
     storage = getattr(metadata, "storage_data", None)
     if not isinstance(metadata, Metadata) or not isinstance(storage, dict):
         raise UserError(f"checkpoint file {path} is not DCP checkpoint metadata; use an earlier checkpoint")
@@ -93,8 +121,10 @@ def read_dcp_metadata(folder: Path) -> Any:
     for info in storage.values():
         name = getattr(info, "relative_path", None)
         if not isinstance(info, _StorageInfo) or not isinstance(name, str) or name not in files:
-            raise UserError(f"checkpoint file {path} points at shard {name!r}, which is not a file of {folder}; "
-                            f"use an earlier checkpoint")
+            raise UserError(
+                f"checkpoint file {path} points at shard {name!r}, which is not a file of {folder}; "
+                f"use an earlier checkpoint"
+            )
     return metadata
 
 
@@ -163,6 +193,7 @@ def get_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None)
 # ---------------------------------------------------------------------------------------------------
 # Save
 
+
 def _rank() -> int:
     return tdist.get_rank() if tdist.is_initialized() else 0
 
@@ -193,8 +224,13 @@ class ShardWrite:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def write_shards(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                 async_save: bool = False, process_group: tdist.ProcessGroup | None = None) -> ShardWrite:
+def write_shards(
+    folder: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    async_save: bool = False,
+    process_group: tdist.ProcessGroup | None = None,
+) -> ShardWrite:
     """Every rank writes its model + optimizer shards into `folder` (a collective; emptied first by rank 0).
 
     With `async_save` the state is staged to host memory before this returns and written by a background
@@ -215,16 +251,20 @@ def write_shards(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
         with _quiet():
             dcp.save(state, checkpoint_id=str(folder), no_dist=not tdist.is_initialized())
     except OSError as err:
-        raise UserError(f"could not write sharded checkpoint {folder}: {err.strerror or err} (earlier checkpoints "
-                        f"are intact; check free space and permissions)") from err
+        raise UserError(
+            f"could not write sharded checkpoint {folder}: {err.strerror or err} (earlier checkpoints "
+            f"are intact; check free space and permissions)"
+        ) from err
     return ShardWrite(folder)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Load
 
-def load_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 strict: bool = True) -> None:
+
+def load_sharded(
+    folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, strict: bool = True
+) -> None:
     """Load model (+ optimizer) state from a verified sharded folder into this rank's layout, in place.
 
     Works in any layout (single process, DDP, FSDP on any world size, pipeline stages): each rank reads
@@ -237,41 +277,57 @@ def load_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
 
     folder = Path(folder)
     if isinstance(optimizer, ZeroRedundancyOptimizer):
-        raise UserError(f"{folder} is a sharded checkpoint, which parallel.strategy=zero1 cannot resume; resume it "
-                        f"with parallel.strategy=fsdp, ddp or single")
+        raise UserError(
+            f"{folder} is a sharded checkpoint, which parallel.strategy=zero1 cannot resume; resume it "
+            f"with parallel.strategy=fsdp, ddp or single"
+        )
     reader = _safe_reader(folder)
     state = get_sharded_state(model, optimizer)
     try:
         with _quiet():
-            dcp.load(state, storage_reader=reader, planner=_planner_cls()(allow_partial_load=not strict),
-                     no_dist=not tdist.is_initialized())
+            dcp.load(
+                state,
+                storage_reader=reader,
+                planner=_planner_cls()(allow_partial_load=not strict),
+                no_dist=not tdist.is_initialized(),
+            )
     except (CheckpointException, RuntimeError, ValueError, KeyError) as err:
-        raise UserError(f"sharded checkpoint {folder} does not fit this model/optimizer ({_cause(err)}); resume "
-                        f"with the same model.* and optim.* settings") from err
+        raise UserError(
+            f"sharded checkpoint {folder} does not fit this model/optimizer ({_cause(err)}); resume "
+            f"with the same model.* and optim.* settings"
+        ) from err
     opts = StateDictOptions(flatten_optimizer_state_dict=True, strict=strict)
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=opts)
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=opts)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts)
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict[str, torch.Tensor],
-                    optim_sd: dict[str, Any] | None = None) -> None:
+def load_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    model_sd: dict[str, torch.Tensor],
+    optim_sd: dict[str, Any] | None = None,
+) -> None:
     """Load a single-process checkpoint's full state into a sharded layout (FSDP shards, pipeline stages).
 
     Every rank passes the full state and keeps its own slices. The optimizer state is in torch's native
     format (parameters by index); indices are mapped to names through the groups' `names` (tokenmill's
     optimizers record them) or, without names, through the parameter order, which must then match.
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     local = set(get_sharded_state(model, None)["model"])
     missing = sorted(local - set(model_sd))
     if missing:
-        raise UserError(f"checkpoint weights lack {', '.join(missing[:4])}: the model config changed since it was "
-                        f"saved")
+        raise UserError(
+            f"checkpoint weights lack {', '.join(missing[:4])}: the model config changed since it was saved"
+        )
     opts = StateDictOptions(full_state_dict=True, strict=True)
     set_model_state_dict(model, {k: v for k, v in model_sd.items() if k in local}, options=opts)
     if optimizer is None or optim_sd is None:
@@ -284,9 +340,16 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
     elif len(saved_ids) == len(names_now):
         saved_names = names_now
     else:
-        raise UserError("the checkpoint's optimizer state does not match this model's parameters; resume with the "
-                        "same model.* and optim.* settings")
-    by_id = dict(zip(saved_ids, saved_names))
+        raise UserError(
+            "the checkpoint's optimizer state does not match this model's parameters; resume with the "
+            "same model.* and optim.* settings"
+        )
+    if len(saved_names) != len(saved_ids):
+        raise UserError(
+            "the checkpoint's optimizer state is damaged (its parameter names and ids differ in number); "
+            "use an earlier checkpoint"
+        )
+    by_id = dict(zip(saved_ids, saved_names, strict=True))
     keep = set(names_now)
     state = {by_id[i]: v for i, v in optim_sd["state"].items() if by_id.get(i) in keep}
     groups = []
@@ -306,6 +369,7 @@ def _cause(err: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Consolidate
 
+
 def read_full_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     """The whole model's weights of a verified sharded folder on the CPU (no process group needed).
 
@@ -316,8 +380,11 @@ def read_full_weights(folder: str | Path) -> dict[str, torch.Tensor]:
 
     folder = Path(folder)
     reader = _safe_reader(folder)
-    shapes = {key[len("model."):]: item for key, item in reader.read_metadata().state_dict_metadata.items()
-              if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+    shapes = {
+        key[len("model.") :]: item
+        for key, item in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(item, TensorStorageMetadata)
+    }
     if not shapes:
         raise UserError(f"sharded checkpoint {folder} holds no model weights")
     # the weights are stored in the shard files, so they cannot be larger: a metadata file that claims more
@@ -325,12 +392,15 @@ def read_full_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     claimed = sum(item.size.numel() * item.properties.dtype.itemsize for item in shapes.values())
     stored = sum(p.stat().st_size for p in folder.glob("*.distcp"))
     if claimed > stored:
-        raise UserError(f"checkpoint file {folder / DCP_METADATA} claims {claimed} bytes of weights but the shards "
-                        f"hold {stored}: it is damaged; use an earlier checkpoint")
+        raise UserError(
+            f"checkpoint file {folder / DCP_METADATA} claims {claimed} bytes of weights but the shards "
+            f"hold {stored}: it is damaged; use an earlier checkpoint"
+        )
     tensors = {name: torch.empty(item.size, dtype=item.properties.dtype) for name, item in shapes.items()}
     with _quiet():
-        dcp.load({"model": tensors}, storage_reader=reader, planner=_planner_cls()(allow_partial_load=True),
-                 no_dist=True)
+        dcp.load(
+            {"model": tensors}, storage_reader=reader, planner=_planner_cls()(allow_partial_load=True), no_dist=True
+        )
     return tensors
 
 
@@ -350,8 +420,9 @@ def consolidate(folder: str | Path, out: str | Path, overwrite: bool = False) ->
         if as_file and not out.is_file():
             raise UserError(f"{out} is a folder, not a .safetensors file: choose another output")
         if not as_file and not (out / MANIFEST).is_file():
-            raise UserError(f"{out} exists and is not a checkpoint folder, so it is not replaced: choose another "
-                            f"output")
+            raise UserError(
+                f"{out} exists and is not a checkpoint folder, so it is not replaced: choose another output"
+            )
     tensors = {name: tensor.contiguous() for name, tensor in read_full_weights(folder).items()}
     if as_file:
         tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
@@ -360,15 +431,17 @@ def consolidate(folder: str | Path, out: str | Path, overwrite: bool = False) ->
             write_file(tmp, lambda handle: write_safetensors(handle, tensors, {"format": "pt"}))
             os.replace(tmp, out)
         except OSError as err:
-            raise UserError(f"could not write {out}: {err.strerror or err} (check the folder, free space and "
-                            f"permissions)") from None
+            raise UserError(
+                f"could not write {out}: {err.strerror or err} (check the folder, free space and permissions)"
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)
         return out
     meta = {**read_meta(folder), "sharded": False, "consolidated_from": str(folder)}
     with staged_folder(out) as tmp:
-        written = {WEIGHTS: write_file(tmp / WEIGHTS, lambda handle: write_safetensors(handle, tensors,
-                                                                                      {"format": "pt"}))}
+        written = {
+            WEIGHTS: write_file(tmp / WEIGHTS, lambda handle: write_safetensors(handle, tensors, {"format": "pt"}))
+        }
         for name in (CONFIG, TOKENIZER):
             if (folder / name).is_file():
                 written[name] = write_bytes(tmp / name, (folder / name).read_bytes())

@@ -20,9 +20,9 @@ import torch
 
 from tokenmill.errors import UserError
 
-
 # ---------------------------------------------------------------------------------------------------
 # RNG states (Python, NumPy, torch CPU, every CUDA device)
+
 
 def capture_rng() -> dict[str, Any]:
     """All RNG states as tensors / lists / numbers (weights_only-loadable)."""
@@ -30,10 +30,13 @@ def capture_rng() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
     out: dict[str, Any] = {
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-        "numpy": {"bit_generator": np_state["bit_generator"],
-                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -46,8 +49,9 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     npst = state["numpy"]
-    np.random.set_state((npst["bit_generator"], npst["key"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["gauss"]))
+    np.random.set_state(
+        (npst["bit_generator"], npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
@@ -56,6 +60,7 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # weights_only-safe values
+
 
 def to_safe(value: Any, path: str = "state") -> Any:
     """A copy of `value` made only of tensors, primitives, lists, tuples and dicts.
@@ -82,8 +87,10 @@ def to_safe(value: Any, path: str = "state") -> Any:
     if isinstance(value, (list, tuple)):
         items = [to_safe(item, f"{path}[{i}]") for i, item in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
-    raise TypeError(f"cannot store {path} ({type(value).__name__}) in a checkpoint: use tensors, numbers, strings, "
-                    f"lists or dicts (checkpoints are loaded with weights_only=True)")
+    raise TypeError(
+        f"cannot store {path} ({type(value).__name__}) in a checkpoint: use tensors, numbers, strings, "
+        f"lists or dicts (checkpoints are loaded with weights_only=True)"
+    )
 
 
 def load_values(path: Path) -> dict[str, Any]:
@@ -94,10 +101,11 @@ def load_values(path: Path) -> dict[str, Any]:
     """
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError,
-            zipfile.BadZipFile) as err:
-        raise UserError(f"checkpoint file {path} cannot be read safely ({_reason(err)}): it is damaged or was "
-                        f"not written by tokenmill; use an earlier checkpoint") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile) as err:
+        raise UserError(
+            f"checkpoint file {path} cannot be read safely ({_reason(err)}): it is damaged or was "
+            f"not written by tokenmill; use an earlier checkpoint"
+        ) from None
     if not isinstance(blob, dict):
         raise UserError(f"checkpoint file {path} is not a tokenmill state file; use an earlier checkpoint")
     return blob

@@ -26,10 +26,20 @@ MAX_NAMED_KEYS = 6  # how many differing keys an error message lists before "+N 
 # a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {str: str}} padded to 8 bytes,
 # then the raw little-endian tensor bytes. Written here tensor by tensor so a multi-GB model never
 # needs a second copy in memory and every write error surfaces (e.g. disk full).
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-                      torch.float8_e5m2: "F8_E5M2"}
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
 
 
 def untie(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -42,8 +52,14 @@ def untie(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
     tied: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for key, value in state.items():
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
-                 tuple(value.stride()), value.dtype, str(value.device))
+        ident = (
+            value.untyped_storage().data_ptr(),
+            value.storage_offset(),
+            tuple(value.shape),
+            tuple(value.stride()),
+            value.dtype,
+            str(value.device),
+        )
         if value.numel() > 0 and ident in seen:
             tied[key] = seen[ident]
             continue
@@ -60,8 +76,11 @@ def write_safetensors(handle: IO[bytes], tensors: Mapping[str, torch.Tensor], me
     for key in order:
         tensor = tensors[key]
         nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                       "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
@@ -102,11 +121,14 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
             tied = json.loads((handle.metadata() or {}).get("tied", "{}"))
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
-        raise UserError(f"checkpoint file {file} is damaged and cannot be read ({str(err)[:200]}); use an "
-                        f"earlier checkpoint") from None
+        raise UserError(
+            f"checkpoint file {file} is damaged and cannot be read ({str(err)[:200]}); use an earlier checkpoint"
+        ) from None
     if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
-        raise UserError(f"checkpoint file {file} has a damaged header (its tied-weights map is not a mapping of "
-                        f"names); use an earlier checkpoint")
+        raise UserError(
+            f"checkpoint file {file} has a damaged header (its tied-weights map is not a mapping of "
+            f"names); use an earlier checkpoint"
+        )
     return retie(tensors, tied)
 
 
@@ -120,8 +142,11 @@ def check_weights_fit(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> 
     expected = {canonical_name(k): v for k, v in unwrap(model).state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    mismatched = sorted(f"{k} {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-                        for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+    mismatched = sorted(
+        f"{k} {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != expected[k].shape
+    )
     problems = []
     if missing:
         problems.append(f"missing keys: {_few(missing)}")
@@ -130,8 +155,10 @@ def check_weights_fit(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> 
     if mismatched:
         problems.append(f"shape mismatch: {_few(mismatched)}")
     if problems:
-        raise UserError(f"the weights do not fit the model ({'; '.join(problems)}): the model config changed since "
-                        f"they were saved; resume with the same model.* settings or start a new out_dir")
+        raise UserError(
+            f"the weights do not fit the model ({'; '.join(problems)}): the model config changed since "
+            f"they were saved; resume with the same model.* settings or start a new out_dir"
+        )
 
 
 def load_weights_into(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -17,10 +17,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("consolidate", help="merge a sharded checkpoint's model weights into one file or folder")
     p.add_argument("checkpoint", metavar="DIR", help="checkpoint folder (or run folder: its latest valid checkpoint)")
-    p.add_argument("out", metavar="OUT", help="OUT.safetensors (weights only) or a new folder (a loadable "
-                                              "checkpoint); written under a temporary name, then renamed")
-    p.add_argument("--which", choices=("latest", "best"), default="latest",
-                   help="with a run folder: its latest valid checkpoint or the best by eval loss")
+    p.add_argument(
+        "out",
+        metavar="OUT",
+        help="OUT.safetensors (weights only) or a new folder (a loadable "
+        "checkpoint); written under a temporary name, then renamed",
+    )
+    p.add_argument(
+        "--which",
+        choices=("latest", "best"),
+        default="latest",
+        help="with a run folder: its latest valid checkpoint or the best by eval loss",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing OUT file or checkpoint folder")
 
 
@@ -37,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{out} already exists: choose another output, or pass --force to replace it")
     folder = find_checkpoint(args.checkpoint, args.which)
     if not is_sharded(folder, read_manifest(folder)):
-        raise UserError(f"checkpoint {folder} is not sharded: it already holds one model.safetensors, which "
-                        f"tokenmill.load_model and every command taking a checkpoint read directly")
+        raise UserError(
+            f"checkpoint {folder} is not sharded: it already holds one model.safetensors, which "
+            f"tokenmill.load_model and every command taking a checkpoint read directly"
+        )
     consolidate(folder, out, overwrite=args.force)
     size = sum(p.stat().st_size for p in ([out] if out.is_file() else out.iterdir()))
     print(f"wrote {out} ({size / 2**20:.1f} MiB) from {folder}")

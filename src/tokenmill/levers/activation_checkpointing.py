@@ -27,7 +27,6 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 
 from tokenmill.errors import ConfigError
 
-
 # mode -> predicate(block index, every) deciding whether that block is checkpointed
 AC_MODES: dict[str, Callable[[int, int], bool]] = {
     "none": lambda i, every: False,

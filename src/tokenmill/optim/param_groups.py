@@ -30,7 +30,6 @@ from torch import nn
 
 from tokenmill.parallel.wrappers import canonical_name, unwrap
 
-
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
 
 ROLES = ("matrix", "head", "embedding", "norm", "bias")

@@ -17,8 +17,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenmill.checkpoint.find import (CHECKPOINTS, best_pointer, find_checkpoint, latest_checkpoint,
-                                       list_checkpoints, parse_step)
+from tokenmill.checkpoint.find import (
+    CHECKPOINTS,
+    best_pointer,
+    find_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    parse_step,
+)
 from tokenmill.checkpoint.folder import delete_folder, remove_path
 from tokenmill.checkpoint.manager import OUTPUTS as CHECKPOINT_OUTPUTS
 from tokenmill.errors import UserError
@@ -59,8 +65,9 @@ class RunDir:
             os.replace(metrics, self.path / f"metrics.{index}.jsonl")
 
 
-def prepare_run_dir(run_dir: str | Path, resume: str | bool | None = None, overwrite: bool = False,
-                    is_main: bool = True) -> RunDir:
+def prepare_run_dir(
+    run_dir: str | Path, resume: str | bool | None = None, overwrite: bool = False, is_main: bool = True
+) -> RunDir:
     """Check the run folder for a new or resumed run and decide what to resume and replace; change nothing.
 
     `resume`: None/False (fresh start), True/"latest" (this folder's latest valid checkpoint; a folder with
@@ -70,8 +77,10 @@ def prepare_run_dir(run_dir: str | Path, resume: str | bool | None = None, overw
     """
     path = Path(run_dir)
     if resume in LATEST and overwrite:
-        raise UserError("--resume and --overwrite contradict each other: pass one of them (--resume PATH "
-                        "--overwrite resumes PATH and replaces this out_dir's later checkpoints)")
+        raise UserError(
+            "--resume and --overwrite contradict each other: pass one of them (--resume PATH "
+            "--overwrite resumes PATH and replaces this out_dir's later checkpoints)"
+        )
     if is_main:
         check_writable(path)
     checkpoints = path / CHECKPOINTS
@@ -88,9 +97,11 @@ def prepare_run_dir(run_dir: str | Path, resume: str | bool | None = None, overw
         return run
     existing = list_checkpoints(checkpoints)
     if existing and not overwrite:
-        raise UserError(f"{path} already holds another run's checkpoints ({existing[-1].name}, {len(existing)} in "
-                        f"all): pass --resume to continue it, --overwrite to replace it, or choose another "
-                        f"train.out_dir")
+        raise UserError(
+            f"{path} already holds another run's checkpoints ({existing[-1].name}, {len(existing)} in "
+            f"all): pass --resume to continue it, --overwrite to replace it, or choose another "
+            f"train.out_dir"
+        )
     if not is_main:
         return RunDir(path)
     if overwrite:
@@ -113,10 +124,13 @@ def check_writable(path: Path) -> None:
             os.close(fd)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"the disk holding train.out_dir={path} is full: free space or choose another "
-                            f"train.out_dir") from None
-        raise UserError(f"train.out_dir={path} is not writable ({err.strerror or err}): fix its permissions or "
-                        f"choose another train.out_dir") from None
+            raise UserError(
+                f"the disk holding train.out_dir={path} is full: free space or choose another train.out_dir"
+            ) from None
+        raise UserError(
+            f"train.out_dir={path} is not writable ({err.strerror or err}): fix its permissions or "
+            f"choose another train.out_dir"
+        ) from None
     finally:
         probe.unlink(missing_ok=True)
 
@@ -143,10 +157,15 @@ def _replaced_by_resume(path: Path, target: Path) -> list[Path]:
 
 
 def _refusal(path: Path, target: Path, replaced: list[Path]) -> str:
-    names = ", ".join(p.name for p in replaced[:MAX_NAMED]) + (f" (+{len(replaced) - MAX_NAMED} more)"
-                                                               if len(replaced) > MAX_NAMED else "")
+    names = ", ".join(p.name for p in replaced[:MAX_NAMED]) + (
+        f" (+{len(replaced) - MAX_NAMED} more)" if len(replaced) > MAX_NAMED else ""
+    )
     if target.parent.resolve() == (path / CHECKPOINTS).resolve():
-        return (f"--resume {target} would replace {len(replaced)} later checkpoint(s) of {path} ({names}) and its "
-                f"metrics after {target.name}: pass --overwrite to replace them, or resume into a new train.out_dir")
-    return (f"--resume {target} would mix another run's checkpoints into {path}, which holds {names}: pass "
-            f"--overwrite to replace them, or choose another train.out_dir")
+        return (
+            f"--resume {target} would replace {len(replaced)} later checkpoint(s) of {path} ({names}) and its "
+            f"metrics after {target.name}: pass --overwrite to replace them, or resume into a new train.out_dir"
+        )
+    return (
+        f"--resume {target} would mix another run's checkpoints into {path}, which holds {names}: pass "
+        f"--overwrite to replace them, or choose another train.out_dir"
+    )

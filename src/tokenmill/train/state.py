@@ -3,6 +3,7 @@ SIGINT / SIGTERM raise (`StopRequest`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 from dataclasses import asdict, dataclass, fields
@@ -35,10 +36,8 @@ class StopRequest:
         self.reason: str | None = None
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. a notebook worker): no handlers
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a notebook worker): no handlers
-                pass
 
     def _handle(self, signum: int, _frame: object) -> None:
         if self.reason is not None and signum == signal.SIGINT:
