@@ -1,6 +1,6 @@
 """The compiled decode step (static cache, fullgraph) gives the eager engine's tokens and compiles once: after a
 warm-up, 32+ decode steps at new positions, with rows joining and leaving, run with recompiles turned into
-errors."""
+errors. On GPU the step also runs as a CUDA graph (mode "reduce-overhead")."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from tokenmill.generation import Generator, SamplingParams
 
 
 @pytest.mark.slow
-def test_compiled_decode_never_recompiles_and_matches_eager():
-    model = tiny_model(max_seq_len=64)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_decode_never_recompiles_and_matches_eager(device):
+    model = tiny_model(max_seq_len=64).to(device)
     params = SamplingParams(max_new_tokens=40, temperature=0)
     compiled = Generator(model, BYTE, max_batch_size=4, compile=True)
     compiled.generate(["warm"], SamplingParams(max_new_tokens=3, temperature=0))  # compiles the decode step

@@ -106,3 +106,11 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, args, messa
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
     assert "Traceback" not in captured.err and captured.out == ""
     assert (snapshot(run_dir), snapshot(tmp_path)) == before
+
+
+def test_a_long_prompt_in_a_file_is_named(run_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("fine\n" + "x" * 40 + "\n")
+    assert main(["generate", str(run_dir), "--file", str(prompts)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: prompt 2: prompt of 40 tokens leaves no room") and captured.out == ""

@@ -3,6 +3,7 @@ across tokens and with overlapping prefixes) and never shown in part."""
 
 from __future__ import annotations
 
+import torch
 from gen_helpers import BYTE
 
 from tokenmill.generation.text import TextStream
@@ -55,3 +56,15 @@ def test_stop_string_made_of_a_multibyte_character():
     stream = TextStream(BYTE.decode, stop=("é",))
     assert "".join(feed(stream, list("caféx".encode()))) == "caf"
     assert stream.stopped
+
+
+def test_streamed_bpe_text_equals_decoding_everything_at_once():
+    """Byte-level BPE splits multi-byte characters across tokens too: the deltas still add up to decode(ids)."""
+    from tokenmill.data.tokenizer import train_bpe
+
+    corpus = ["naïve café déjà vu 🙂 ∑ x² — «quoted» 日本語のテキスト"] * 20 + ["def f(x):\n    return x * 2\n"] * 20
+    bpe = train_bpe(iter(corpus), 300, None, progress=False)
+    ids = torch.randint(0, bpe.vocab_size, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    stream = TextStream(bpe.decode)
+    shown = "".join(stream.add(i) for i in ids) + stream.flush()
+    assert shown == bpe.decode(ids)

@@ -107,7 +107,12 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.checkpoint, args.which)
     model = load_model(args.checkpoint, device=args.device or default_device(), which=args.which)
     generator = Generator(model, tokenizer)
-    ids = [generator.prompt_ids(p) for p in prompts]  # every prompt checked before any output
+    ids = []
+    for number, prompt in enumerate(prompts, start=1):  # every prompt checked before any output
+        try:
+            ids.append(generator.prompt_ids(prompt))
+        except UserError as err:
+            raise UserError(f"prompt {number}: {err}" if len(prompts) > 1 else str(err)) from None
     started, produced = time.perf_counter(), 0
     if args.stream:
         for prompt, prompt_ids in zip(prompts, ids):

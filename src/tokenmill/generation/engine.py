@@ -51,6 +51,7 @@ from tokenmill.model.kv_cache import KVCache
 Prompt = str | Sequence[int]
 CAPACITY_STEP = 64  # cache slots grow in multiples of this, so rising demand does not reallocate every request
 _DONE = object()  # end of a request's delta queue
+WORKER_POLL_SECONDS = 0.1  # a consumer waiting on a worker re-checks this often whether the worker still runs
 
 
 def sample_seed(seed: int | None, sample_index: int) -> int:
@@ -97,18 +98,17 @@ class Request:
         return [self._completions[i] for i in sorted(self._completions)]
 
     def _next(self) -> Any:
+        """The next queued item, waiting for the worker or, without one, driving the engine until there is one."""
         while True:
+            worker = self.engine.has_worker
             try:
-                item = self._queue.get_nowait()
+                item = self._queue.get(timeout=WORKER_POLL_SECONDS) if worker else self._queue.get_nowait()
             except queue.Empty:
                 if self.done:  # the end marker was already taken by an earlier iteration
                     return _DONE
-                if self.engine.has_worker:
-                    item = self._queue.get()
-                elif not self.engine.step() and self._queue.empty():
+                if not worker and not self.engine.step() and self._queue.empty():
                     raise RuntimeError("the generator went idle before this request finished") from None
-                else:
-                    continue
+                continue
             if isinstance(item, BaseException):
                 raise item
             return item

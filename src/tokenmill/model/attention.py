@@ -106,7 +106,8 @@ class SDPABackend(AttentionBackend):
         # GQA without copying the cache per step: the g query heads sharing a kv head become g x T query rows of
         # that head (heads j*g .. j*g+g-1 use kv head j, as repeat_interleave orders them), each with its mask row
         q = q.reshape(B, H // groups, groups * T, hd)
-        mask = mask.expand(B, 1, T, mask.shape[-1]).repeat(1, 1, groups, 1)  # (B, 1, g*T, span)
+        if T > 1:  # one query row per (group member, token); with T = 1 the (B, 1, 1, span) mask broadcasts
+            mask = mask.expand(B, 1, T, mask.shape[-1]).repeat(1, 1, groups, 1)  # (B, 1, g*T, span)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H_kv, g*T, hd)
         return out.view(B, H, T, hd)
 
