@@ -8,7 +8,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from tokenmill.errors import UserError
 from tokenmill.model import build_model
 from tokenmill.model.attention import ATTENTION, cu_seqlens_from_doc_ids, document_causal_mask
 from tokenmill.model.config import ModelConfig
@@ -253,3 +255,86 @@ def test_bf16_autocast_keeps_qkv_dtypes_consistent(attention, with_docs):
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), model(idx, docs), atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(loss, model.loss(window, window_docs), atol=5e-2, rtol=5e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV-cache entry points: the new keys land at their positions, queries see the cache bottom-right aligned
+
+def _cached_case(B=2, H=4, Hkv=2, T=3, span=9, hd=8, seed=0):
+    """A cache with stale values in every slot, T new tokens per row at different positions per row."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, hd, generator=g)
+    k_new, v_new = torch.randn(B, Hkv, T, hd, generator=g), torch.randn(B, Hkv, T, hd, generator=g)
+    start = torch.tensor([span - T, 2])[:B]  # row 0 fills the cache, row 1 leaves stale slots after its tokens
+    positions = start[:, None] + torch.arange(T)
+    keys, values = torch.randn(B, Hkv, span, hd, generator=g), torch.randn(B, Hkv, span, hd, generator=g)
+    return q, k_new, v_new, positions, keys, values
+
+
+def _reference_cached(q, k_new, v_new, positions, keys, values):
+    """Eager attention of row b over slots 0..position with the new keys written at their positions."""
+    keys, values = keys.clone(), values.clone()
+    out = torch.empty_like(q)
+    eager = ATTENTION["eager"]()
+    for b in range(q.shape[0]):
+        keys[b][:, positions[b]] = k_new[b]
+        values[b][:, positions[b]] = v_new[b]
+        mask = torch.arange(keys.shape[2])[None, :] <= positions[b][:, None]  # (T, span)
+        out[b] = eager.attend(q[b:b + 1], keys[b:b + 1], values[b:b + 1], mask, 0.0)[0]
+    return out, keys, values
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex"])
+@pytest.mark.parametrize("n_kv_heads,T", [(2, 1), (2, 3), (4, 1), (4, 3), (1, 2)])
+def test_attend_cached_matches_the_reference(attention, n_kv_heads, T):
+    from tokenmill.model.kv_cache import LayerKV
+
+    q, k_new, v_new, positions, keys, values = _cached_case(Hkv=n_kv_heads, T=T)
+    expected, expected_keys, expected_values = _reference_cached(q, k_new, v_new, positions, keys, values)
+    backend = ATTENTION[attention]()
+    slots = positions[:, None, :, None].expand(-1, n_kv_heads, -1, q.shape[-1])
+    out = backend.attend_cached(q, k_new, v_new, LayerKV(keys, values, slots),
+                                backend.prepare_cached(positions, keys.shape[2]))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+
+
+def test_sdpa_is_causal_would_misalign_a_decode_query():
+    """Why the cached path passes an explicit mask: SDPA's is_causal aligns top-left when Tq != Tk, so a
+    one-token query sees only key 0 (pytorch/pytorch#108108)."""
+    q, k, v = _qkv(B=1, T=6)
+    q = q[:, :, -1:]
+    top_left = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    everything = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert not torch.allclose(top_left, everything)
+    torch.testing.assert_close(top_left, F.scaled_dot_product_attention(q, k[:, :, :1], v[:, :, :1], enable_gqa=True))
+
+
+def test_flash_attn_refuses_shapes_and_inputs_it_cannot_run():
+    from tokenmill.model.attention import FlashAttnBackend
+
+    backend = object.__new__(FlashAttnBackend)  # the shape checks do not need the package installed
+    with pytest.raises(UserError, match="head dims that are multiples of 8 up to 256, not 12"):
+        backend.check(tiny(n_heads=4, head_dim=12))
+    with pytest.raises(UserError, match="CUDA in fp16/bf16, not on cpu in float32"):
+        FlashAttnBackend.check_inputs(torch.zeros(1, 1, 1, 8))
+    backend.check(tiny(head_dim=64))
+
+
+@pytest.mark.skipif(not HAS_FLASH_ATTN, reason="flash-attn is not installed")
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_kv_heads,T", [(2, 1), (2, 3), (4, 1)])
+def test_flash_attn_cached_decode_agrees_with_sdpa(n_kv_heads, T):
+    from tokenmill.model.kv_cache import LayerKV
+
+    case = [t.cuda().to(torch.bfloat16) if t.is_floating_point() else t.cuda()
+            for t in _cached_case(Hkv=n_kv_heads, T=T, hd=64)]
+    q, k_new, v_new, positions, keys, values = case
+    out = {}
+    for name in ("sdpa", "flash_attn"):
+        backend = ATTENTION[name]()
+        kv = LayerKV(keys.clone(), values.clone(), positions[:, None, :, None].expand(-1, n_kv_heads, -1, 64))
+        out[name] = (backend.attend_cached(q, k_new, v_new, kv, backend.prepare_cached(positions, keys.shape[2])),
+                     kv.keys)
+    torch.testing.assert_close(out["flash_attn"][0].float(), out["sdpa"][0].float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(out["flash_attn"][1], out["sdpa"][1])

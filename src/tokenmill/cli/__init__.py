@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "checkpoint": ("checkpoint", "checkpoint tools: tokenmill checkpoint consolidate DIR OUT", False),
     "logs": ("logs", "analyse runs: tokenmill logs summary|plot|compare RUN...", False),
     "ablate": ("ablate", "run a grid of configs x seeds and tabulate the results", True),
+    "generate": ("generate", "generate text from a run or checkpoint (KV-cache engine)", False),
 }
 
 

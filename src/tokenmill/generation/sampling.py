@@ -1,49 +1,79 @@
-"""Text sampling from a trained model (temperature, top-k, top-p), used for eval samples and `generate`."""
+"""Next-token choice for a batch of rows, each with its own settings and its own `torch.Generator`.
+
+Every operation is row-wise, so a row's tokens do not depend on which other rows share its batch: a request
+gives the same text alone or batched with others. A row samples by the exponential race
+argmax(p_i / E_i), E_i ~ Exp(1) drawn from the row's generator, which picks token i with probability p_i
+(the Gumbel-max trick in another form; gpt-fast samples this way) without a CPU round trip per row.
+Filters run only when some row asks for them.
+"""
 
 from __future__ import annotations
 
 import torch
 
-
-@torch.no_grad()
-def sample(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
-           top_k: int = 50, top_p: float = 1.0, stop_id: int | None = None,
-           generator: torch.Generator | None = None) -> list[int]:
-    """Autoregressive sampling; the window is cropped to the model's context and only last-position logits are built.
-
-    A private `generator` keeps sampling from consuming the global RNG, so training that samples stays bitwise
-    identical to training that does not.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    context = model.cfg.max_seq_len
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -context:], last_only=True)[0, -1].float()
-        next_id = pick_token(logits, temperature, top_k, top_p, generator)
-        if stop_id is not None and next_id == stop_id:
-            break
-        out.append(next_id)
-        ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
-    model.train(was_training)
-    return out
+from tokenmill.generation.params import SamplingParams
 
 
-def pick_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-               generator: torch.Generator | None) -> int:
-    """One token id from (V,) logits: greedy at temperature 0, else top-k then nucleus (top-p) filtering."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=0) - sorted_probs < top_p
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs * keep)
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+class BatchSampler:
+    """Chooses one token per row from (n, V) logits; rows are given in the order of the logits."""
+
+    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator], vocab_limit: int,
+                 device: torch.device) -> None:
+        """`vocab_limit`: ids >= it are never chosen (embedding rows past the tokenizer's vocabulary)."""
+        self.vocab_limit = vocab_limit
+        self.generators = generators
+        self.sampled = [i for i, p in enumerate(params) if not p.greedy]  # rows that draw random tokens
+        self.any_greedy = len(self.sampled) < len(params)
+        self.want_logprobs = any(p.logprobs for p in params)
+
+        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)[:, None]  # (n, 1)
+
+        self.penalty = column([p.repetition_penalty for p in params]) if any(
+            p.repetition_penalty != 1.0 for p in params) else None
+        sampled = [params[i] for i in self.sampled]
+        self.greedy_rows = column([float(p.greedy) for p in params], torch.bool)
+        self.temperature = column([p.temperature or 1.0 for p in sampled])
+        self.top_k = column([p.top_k for p in sampled], torch.long) if any(p.top_k for p in sampled) else None
+        self.top_p = column([p.top_p for p in sampled]) if any(p.top_p < 1 for p in sampled) else None
+        self.min_p = column([p.min_p for p in sampled]) if any(p.min_p > 0 for p in sampled) else None
+        self.sampled_index = torch.tensor(self.sampled, dtype=torch.long, device=device)
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n, V) logits, (n, V) bool tokens-seen (for the repetition penalty) -> (n,) ids, (n,) logprobs or None."""
+        logits = logits.float()
+        logprobs = logits.log_softmax(dim=-1) if self.want_logprobs else None
+        if self.vocab_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, self.vocab_limit:] = float("-inf")
+        if self.penalty is not None and seen is not None:
+            # CTRL (arXiv:1909.05858) as Hugging Face applies it: divide positive logits, multiply negative ones
+            penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+            logits = torch.where(seen, penalised, logits)
+        tokens = logits.argmax(dim=-1)
+        if self.sampled:
+            drawn = self._sample(logits[self.sampled_index])
+            tokens = tokens.index_copy(0, self.sampled_index, drawn) if self.any_greedy else drawn
+        chosen = None if logprobs is None else logprobs.gather(1, tokens[:, None])[:, 0]
+        return tokens, chosen
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """(m, V) logits of the sampling rows -> (m,) ids: temperature, top-k, top-p, min-p, exponential race."""
+        logits = logits / self.temperature
+        if self.top_k is not None:
+            k = self.top_k.clamp(max=logits.shape[-1])
+            top = logits.topk(int(k.max()), dim=-1).values  # (m, kmax), sorted descending
+            kth = top.gather(1, (k - 1).clamp(min=0))
+            logits = logits.masked_fill((k > 0) & (logits < kth), float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if self.top_p is not None:
+            # nucleus (Holtzman et al. 2019, arXiv:1904.09751): keep the most likely tokens while the probability
+            # before them is below top_p, so the token that crosses the threshold is kept
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
+            probs = probs.masked_fill(drop.scatter(1, order, drop), 0.0)
+        if self.min_p is not None:
+            probs = probs.masked_fill(probs < self.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=self.generators[i])
+                             for i in self.sampled])  # (m, V), each row from its own generator
+        return (probs / noise).argmax(dim=-1)

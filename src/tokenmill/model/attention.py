@@ -7,6 +7,12 @@ backend with one interface:
     mask = backend.prepare(doc_ids, T, device)   # once per forward, shared by every layer
     out = backend.attend(q, k, v, mask, dropout_p)  # q (B, H, T, hd), k/v (B, H_kv, T, hd) -> (B, H, T, hd)
 
+and, for generation with a KV cache (`tokenmill.model.kv_cache`), an entry point that writes the new keys and
+values into the cache and attends over every cached position the query may see:
+
+    mask = backend.prepare_cached(positions, span)     # (B, T) query positions; keys are cache slots 0..span-1
+    out = backend.attend_cached(q, k, v, layer_kv, mask)  # k/v: the T new keys/values (B, H_kv, T, hd)
+
 `doc_ids` (B, T) is the document index of each position in a packed row. With it, attention is
 block-diagonal causal (a token sees only earlier tokens of its own document); without it, plain causal
 and every backend takes its `is_causal` fast path.
@@ -17,12 +23,17 @@ and every backend takes its `is_causal` fast path.
 | eager      | explicit softmax(QK^T)V      | same math with the bool mask           | the reference for the tests   |
 | flex       | FlexAttention causal mask    | FlexAttention BlockMask from doc_ids   | no CPU backward in torch 2.13 |
 | flash_attn | flash_attn_func causal       | flash_attn_varlen_func with cu_seqlens | CUDA, fp16/bf16 only          |
+
+With a cache, sdpa and eager get an explicit (B, 1, T, span) bool mask (never `is_causal`, which SDPA aligns
+top-left when query and key lengths differ: pytorch/pytorch#108108), flex a BlockMask with the same rule, and
+flash_attn `flash_attn_with_kvcache`, which writes the cache itself and aligns causally bottom-right.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -31,6 +42,7 @@ from torch import nn
 
 from tokenmill.errors import UserError
 from tokenmill.model.config import ModelConfig
+from tokenmill.model.kv_cache import LayerKV, cached_causal_mask
 from tokenmill.model.norms import RMSNorm
 from tokenmill.model.position import apply_rope
 
@@ -43,7 +55,31 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal)[:, None]
 
 
-class SDPABackend:
+class AttentionBackend(ABC):
+    """The interface every backend implements; the KV-cache entry points default to whole-tensor attention."""
+
+    @abstractmethod
+    def prepare(self, doc_ids: torch.Tensor | None, T: int, device: torch.device) -> Any:
+        """The mask object for a training/scoring forward of T tokens (once per forward, shared by layers)."""
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, dropout_p: float) -> torch.Tensor:
+        """q (B, H, T, hd), k/v (B, H_kv, Tk, hd) -> (B, H, T, hd)."""
+
+    def check(self, cfg: ModelConfig) -> None:
+        """Refuse, when the model is built, a shape this backend cannot run (every shape, by default)."""
+
+    def prepare_cached(self, positions: torch.Tensor, span: int) -> Any:
+        """The mask object for a cached forward: (B, T) query positions over cache slots 0..span-1."""
+        return cached_causal_mask(positions, span)
+
+    def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV, mask: Any) -> torch.Tensor:
+        """Write the T new keys/values into the layer's cache, then attend over the visible cache slots."""
+        keys, values = kv.update(k, v)  # (B, H_kv, span, hd)
+        return self.attend(q, keys, values, mask, 0.0)
+
+
+class SDPABackend(AttentionBackend):
     """torch.nn.functional.scaled_dot_product_attention; on GPU it dispatches to flash / cuDNN kernels.
 
     With doc_ids it needs a dense bool mask, which excludes the flash kernel (memory-efficient kernel instead);
@@ -61,8 +97,22 @@ class SDPABackend:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
+    def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV, mask: Any) -> torch.Tensor:
+        keys, values = kv.update(k, v)  # (B, H_kv, span, hd)
+        B, H, T, hd = q.shape
+        groups = H // keys.shape[1]
+        if groups == 1:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        # GQA without copying the cache per step: the g query heads sharing a kv head become g x T query rows of
+        # that head (heads j*g .. j*g+g-1 use kv head j, as repeat_interleave orders them), each with its mask row
+        q = q.reshape(B, H // groups, groups * T, hd)
+        if T > 1:  # one query row per (group member, token); with T = 1 the (B, 1, 1, span) mask broadcasts
+            mask = mask.expand(B, 1, T, mask.shape[-1]).repeat(1, 1, groups, 1)  # (B, 1, g*T, span)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H_kv, g*T, hd)
+        return out.view(B, H, T, hd)
 
-class EagerBackend:
+
+class EagerBackend(AttentionBackend):
     """Reference math: softmax(q k^T / sqrt(hd) + mask) v with the softmax in fp32 (Vaswani et al. 2017, eq. 1)."""
 
     def prepare(self, doc_ids: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
@@ -91,7 +141,7 @@ def _compiled_flex_attention() -> Any:
     return torch.compile(flex_attention, dynamic=False)
 
 
-class FlexBackend:
+class FlexBackend(AttentionBackend):
     """FlexAttention (torch.nn.attention.flex_attention) with a BlockMask built from doc_ids.
 
     The BlockMask skips whole 128x128 tiles that are fully masked, so packed documents cost what they
@@ -115,6 +165,16 @@ class FlexBackend:
             return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
 
         return create_block_mask(document_causal, doc_ids.shape[0], None, T, T, device=device, _compile=on_gpu)
+
+    def prepare_cached(self, positions: torch.Tensor, span: int) -> Any:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def cached_causal(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return kv_idx <= positions[b, q_idx]  # the rule of kv_cache.cached_causal_mask
+
+        B, T = positions.shape
+        return create_block_mask(cached_causal, B, None, T, span, device=positions.device,
+                                 _compile=positions.device.type == "cuda")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, dropout_p: float) -> torch.Tensor:
         from torch.nn.attention.flex_attention import flex_attention
@@ -142,7 +202,10 @@ def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return ends.to(torch.int32), max_seqlen
 
 
-class FlashAttnBackend:
+FLASH_MAX_HEAD_DIM = 256  # flash-attn 2 supports head dims up to 256 (its README)
+
+
+class FlashAttnBackend(AttentionBackend):
     """Dao-AILab flash-attn 2 (`flash_attn_func`, `flash_attn_varlen_func`); checked at build time."""
 
     def __init__(self) -> None:
@@ -152,12 +215,27 @@ class FlashAttnBackend:
             raise UserError("model.attention=flash_attn needs the flash-attn package (pip install flash-attn "
                             "--no-build-isolation, CUDA only); or use model.attention=sdpa or flex") from err
 
+    def check(self, cfg: ModelConfig) -> None:
+        hd = cfg.resolved_head_dim()
+        if hd > FLASH_MAX_HEAD_DIM or hd % 8:
+            raise UserError(f"model.attention=flash_attn runs head dims that are multiples of 8 up to "
+                            f"{FLASH_MAX_HEAD_DIM}, not {hd}: change model.head_dim or use model.attention=sdpa")
+
+    @staticmethod
+    def check_inputs(q: torch.Tensor) -> None:
+        """flash-attn kernels exist for CUDA fp16/bf16 only; say so instead of failing inside the extension."""
+        if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+            raise UserError(f"model.attention=flash_attn runs on CUDA in fp16/bf16, not on {q.device.type} in "
+                            f"{str(q.dtype).removeprefix('torch.')}: use bf16 precision (or weights) on a GPU, "
+                            f"or model.attention=sdpa")
+
     def prepare(self, doc_ids: torch.Tensor | None, T: int, device: torch.device) -> Any:
         return None if doc_ids is None else cu_seqlens_from_doc_ids(doc_ids)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, dropout_p: float) -> torch.Tensor:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
 
+        self.check_inputs(q)
         B, H, T, hd = q.shape
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants (B, T, heads, hd)
         if mask is None:
@@ -169,9 +247,23 @@ class FlashAttnBackend:
             out = out.view(B, T, H, hd)
         return out.transpose(1, 2)
 
+    def prepare_cached(self, positions: torch.Tensor, span: int) -> Any:
+        # flash_attn_with_kvcache writes row b's T new keys at slots cache_seqlens[b] .. + T-1 and aligns the
+        # causal mask bottom-right, which is the slot = position rule when each row's positions are consecutive.
+        return positions[:, 0].to(torch.int32)
+
+    def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV, mask: Any) -> torch.Tensor:
+        from flash_attn import flash_attn_with_kvcache
+
+        self.check_inputs(q)
+        # (B, heads, ., hd) -> (B, ., heads, hd) views; the kernel needs only a unit stride on hd
+        q, k, v, keys, values = (t.transpose(1, 2) for t in (q, k, v, kv.keys, kv.values))
+        out = flash_attn_with_kvcache(q, keys, values, k=k, v=v, cache_seqlens=mask, causal=True)
+        return out.transpose(1, 2)
+
 
 # The keys are ATTENTION_NAMES in model/config.py, the names config validation accepts (a test keeps them equal).
-ATTENTION: dict[str, type] = {
+ATTENTION: dict[str, type[AttentionBackend]] = {
     "sdpa": SDPABackend,
     "eager": EagerBackend,
     "flex": FlexBackend,
@@ -179,9 +271,12 @@ ATTENTION: dict[str, type] = {
 }
 
 
-def build_attention_backend(name: str) -> Any:
-    """A backend instance by registry name (flash_attn raises a UserError here when not installed)."""
-    return ATTENTION[name]()
+def build_attention_backend(cfg: ModelConfig) -> AttentionBackend:
+    """The backend `cfg.attention` names, checked against the model's shape (UserError when it cannot run it,
+    or when flash-attn is not installed)."""
+    backend = ATTENTION[cfg.attention]()
+    backend.check(cfg)
+    return backend
 
 
 class Attention(nn.Module):
@@ -203,7 +298,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: Any,
+                kv: LayerKV | None = None) -> torch.Tensor:
+        """(B, T, d) -> (B, T, d). With `kv`, the T tokens' keys/values go into the cache and the queries see
+        every cached position up to their own (`mask` then comes from `backend.prepare_cached`)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd)
@@ -213,5 +311,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
-        out = self.backend.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        if kv is None:
+            out = self.backend.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        else:
+            out = self.backend.attend_cached(q, k, v, kv, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -23,6 +23,7 @@ from tokenmill.model.attention import Attention, build_attention_backend
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.ffn import FFNS
 from tokenmill.model.init import INITS
+from tokenmill.model.kv_cache import KVCache, LayerKV
 from tokenmill.model.norms import RMSNorm, build_norm
 from tokenmill.model.position import POSITIONS, RotaryEmbedding, position_ids
 
@@ -76,8 +77,9 @@ class Block(nn.Module):
         self.step = NORM_POSITIONS[cfg.norm_position].step
         self.residual_alpha = residual_alpha
 
-    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
-        x = self.step(x, lambda h: self.resid_drop(self.attn(h, ctx.rope, ctx.mask)), self.attn_norm,
+    def forward(self, x: torch.Tensor, ctx: BlockContext, kv: LayerKV | None = None) -> torch.Tensor:
+        """(B, T, d) -> (B, T, d); `kv` is this layer's KV cache during generation."""
+        x = self.step(x, lambda h: self.resid_drop(self.attn(h, ctx.rope, ctx.mask, kv)), self.attn_norm,
                       self.residual_alpha)
         return self.step(x, lambda h: self.resid_drop(self.ffn(h)), self.ffn_norm, self.residual_alpha)
 
@@ -92,7 +94,7 @@ class Transformer(nn.Module):
                             f"model.vocab_size or let the trainer resolve it from the tokenizer")
         self.cfg = cfg
         kind = POSITIONS[cfg.position]
-        backend = build_attention_backend(cfg.attention)
+        backend = build_attention_backend(cfg)
         alpha = INITS[cfg.init]().residual_alpha(cfg)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if kind.table else None
@@ -147,38 +149,70 @@ class Transformer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------
 
-    def hidden(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
         """Final hidden states (B, T, d) after the last norm, before the head."""
-        return self.norm(self.trunk(idx, doc_ids))
+        return self.norm(self.trunk(idx, doc_ids, positions, cache))
 
-    def trunk(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Residual stream (B, T, d) after the last block, before the final norm."""
-        B, T = idx.shape
+    def trunk(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+              cache: KVCache | None = None) -> torch.Tensor:
+        """Residual stream (B, T, d) after the last block, before the final norm.
+
+        Training and scoring pass token ids (and doc_ids for packed rows); positions are then derived. Generation
+        passes explicit (B, T) `positions` and a `cache`: each row's tokens are written into the cache at their
+        positions and see every cached position up to their own (kv_cache.py explains the layout).
+        """
+        T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise UserError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                             f"shorten it or raise model.max_seq_len")
         if doc_ids is not None and doc_ids.shape != idx.shape:
             raise UserError(f"doc_ids shape {tuple(doc_ids.shape)} must equal the token shape {tuple(idx.shape)}")
-        pos = position_ids(T, doc_ids, idx.device) if (self.pos_emb is not None or self.rope is not None) else None
+        if cache is not None and (positions is None or positions.shape != idx.shape or doc_ids is not None):
+            raise UserError("a KV cache forward needs (B, T) positions of the token shape and no doc_ids")
+        pos = positions
+        if pos is None and (self.pos_emb is not None or self.rope is not None):
+            pos = position_ids(T, doc_ids, idx.device)
         x = self.tok_emb(idx)  # (B, T, d)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         x = self.emb_drop(x)
-        ctx = BlockContext(rope=self.rope.tables(pos) if self.rope is not None else None,
-                           mask=self.backend.prepare(doc_ids, T, idx.device))
-        for block in self.blocks:
-            x = block(x, ctx)
+        rope = self.rope.tables(pos) if self.rope is not None else None
+        if cache is None:
+            ctx = BlockContext(rope=rope, mask=self.backend.prepare(doc_ids, T, idx.device))
+            for block in self.blocks:
+                x = block(x, ctx)
+            return x
+        ctx = BlockContext(rope=rope, mask=self.backend.prepare_cached(positions, cache.span))
+        slots = cache.slots(positions)  # one scatter index for every layer
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx, cache.layer(i, slots))
         return x
 
     def output_weight(self) -> torch.Tensor:
         """(V, d) matrix of the output head: the token embedding when tied."""
         return self.tok_emb.weight if self.head is None else self.head.weight
 
-    def forward(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None, last_only: bool = False,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only (generation: the head runs on one row)."""
-        x = self.trunk(idx, doc_ids)
+        x = self.trunk(idx, doc_ids, positions, cache)
         if last_only:
             x = x[:, -1:]  # final norm and head on one position only
+        return F.linear(self.norm(x), self.output_weight())
+
+    def next_logits(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                    last: torch.Tensor | None = None) -> torch.Tensor:
+        """Generation step: cache the (B, T) tokens at their positions, return (B, V) next-token logits.
+
+        The logits are those of each row's token at index `last[b]` of T (right-padded prefill of prompts of
+        different lengths), or of the final token; the head runs on those B rows only.
+        """
+        x = self.trunk(idx, None, positions, cache)  # (B, T, d)
+        if last is None:
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, d)
         return F.linear(self.norm(x), self.output_weight())
 
     # -- loss -------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from tokenmill.config import Config
 from tokenmill.data.loader import build_loader
 from tokenmill.data.tokenizer import Tokenizer, build_tokenizer, check_vocab
 from tokenmill.errors import UserError
+from tokenmill.generation.engine import Generator
+from tokenmill.generation.params import SamplingParams
 from tokenmill.train.evaluation import evaluate
-from tokenmill.generation.sampling import sample
 from tokenmill.metrics.banner import build_banner
 from tokenmill.metrics.monitor import StepMonitor
 from tokenmill.metrics.sinks import MultiSink, build_sinks, get_console
@@ -267,11 +268,11 @@ def write_samples(model: torch.nn.Module, cfg: Config, tokenizer: Tokenizer, dis
     """Generate from the fixed prompts with a private RNG (training randomness is untouched)."""
     if not dist.is_main:
         return {}
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    samples = {}
-    for prompt in cfg.train.sample_prompts:
-        ids = tokenizer.encode_batch([prompt])[0]
-        out = sample(model, ids, cfg.train.sample_tokens, generator=generator, stop_id=tokenizer.eos_id)
-        samples[prompt] = prompt + tokenizer.decode(out)
+    prompts = list(cfg.train.sample_prompts) if cfg.train.sample_tokens > 0 else []
+    if not prompts:
+        return {}
+    params = SamplingParams(max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed)
+    completions = Generator(model, tokenizer).generate(prompts, params)
+    samples = {prompts[c.prompt_index]: prompts[c.prompt_index] + c.text for c in completions}
     sinks.log(state.step, {"samples": samples}, kind="sample")
     return samples
