@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("run")
     cfg = load_config(["tiny"], overrides=OVERRIDES)
     torch.manual_seed(0)
-    Checkpointer(path, cfg.checkpoint, config=cfg).save(1, {}, tokenmill.create_model(cfg), eval_loss=2.0)
+    Checkpointer(path, cfg.checkpoint, {"model": tokenmill.create_model(cfg)}, run_config=cfg).save(1, eval_loss=2.0)
     return path
 
 
