@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "prepare": ("prepare", "pre-tokenize a source into memory-mapped shards", False),
     "data": ("data", "data checks: tokenmill data check", True),
     "checkpoint": ("checkpoint", "checkpoint tools: tokenmill checkpoint consolidate DIR OUT", False),
+    "serve": ("serve", "OpenAI-compatible HTTP server for a checkpoint (streaming, batching, playground)", False),
 }
 
 
