@@ -61,7 +61,7 @@ def test_stream_equals_non_stream_at_temperature_zero(base_server):
 
 
 def test_n_choices_and_seed_reproducibility(base_server):
-    first = complete(base_server, prompt=PROMPT, max_tokens=20, temperature=1.0, n=2, seed=11)
+    first = complete(base_server, prompt=PROMPT, max_tokens=20, temperature=1.0, n=2, seed=11, logprobs=0)
     again = complete(base_server, prompt=PROMPT, max_tokens=20, temperature=1.0, n=2, seed=11)
     other = complete(base_server, prompt=PROMPT, max_tokens=20, temperature=1.0, n=2, seed=12)
     assert sorted(c.index for c in first.choices) == [0, 1]
@@ -69,8 +69,14 @@ def test_n_choices_and_seed_reproducibility(base_server):
     assert texts == [c.text for c in again.choices]  # same seed, same samples
     assert texts[0] != texts[1]  # each sample draws its own tokens
     assert texts != [c.text for c in other.choices]
-    assert [c.finish_reason for c in first.choices] == ["length", "length"]
-    assert (first.usage.prompt_tokens, first.usage.completion_tokens) == (len(PROMPT), 40)
+    for choice in first.choices:  # logprobs name every generated token, the <|eos|> that stopped a sample too
+        tokens = choice.logprobs.tokens
+        assert len(tokens) == len(choice.logprobs.token_logprobs) <= 20
+        assert all(lp <= 0.0 for lp in choice.logprobs.token_logprobs)
+        assert "".join(tokens).startswith(choice.text)
+        assert len(tokens) == 20 if choice.finish_reason == "length" else tokens[-1] == "<|eos|>"
+    assert first.usage.prompt_tokens == len(PROMPT)
+    assert first.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in first.choices)
 
 
 def test_two_prompts_number_choices_prompt_major(base_server):

@@ -106,8 +106,8 @@ def create_app(served: ServedModel, settings: ServeSettings) -> FastAPI:
         try:
             answer = await completions.collect(plan, job)
         except BaseException as err:  # a failure, or the handler cancelled because the client left
-            record.status, record.outcome = (err.status, "error") if isinstance(err, schema.APIError) else (
-                499, "cancelled")
+            failed = isinstance(err, schema.APIError)
+            record.status, record.outcome = (err.status, "error") if failed else (499, "cancelled")
             job.cancel()
             raise
         finally:

@@ -1,8 +1,9 @@
-"""A request on its way through the scheduler: what it asks for, and the channel its pieces come back on.
+"""A request on its way through the server: the engine requests it made, and the channel its pieces come back on.
 
-The scheduler's worker thread produces; the event loop consumes. `emit` hands each piece to the loop with
-`call_soon_threadsafe`, so the loop never blocks on the worker and the worker never waits for a slow client.
-`cancel` may be called from either side; the worker drops a cancelled job at its next step boundary.
+One HTTP request becomes one engine `Request` per prompt (each with its n samples). A forwarding thread per
+engine request reads its deltas (the engine's iterator blocks) and hands each to the event loop with
+`call_soon_threadsafe`, so the loop never blocks on generation and the engine never waits for a slow client.
+`cancel` stops every engine request at the next step boundary, which frees their batch rows.
 """
 
 from __future__ import annotations
@@ -21,69 +22,56 @@ _END = object()
 
 @dataclass(frozen=True)
 class Piece:
-    """New text of one choice (choice = prompt index * n + sample index); finish_reason on its last piece."""
+    """New output of one choice (choice = prompt index * n + sample index); finish_reason on its last piece."""
 
     choice: int
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
+    logprobs: tuple[float, ...] | None = None
 
 
 class Job:
-    """One HTTP request's generation: its prompts and params in, its pieces out."""
+    """One HTTP request's generation: engine requests in, pieces out to the event loop."""
 
-    def __init__(self, prompts: list[list[int]], params: Any, arrived_at: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.prompts = prompts
-        self.params = params  # tokenmill.generation.engine.SamplingParams
-        self.arrived_at = arrived_at  # time.perf_counter() when the request arrived
-        self.started_at: float | None = None  # when the worker admitted it into a batch
+    def __init__(self, requests: list[Any], n: int, arrived_at: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.requests = requests  # tokenmill.generation.engine.Request, one per prompt
+        self.n = n
+        self.arrived_at = arrived_at  # time.perf_counter() when the HTTP request arrived
         self._loop = loop
         self._events: asyncio.Queue[Any] = asyncio.Queue()
-        self._cancelled = threading.Event()
+        self._open = len(requests)  # forwarding threads still running
+        self._lock = threading.Lock()
         self._done = threading.Event()
+        self._admitted_at: float | None = None
+        for request in requests:
+            threading.Thread(target=self._forward, args=(request,), name="tokenmill-serve-forward",
+                             daemon=True).start()
 
-    def sequences(self) -> int:
-        """Batch rows this job occupies while it runs."""
-        return len(self.prompts) * self.params.n
+    def admitted(self) -> bool:
+        """True once every sample of every prompt has a batch row (the job left the queue)."""
+        if self._admitted_at is None and all(r.admitted == r.params.n for r in self.requests):
+            self._admitted_at = time.perf_counter()
+        return self._admitted_at is not None
 
-    # -- worker side ---------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.started_at = time.perf_counter()
+    def queue_wait_s(self) -> float:
+        self.admitted()
+        return (self._admitted_at or time.perf_counter()) - self.arrived_at
 
-    def emit(self, piece: Piece) -> None:
-        self._put(piece)
-
-    def finish(self) -> None:
-        self._done.set()
-        self._put(_END)
-
-    def fail(self, message: str) -> None:
-        self._done.set()
-        self._put(APIError(500, message, kind="server_error"))
-
-    def _put(self, item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self._cancelled.set()
-
-    # -- either side ---------------------------------------------------------------------------------
     def cancel(self) -> None:
-        self._cancelled.set()
-
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        for request in self.requests:
+            request.cancel()
 
     def finished(self) -> bool:
         return self._done.is_set()
 
-    def queue_wait_s(self) -> float:
-        return (self.started_at or time.perf_counter()) - self.arrived_at
+    def fail(self, message: str) -> None:
+        """End the job with an error its consumer raises (used when the server stops before it ran)."""
+        self.cancel()
+        self._put(APIError(503, message, kind="server_error"))
 
-    # -- event-loop side ---------------------------------------------------------------------------------
     async def pieces(self) -> AsyncIterator[Piece]:
-        """Pieces in generation order until the job ends; raises the APIError of a failed job."""
+        """Pieces in generation order until every prompt's samples ended; raises the APIError of a failure."""
         while True:
             item = await self._events.get()
             if item is _END:
@@ -91,3 +79,27 @@ class Job:
             if isinstance(item, APIError):
                 raise item
             yield item
+
+    # -- forwarding threads ------------------------------------------------------------------------------
+    def _forward(self, request: Any) -> None:
+        base = request.prompt_index * self.n
+        try:
+            for delta in request:
+                logprobs = tuple(delta.logprobs) if delta.logprobs is not None else None
+                self._put(Piece(base + delta.sample_index, delta.text, tuple(delta.token_ids), delta.finish_reason,
+                                logprobs))
+        except Exception as err:  # the engine failed a step: every request in that batch gets the error
+            self.cancel()
+            self._put(APIError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error"))
+        with self._lock:
+            self._open -= 1
+            last = self._open == 0
+        if last:
+            self._done.set()
+            self._put(_END)
+
+    def _put(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancel()

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.errors import UserError
 from tokenmill.serve.chat import ChatTemplate, find_chat_template
-from tokenmill.serve.schema import Limits
+from tokenmill.serve.schema import APIError, Limits
 
 if TYPE_CHECKING:
     from tokenmill.data.tokenizer import Tokenizer
@@ -29,14 +30,20 @@ class ServedModel:
     def limits(self, settings: ServeSettings) -> Limits:
         return Limits(self.context_tokens, settings.max_tokens_limit, settings.max_n, settings.max_prompts)
 
-    def sampling_params(self, request: Any, max_tokens: int, stops: tuple[str, ...]) -> Any:
+    def sampling_params(self, request: Any, max_tokens: int, stops: tuple[str, ...], logprobs: bool) -> Any:
         """The engine's SamplingParams for a validated request."""
         from tokenmill.generation.engine import SamplingParams
 
-        return SamplingParams(max_new_tokens=max_tokens, temperature=request.temperature, top_k=request.top_k,
-                              top_p=request.top_p, min_p=request.min_p,
-                              repetition_penalty=request.repetition_penalty, stop=stops, seed=request.seed,
-                              n=request.n)
+        try:
+            return SamplingParams(max_new_tokens=max_tokens, temperature=request.temperature, top_k=request.top_k,
+                                  top_p=request.top_p, min_p=request.min_p,
+                                  repetition_penalty=request.repetition_penalty, stop=stops, seed=request.seed,
+                                  n=request.n, logprobs=logprobs)
+        except UserError as err:  # the schema checks the same ranges; this keeps any drift a 400, not a 500
+            raise APIError(400, str(err)) from None
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
     def model_card(self, settings: ServeSettings) -> dict[str, Any]:
         """The /v1/models entry; the extra fields tell clients what this model is and is not."""

@@ -98,7 +98,7 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions. `prompt` is a string, a list of strings, a token list or a list of token lists."""
 
     prompt: Any = Field(...)
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     best_of: int | None = Field(None, ge=1)
@@ -113,8 +113,6 @@ class CompletionRequest(_Sampling):
             raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
         if self.suffix is not None:
             raise APIError(400, "suffix (insertion) is not supported by this server", "suffix")
-        if self.max_tokens == 0 and not self.echo:
-            raise APIError(400, "max_tokens must be at least 1 (0 is allowed only with echo)", "max_tokens")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list of strings or token-id lists; raises APIError on any other shape."""
