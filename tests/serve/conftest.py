@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from serve_helpers import CHAT_TEMPLATE, LiveServer, live_server, save_tiny_run
 
 

@@ -13,13 +13,14 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
 
 import pytest
-import tokenmill
 import torch
+
+import tokenmill
 from tokenmill.checkpoint.manager import Checkpointer
 from tokenmill.config import load_config
 from tokenmill.data.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -29,7 +30,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is in the serve extra")
 
 from tokenmill.serve.app import create_app
 from tokenmill.serve.config import ServeSettings
-from tokenmill.serve.loading import load_served_model
+from tokenmill.serve.loading import ServedModel, load_served_model
 
 MODEL_NAME = "tiny-test"
 CONTEXT = 96
@@ -101,8 +102,12 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def live_server(run_dir: Path, **settings) -> Iterator[LiveServer]:
+def live_server(run_dir: Path, prepare: Callable[[ServedModel], None] | None = None, **settings
+                ) -> Iterator[LiveServer]:
+    """A server for `run_dir` with ServeSettings `settings`; `prepare` may instrument the model before it starts."""
     served = load_served_model(run_dir, device="cpu", max_batch=settings.get("max_batch", 8))
+    if prepare is not None:
+        prepare(served)
     app = create_app(served, ServeSettings(model_name=MODEL_NAME, **settings))
     with LiveServer(app) as server:
         yield server

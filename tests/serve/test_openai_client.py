@@ -8,7 +8,6 @@ does this server. Streamed /v1/completions are therefore read with a non-strict 
 from __future__ import annotations
 
 import pytest
-
 from serve_helpers import MODEL_NAME, openai
 
 PROMPT = "def add(a, b):"
@@ -111,8 +110,9 @@ def test_echo_prepends_the_prompt(base_server):
 
 
 def test_greedy_text_equals_the_engine(base_server, base_run):
-    import tokenmill
     from tokenmill.generation.engine import Generator, SamplingParams
+
+    import tokenmill
 
     served = complete(base_server, prompt=PROMPT, max_tokens=16, temperature=0).choices[0]
     engine = Generator(tokenmill.load_model(base_run), tokenmill.load_tokenizer(base_run))

@@ -88,7 +88,7 @@ class Job:
                 logprobs = tuple(delta.logprobs) if delta.logprobs is not None else None
                 self._put(Piece(base + delta.sample_index, delta.text, tuple(delta.token_ids), delta.finish_reason,
                                 logprobs))
-        except Exception as err:  # the engine failed a step: every request in that batch gets the error
+        except Exception as err:  # noqa: BLE001 (the engine re-raises whatever failed its step, in every request)
             self.cancel()
             self._put(APIError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error"))
         with self._lock:
