@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= numbers["port"] <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {numbers['port']}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if args.host not in LOOPBACK_HOSTS and not api_key:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach this machine can use "
+              f"the model; set --api-key or {API_KEY_ENV}", file=sys.stderr)
     path = Path(args.path)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a run folder (e.g. runs/demo) or a checkpoint folder")
@@ -54,9 +57,6 @@ def run(args: argparse.Namespace) -> int:
                              api_key=api_key, max_batch=numbers["max_batch"], max_queue=numbers["max_queue"],
                              max_tokens_limit=numbers["max_tokens_limit"])
     settings.validate()
-    if args.host not in LOOPBACK_HOSTS and not api_key:
-        print(f"warning: serving on {args.host} without an API key: anyone who can reach this machine can use "
-              f"the model; set --api-key or {API_KEY_ENV}", file=sys.stderr)
 
     from tokenmill.serve.server import bind_socket, run_server
 
