@@ -107,6 +107,7 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         self.check_common()
+        self.prompts()
         if self.best_of not in (None, self.n):
             raise APIError(400, "best_of must equal n (ranking extra samples is not supported)", "best_of")
         if self.logit_bias:
