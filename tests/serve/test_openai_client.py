@@ -118,6 +118,8 @@ def test_greedy_text_equals_the_engine(base_server, base_run):
     engine = Generator(tokenmill.load_model(base_run), tokenmill.load_tokenizer(base_run))
     (reference,) = engine.generate([PROMPT], SamplingParams(max_new_tokens=16, temperature=0.0))
     assert served.text == reference.text and served.finish_reason == reference.finish_reason
+    (generated,) = tokenmill.generate(base_run, [PROMPT], max_new_tokens=16, temperature=0.0, device="cpu")
+    assert served.text == generated.text
 
 
 def test_chat_completion_on_a_template_model(chat_server):
