@@ -47,9 +47,27 @@ def demo_shaped_run(folder: Path) -> Path:
 
 def start_server(run: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "tokenmill", "serve", str(run), "--port", "0", "--max-batch",
-                                str(max_batch), "--max-queue", "256", "--model-name", "bench"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tokenmill",
+            "serve",
+            str(run),
+            "--port",
+            "0",
+            "--max-batch",
+            str(max_batch),
+            "--max-queue",
+            "256",
+            "--model-name",
+            "bench",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + START_TIMEOUT_S
     for line in process.stderr:
         found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
@@ -72,8 +90,17 @@ def start_server(run: Path, max_batch: int, threads: int) -> tuple[subprocess.Po
 
 def one_request(port: int, prompt: str, max_tokens: int, seed: int) -> tuple[float, float, int]:
     """(latency s, time to first token s, completion tokens) of one streamed completion."""
-    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
-                       "seed": seed, "stream": True, "stream_options": {"include_usage": True}})
+    body = json.dumps(
+        {
+            "model": "bench",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 1.0,
+            "seed": seed,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start = time.perf_counter()
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
@@ -97,8 +124,10 @@ def one_request(port: int, prompt: str, max_tokens: int, seed: int) -> tuple[flo
 
 def run_load(port: int, clients: int, requests_each: int, max_tokens: int) -> dict[str, float]:
     def client(k: int) -> list[tuple[float, float, int]]:
-        return [one_request(port, f"# request {k}.{j}\ndef f(x):", max_tokens, seed=1000 * k + j)
-                for j in range(requests_each)]
+        return [
+            one_request(port, f"# request {k}.{j}\ndef f(x):", max_tokens, seed=1000 * k + j)
+            for j in range(requests_each)
+        ]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -106,14 +135,24 @@ def run_load(port: int, clients: int, requests_each: int, max_tokens: int) -> di
     wall = time.perf_counter() - start
     latencies = sorted(r[0] for r in results)
     ttfts = sorted(r[1] for r in results)
-    return {"requests": len(results), "tokens": sum(r[2] for r in results), "wall": wall,
-            "tok_s": sum(r[2] for r in results) / wall, "p50": percentile(latencies, 50),
-            "p95": percentile(latencies, 95), "ttft50": percentile(ttfts, 50), "ttft95": percentile(ttfts, 95)}
+    return {
+        "requests": len(results),
+        "tokens": sum(r[2] for r in results),
+        "wall": wall,
+        "tok_s": sum(r[2] for r in results) / wall,
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "ttft50": percentile(ttfts, 50),
+        "ttft95": percentile(ttfts, 95),
+    }
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
-    return statistics.quantiles(sorted_values, n=100, method="inclusive")[q - 1] if len(sorted_values) > 1 else (
-        sorted_values[0])
+    return (
+        statistics.quantiles(sorted_values, n=100, method="inclusive")[q - 1]
+        if len(sorted_values) > 1
+        else (sorted_values[0])
+    )
 
 
 def main() -> None:
@@ -139,19 +178,26 @@ def main() -> None:
                 process.terminate()
                 process.wait(timeout=60)
 
-    print(f"\nserve load: {run if args.run else 'demo-shaped random model (4L d=256 vocab 4096, byte tokenizer)'}, "
-          f"max_tokens={args.max_tokens}, server threads={args.threads}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores\n")
+    print(
+        f"\nserve load: {run if args.run else 'demo-shaped random model (4L d=256 vocab 4096, byte tokenizer)'}, "
+        f"max_tokens={args.max_tokens}, server threads={args.threads}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores\n"
+    )
     print("| server | clients | requests | tokens | wall s | tokens/s | latency p50 / p95 s | TTFT p50 / p95 s |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, clients, r in rows:
-        print(f"| {mode} | {clients} | {r['requests']} | {r['tokens']} | {r['wall']:.1f} | {r['tok_s']:.0f} | "
-              f"{r['p50']:.2f} / {r['p95']:.2f} | {r['ttft50']:.2f} / {r['ttft95']:.2f} |")
+        print(
+            f"| {mode} | {clients} | {r['requests']} | {r['tokens']} | {r['wall']:.1f} | {r['tok_s']:.0f} | "
+            f"{r['p50']:.2f} / {r['p95']:.2f} | {r['ttft50']:.2f} / {r['ttft95']:.2f} |"
+        )
     by_key = {(mode, clients): r["tok_s"] for mode, clients, r in rows}
     for clients in args.clients:
         if ("batched", clients) in by_key and by_key[("one-at-a-time", clients)] > 0:
-            print(f"\nbatched / one-at-a-time at {clients} clients: "
-                  f"{by_key[('batched', clients)] / by_key[('one-at-a-time', clients)]:.1f}x", end="")
+            print(
+                f"\nbatched / one-at-a-time at {clients} clients: "
+                f"{by_key[('batched', clients)] / by_key[('one-at-a-time', clients)]:.1f}x",
+                end="",
+            )
     print()
 
 

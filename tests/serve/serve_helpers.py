@@ -28,15 +28,17 @@ from tokenmill.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra")
 uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is in the serve extra")
 
-from tokenmill.serve.app import create_app
-from tokenmill.serve.config import ServeSettings
-from tokenmill.serve.loading import ServedModel, load_served_model
+from tokenmill.serve.app import create_app  # noqa: E402 (after the skips above)
+from tokenmill.serve.config import ServeSettings  # noqa: E402 (after the skips above)
+from tokenmill.serve.loading import ServedModel, load_served_model  # noqa: E402 (after the skips above)
 
 MODEL_NAME = "tiny-test"
 CONTEXT = 96
 CHARS = [chr(c) for c in range(32, 127)]
-CHAT_TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|bos|>assistant: {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|>assistant: {% endif %}"
+)
 START_TIMEOUT_S = 20.0
 
 
@@ -54,9 +56,18 @@ def char_tokenizer() -> Tokenizer:
 def save_tiny_run(run_dir: Path, chat_template: str | None = None) -> Path:
     """A run folder holding one checkpoint of the tiny character model (and a chat template if given)."""
     tokenizer = char_tokenizer()
-    cfg = load_config(["tiny"], overrides=[
-        f"model.vocab_size={tokenizer.vocab_size}", "model.n_layers=2", "model.d_model=64", "model.n_heads=4",
-        "model.n_kv_heads=2", f"model.max_seq_len={CONTEXT}", "model.dropout=0.0"])
+    cfg = load_config(
+        ["tiny"],
+        overrides=[
+            f"model.vocab_size={tokenizer.vocab_size}",
+            "model.n_layers=2",
+            "model.d_model=64",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            f"model.max_seq_len={CONTEXT}",
+            "model.dropout=0.0",
+        ],
+    )
     torch.manual_seed(0)
     model = tokenmill.create_model(cfg)
     with torch.no_grad():
@@ -65,8 +76,9 @@ def save_tiny_run(run_dir: Path, chat_template: str | None = None) -> Path:
     folder = Checkpointer(run_dir, cfg.checkpoint, config=cfg).save(1, {}, model)
     tokenizer.save(folder)
     if chat_template is not None:
-        (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template,
-                                                                  "eos_token": "<|eos|>"}))
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({"chat_template": chat_template, "eos_token": "<|eos|>"})
+        )
     return run_dir
 
 
@@ -97,13 +109,19 @@ class LiveServer:
         self.sock.close()
 
     def client(self, api_key: str = "test", strict: bool = True, timeout: float = 60.0) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=timeout,
-                             _strict_response_validation=strict)
+        return openai.OpenAI(
+            base_url=self.url + "/v1",
+            api_key=api_key,
+            max_retries=0,
+            timeout=timeout,
+            _strict_response_validation=strict,
+        )
 
 
 @contextlib.contextmanager
-def live_server(run_dir: Path, prepare: Callable[[ServedModel], None] | None = None, **settings
-                ) -> Iterator[LiveServer]:
+def live_server(
+    run_dir: Path, prepare: Callable[[ServedModel], None] | None = None, **settings
+) -> Iterator[LiveServer]:
     """A server for `run_dir` with ServeSettings `settings`; `prepare` may instrument the model before it starts."""
     served = load_served_model(run_dir, device="cpu", max_batch=settings.get("max_batch", 8))
     if prepare is not None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from serve_helpers import MODEL_NAME
-from train_helpers import spawn_cli
 
 from tokenmill.cli import main
+from train_helpers import spawn_cli
 
 # Runs in the child before `tokenmill serve`: each forward pass sleeps, so a stream is still running when
 # SIGTERM arrives (the model and engine are otherwise the real ones).
@@ -110,19 +110,25 @@ def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--port", "http"], "--port must be an integer"),
-    (["--port", "70000"], "--port must be between 0 and 65535"),
-    (["--max-batch", "0"], "max-batch must be at least 1"),
-    (["--max-queue", "-1"], "max-queue must be at least 1"),
-    (["--max-tokens-limit", "1.5"], "--max-tokens-limit must be an integer"),
-    (["--model-name", " "], "model name is empty"),
-    (["--api-key", ""], "API key is empty"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "http"], "--port must be an integer"),
+        (["--port", "70000"], "--port must be between 0 and 65535"),
+        (["--max-batch", "0"], "max-batch must be at least 1"),
+        (["--max-queue", "-1"], "max-queue must be at least 1"),
+        (["--max-tokens-limit", "1.5"], "--max-tokens-limit must be an integer"),
+        (["--model-name", " "], "model name is empty"),
+        (["--api-key", ""], "API key is empty"),
+    ],
+)
 def test_bad_options_are_one_line_errors(capsys, base_run, args, message):
     before = snapshot(base_run)
     code, lines = run_cli(capsys, str(base_run), *args)
@@ -163,5 +169,6 @@ def test_missing_serve_extra_is_one_line(capsys, base_run, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
     code, lines = run_cli(capsys, str(base_run))
-    assert code == 2 and lines == [("error: tokenmill serve needs the serve extra (fastapi missing): "
-                                   "pip install 'tokenmill[serve]'")]
+    assert code == 2 and lines == [
+        ("error: tokenmill serve needs the serve extra (fastapi missing): pip install 'tokenmill[serve]'")
+    ]

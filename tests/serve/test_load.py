@@ -58,15 +58,19 @@ def open_stream(server, body: dict) -> socket.socket:
     """A raw streaming request whose response headers have arrived; the caller reads or drops the socket."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     payload = json.dumps({"model": MODEL_NAME, "stream": True, **body}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+    )
     return sock
 
 
 def test_32_concurrent_clients_all_answered_and_correct(base_server):
     client = base_server.client()
-    expected = {p: client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=8, temperature=0).choices[0].text
-                for p in PROMPTS}
+    expected = {
+        p: client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=8, temperature=0).choices[0].text
+        for p in PROMPTS
+    }
 
     def one_client(k: int) -> list[tuple[str, str]]:
         own = base_server.client(timeout=DEADLINE_S)
@@ -75,8 +79,9 @@ def test_32_concurrent_clients_all_answered_and_correct(base_server):
         for j in range(REQUESTS_EACH):
             prompt = PROMPTS[(k + j) % len(PROMPTS)]
             if (k + j) % 2:  # half the requests stream
-                chunks = streaming.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0,
-                                                stream=True)
+                chunks = streaming.completions.create(
+                    model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0, stream=True
+                )
                 answers.append((prompt, "".join(c.choices[0].text for c in chunks if c.choices)))
             else:
                 answer = own.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0)
@@ -116,8 +121,12 @@ def test_a_full_queue_answers_429_with_retry_after(base_run):
         waiting = open_stream(server, {"prompt": "abc", "max_tokens": 2})
         assert wait_until(lambda: health(server)["queue_depth"] == 1, 10)
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "abc", "max_tokens": 2}),
-                     headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/completions",
+            body=json.dumps({"prompt": "abc", "max_tokens": 2}),
+            headers={"Content-Type": "application/json"},
+        )
         response = conn.getresponse()
         error = json.loads(response.read())["error"]
         assert response.status == 429 and response.getheader("Retry-After") == "1"
@@ -132,9 +141,13 @@ def test_requests_from_many_threads_are_batched_together(base_run):
     """While one request runs, others join the batch: 4 requests of 20 tokens take far fewer than 80 steps."""
     calls: list[float] = []
     with live_server(base_run, max_batch=4, prepare=slow_model(calls, 0.01)) as server:
+
         def one(_):
-            return server.client().completions.create(model=MODEL_NAME, prompt="abc", max_tokens=20,
-                                                      temperature=0).usage.completion_tokens
+            return (
+                server.client()
+                .completions.create(model=MODEL_NAME, prompt="abc", max_tokens=20, temperature=0)
+                .usage.completion_tokens
+            )
 
         with ThreadPoolExecutor(4) as pool:
             done = list(pool.map(one, range(4), timeout=60))

@@ -50,8 +50,9 @@ def test_completion_usage_and_finish_reason(base_server):
 
 def test_stream_equals_non_stream_at_temperature_zero(base_server):
     whole = complete(base_server, prompt=PROMPT, max_tokens=16, temperature=0).choices[0]
-    texts, finish, chunks = streamed_completion(base_server, prompt=PROMPT, max_tokens=16, temperature=0,
-                                                stream_options={"include_usage": True})
+    texts, finish, chunks = streamed_completion(
+        base_server, prompt=PROMPT, max_tokens=16, temperature=0, stream_options={"include_usage": True}
+    )
     assert texts == {0: whole.text} and finish == {0: whole.finish_reason}
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
     usage_chunks = [c for c in chunks if c.usage is not None]
@@ -96,8 +97,9 @@ def test_stop_string_trims_without_leaking(base_server):
     expected = sampled[: sampled.index(stop)]
     stopped = complete(base_server, prompt=PROMPT, max_tokens=24, temperature=1.0, seed=5, stop=[stop, "\x00"])
     assert stopped.choices[0].text == expected and stopped.choices[0].finish_reason == "stop"
-    texts, finish, _ = streamed_completion(base_server, prompt=PROMPT, max_tokens=24, temperature=1.0, seed=5,
-                                           stop=stop)
+    texts, finish, _ = streamed_completion(
+        base_server, prompt=PROMPT, max_tokens=24, temperature=1.0, seed=5, stop=stop
+    )
     assert texts == {0: expected} and finish == {0: "stop"}
 
 
@@ -131,8 +133,16 @@ def test_chat_completion_on_a_template_model(chat_server):
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
     # the template renders "<|bos|>system: be brief<|eos|><|bos|>user: hello<|eos|><|bos|>assistant: "
     assert answer.usage.prompt_tokens == 5 + len("system: be brief") + len("user: hello") + len("assistant: ")
-    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=messages,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     content = [c for c in chunks if c.choices]
     assert all(c.choices[0].finish_reason is None for c in content[:-1])

@@ -29,11 +29,14 @@ def test_playground_streams_text_into_the_page(base_run, tmp_path):
             page.fill("#temperature", "0")
             page.fill("#api-key", "page-key")
             page.click("#generate")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
-                                   timeout=60_000)
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
             shown = page.inner_text("#completion")
-            expected = server.client(api_key="page-key").completions.create(
-                model=MODEL_NAME, prompt="def add(a, b):", max_tokens=24, temperature=0).choices[0].text
+            expected = (
+                server.client(api_key="page-key")
+                .completions.create(model=MODEL_NAME, prompt="def add(a, b):", max_tokens=24, temperature=0)
+                .choices[0]
+                .text
+            )
             assert shown == expected and shown
             page.fill("#api-key", "wrong")  # errors are shown, not swallowed
             page.click("#generate")

@@ -9,8 +9,9 @@ import pytest
 from serve_helpers import CONTEXT, MODEL_NAME, live_server, openai
 
 
-def request(server, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None
-            ) -> tuple[int, dict[str, str], bytes]:
+def request(
+    server, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, raw body) of one HTTP request over a fresh loopback connection."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
@@ -30,9 +31,19 @@ def assert_openai_error(status: int, raw: bytes, expected_status: int) -> dict:
 
 
 def test_sse_framing_bytes(base_server):
-    status, headers, raw = request(base_server, "POST", "/v1/completions", {
-        "model": MODEL_NAME, "prompt": "abc", "max_tokens": 5, "temperature": 0, "stream": True,
-        "stream_options": {"include_usage": True}})
+    status, headers, raw = request(
+        base_server,
+        "POST",
+        "/v1/completions",
+        {
+            "model": MODEL_NAME,
+            "prompt": "abc",
+            "max_tokens": 5,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     assert raw.endswith(b"data: [DONE]\n\n") and b"\r" not in raw
     events = raw.split(b"\n\n")
@@ -40,7 +51,7 @@ def test_sse_framing_bytes(base_server):
     chunks = []
     for event in events[:-2]:
         assert event.startswith(b"data: {") and b"\n" not in event  # one data line per event
-        chunks.append(json.loads(event[len(b"data: "):]))
+        chunks.append(json.loads(event[len(b"data: ") :]))
     *content, usage = chunks
     assert all(c["choices"][0]["finish_reason"] is None for c in content[:-1])
     assert content[-1]["choices"][0]["finish_reason"] in ("stop", "length")
@@ -56,8 +67,12 @@ def test_health_and_metrics(base_server):
     text = raw.decode()
     assert status == 200 and headers["content-type"].startswith("text/plain")
     assert 'tokenmill_requests_total{endpoint="/v1/completions",outcome="ok",status="200"}' in text
-    for name in ("tokenmill_time_to_first_token_seconds_bucket", "tokenmill_request_latency_seconds_bucket",
-                 "tokenmill_queue_depth", "tokenmill_completion_tokens_total"):
+    for name in (
+        "tokenmill_time_to_first_token_seconds_bucket",
+        "tokenmill_request_latency_seconds_bucket",
+        "tokenmill_queue_depth",
+        "tokenmill_completion_tokens_total",
+    ):
         assert name in text
 
 
@@ -139,8 +154,9 @@ def test_failure_after_the_stream_started_is_sent_in_band(base_run):
         client = server.client()
         received = []
         with pytest.raises(openai.APIError, match="injected failure"):
-            for chunk in server.client(strict=False).completions.create(model=MODEL_NAME, prompt="abc",
-                                                                        max_tokens=20, stream=True):
-                received.append(chunk)  # noqa: PERF402 (the loop is cut short by the error)
+            for chunk in server.client(strict=False).completions.create(
+                model=MODEL_NAME, prompt="abc", max_tokens=20, stream=True
+            ):
+                received.append(chunk)  # a loop, not list(): the error cuts it short
         assert received  # the failure came after streaming started
         assert client.completions.create(model=MODEL_NAME, prompt="abc", max_tokens=3).choices[0].text

@@ -24,23 +24,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN|CHECKPOINT", help="run folder (its latest valid checkpoint) or checkpoint")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", default="8000", metavar="N", help="TCP port (default 8000; 0 picks a free one)")
-    parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)",
+    )
     parser.add_argument("--max-batch", default="8", metavar="N", help="sequences generated together (default 8)")
-    parser.add_argument("--max-queue", default="64", metavar="N",
-                        help="requests waiting for a slot before new ones get 429 (default 64)")
-    parser.add_argument("--max-tokens-limit", default="1024", metavar="N",
-                        help="largest max_tokens a request may ask for (default 1024)")
-    parser.add_argument("--model-name", default=None, metavar="NAME",
-                        help="model id clients send and /v1/models lists (default: the run folder's name)")
+    parser.add_argument(
+        "--max-queue",
+        default="64",
+        metavar="N",
+        help="requests waiting for a slot before new ones get 429 (default 64)",
+    )
+    parser.add_argument(
+        "--max-tokens-limit",
+        default="1024",
+        metavar="N",
+        help="largest max_tokens a request may ask for (default 1024)",
+    )
+    parser.add_argument(
+        "--model-name",
+        default=None,
+        metavar="NAME",
+        help="model id clients send and /v1/models lists (default: the run folder's name)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
     missing = [name for name in SERVE_EXTRA if not _importable(name)]
     if missing:
-        raise UserError(f"tokenmill serve needs the serve extra ({', '.join(missing)} missing): "
-                        f"pip install 'tokenmill[serve]'")
+        raise UserError(
+            f"tokenmill serve needs the serve extra ({', '.join(missing)} missing): pip install 'tokenmill[serve]'"
+        )
     from tokenmill.serve.config import LOOPBACK_HOSTS, ServeSettings
 
     numbers = {name: _parse_int(name, getattr(args, name)) for name in INT_OPTIONS}
@@ -48,14 +65,21 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be between 0 and 65535, got {numbers['port']}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if args.host not in LOOPBACK_HOSTS and not api_key:
-        print(f"warning: serving on {args.host} without an API key: anyone who can reach this machine can use "
-              f"the model; set --api-key or {API_KEY_ENV}", file=sys.stderr)
+        print(
+            f"warning: serving on {args.host} without an API key: anyone who can reach this machine can use "
+            f"the model; set --api-key or {API_KEY_ENV}",
+            file=sys.stderr,
+        )
     path = Path(args.path)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a run folder (e.g. runs/demo) or a checkpoint folder")
-    settings = ServeSettings(model_name=args.model_name if args.model_name is not None else _default_name(path),
-                             api_key=api_key, max_batch=numbers["max_batch"], max_queue=numbers["max_queue"],
-                             max_tokens_limit=numbers["max_tokens_limit"])
+    settings = ServeSettings(
+        model_name=args.model_name if args.model_name is not None else _default_name(path),
+        api_key=api_key,
+        max_batch=numbers["max_batch"],
+        max_queue=numbers["max_queue"],
+        max_tokens_limit=numbers["max_tokens_limit"],
+    )
     settings.validate()
 
     from tokenmill.serve.server import bind_socket, run_server
@@ -69,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
         served = load_served_model(path, device=args.device, max_batch=settings.max_batch)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        logging.getLogger("tokenmill.serve").info("listening on http://%s:%d (playground: http://%s:%d/)",
-                                                  shown, port, shown, port)
+        logging.getLogger("tokenmill.serve").info(
+            "listening on http://%s:%d (playground: http://%s:%d/)", shown, port, shown, port
+        )
         run_server(create_app(served, settings), sock, settings.shutdown_timeout_s)
     finally:
         sock.close()
@@ -99,5 +124,4 @@ def _default_name(path: Path) -> str:
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -43,8 +43,13 @@ def create_app(served: ServedModel, settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
-        LOG.info("serving %s (context %d tokens, chat %s) with batches of up to %d", settings.model_name,
-                 served.context_tokens, "on" if served.chat_template else "off (base model)", settings.max_batch)
+        LOG.info(
+            "serving %s (context %d tokens, chat %s) with batches of up to %d",
+            settings.model_name,
+            served.context_tokens,
+            "on" if served.chat_template else "off (base model)",
+            settings.max_batch,
+        )
         yield
         scheduler.stop(settings.shutdown_timeout_s)
 
@@ -57,8 +62,12 @@ def create_app(served: ServedModel, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_name, "queue_depth": scheduler.queue_depth(),
-                "running": scheduler.running()}
+        return {
+            "status": "ok",
+            "model": settings.model_name,
+            "queue_depth": scheduler.queue_depth(),
+            "running": scheduler.running(),
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -101,8 +110,11 @@ def create_app(served: ServedModel, settings: ServeSettings) -> FastAPI:
             metrics.record(record)
             raise
         if plan.stream:
-            return StreamingResponse(_recorded(plan.env, completions.stream(plan, job), job, record, arrived),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(
+                _recorded(plan.env, completions.stream(plan, job), job, record, arrived),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
         try:
             answer = await completions.collect(plan, job)
         except BaseException as err:  # a failure, or the handler cancelled because the client left
@@ -153,21 +165,26 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
         message = f"{request.method} {request.url.path}: {err.detail}"
-        return JSONResponse(schema.error_body(message, "invalid_request_error"), status_code=err.status_code,
-                            headers=getattr(err, "headers", None))
+        return JSONResponse(
+            schema.error_body(message, "invalid_request_error"),
+            status_code=err.status_code,
+            headers=getattr(err, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
         param = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse(schema.error_body(f"{param}: {first['msg']}", "invalid_request_error", param),
-                            status_code=400)
+        return JSONResponse(
+            schema.error_body(f"{param}: {first['msg']}", "invalid_request_error", param), status_code=400
+        )
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, err: Exception) -> JSONResponse:
         LOG.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse(schema.error_body(f"internal server error: {type(err).__name__}", "server_error"),
-                            status_code=500)
+        return JSONResponse(
+            schema.error_body(f"internal server error: {type(err).__name__}", "server_error"), status_code=500
+        )
 
 
 class BearerAuth:
@@ -184,6 +201,9 @@ class BearerAuth:
         if hmac.compare_digest(given, self.expected):
             return await self.app(scope, receive, send)
         message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "incorrect API key provided"
-        response = JSONResponse(schema.error_body(message, "invalid_request_error", None, "invalid_api_key"),
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        response = JSONResponse(
+            schema.error_body(message, "invalid_request_error", None, "invalid_api_key"),
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
         await response(scope, receive, send)

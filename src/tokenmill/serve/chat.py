@@ -48,8 +48,13 @@ class ChatTemplate:
         from jinja2.exceptions import TemplateError
 
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                        eos_token=self.eos_token, tools=None)
+            return self.template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                tools=None,
+            )
         except TemplateError as err:  # includes raise_exception() from the template itself
             raise APIError(400, f"the chat template refused these messages: {err}", "messages") from None
 
@@ -102,8 +107,9 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     if tokenizer.backend is None:
         ids = [tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id]
         return {tokenizer.decode([i]): i for i in ids if i is not None}
-    return {token.content: index for index, token in tokenizer.backend.get_added_tokens_decoder().items()
-            if token.special}
+    return {
+        token.content: index for index, token in tokenizer.backend.get_added_tokens_decoder().items() if token.special
+    }
 
 
 def _compile(text: str, origin: str) -> Any:

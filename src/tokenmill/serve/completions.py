@@ -50,8 +50,9 @@ class Plan:
 def plan_completion(request: schema.CompletionRequest, served: ServedModel, settings: ServeSettings) -> Plan:
     check_model_name(request.model, settings)
     if request.logprobs is not None and request.echo:
-        raise APIError(400, "logprobs with echo (log-probabilities of the prompt) is not supported by this server",
-                       "logprobs")
+        raise APIError(
+            400, "logprobs with echo (log-probabilities of the prompt) is not supported by this server", "logprobs"
+        )
     prompts, texts = [], []
     for prompt in request.prompts():
         # an empty prompt starts from <|eos|>, which is what precedes every document in training
@@ -64,23 +65,40 @@ def plan_completion(request: schema.CompletionRequest, served: ServedModel, sett
     limits = served.limits(settings)
     schema.check_limits(limits, [len(p) for p in prompts], max_tokens, request.n)
     params = served.sampling_params(request, max_tokens, request.stop_list(), request.logprobs is not None)
-    return Plan(False, Envelope.new("cmpl", settings.model_name), prompts, texts, params, request.n, request.stream,
-                request.include_usage(), echo=request.echo, logprobs=request.logprobs is not None,
-                token_text=served.token_text)
+    return Plan(
+        False,
+        Envelope.new("cmpl", settings.model_name),
+        prompts,
+        texts,
+        params,
+        request.n,
+        request.stream,
+        request.include_usage(),
+        echo=request.echo,
+        logprobs=request.logprobs is not None,
+        token_text=served.token_text,
+    )
 
 
 def plan_chat(request: schema.ChatRequest, served: ServedModel, settings: ServeSettings) -> Plan:
     check_model_name(request.model, settings)
     if served.chat_template is None:
-        raise APIError(400, f"model {settings.model_name!r} is a base model: its checkpoint records no chat template, "
-                       f"so it cannot serve /v1/chat/completions; use /v1/completions, or serve a fine-tuned "
-                       f"checkpoint with chat_template.jinja or tokenizer_config.json", "messages",
-                       "chat_template_missing")
+        raise APIError(
+            400,
+            f"model {settings.model_name!r} is a base model: its checkpoint records no chat template, "
+            f"so it cannot serve /v1/chat/completions; use /v1/completions, or serve a fine-tuned "
+            f"checkpoint with chat_template.jinja or tokenizer_config.json",
+            "messages",
+            "chat_template_missing",
+        )
     if request.top_logprobs:
-        raise APIError(400, "top_logprobs is not supported by this server: it reports the sampled token's "
-                       "logprob only (use top_logprobs: 0)", "top_logprobs")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in request.messages]
+        raise APIError(
+            400,
+            "top_logprobs is not supported by this server: it reports the sampled token's "
+            "logprob only (use top_logprobs: 0)",
+            "top_logprobs",
+        )
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in request.messages]
     text = served.chat_template.render(messages)
     ids = encode_chat_prompt(served.tokenizer, text)
     limits = served.limits(settings)
@@ -89,14 +107,28 @@ def plan_chat(request: schema.ChatRequest, served: ServedModel, settings: ServeS
     schema.check_limits(limits, [len(ids)], max_tokens, request.n)
     stops = request.stop_list() + end_of_turn_stops(served.chat_template, served.tokenizer)
     params = served.sampling_params(request, max_tokens, stops, request.logprobs)
-    return Plan(True, Envelope.new("chatcmpl", settings.model_name), [ids], [text], params, request.n,
-                request.stream, request.include_usage(), logprobs=request.logprobs, token_text=served.token_text)
+    return Plan(
+        True,
+        Envelope.new("chatcmpl", settings.model_name),
+        [ids],
+        [text],
+        params,
+        request.n,
+        request.stream,
+        request.include_usage(),
+        logprobs=request.logprobs,
+        token_text=served.token_text,
+    )
 
 
 def check_model_name(name: str | None, settings: ServeSettings) -> None:
     if name is not None and name != settings.model_name:
-        raise APIError(404, f"The model {name!r} does not exist: this server serves {settings.model_name!r}",
-                       "model", "model_not_found")
+        raise APIError(
+            404,
+            f"The model {name!r} does not exist: this server serves {settings.model_name!r}",
+            "model",
+            "model_not_found",
+        )
 
 
 async def collect(plan: Plan, job: Job) -> dict[str, Any]:
@@ -121,8 +153,9 @@ async def collect(plan: Plan, job: Job) -> dict[str, Any]:
         if plan.chat:
             choices.append(schema.chat_choice(i, "".join(texts[i]), finish.get(i, "length"), scores))
         else:
-            choices.append(schema.completion_choice(i, _echo(plan, i) + "".join(texts[i]), finish.get(i, "length"),
-                                                    scores))
+            choices.append(
+                schema.completion_choice(i, _echo(plan, i) + "".join(texts[i]), finish.get(i, "length"), scores)
+            )
     build = schema.chat_response if plan.chat else schema.completion_response
     return build(plan.env, choices, plan.usage(tokens))
 
@@ -139,11 +172,15 @@ async def stream(plan: Plan, job: Job) -> AsyncIterator[bytes]:
     try:
         for i in choices:  # first chunk of each choice: the chat role, or the echoed prompt
             if plan.chat:
-                yield schema.sse(schema.chat_chunk(plan.env, i, {"role": "assistant", "content": ""}, None,
-                                                   plan.include_usage))
+                yield schema.sse(
+                    schema.chat_chunk(plan.env, i, {"role": "assistant", "content": ""}, None, plan.include_usage)
+                )
             elif plan.echo:
-                yield schema.sse(schema.completion_chunk(
-                    plan.env, schema.completion_choice(i, _echo(plan, i), None), plan.include_usage))
+                yield schema.sse(
+                    schema.completion_chunk(
+                        plan.env, schema.completion_choice(i, _echo(plan, i), None), plan.include_usage
+                    )
+                )
         async for piece in job.pieces():
             _note_first_token(plan, job)
             tokens += len(piece.token_ids)
@@ -155,12 +192,15 @@ async def stream(plan: Plan, job: Job) -> AsyncIterator[bytes]:
                 offsets[piece.choice] += len(piece.text)
             if plan.chat:
                 delta = {"content": piece.text} if piece.text else {}
-                chunk = schema.chat_chunk(plan.env, piece.choice, delta, piece.finish_reason, plan.include_usage,
-                                          scores)
+                chunk = schema.chat_chunk(
+                    plan.env, piece.choice, delta, piece.finish_reason, plan.include_usage, scores
+                )
             else:
                 chunk = schema.completion_chunk(
-                    plan.env, schema.completion_choice(piece.choice, piece.text, piece.finish_reason, scores),
-                    plan.include_usage)
+                    plan.env,
+                    schema.completion_choice(piece.choice, piece.text, piece.finish_reason, scores),
+                    plan.include_usage,
+                )
             yield schema.sse(chunk)
         if plan.include_usage:
             kind = "chat.completion.chunk" if plan.chat else "text_completion"
@@ -189,8 +229,13 @@ def _logprobs(plan: Plan, token_ids: list[int], logprobs: list[float], offset: i
     """
     pieces = [plan.token_text(i) for i in token_ids]
     if plan.chat:
-        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                            for t, lp in zip(pieces, logprobs)], "refusal": None}
+        return {
+            "content": [
+                {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                for t, lp in zip(pieces, logprobs, strict=True)
+            ],
+            "refusal": None,
+        }
     starts = []
     for piece in pieces:
         starts.append(offset)

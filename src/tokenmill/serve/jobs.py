@@ -45,8 +45,7 @@ class Job:
         self._done = threading.Event()
         self._admitted_at: float | None = None
         for request in requests:
-            threading.Thread(target=self._forward, args=(request,), name="tokenmill-serve-forward",
-                             daemon=True).start()
+            threading.Thread(target=self._forward, args=(request,), name="tokenmill-serve-forward", daemon=True).start()
 
     def admitted(self) -> bool:
         """True once every sample of every prompt has a batch row (the job left the queue)."""
@@ -86,9 +85,10 @@ class Job:
         try:
             for delta in request:
                 logprobs = tuple(delta.logprobs) if delta.logprobs is not None else None
-                self._put(Piece(base + delta.sample_index, delta.text, tuple(delta.token_ids), delta.finish_reason,
-                                logprobs))
-        except Exception as err:  # noqa: BLE001 (the engine re-raises whatever failed its step, in every request)
+                self._put(
+                    Piece(base + delta.sample_index, delta.text, tuple(delta.token_ids), delta.finish_reason, logprobs)
+                )
+        except Exception as err:  # the engine re-raises whatever failed its step, in every request
             self.cancel()
             self._put(APIError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error"))
         with self._lock:

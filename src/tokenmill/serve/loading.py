@@ -35,10 +35,18 @@ class ServedModel:
         from tokenmill.generation.engine import SamplingParams
 
         try:
-            return SamplingParams(max_new_tokens=max_tokens, temperature=request.temperature, top_k=request.top_k,
-                                  top_p=request.top_p, min_p=request.min_p,
-                                  repetition_penalty=request.repetition_penalty, stop=stops, seed=request.seed,
-                                  n=request.n, logprobs=logprobs)
+            return SamplingParams(
+                max_new_tokens=max_tokens,
+                temperature=request.temperature,
+                top_k=request.top_k,
+                top_p=request.top_p,
+                min_p=request.min_p,
+                repetition_penalty=request.repetition_penalty,
+                stop=stops,
+                seed=request.seed,
+                n=request.n,
+                logprobs=logprobs,
+            )
         except UserError as err:  # the schema checks the same ranges; this keeps any drift a 400, not a 500
             raise APIError(400, str(err)) from None
 
@@ -47,11 +55,20 @@ class ServedModel:
 
     def model_card(self, settings: ServeSettings) -> dict[str, Any]:
         """The /v1/models entry; the extra fields tell clients what this model is and is not."""
-        return {"id": settings.model_name, "object": "model", "created": self.created, "owned_by": "tokenmill",
-                "context_length": self.context_tokens, "max_tokens_limit": settings.max_tokens_limit,
-                "chat": self.chat_template is not None,
-                "description": ("chat model (template from " + Path(self.chat_template.origin).name + ")"
-                                if self.chat_template else "base model: not chat-tuned, /v1/completions only")}
+        return {
+            "id": settings.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tokenmill",
+            "context_length": self.context_tokens,
+            "max_tokens_limit": settings.max_tokens_limit,
+            "chat": self.chat_template is not None,
+            "description": (
+                "chat model (template from " + Path(self.chat_template.origin).name + ")"
+                if self.chat_template
+                else "base model: not chat-tuned, /v1/completions only"
+            ),
+        }
 
 
 def load_served_model(path: str | Path, device: str | None = None, max_batch: int = 8) -> ServedModel:
@@ -66,5 +83,12 @@ def load_served_model(path: str | Path, device: str | None = None, max_batch: in
     model = load_model(folder, device=device)
     tokenizer = load_tokenizer(folder)
     generator = Generator(model, tokenizer, device=device, max_batch_size=max_batch)
-    return ServedModel(generator, tokenizer, folder, model.cfg.max_seq_len, model.cfg.vocab_size,
-                       find_chat_template(folder, tokenizer), int(folder.stat().st_mtime))
+    return ServedModel(
+        generator,
+        tokenizer,
+        folder,
+        model.cfg.max_seq_len,
+        model.cfg.vocab_size,
+        find_chat_template(folder, tokenizer),
+        int(folder.stat().st_mtime),
+    )

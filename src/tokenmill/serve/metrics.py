@@ -40,10 +40,12 @@ class RequestRecord:
 
     def log_line(self) -> str:
         ttft = f"{self.first_token_s * 1000:.0f}ms" if self.first_token_s is not None else "-"
-        return (f"{self.endpoint} {self.status} {self.outcome} id={self.request_id} prompt={self.prompt_tokens} "
-                f"completion={self.completion_tokens} latency={self.latency_s * 1000:.0f}ms ttft={ttft} "
-                f"tok/s={self.tokens_per_s():.1f} queue_wait={self.queue_wait_s * 1000:.0f}ms "
-                f"queue_depth={self.queue_depth}")
+        return (
+            f"{self.endpoint} {self.status} {self.outcome} id={self.request_id} prompt={self.prompt_tokens} "
+            f"completion={self.completion_tokens} latency={self.latency_s * 1000:.0f}ms ttft={ttft} "
+            f"tok/s={self.tokens_per_s():.1f} queue_wait={self.queue_wait_s * 1000:.0f}ms "
+            f"queue_depth={self.queue_depth}"
+        )
 
 
 class ServerMetrics:
@@ -51,20 +53,38 @@ class ServerMetrics:
 
     def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("tokenmill_requests", "HTTP requests answered, by endpoint, status and outcome",
-                                ["endpoint", "status", "outcome"], registry=self.registry)
-        self.latency = Histogram("tokenmill_request_latency_seconds", "arrival to last byte", ["endpoint"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.first_token = Histogram("tokenmill_time_to_first_token_seconds", "arrival to the first generated token",
-                                     ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue_wait = Histogram("tokenmill_queue_wait_seconds", "time a request waited for a batch slot",
-                                    buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "tokenmill_requests",
+            "HTTP requests answered, by endpoint, status and outcome",
+            ["endpoint", "status", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tokenmill_request_latency_seconds",
+            "arrival to last byte",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_token = Histogram(
+            "tokenmill_time_to_first_token_seconds",
+            "arrival to the first generated token",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "tokenmill_queue_wait_seconds",
+            "time a request waited for a batch slot",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter("tokenmill_prompt_tokens", "prompt tokens processed", registry=self.registry)
         self.completion_tokens = Counter("tokenmill_completion_tokens", "tokens generated", registry=self.registry)
-        Gauge("tokenmill_queue_depth", "requests waiting for a batch slot",
-              registry=self.registry).set_function(queue_depth)
-        Gauge("tokenmill_running_requests", "requests being generated",
-              registry=self.registry).set_function(running)
+        Gauge("tokenmill_queue_depth", "requests waiting for a batch slot", registry=self.registry).set_function(
+            queue_depth
+        )
+        Gauge("tokenmill_running_requests", "requests being generated", registry=self.registry).set_function(running)
 
     def record(self, record: RequestRecord) -> None:
         self.requests.labels(record.endpoint, str(record.status), record.outcome).inc()

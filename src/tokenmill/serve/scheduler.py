@@ -40,9 +40,13 @@ class Scheduler:
                 raise APIError(503, "the server is shutting down", kind="server_error")
             waiting = self._waiting()
             if waiting >= self.max_queue:
-                raise APIError(429, f"the server is busy: {waiting} requests are already waiting; retry in "
-                               f"{retry_after_s} s", kind="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": str(retry_after_s)})
+                raise APIError(
+                    429,
+                    f"the server is busy: {waiting} requests are already waiting; retry in {retry_after_s} s",
+                    kind="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": str(retry_after_s)},
+                )
             try:
                 requests = [self.generator.submit(ids, params, prompt_index=i) for i, ids in enumerate(prompts)]
             except UserError as err:  # the engine's own prompt checks (vocabulary, context)

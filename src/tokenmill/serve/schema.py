@@ -24,8 +24,15 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for `logprobs` on /v1/completions
 class APIError(Exception):
     """A request the server refuses, with its HTTP status and OpenAI's error fields."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -127,8 +134,12 @@ class CompletionRequest(_Sampling):
                 return [list(prompt)]
             if all(isinstance(p, list) and p and all(_is_token(t) for t in p) for p in prompt):
                 return [list(p) for p in prompt]
-        raise APIError(400, "prompt must be a string, a non-empty list of strings, a list of token ids or a list "
-                       "of non-empty token-id lists", "prompt")
+        raise APIError(
+            400,
+            "prompt must be a string, a non-empty list of strings, a list of token ids or a list "
+            "of non-empty token-id lists",
+            "prompt",
+        )
 
 
 def _is_token(value: Any) -> bool:
@@ -187,18 +198,28 @@ def check_limits(limits: Limits, prompt_lengths: list[int], max_tokens: int, n: 
     if n > limits.max_n:
         raise APIError(400, f"n={n} is above this server's limit of {limits.max_n}", "n")
     if len(prompt_lengths) > limits.max_prompts:
-        raise APIError(400, f"{len(prompt_lengths)} prompts is above this server's limit of {limits.max_prompts} "
-                       f"per request", "prompt")
+        raise APIError(
+            400,
+            f"{len(prompt_lengths)} prompts is above this server's limit of {limits.max_prompts} per request",
+            "prompt",
+        )
     if max_tokens > limits.max_tokens:
-        raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {limits.max_tokens} "
-                       f"(--max-tokens-limit)", "max_tokens")
+        raise APIError(
+            400,
+            f"max_tokens={max_tokens} is above this server's limit of {limits.max_tokens} (--max-tokens-limit)",
+            "max_tokens",
+        )
     for length in prompt_lengths:
         if length == 0:
             raise APIError(400, "the prompt is empty: give at least one token of text", "prompt")
         if length + max_tokens > limits.context_tokens:
-            raise APIError(400, f"this model's context is {limits.context_tokens} tokens, but the prompt has {length} "
-                           f"tokens and max_tokens is {max_tokens}: shorten the prompt or lower max_tokens",
-                           "prompt", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's context is {limits.context_tokens} tokens, but the prompt has {length} "
+                f"tokens and max_tokens is {max_tokens}: shorten the prompt or lower max_tokens",
+                "prompt",
+                "context_length_exceeded",
+            )
 
 
 def parse_request(body: bytes, model_cls: type[_Request]) -> Any:
@@ -264,45 +285,74 @@ def sse(event: dict[str, Any]) -> bytes:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None,
-                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, content: str, finish_reason: str, logprobs: dict[str, Any] | None = None
-                ) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": content}, "logprobs": logprobs,
-            "finish_reason": finish_reason}
+def chat_choice(index: int, content: str, finish_reason: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": content},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
 
 
 def completion_response(env: Envelope, choices: list[dict[str, Any]], counts: dict[str, int]) -> dict[str, Any]:
-    return {"id": env.id, "object": "text_completion", "created": env.created, "model": env.model,
-            "choices": choices, "usage": counts}
+    return {
+        "id": env.id,
+        "object": "text_completion",
+        "created": env.created,
+        "model": env.model,
+        "choices": choices,
+        "usage": counts,
+    }
 
 
 def chat_response(env: Envelope, choices: list[dict[str, Any]], counts: dict[str, int]) -> dict[str, Any]:
-    return {"id": env.id, "object": "chat.completion", "created": env.created, "model": env.model,
-            "choices": choices, "usage": counts}
+    return {
+        "id": env.id,
+        "object": "chat.completion",
+        "created": env.created,
+        "model": env.model,
+        "choices": choices,
+        "usage": counts,
+    }
 
 
 def completion_chunk(env: Envelope, choice: dict[str, Any], with_usage: bool) -> dict[str, Any]:
     """A streamed piece of one choice; `finish_reason` stays null until that choice's last chunk."""
-    chunk = {"id": env.id, "object": "text_completion", "created": env.created, "model": env.model,
-             "choices": [choice]}
+    chunk = {"id": env.id, "object": "text_completion", "created": env.created, "model": env.model, "choices": [choice]}
     if with_usage:
         chunk["usage"] = None  # OpenAI sends usage: null on every chunk but the usage chunk
     return chunk
 
 
-def chat_chunk(env: Envelope, index: int, delta: dict[str, Any], finish_reason: str | None, with_usage: bool,
-               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def chat_chunk(
+    env: Envelope,
+    index: int,
+    delta: dict[str, Any],
+    finish_reason: str | None,
+    with_usage: bool,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A streamed piece of one chat choice: the first delta carries the role, the last one the finish_reason."""
-    chunk = {"id": env.id, "object": "chat.completion.chunk", "created": env.created, "model": env.model,
-             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    chunk = {
+        "id": env.id,
+        "object": "chat.completion.chunk",
+        "created": env.created,
+        "model": env.model,
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
     if with_usage:
         chunk["usage"] = None
     return chunk
@@ -310,5 +360,11 @@ def chat_chunk(env: Envelope, index: int, delta: dict[str, Any], finish_reason: 
 
 def usage_chunk(env: Envelope, object_kind: str, counts: dict[str, int]) -> dict[str, Any]:
     """The one extra chunk `stream_options.include_usage` asks for: no choices, the whole request's usage."""
-    return {"id": env.id, "object": object_kind, "created": env.created, "model": env.model, "choices": [],
-            "usage": counts}
+    return {
+        "id": env.id,
+        "object": object_kind,
+        "created": env.created,
+        "model": env.model,
+        "choices": [],
+        "usage": counts,
+    }

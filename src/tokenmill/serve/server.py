@@ -36,8 +36,9 @@ def run_server(app: Any, sock: socket.socket, shutdown_timeout_s: float) -> None
     """Serve `app` on `sock` until SIGTERM/SIGINT, then shut down gracefully."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=shutdown_timeout_s,
-                            timeout_keep_alive=5)
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, timeout_graceful_shutdown=shutdown_timeout_s, timeout_keep_alive=5
+    )
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it is done; a no-op handler turns that into a clean return.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
