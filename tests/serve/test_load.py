@@ -113,6 +113,23 @@ def test_a_client_that_disconnects_frees_its_slot(base_run):
         assert answer.usage.completion_tokens <= 3
 
 
+def test_a_client_that_leaves_before_a_plain_answer_frees_its_slot(base_run):
+    calls: list[float] = []
+    with live_server(base_run, max_batch=1, prepare=slow_model(calls, 0.02)) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        payload = json.dumps({"model": MODEL_NAME, "prompt": "abc", "max_tokens": 80, "temperature": 0}).encode()
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+        )
+        assert wait_until(lambda: len(calls) >= 3, 10)  # generating, no byte sent back yet
+        sock.close()
+        assert wait_until(lambda: health(server)["running"] == 0, 10)
+        settled = len(calls)
+        time.sleep(0.3)
+        assert len(calls) == settled < 60
+
+
 def test_a_full_queue_answers_429_with_retry_after(base_run):
     calls: list[float] = []
     with live_server(base_run, max_batch=1, max_queue=1, prepare=slow_model(calls, 0.05)) as server:

@@ -8,6 +8,7 @@ framing every OpenAI client parses. Generation runs on the scheduler's worker th
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import logging
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("tokenmill.serve")
 OPEN_PATHS = ("/health", "/")  # the playground page holds no data; its requests carry the key the user types
+DISCONNECT_POLL_S = 0.2
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
 
 
@@ -115,14 +117,18 @@ def create_app(served: ServedModel, settings: ServeSettings) -> FastAPI:
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
             answer = await completions.collect(plan, job)
-        except BaseException as err:  # a failure, or the handler cancelled because the client left
+        except BaseException as err:  # a failure, or the handler cancelled
             failed = isinstance(err, schema.APIError)
             record.status, record.outcome = (err.status, "error") if failed else (499, "cancelled")
             job.cancel()
             raise
         finally:
+            watcher.cancel()
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                record.status, record.outcome = 499, "cancelled"  # nginx's code for "client closed request"
             record.queue_wait_s = job.queue_wait_s()
             record.latency_s = time.perf_counter() - arrived
             metrics.record(record)
@@ -140,6 +146,20 @@ def create_app(served: ServedModel, settings: ServeSettings) -> FastAPI:
             metrics.record(record)
 
     return app
+
+
+async def _cancel_on_disconnect(request: Request, job: Any) -> bool:
+    """Cancel `job` if the client of a non-streamed request goes away before the answer (True if it did).
+
+    A streamed response notices a disconnect itself (Starlette cancels the stream); a plain one would
+    otherwise keep its batch rows until the whole completion is generated for nobody.
+    """
+    while not job.finished():
+        if await request.is_disconnected():
+            job.cancel()
+            return True
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    return False
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
