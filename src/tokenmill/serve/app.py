@@ -56,8 +56,6 @@ def create_app(served: ServedModel, settings: ServeSettings) -> FastAPI:
         scheduler.stop(settings.shutdown_timeout_s)
 
     app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler = scheduler
-    app.state.metrics = metrics
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key)
     _add_error_handlers(app)
@@ -113,7 +111,7 @@ def create_app(served: ServedModel, settings: ServeSettings) -> FastAPI:
             raise
         if plan.stream:
             return StreamingResponse(
-                _recorded(plan.env, completions.stream(plan, job), job, record, arrived),
+                _recorded(completions.stream(plan, job), job, record, arrived),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
@@ -134,7 +132,7 @@ def create_app(served: ServedModel, settings: ServeSettings) -> FastAPI:
             metrics.record(record)
         return JSONResponse(answer)
 
-    async def _recorded(env: schema.Envelope, events: Any, job: Any, record: Any, arrived: float):
+    async def _recorded(events: Any, job: Any, record: Any, arrived: float):
         """Pass the stream through, and log/count the request once it ended however it ended."""
         try:
             async for event in events:

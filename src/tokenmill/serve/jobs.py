@@ -44,6 +44,7 @@ class Job:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._admitted_at: float | None = None
+        self._started = 0  # engine requests that delivered their first delta (prefill done)
         for request in requests:
             threading.Thread(target=self._forward, args=(request,), name="tokenmill-serve-forward", daemon=True).start()
 
@@ -54,7 +55,7 @@ class Job:
         return self._admitted_at is not None
 
     def queue_wait_s(self) -> float:
-        self.admitted()
+        """Arrival until every prompt was admitted (at the latest, until its first token: prefill included)."""
         return (self._admitted_at or time.perf_counter()) - self.arrived_at
 
     def cancel(self) -> None:
@@ -82,8 +83,12 @@ class Job:
     # -- forwarding threads ------------------------------------------------------------------------------
     def _forward(self, request: Any) -> None:
         base = request.prompt_index * self.n
+        first = True
         try:
             for delta in request:
+                if first:
+                    self._note_started()
+                    first = False
                 logprobs = tuple(delta.logprobs) if delta.logprobs is not None else None
                 self._put(
                     Piece(base + delta.sample_index, delta.text, tuple(delta.token_ids), delta.finish_reason, logprobs)
@@ -97,6 +102,13 @@ class Job:
         if last:
             self._done.set()
             self._put(_END)
+
+    def _note_started(self) -> None:
+        """A prompt's first delta means its samples were admitted; the last prompt's ends the queue wait."""
+        with self._lock:
+            self._started += 1
+            if self._started == len(self.requests) and self._admitted_at is None:
+                self._admitted_at = time.perf_counter()
 
     def _put(self, item: Any) -> None:
         try:
