@@ -74,7 +74,7 @@ def test_32_concurrent_clients_all_answered_and_correct(base_server):
 
     def one_client(k: int) -> list[tuple[str, str]]:
         own = base_server.client(timeout=DEADLINE_S)
-        streaming = base_server.client(timeout=DEADLINE_S, strict=False)  # see test_openai_client's docstring
+        streaming = base_server.client(timeout=DEADLINE_S, strict=False)  # see test_serve_openai_client's docstring
         answers = []
         for j in range(REQUESTS_EACH):
             prompt = PROMPTS[(k + j) % len(PROMPTS)]
