@@ -1,0 +1,1 @@
+"""`tokenmill serve`: an OpenAI-compatible HTTP server over the generation engine (protocol and queueing only)."""

@@ -1,0 +1,160 @@
+"""Chat prompts: the chat template a checkpoint records, rendered and tokenized the way Hugging Face does it.
+
+Where the template comes from (first found wins), so a fine-tuning run only has to write the Hugging Face files:
+1. `chat_template.jinja` in the checkpoint folder, then in the folder of the tokenizer.json it was trained with;
+2. the `chat_template` key of `tokenizer_config.json` in those folders (a string, or a list of named templates
+   from which "default" is taken).
+`tokenizer_config.json` may also name the `eos_token` that ends an assistant turn; when it is not the
+tokenizer's end-of-document token it becomes a stop sequence of every chat request. A checkpoint without a
+template is a base model, and /v1/chat/completions answers 400 for it.
+
+Rendering follows transformers' `apply_chat_template` (src/transformers/utils/chat_template_utils.py): a
+sandboxed Jinja environment with trim_blocks/lstrip_blocks, `raise_exception`, `strftime_now`, and the variables
+`messages`, `add_generation_prompt=True`, `bos_token`, `eos_token`. The rendered text is tokenized with the
+special-token strings it contains mapped to their ids, as a Hugging Face tokenizer does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tokenmill.errors import UserError
+from tokenmill.serve.schema import APIError
+
+if TYPE_CHECKING:
+    from tokenmill.data.tokenizer import Tokenizer
+
+TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A compiled chat template and the special tokens it may refer to."""
+
+    text: str
+    origin: str  # the file it was read from, for messages
+    bos_token: str
+    eos_token: str  # the token that ends an assistant turn
+    template: Any  # jinja2.Template
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for `messages`, ending where the assistant's answer starts."""
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self.template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                tools=None,
+            )
+        except TemplateError as err:  # includes raise_exception() from the template itself
+            raise APIError(400, f"the chat template refused these messages: {err}", "messages") from None
+
+
+def find_chat_template(checkpoint: Path, tokenizer: Tokenizer) -> ChatTemplate | None:
+    """The chat template recorded for this checkpoint, or None for a base model."""
+    folders = [checkpoint]
+    if tokenizer.backend is not None and Path(tokenizer.name).is_file():
+        folders.append(Path(tokenizer.name).parent)
+    for folder in folders:
+        config = _tokenizer_config(folder / TOKENIZER_CONFIG)
+        text, origin = None, None
+        if (folder / TEMPLATE_FILE).is_file():
+            text, origin = (folder / TEMPLATE_FILE).read_text(encoding="utf-8"), folder / TEMPLATE_FILE
+        elif config.get("chat_template"):
+            text, origin = _named_default(config["chat_template"], folder / TOKENIZER_CONFIG), folder / TOKENIZER_CONFIG
+        if text is not None:
+            eos = _token_text(config.get("eos_token")) or tokenizer.decode([tokenizer.eos_id])
+            bos = _token_text(config.get("bos_token")) or tokenizer.decode([tokenizer.bos_id])
+            return ChatTemplate(text, str(origin), bos, eos, _compile(text, str(origin)))
+    return None
+
+
+def end_of_turn_stops(template: ChatTemplate, tokenizer: Tokenizer) -> tuple[str, ...]:
+    """Stop sequences that end an assistant turn, beyond the end-of-document token the engine stops on."""
+    return () if template.eos_token == tokenizer.decode([tokenizer.eos_id]) else (template.eos_token,)
+
+
+def encode_chat_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered chat prompt, special-token strings (e.g. <|eos|>, <|im_start|>) as their own ids.
+
+    `Tokenizer.encode` treats such strings as plain text, which is right for documents and wrong for a
+    template that spells out its turn markers.
+    """
+    specials = special_token_ids(tokenizer)
+    if not specials:
+        return tokenizer.encode(text)
+    pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
+    ids: list[int] = []
+    for piece in re.split(pattern, text):
+        if piece in specials:
+            ids.append(specials[piece])
+        elif piece:
+            ids.extend(tokenizer.encode(piece))
+    return ids
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """String -> id of every special token of the tokenizer."""
+    if tokenizer.backend is None:
+        ids = [tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id]
+        return {tokenizer.decode([i]): i for i in ids if i is not None}
+    return {
+        token.content: index for index, token in tokenizer.backend.get_added_tokens_decoder().items() if token.special
+    }
+
+
+def _compile(text: str, origin: str) -> Any:
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(text)
+    except TemplateError as err:
+        raise UserError(f"the chat template in {origin} is not valid Jinja: {err}") from None
+
+
+def _tokenizer_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return data
+
+
+def _named_default(value: Any, path: Path) -> str:
+    """`chat_template` is a string, or a list of {"name", "template"} of which "default" is the chat one."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise UserError(f"chat_template in {path} must be a string or a list holding a template named 'default'")
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
