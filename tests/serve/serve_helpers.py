@@ -56,29 +56,33 @@ def char_tokenizer() -> Tokenizer:
 def save_tiny_run(run_dir: Path, chat_template: str | None = None) -> Path:
     """A run folder holding one checkpoint of the tiny character model (and a chat template if given)."""
     tokenizer = char_tokenizer()
-    cfg = load_config(
-        ["tiny"],
-        overrides=[
-            f"model.vocab_size={tokenizer.vocab_size}",
-            "model.n_layers=2",
-            "model.d_model=64",
-            "model.n_heads=4",
-            "model.n_kv_heads=2",
-            f"model.max_seq_len={CONTEXT}",
-            "model.dropout=0.0",
-        ],
-    )
+    overrides = [
+        f"model.vocab_size={tokenizer.vocab_size}",
+        "model.n_layers=2",
+        "model.d_model=64",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        f"model.max_seq_len={CONTEXT}",
+        "model.dropout=0.0",
+    ]
+    cfg = load_config(["tiny"], overrides=overrides)
     torch.manual_seed(0)
     model = tokenmill.create_model(cfg)
     with torch.no_grad():
         model.tok_emb.weight[tokenizer.eos_id].zero_()  # the tied head gives <|eos|> logit 0: rarely sampled
         model.tok_emb.weight.mul_(2.0)  # sharper logits, so sampled text is varied but not uniform noise
-    folder = Checkpointer(run_dir, cfg.checkpoint, config=cfg).save(1, {}, model)
-    tokenizer.save(folder)
-    if chat_template is not None:
-        (folder / "tokenizer_config.json").write_text(
+    if chat_template is None:  # the tokenizer travels inside the checkpoint (listed in its manifest)
+        Checkpointer(
+            run_dir, cfg.checkpoint, {"model": model}, run_config=cfg, tokenizer_json=tokenizer.backend.to_str()
+        ).save(1)
+    else:  # a tokenizer folder beside the run, as a fine-tuning run records it, with the template in its config
+        tokenizer_dir = run_dir / "tokenizer"
+        tokenizer.save(tokenizer_dir)
+        (tokenizer_dir / "tokenizer_config.json").write_text(
             json.dumps({"chat_template": chat_template, "eos_token": "<|eos|>"})
         )
+        cfg = load_config(["tiny"], overrides=[*overrides, f"data.tokenizer={tokenizer_dir / 'tokenizer.json'}"])
+        Checkpointer(run_dir, cfg.checkpoint, {"model": model}, run_config=cfg).save(1)
     return run_dir
 
 

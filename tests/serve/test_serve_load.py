@@ -37,7 +37,7 @@ def slow_model(calls: list[float], delay_s: float):
 
 
 def health(server) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
         conn.request("GET", "/health")
         return json.loads(conn.getresponse().read())
