@@ -46,9 +46,15 @@ def write_parquet(path: Path, docs: list[str], row_group_size: int = 64) -> Path
 
 
 def make_cfg(sources: list[str], seq_len: int = 32, batch: int = 4, shuffle: int = 8, workers: int = 0,
-             eval_fraction: float = 0.0, seed: int = 1234, bos_aligned_eval: bool = False) -> Config:
+             eval_fraction: float | None = 0.0, seed: int = 1234, bos_aligned_eval: bool = False,
+             eval_sources: list[str] | None = None, shuffle_documents: bool = True, stream: bool = False,
+             document_buffer: int = 1024) -> Config:
     cfg = Config()
     cfg.data.sources = list(sources)
+    cfg.data.eval_sources = list(eval_sources or [])
+    cfg.data.shuffle_documents = shuffle_documents
+    cfg.data.stream_local_files = stream
+    cfg.data.document_buffer = document_buffer
     cfg.data.shuffle_buffer = shuffle
     cfg.data.num_workers = workers
     cfg.data.eval_fraction = eval_fraction

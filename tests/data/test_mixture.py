@@ -8,7 +8,7 @@ import pytest
 
 from tokenmill.data.mixture import (Mixture, SourceCursor, is_eval_doc, merge_cursors, parse_sources,
                                     uniform)
-from tokenmill.data.sources import DocReader, IndexedSource
+from tokenmill.data.sources import IndexedSource
 from tokenmill.errors import UserError
 
 
@@ -20,7 +20,7 @@ class ListSource(IndexedSource):
     def __len__(self) -> int:
         return len(self.docs)
 
-    def text(self, i: int, reader: DocReader) -> str:
+    def text(self, i: int) -> str:
         return self.docs[i]
 
 

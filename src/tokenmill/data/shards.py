@@ -51,8 +51,12 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
 
 
 def is_shard_dir(path: str | os.PathLike) -> bool:
-    """True when `path` is a folder holding a tokenmill shard manifest (used by the loader to dispatch)."""
-    return (Path(path) / MANIFEST).is_file()
+    """True when `path` is a folder holding a shard manifest: the one test loader, sources and tokenizer use.
+
+    Only the file's presence counts; `read_manifest` then checks its content, so a damaged manifest gives a
+    one-line error about the manifest instead of being read as a text source.
+    """
+    return (Path(path).expanduser() / MANIFEST).is_file()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,15 +122,63 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{folder} holds no {MANIFEST}: not a prepared dataset "
                         f"(create it with `tokenmill prepare SOURCE --out {folder}`)")
+    fix = f"re-run `tokenmill prepare ... --out {folder} --overwrite`"
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is damaged ({err}); re-run `tokenmill prepare ... --out {folder} --overwrite`") \
-            from err
+        raise UserError(f"{path} is damaged ({err}); {fix}") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} holds a JSON {type(manifest).__name__}, not a shard manifest (an object); {fix}")
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise UserError(f"{path} is format {manifest.get('format')} v{manifest.get('version')}, this tokenmill reads "
-                        f"{FORMAT} v{FORMAT_VERSION}; re-run `tokenmill prepare ... --out {folder} --overwrite`")
+                        f"{FORMAT} v{FORMAT_VERSION}; {fix}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise UserError(f"{path} is not a valid shard manifest: {problem}; {fix}")
     return manifest
+
+
+# key -> type of every manifest value the readers use; a shard entry's file names must be plain names in the folder
+_MANIFEST_KEYS = {"complete": bool, "tokenizer": dict, "dtype": str, "settings": dict, "chunks": list, "splits": dict,
+                  "source_docs": int, "source_bytes": int}
+_TOKENIZER_KEYS = {"hash": str, "vocab_size": int, "eos_id": int, "spec": str}
+_SPLIT_KEYS = {"tokens": int, "docs": int, "shards": list}
+_SHARD_KEYS = {"file": str, "index": str, "tokens": int, "docs": int, "sha256": str, "index_sha256": str,
+               "index_bytes": int}
+
+
+def _missing(obj: dict[str, Any], keys: dict[str, type], where: str) -> str | None:
+    for key, kind in keys.items():
+        if key not in obj:
+            return f"{where}{key!r} is missing"
+        if not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
+            return f"{where}{key!r} is {type(obj[key]).__name__}, expected {kind.__name__}"
+    return None
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed manifest's structure, or None (checked once, so readers can index freely)."""
+    problem = _missing(manifest, _MANIFEST_KEYS, "") or _missing(manifest["tokenizer"], _TOKENIZER_KEYS, "tokenizer.")
+    if problem:
+        return problem
+    if manifest["dtype"] not in ("uint16", "uint32"):
+        return f"dtype {manifest['dtype']!r} is not uint16 or uint32"
+    for split in SPLITS:
+        info = manifest["splits"].get(split)
+        if not isinstance(info, dict):
+            return f"splits.{split} is missing"
+        problem = _missing(info, _SPLIT_KEYS, f"splits.{split}.")
+        for i, entry in enumerate(info["shards"] if problem is None else []):
+            where = f"splits.{split}.shards[{i}]"
+            problem = (f"{where} is not an object" if not isinstance(entry, dict) else
+                       _missing(entry, _SHARD_KEYS, f"{where}."))
+            if problem is None and any(Path(entry[k]).name != entry[k] for k in ("file", "index")):
+                problem = f"{where} names a file outside the folder ({entry['file']!r}, {entry['index']!r})"
+            if problem:
+                break
+        if problem:
+            return problem
+    return None
 
 
 @dataclass
@@ -217,9 +269,9 @@ def open_shards(folder: str | os.PathLike, split: str, tokenizer: Any = None, ve
 def build_shard_loader(path: str | os.PathLike, tokenizer: Any, split: str, batch_size: int, seq_len: int,
                        rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                        shuffle_buffer: int = 1, verify: str = "size") -> Any:
-    """The memory-mapped loader over a prepared folder; see `tokenmill.data.shard_loader.ShardLoader`."""
+    """The training loader over one split of a prepared folder (`tokenmill.data.shard_loader.ShardLoader`);
+    `shuffle_buffer` > 0 turns on the per-epoch window permutation."""
     from tokenmill.data.shard_loader import ShardLoader
 
     shard_set = open_shards(path, split, tokenizer, verify)
-    return ShardLoader(shard_set, batch_size, seq_len, rank, world_size, num_workers, seed, shuffle=shuffle_buffer > 0,
-                       restart_each_iter=split == "eval")
+    return ShardLoader(shard_set, batch_size, seq_len, rank, world_size, num_workers, seed, shuffle=shuffle_buffer > 0)

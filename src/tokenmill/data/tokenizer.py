@@ -36,7 +36,15 @@ SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 BYTE_VOCAB = 256
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 characters byte-level BPE uses for the bytes 0-255 (GPT-2's bytes_to_unicode)."""
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.ByteLevel.alphabet()
 
 
 def _short_hash(text: str) -> str:
@@ -123,6 +131,29 @@ class Tokenizer:
             out.append(SPECIAL_TOKENS[i - BYTE_VOCAB] if i - BYTE_VOCAB < len(SPECIAL_TOKENS) else f"<|{i}|>")
         out.append(run.decode("utf-8", "replace"))
         return "".join(out)
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of text each id stands for (0 for special tokens): the denominator of bits per byte.
+
+        Summing it over a window's targets counts the bytes of the text the model predicted, exactly, whatever
+        the tokenizer; decoding windows instead miscounts split multi-byte characters and special tokens.
+        """
+        if self.backend is None:
+            return [1] * BYTE_VOCAB + [0] * (self.vocab_size - BYTE_VOCAB)
+        out = [0] * self.vocab_size
+        special = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        byte_level = '"ByteLevel"' in self.backend.to_str()
+        table = {c: 1 for c in _byte_level_alphabet()} if byte_level else {}
+        for token, i in self.backend.get_vocab(with_added_tokens=True).items():
+            if i in special or i >= self.vocab_size:
+                continue
+            if BYTE_FALLBACK.fullmatch(token):
+                out[i] = 1  # SentencePiece byte-fallback token <0xNN>
+            elif byte_level:  # each character of a byte-level token stands for one byte
+                out[i] = sum(table.get(c, len(c.encode("utf-8"))) for c in token)
+            else:  # Metaspace tokenizers write a space as U+2581
+                out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+        return out
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write `tokenizer.json` into `out_dir` atomically (the byte tokenizer has no file to write)."""
@@ -232,11 +263,11 @@ def build_tokenizer(data_cfg: Any, cache_dir: str | os.PathLike) -> Tokenizer:
     from tokenmill.data.mixture import parse_sources
     from tokenmill.data.sources import open_source
 
-    spec = parse_sources(data_cfg.sources)[0]
-    shards = Path(spec.location)
-    if (shards / "manifest.json").is_file():  # pre-tokenized shards: use the tokenizer that wrote them
-        from tokenmill.data.shards import read_manifest
+    from tokenmill.data.shards import is_shard_dir, read_manifest
 
+    spec = parse_sources(data_cfg.sources)[0]
+    if is_shard_dir(spec.location):  # pre-tokenized shards: use the tokenizer that wrote them
+        shards = Path(spec.location).expanduser()
         return load_tokenizer(str(shards) if (shards / "tokenizer.json").is_file()
                               else read_manifest(shards)["tokenizer"]["spec"])
     chars = getattr(data_cfg, "tokenizer_train_chars", 0)
