@@ -197,3 +197,37 @@ def test_default_bpe_setting_uses_the_shards_tokenizer(tmp_path, bpe, tokenizer)
     built = build_tokenizer(data_cfg, tmp_path / "cache")
     assert built.hash == read_manifest(out)["tokenizer"]["hash"]
     assert not (tmp_path / "cache").exists()  # nothing trained
+
+
+def test_only_its_own_temp_files_are_removed_and_only_from_an_accepted_folder(tmp_path):
+    tok = Tokenizer.byte()
+    docs = corpus(50)
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    mine = {".draft.tmp1": b"user notes", ".train-00000.bin.tmp77": b"looks like ours"}
+    for name, data in mine.items():
+        (refused / name).write_bytes(data)
+    with pytest.raises(UserError, match="not empty"):
+        prepare(docs, tok, refused)  # a folder it refuses: nothing is touched, not even its own pattern
+    assert {p.name: p.read_bytes() for p in refused.iterdir()} == mine
+
+    done = tmp_path / "done"
+    prepare(docs, tok, done)
+    (done / ".train-00001.bin.tmp4242").write_bytes(b"left by a killed run")
+    (done / ".draft.tmp1").write_bytes(b"user notes")
+    (done / "train-notes.bin").write_bytes(b"user file with a shard-like name")
+    assert prepare(docs, tok, done).resumed_chunks == -1  # accepted (same dataset): its own leftovers go
+    assert not (done / ".train-00001.bin.tmp4242").exists()
+    assert (done / ".draft.tmp1").read_bytes() == b"user notes"
+    assert (done / "train-notes.bin").read_bytes() == b"user file with a shard-like name"
+    prepare(docs, tok, done, eval_fraction=0.5, overwrite=True)  # overwrite replaces the dataset, not user files
+    assert (done / ".draft.tmp1").exists() and (done / "train-notes.bin").exists()
+    assert read_manifest(done)["settings"]["eval_fraction"] == 0.5
+
+
+def test_a_folder_holding_only_its_own_leftovers_counts_as_empty(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".manifest.json.tmp9").write_bytes(b"{")  # killed before the first manifest rename
+    prepare(corpus(30), Tokenizer.byte(), out)
+    assert not (out / ".manifest.json.tmp9").exists() and read_manifest(out)["complete"]

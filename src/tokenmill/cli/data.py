@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from tokenmill.cli.common import add_config_arguments
@@ -57,6 +58,7 @@ def _table(report, cfg) -> None:
 def run(args: argparse.Namespace) -> int:
     from tokenmill.cli.config import config_from_args
     from tokenmill.data.check import run_check, verify_shard_checksums
+    from tokenmill.data.quality import problem_lines
     from tokenmill.data.shards import is_shard_dir, open_shards
     from tokenmill.data.tokenizer import build_tokenizer
 
@@ -76,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         report.checksums = verify_shard_checksums(shard_dirs[0])
         shards = open_shards(shard_dirs[0], "train", tokenizer, verify="none")
         epoch_windows = sum(s.tokens // (cfg.train.seq_len + 1) for s in shards.shards)
+    for line in problem_lines(report.sources or report.prepared):
+        print(line, file=sys.stderr)
     if args.json:
         print(json.dumps({**report.to_dict(), "epoch_windows": epoch_windows}, indent=1))
         return 0

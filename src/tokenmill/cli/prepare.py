@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from tokenmill.errors import UserError
@@ -45,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from tokenmill.data.prepare import prepare_documents
+    from tokenmill.data.quality import problem_lines
     from tokenmill.data.sources import open_source
 
     if args.workers < 1:
         raise UserError(f"--workers={args.workers} must be >= 1")
     tokenizer = _load_tokenizer(args.tokenizer)
-    source = open_source(args.source, args.text_field)
+    source = open_source(args.source, args.text_field, stream_local=True)  # one pass: no Arrow copy of local files
     reader = source.reader(0, 0, 1, None, None)  # epoch 0, natural order, one slot: the whole source
     out = Path(args.out)
     console = Console(stderr=True)
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             stats = prepare_documents(reader, tokenizer, out, tokenizer_spec=args.tokenizer, source=args.source,
                                       text_field=args.text_field, eval_fraction=args.eval_fraction,
                                       shard_tokens=args.shard_tokens, workers=args.workers,
-                                      overwrite=args.overwrite, progress=progress)
+                                      overwrite=args.overwrite, progress=progress, doc_counts=reader.counts)
     finally:
         reader.close()
     if tokenizer.backend is not None:
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['tokens']:,} tokens, {info['docs']:,} documents, {len(info['shards'])} shards "
               f"({manifest['dtype']})")
-    if reader.replaced:
-        print(f"note: {reader.replaced:,} undecodable bytes were replaced by U+FFFD")
+    for line in problem_lines({source.name: reader.counts.to_dict()}):
+        print(line, file=sys.stderr)
     print(f"use it with: --data.sources=[{out}] --data.tokenizer={out if tokenizer.backend is not None else 'byte'}")
     return 0

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{out / 'tokenizer.json'} already exists: choose another --out or pass --force")
     if args.max_chars < 0:
         raise UserError(f"--max-chars={args.max_chars} must be >= 0")
-    source = open_source(args.source, args.text_field)
+    source = open_source(args.source, args.text_field, stream_local=True)  # one pass: no Arrow copy of local files
     started = time.perf_counter()
     texts = source.iter_texts(max_chars=args.max_chars or None)
     sample: list[str] = []

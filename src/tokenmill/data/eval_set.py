@@ -64,10 +64,9 @@ class ShardWindows:
     """The eval set of a shards folder as one window stream, split after split, shard after shard."""
 
     def __init__(self, folder: str, splits: list[str], tokenizer: Any, seq_len: int) -> None:
-        from tokenmill.data.shard_loader import WindowReader, prepared_counts
+        from tokenmill.data.shard_loader import WindowReader
 
         self.readers = [WindowReader(open_shards(folder, split, tokenizer), seq_len + 1) for split in splits]
-        self._counts = prepared_counts(self.readers[0].shard_set.manifest)
 
     def windows(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for reader in self.readers:
@@ -76,7 +75,7 @@ class ShardWindows:
                 yield from zip(torch.from_numpy(tokens), torch.from_numpy(doc_ids))
 
     def counts(self) -> dict[str, dict[str, int]]:
-        return self._counts
+        return {}  # counted by `prepare`, see the shard loader's stats
 
     def close(self) -> None:
         """Nothing to release early (file descriptors close with the readers)."""

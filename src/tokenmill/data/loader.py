@@ -48,7 +48,9 @@ class BatchLoader(Protocol):
     """What the trainer needs from a data loader: batches, an exact resume point, shutdown, counters.
 
     Iterating yields {"tokens": (B, T+1) int64, "doc_ids": (B, T+1) int64}. `stats()` holds at least
-    "batches" and "sources" ({source name: counts of `quality.DocCounts`}; empty when nothing was counted).
+    "batches" and "sources" ({source name: `quality.DocCounts` fields} of the documents this rank read; a
+    shard loader reads no documents and reports what `prepare` counted under "prepared");
+    `quality.loader_problem_lines(stats)` turns them into the lines to print.
     """
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...

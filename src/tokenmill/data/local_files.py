@@ -72,12 +72,17 @@ def bad_json_line(files: list[str]) -> str | None:
     return None
 
 
+def json_line_error(name: str, kind: str | None, files: list[str] | None) -> UserError | None:
+    """The error naming the first malformed line of JSON-lines files, or None when every line parses."""
+    where = bad_json_line(files) if kind == "json" and files else None
+    return None if where is None else UserError(f"source {name}: {where}; fix or delete that line")
+
+
 def load_error(name: str, kind: str | None, files: list[str] | None, err: BaseException) -> UserError:
     """The one-line error for a failed `datasets` load or read of source `name`."""
-    if kind == "json" and files:
-        where = bad_json_line(files)
-        if where is not None:
-            return UserError(f"source {name}: {where}; fix or delete that line")
+    line_error = json_line_error(name, kind, files)
+    if line_error is not None:
+        return line_error
     cause = err.__cause__ or err
     detail = str(cause).strip().splitlines()[0] if str(cause).strip() else "no details"
     if files is None:

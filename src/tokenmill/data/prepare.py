@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 
 from tokenmill.data import shards as fmt
 from tokenmill.data.mixture import is_eval_doc
+from tokenmill.data.quality import DocCounts
 from tokenmill.errors import UserError
 
 TASK_BYTES = 1 << 20  # text per worker task: big enough to amortise IPC, small enough to keep workers busy
@@ -85,29 +87,38 @@ def _tasks(docs: Iterator[str], eval_fraction: float, dtype: np.dtype) -> Iterat
         yield batch, eval_fraction, dtype
 
 
+# What prepare writes into its folder: shard files, and the temporary names they are renamed from
+# (`shards._atomic_write_bytes`, `write_shard`); nothing else there is ever removed.
+SHARD_FILE = re.compile(r"(train|eval)-\d{5}\.(bin|idx\.npy)")
+TEMP_FILE = re.compile(r"\.(manifest\.json|(train|eval)-\d{5}\.(bin|idx\.npy))\.tmp\d+")
+
+
 def _prepare_folder(out: Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """Decide between fresh start, resume and refusal; return the manifest to continue, or None if done."""
+    """Decide between fresh start, resume and refusal; return the manifest to continue, or None if done.
+
+    Files are removed only once the folder is accepted, and only files prepare itself writes."""
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".*.tmp*"):
-        tmp.unlink()  # leftovers of a write interrupted before its rename
     if fmt.is_shard_dir(out):
         old = fmt.read_manifest(out)
         same = old["settings"] == manifest["settings"] and old["tokenizer"]["hash"] == manifest["tokenizer"]["hash"]
-        if same and not overwrite:
-            return None if old["complete"] else old
-        if not overwrite:
+        if not same and not overwrite:
             raise UserError(f"{out} holds a different prepared dataset (source {old['settings'].get('source')!r}, "
                             f"tokenizer {old['tokenizer']['hash']}); choose another --out or pass --overwrite")
-        for entry in (e for split in old["splits"].values() for e in split["shards"]):
-            for name in (entry["file"], entry["index"]):
-                (out / name).unlink(missing_ok=True)
+        if same and not overwrite:
+            _remove(out, TEMP_FILE)  # leftovers of a write interrupted before its rename
+            return None if old["complete"] else old
         (out / fmt.MANIFEST).unlink()
-    elif any(out.iterdir()) and not overwrite:
+    elif not overwrite and any(not TEMP_FILE.fullmatch(p.name) for p in out.iterdir()):
         raise UserError(f"{out} is not empty and is no prepared dataset; choose an empty --out or pass --overwrite")
-    for path in itertools.chain(out.glob("train-*.bin"), out.glob("train-*.idx.npy"), out.glob("eval-*.bin"),
-                                out.glob("eval-*.idx.npy")):
-        path.unlink()  # shards of an unrecorded chunk are rewritten anyway
+    _remove(out, TEMP_FILE)
+    _remove(out, SHARD_FILE)  # shards of an earlier dataset or an unrecorded chunk are rewritten anyway
     return manifest
+
+
+def _remove(folder: Path, pattern: re.Pattern) -> None:
+    for path in folder.iterdir():
+        if path.is_file() and pattern.fullmatch(path.name):
+            path.unlink()
 
 
 def _write_chunk(out: Path, manifest: dict[str, Any], index: int, tokens: np.ndarray, lengths: np.ndarray,
@@ -131,8 +142,12 @@ def _write_chunk(out: Path, manifest: dict[str, Any], index: int, tokens: np.nda
 def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLike, *, tokenizer_spec: str,
                       source: str, text_field: str = "text", eval_fraction: float = 0.0,
                       shard_tokens: int = 1 << 27, workers: int = 1, overwrite: bool = False,
-                      progress: Any = None) -> PrepareStats:
-    """Tokenize `docs` into `out` (see module doc). `progress(docs, bytes, tokens)` is called as work lands."""
+                      progress: Any = None, doc_counts: DocCounts | None = None) -> PrepareStats:
+    """Tokenize `docs` into `out` (see module doc). `progress(docs, bytes, tokens)` is called as work lands.
+
+    `doc_counts` is the reader's live count of documents that lost text (the whole source, as a resumed run
+    reads past the finished chunks too); it is recorded in the manifest when the dataset is complete.
+    """
     if shard_tokens <= 0:
         raise UserError(f"--shard-tokens={shard_tokens} must be > 0")
     if not 0.0 <= eval_fraction < 1.0:
@@ -194,6 +209,8 @@ def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLik
         (out / fmt.MANIFEST).unlink(missing_ok=True)
         raise UserError(f"source {source!r} produced no non-empty documents (check the path and --text-field)")
     manifest["complete"] = True
+    if doc_counts is not None:
+        manifest["documents"] = doc_counts.to_dict()
     fmt.write_manifest(out, manifest)
     return PrepareStats(run_docs, run_tokens, run_bytes, time.perf_counter() - start,
                         len(manifest["chunks"]) - resumed, resumed)

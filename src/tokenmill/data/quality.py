@@ -60,3 +60,8 @@ def problem_lines(per_source: dict[str, dict[str, int]]) -> list[str]:
                 lines.append(f"{level}: data source {name}: {n:,} of {counts.read:,} documents read ({n / total:.1%}) "
                              f"{what}")
     return lines
+
+
+def loader_problem_lines(stats: dict[str, Any]) -> list[str]:
+    """The problem lines of a loader's `stats()`: what it counted while reading, else what `prepare` recorded."""
+    return problem_lines(stats.get("sources") or stats.get("prepared") or {})

@@ -77,10 +77,14 @@ class WindowReader:
 
     def _doc_starts(self, k: int) -> np.ndarray:
         if k not in self._index:
+            shard = self.shard_set.shards[k]
             try:
-                mapped = np.load(self.shard_set.shards[k].index_path, mmap_mode="r")
+                mapped = np.load(shard.index_path, mmap_mode="r")
             except (ValueError, OSError) as err:
-                raise self._changed(self.shard_set.shards[k].index_path, f"unreadable ({err})") from None
+                raise self._changed(shard.index_path, f"unreadable ({err})") from None
+            # cheap checks (two entries): every shard's first document starts at 0, its last inside the shard
+            if mapped.shape != (shard.docs,) or (shard.docs and (mapped[0] != 0 or mapped[-1] >= shard.tokens)):
+                raise self._changed(shard.index_path, "not this shard's document index")
             self._index[k] = mapped.view(np.ndarray)  # same pages, without np.memmap's per-slice overhead
         return self._index[k]
 
@@ -191,8 +195,8 @@ class ShardLoader:
             raise UserError(f"{shard_set.folder} {shard_set.split} split has {reader.n_windows} windows of "
                             f"{seq_len + 1} tokens, fewer than the {self.dataset.readers} readers (ranks x workers); "
                             f"use a shorter seq_len, fewer workers or more data")
-        self.identity = {"dataset": shard_set.fingerprint, "split": shard_set.split, "windows": reader.n_windows,
-                         "seq_len": seq_len, "seed": seed, "shuffle": shuffle}
+        self.identity = {"dataset": shard_set.fingerprint, "split": shard_set.split, "seq_len": seq_len, "seed": seed,
+                         "shuffle": shuffle, "windows": reader.n_windows}
         self.layout = {"rank": rank, "world_size": world_size, "workers": self.dataset.workers}
         self._next_worker = 0
         self._it: Iterator[dict[str, torch.Tensor]] | None = None
@@ -217,7 +221,8 @@ class ShardLoader:
 
     def stats(self) -> dict[str, Any]:
         """Batches handed out by this loader object, and the documents `prepare` counted as losing text."""
-        return {"batches": self.batches, "sources": prepared_counts(self.dataset.reader.shard_set.manifest)}
+        return {"batches": self.batches, "sources": {},
+                "prepared": prepared_counts(self.dataset.reader.shard_set.manifest)}
 
     def close(self) -> None:
         """Stop worker processes (a later `next` starts them again from the recorded state)."""

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from tokenmill.data.local_files import FILE_KINDS, builder_args, load_error, local_files, quiet_datasets
+from tokenmill.data.local_files import (FILE_KINDS, builder_args, json_line_error, load_error, local_files,
+                                        quiet_datasets)
 from tokenmill.data.quality import DocCounts
 from tokenmill.data.shards import is_shard_dir
 from tokenmill.errors import UserError
@@ -256,8 +257,8 @@ def _indexed_local(path: Path, text_field: str) -> ArrowSource:
     except UserError:
         raise
     except Exception as err:
-        if "SchemaInferenceError" in repr(err.__context__) or "no examples" in str(err).lower():
-            raise UserError(f"source {path}: the dataset is empty (no documents)") from None
+        if json_line_error(str(path), kind, files) is None and "SchemaInferenceError" in repr(err.__context__):
+            raise UserError(f"source {path}: the dataset is empty (no documents)") from None  # no rows to infer from
         raise load_error(str(path), kind, files, err) from None
     return ArrowSource(str(path), ds, "text" if kind == "text" else text_field)
 

@@ -275,7 +275,8 @@ def build_tokenizer(data_cfg: Any, cache_dir: str | os.PathLike) -> Tokenizer:
     folder = Path(cache_dir) / f"tokenizer-bpe{data_cfg.tokenizer_vocab_size}-{key}"
     if (folder / "tokenizer.json").is_file():
         return Tokenizer.from_file(folder)
-    source = open_source(spec.location, data_cfg.text_field)
+    # the loader reads the same source the same way, so a local file is converted to Arrow once for both
+    source = open_source(spec.location, data_cfg.text_field, getattr(data_cfg, "stream_local_files", False))
     texts = source.iter_texts(max_chars=chars or None)
     return train_bpe(texts, data_cfg.tokenizer_vocab_size, folder, progress=True)
 
