@@ -315,3 +315,28 @@ def test_shuffled_documents_cover_every_document_once_over_slots(tmp_path, strea
     assert set(found) <= set(docs)
     missing = set(docs) - set(found)
     assert len(missing) <= 4 * 2  # only documents ending in a slot's cut-off tail (< 32 tokens; >= 17 per doc)
+
+
+def test_every_loader_follows_one_contract(tmp_path):
+    from tokenmill.data.loader import BatchLoader
+    from tokenmill.data.prepare import prepare_documents
+
+    docs = make_docs(200, max_words=20)
+    text = str(write_jsonl(tmp_path / "d.jsonl", docs))
+    prepare_documents(docs, TOK, tmp_path / "shards", tokenizer_spec="byte", source="d", eval_fraction=0.2)
+    loaders = {"text": build_loader(make_cfg([text]), TOK, "train"),
+               "shards": build_loader(make_cfg([str(tmp_path / "shards")]), TOK, "train"),
+               "eval": build_loader(make_cfg([text], eval_fraction=0.2), TOK, "eval")}
+    for kind, loader in loaders.items():
+        assert isinstance(loader, BatchLoader)
+        batch = next(iter(loader))
+        assert batch["tokens"].shape == batch["doc_ids"].shape == (4, 33)
+        state = roundtrip(loader.state_dict())
+        assert state["format"] == 2 and state["kind"] == kind and {"identity", "layout"} <= set(state)
+        stats = loader.stats()
+        assert stats["batches"] >= 1 and isinstance(stats["sources"], dict)
+        loader.load_state_dict(state)
+        other = next(k for k in loaders if k != kind)
+        with pytest.raises(UserError, match=f"holds a {other!r} loader state"):
+            loader.load_state_dict({**state, "kind": other})
+        loader.close()
