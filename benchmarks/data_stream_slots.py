@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = "the of and to in is for that with as on by this it from data model token train loss".split()
+WORDS = ["the", "of", "and", "to", "in", "is", "for", "that", "with", "as", "on", "by", "data", "model", "token"]
 
 
 def write_parts(folder: Path, files: int, docs: int) -> int:

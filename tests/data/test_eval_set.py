@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from data_helpers import doc_tags, make_cfg, make_docs, write_jsonl
 
+from data_helpers import doc_tags, make_cfg, make_docs, write_jsonl
 from tokenmill.data.loader import BatchLoader, build_loader
 from tokenmill.data.mixture import is_eval_doc
 from tokenmill.data.packing import doc_ids_of

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-from data_helpers import doc_tags, make_cfg, make_docs, write_jsonl, write_parquet
 
+from data_helpers import doc_tags, make_cfg, make_docs, write_jsonl, write_parquet
 from tokenmill.data import loader as loader_module
 from tokenmill.data.loader import build_loader
 from tokenmill.data.mixture import is_eval_doc
@@ -253,7 +253,7 @@ def test_cursor_is_gathered_over_ranks(tmp_path):
     # Rank 0's first document is longer than a tokenization chunk: it stops at index 1. Rank 1 reads short
     # documents and has tokenized 512 of them (indices up to ~1024) when it emitted its first ~40. Only a cursor
     # gathered from both ranks lets a resume from rank 0's state skip what rank 1 emitted.
-    docs = ["<l00000> " + "x" * 300_000] + ["<s%05d>" % i for i in range(1, 1200)]
+    docs = ["<l00000> " + "x" * 300_000] + [f"<s{i:05d}>" for i in range(1, 1200)]
     path = str(write_jsonl(tmp_path / "d.jsonl", docs))
     (seen0, state0), (seen1, _) = run_ranks(_two_rank_state, 2, path, timeout=180)
     assert seen1 and max(int(t[1:]) for t in seen1) > 1

@@ -6,8 +6,7 @@ from collections import Counter
 
 import pytest
 
-from tokenmill.data.mixture import (Mixture, SourceCursor, is_eval_doc, merge_cursors, parse_sources,
-                                    uniform)
+from tokenmill.data.mixture import Mixture, SourceCursor, is_eval_doc, merge_cursors, parse_sources, uniform
 from tokenmill.data.sources import IndexedSource
 from tokenmill.errors import UserError
 

@@ -6,8 +6,8 @@ import hashlib
 import json
 
 import pytest
-from data_helpers import make_cfg, make_docs
 
+from data_helpers import make_cfg, make_docs
 from tokenmill.cli import main
 from tokenmill.data.loader import build_loader
 from tokenmill.data.quality import DocCounts, loader_problem_lines, problem_lines

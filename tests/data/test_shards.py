@@ -12,8 +12,14 @@ import pytest
 import torch
 
 from tokenmill.data import shard_loader
-from tokenmill.data.shards import (build_shard_loader, new_manifest, open_shards, token_dtype, write_manifest,
-                                   write_shard)
+from tokenmill.data.shards import (
+    build_shard_loader,
+    new_manifest,
+    open_shards,
+    token_dtype,
+    write_manifest,
+    write_shard,
+)
 from tokenmill.errors import UserError
 
 TOK = SimpleNamespace(hash="test-tokenizer", vocab_size=60000, eos_id=0)
@@ -192,7 +198,6 @@ def test_reading_leaves_no_token_file_mapped(tmp_path, monkeypatch):
 
 def test_eval_loader_restarts_each_iter(tmp_path):
     from data_helpers import make_cfg
-
     from tokenmill.data.loader import build_loader
 
     folder = make_shards(tmp_path / "d", (300,), split="eval")

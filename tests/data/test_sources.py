@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_helpers import make_docs, write_jsonl, write_parquet
 
+from data_helpers import make_docs, write_jsonl, write_parquet
 from tokenmill.data.sources import HUB_SHORTCUTS, ArrowSource, StdlibSource, open_source
 from tokenmill.data.streams import StreamSource
 from tokenmill.errors import UserError

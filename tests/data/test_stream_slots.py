@@ -6,8 +6,8 @@ import io
 
 import pytest
 import torch
-from data_helpers import doc_tags, make_cfg, make_docs, write_parquet
 
+from data_helpers import doc_tags, make_cfg, make_docs, write_parquet
 from tokenmill.data.loader import build_loader
 from tokenmill.data.streams import assign_files, merge_stream_positions
 from tokenmill.data.tokenizer import Tokenizer

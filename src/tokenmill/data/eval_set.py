@@ -72,7 +72,7 @@ class ShardWindows:
         for reader in self.readers:
             for start in range(0, reader.n_windows, READ_WINDOWS):
                 tokens, doc_ids = reader.read(np.arange(start, min(start + READ_WINDOWS, reader.n_windows)))
-                yield from zip(torch.from_numpy(tokens), torch.from_numpy(doc_ids))
+                yield from zip(torch.from_numpy(tokens), torch.from_numpy(doc_ids), strict=True)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {}  # counted by `prepare`, see the shard loader's stats

@@ -13,9 +13,10 @@ from __future__ import annotations
 import glob
 import json
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tokenmill.errors import UserError
 

@@ -27,8 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from tokenmill.data.local_files import (FILE_KINDS, builder_args, json_line_error, load_error, local_files,
-                                        quiet_datasets)
+from tokenmill.data.local_files import (
+    FILE_KINDS,
+    builder_args,
+    json_line_error,
+    load_error,
+    local_files,
+    quiet_datasets,
+)
 from tokenmill.data.quality import DocCounts
 from tokenmill.data.shards import is_shard_dir
 from tokenmill.errors import UserError
@@ -268,13 +274,14 @@ def open_source(location: str, text_field: str = "text", stream_local: bool = Fa
 
     `stream_local` reads local txt/jsonl/parquet files as a stream instead of converting them to Arrow.
     """
-    from tokenmill.data import streams
+    from tokenmill.data import streams  # streams.py builds on this module
 
     if location == STDLIB:
         return StdlibSource()
     if location in HUB_SHORTCUTS:
         hub = HUB_SHORTCUTS[location]
-        return streams.hub_stream(location, hub.repo, hub.config, text_field if text_field != "text" else hub.text_field)
+        field = text_field if text_field != "text" else hub.text_field
+        return streams.hub_stream(location, hub.repo, hub.config, field)
     path = Path(location).expanduser()
     if is_shard_dir(path):
         raise UserError(f"source {location} is a pre-tokenized shards folder: use it as the only data.sources "

@@ -36,7 +36,7 @@ def same_layout(state: dict[str, Any], kind: str, identity: dict[str, Any], layo
                         f"tokenmill version; resume without the data position (start a new run from the weights)")
     if state.get("kind") != kind:
         raise UserError(f"cannot resume the data stream: the checkpoint holds a {state.get('kind')!r} loader state "
-                        f"but data.sources now gives a {kind!r} loader; resume with the data settings of the checkpoint")
+                        f"but data.sources now gives a {kind!r} loader; resume with the checkpoint's data settings")
     old = state.get("identity", {})
     changed = [k for k in identity if old.get(k) != identity[k]]
     if changed:

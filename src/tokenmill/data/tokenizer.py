@@ -40,13 +40,6 @@ BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 BYTE_VOCAB = 256
 
 
-def _byte_level_alphabet() -> list[str]:
-    """The 256 characters byte-level BPE uses for the bytes 0-255 (GPT-2's bytes_to_unicode)."""
-    from tokenizers import pre_tokenizers
-
-    return pre_tokenizers.ByteLevel.alphabet()
-
-
 def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -141,16 +134,15 @@ class Tokenizer:
         if self.backend is None:
             return [1] * BYTE_VOCAB + [0] * (self.vocab_size - BYTE_VOCAB)
         out = [0] * self.vocab_size
-        special = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        added = self.backend.get_added_tokens_decoder()  # id -> AddedToken, whose content is plain text
         byte_level = '"ByteLevel"' in self.backend.to_str()
-        table = {c: 1 for c in _byte_level_alphabet()} if byte_level else {}
         for token, i in self.backend.get_vocab(with_added_tokens=True).items():
-            if i in special or i >= self.vocab_size:
+            if i >= self.vocab_size or (i in added and added[i].special):
                 continue
-            if BYTE_FALLBACK.fullmatch(token):
+            if byte_level and i not in added:
+                out[i] = len(token)  # byte-level BPE writes each byte as one character (GPT-2's bytes_to_unicode)
+            elif BYTE_FALLBACK.fullmatch(token):
                 out[i] = 1  # SentencePiece byte-fallback token <0xNN>
-            elif byte_level:  # each character of a byte-level token stands for one byte
-                out[i] = sum(table.get(c, len(c.encode("utf-8"))) for c in token)
             else:  # Metaspace tokenizers write a space as U+2581
                 out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
         return out
@@ -261,9 +253,8 @@ def build_tokenizer(data_cfg: Any, cache_dir: str | os.PathLike) -> Tokenizer:
     if data_cfg.tokenizer != "bpe":
         return load_tokenizer(data_cfg.tokenizer)
     from tokenmill.data.mixture import parse_sources
-    from tokenmill.data.sources import open_source
-
     from tokenmill.data.shards import is_shard_dir, read_manifest
+    from tokenmill.data.sources import open_source
 
     spec = parse_sources(data_cfg.sources)[0]
     if is_shard_dir(spec.location):  # pre-tokenized shards: use the tokenizer that wrote them

@@ -1,8 +1,8 @@
 """Optimizer registry: `OPTIMIZERS[name](model, optim_cfg, lr, lr_scale) -> torch.optim.Optimizer`.
 
 Every builder uses the parameter roles of `param_groups.py` (no decay on norms, biases, embeddings unless
-`optim.decay_embeddings` / `optim.decay_norms_biases`), so all optimizers agree on which parameters decay. Every returned
-optimizer's `state_dict()` holds only tensors and primitives (loadable with `torch.load(weights_only=True)`).
+`optim.decay_embeddings` / `optim.decay_norms_biases`), so all optimizers agree on which parameters decay. Every
+returned optimizer's `state_dict()` holds only tensors and primitives (loadable with `torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,14 @@ from torch import nn
 
 from tokenmill.errors import UserError
 from tokenmill.optim.config import OptimConfig
-from tokenmill.optim.param_groups import (MUON_ROLES, build_param_groups, decay_switches, decays, named_trainable,
-                                         parameter_roles)
+from tokenmill.optim.param_groups import (
+    MUON_ROLES,
+    build_param_groups,
+    decay_switches,
+    decays,
+    named_trainable,
+    parameter_roles,
+)
 
 
 def scaled_lr(lr: float, global_batch_sequences: int, enabled: bool) -> float:
