@@ -1,4 +1,4 @@
-"""`tokenmill prepare SOURCE --tokenizer T --out DIR`: pre-tokenize a source into memory-mapped shards (D7).
+"""`tokenmill prepare SOURCE --tokenizer T --out DIR`: pre-tokenize a source into memory-mapped shards.
 
 SOURCE uses the `data.sources` syntax (stdlib, a local txt/jsonl/parquet/save_to_disk path, a Hub name or
 shortcut). Rerunning the same command after an interruption continues after the last completed chunk;

@@ -1,4 +1,4 @@
-"""`tokenmill tokenizer train --source S --vocab-size N --out DIR`: train a byte-level BPE (SPEC D1).
+"""`tokenmill tokenizer train --source S --vocab-size N --out DIR`: train a byte-level BPE.
 
 Also `tokenmill tokenizer info NAME` to print a tokenizer's vocab size, special ids and hash.
 """

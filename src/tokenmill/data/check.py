@@ -1,4 +1,4 @@
-"""`tokenmill data check` (SPEC D8): does the loader give every (rank, worker) different data, and what is in it?
+"""`tokenmill data check`: does the loader give every (rank, worker) different data, and what is in it?
 
 It builds the real training loader once per simulated rank (same `build_loader` the trainer uses, so the
 check covers sources, mixtures, packing, sharding and the shard loader alike), reads N batches from each,

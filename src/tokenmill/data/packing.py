@@ -1,4 +1,4 @@
-"""Packing (SPEC D4): documents -> token windows of exactly seq_len + 1 tokens, no padding.
+"""Packing: documents -> token windows of exactly seq_len + 1 tokens, no padding.
 
 Default (training) layout: every document is followed by EOS and the token stream is cut into
 consecutive, non-overlapping windows, so a window may start or end inside a document:

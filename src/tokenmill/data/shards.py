@@ -1,4 +1,4 @@
-"""Pre-tokenized shard format (SPEC D7): writing shards atomically, reading and verifying them.
+"""Pre-tokenized shard format: writing shards atomically, reading and verifying them.
 
 A prepared dataset is a folder:
 
@@ -38,7 +38,7 @@ VERIFY_MODES = ("none", "size", "full")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 (half the bytes of uint32) when vocab < 65536 (SPEC D7), else uint32."""
+    """uint16 (half the bytes of uint32) when every id fits (vocab < 65536), else uint32."""
     return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
 
 

@@ -1,4 +1,4 @@
-"""Tokenizers (SPEC D1): one `Tokenizer` wrapper over a byte tokenizer or any Hugging Face `tokenizer.json`.
+"""Tokenizers: one `Tokenizer` wrapper over a byte tokenizer or any Hugging Face `tokenizer.json`.
 
 Why one wrapper: the packer, the shard writer, generation and export all need the same five things
 (`encode_batch`, `decode`, `vocab_size`, `eos_id`, `bos_id`) plus a content `hash` that is written into
