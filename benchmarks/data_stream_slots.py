@@ -1,11 +1,11 @@
-"""Bytes read per (rank, worker) slot by a streaming multi-file source. Prints a table; asserts nothing.
+"""Bytes read per (rank, worker) slot by a streaming source. Prints a table; asserts nothing.
 
-A streaming source (a Hub dataset, or local files with data.stream_local_files) with at least as many files as
-slots gives each slot whole files, so all slots together parse the data once (1.0x). With fewer files than
-slots every slot parses the whole stream and keeps its share of documents (n_slots x). The rows read one epoch
-of a local parquet folder with the real training loader, one simulated rank per slot (slot = rank), and report
-the text bytes every slot pulled from the source (`stats()["sources"][...]["scanned_bytes"]`) against the
-bytes of the data.
+A streaming source (a Hub dataset, or local files with data.stream_local_files) with at least as many units
+(parquet row groups, other files) as slots gives each slot whole units, so all slots together parse the data
+once (1.0x). With fewer units than slots every slot parses the whole stream and keeps its share of documents
+(n_slots x). The rows read one epoch of a local parquet folder with the real training loader, one simulated
+rank per slot (slot = rank), and report the text bytes every slot pulled from the source
+(`stats()["sources"][...]["scanned_bytes"]`) against the bytes of the data.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/data_stream_slots.py [--docs 4000] [--slots 4]
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 WORDS = ["the", "of", "and", "to", "in", "is", "for", "that", "with", "as", "on", "by", "data", "model", "token"]
 
 
-def write_parts(folder: Path, files: int, docs: int) -> int:
+def write_parts(folder: Path, files: int, docs: int, row_group: int) -> int:
     """`docs` documents split over `files` parquet files; returns the UTF-8 bytes of all texts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -32,7 +32,7 @@ def write_parts(folder: Path, files: int, docs: int) -> int:
     per = -(-docs // files)
     for i in range(files):
         pq.write_table(pa.table({"text": texts[i * per:(i + 1) * per]}), folder / f"part{i:03d}.parquet",
-                       row_group_size=256)
+                       row_group_size=row_group)
     return sum(len(t.encode()) for t in texts)
 
 
@@ -67,18 +67,19 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for files in (12, 2):
-            folder = Path(tmp) / f"files{files}"
-            data_bytes = write_parts(folder, files, args.docs)
+        for files, row_group in ((12, 256), (2, 256), (2, args.docs)):
+            folder = Path(tmp) / f"files{files}-rg{row_group}"
+            data_bytes = write_parts(folder, files, args.docs, row_group)
+            units = files * -(-args.docs // files // row_group)
             per_slot, seconds = read_epoch(folder, args.slots)
-            mode = "whole files per slot" if files >= args.slots else "every slot reads all, keeps 1/n"
-            rows.append((files, mode, data_bytes, per_slot, seconds))
-    print(f"{'files':>5}  {'slots':>5}  {'mode':<32} {'data MB':>8} {'read MB':>8} {'read/data':>9} "
+            mode = "whole units per slot" if units >= args.slots else "every slot reads all, keeps 1/n"
+            rows.append((files, units, mode, data_bytes, per_slot, seconds))
+    print(f"{'files':>5} {'units':>5} {'slots':>5}  {'mode':<32} {'data MB':>8} {'read MB':>8} {'read/data':>9} "
           f"{'per slot MB':<28} {'s':>6}")
-    for files, mode, data_bytes, per_slot, seconds in rows:
+    for files, units, mode, data_bytes, per_slot, seconds in rows:
         total = sum(per_slot)
         slots = " ".join(f"{b / 1e6:.2f}" for b in per_slot)
-        print(f"{files:>5}  {args.slots:>5}  {mode:<32} {data_bytes / 1e6:>8.2f} {total / 1e6:>8.2f} "
+        print(f"{files:>5} {units:>5} {args.slots:>5}  {mode:<32} {data_bytes / 1e6:>8.2f} {total / 1e6:>8.2f} "
               f"{total / data_bytes:>8.2f}x {slots:<28} {seconds:>6.1f}")
     return 0
 

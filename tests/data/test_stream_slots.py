@@ -1,4 +1,5 @@
-"""Streaming sources with many files: whole files per (rank, worker) slot, every byte read once, exact resume."""
+"""Streaming sources with many units (parquet row groups, files): whole units per (rank, worker) slot, every byte
+read once, exact resume, and a resume on another layout that reads nothing twice."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from data_helpers import doc_tags, make_cfg, make_docs, write_parquet
 from tokenmill.data.loader import build_loader
-from tokenmill.data.streams import assign_files, merge_stream_positions
+from tokenmill.data.streams import assign_units, merge_stream_positions
 from tokenmill.data.tokenizer import Tokenizer
 
 TOK = Tokenizer.byte()
@@ -37,12 +38,12 @@ def roundtrip(state):
     return torch.load(buf, weights_only=True)
 
 
-def test_files_are_assigned_whole_when_there_are_enough():
-    assert assign_files(list(range(12)), 1, 4) == ([1, 5, 9], 1, 0)  # file mode: every document of 3 files
-    assert assign_files([0, 1, 2], 1, 4) == ([0, 1, 2], 4, 1)  # fewer files than slots: every 4th document
+def test_units_are_assigned_whole_when_there_are_enough():
+    assert assign_units(list(range(12)), 1, 4) == ([1, 5, 9], 1, 0)  # unit mode: every document of 3 units
+    assert assign_units([0, 1, 2], 1, 4) == ([0, 1, 2], 4, 1)  # fewer units than slots: every 4th document
 
 
-def test_two_ranks_two_workers_read_disjoint_files_each_byte_once(twelve_files):
+def test_two_ranks_two_workers_read_disjoint_row_groups_each_byte_once(twelve_files):
     glob, docs = twelve_files
     cfg = cfg_for(glob, workers=2)
     windows, sources = [], []
@@ -60,12 +61,11 @@ def test_two_ranks_two_workers_read_disjoint_files_each_byte_once(twelve_files):
 
 
 
-def test_fewer_files_than_slots_fall_back_to_every_slot_reading_everything(twelve_files, tmp_path):
-    glob, _ = twelve_files
+def test_fewer_units_than_slots_fall_back_to_every_slot_reading_everything(tmp_path):
     few = tmp_path / "few"
     few.mkdir()
-    for i in range(2):
-        (tmp_path / f"part{i:02d}.parquet").rename(few / f"part{i:02d}.parquet")
+    for i in range(2):  # 2 files of one row group each: 2 units for 4 slots
+        write_parquet(few / f"part{i:02d}.parquet", make_docs(25, "ab"[i] + "x", seed=i), row_group_size=100)
     cfg = cfg_for(str(few), workers=2)
     scanned, read = 0, 0
     for rank in range(2):  # 2 files for 4 slots: each slot keeps every 4th document of the whole stream
@@ -118,12 +118,13 @@ def test_resume_on_another_layout_reads_nothing_twice_in_the_epoch(tmp_path, new
     assert len(tags_after) > len(docs) // 4  # and the unread files of the epoch were not thrown away
 
 
-def test_merge_finishes_passed_files_and_continues_partly_read_ones():
-    a = {"index": 9, "file": 1, "doc": 4, "ds": {"at": "a"}, "mine": [0, 2, 4], "n_files": 6, "plan": None}
-    b = {"index": 3, "file": 0, "doc": 3, "ds": {"at": "b"}, "mine": [1, 3, 5], "n_files": 6, "plan": None}
+def test_merge_finishes_passed_units_and_continues_partly_read_ones():
+    a = {"index": 9, "unit": 1, "doc": 4, "ds": {"at": "a"}, "mine": [0, 2, 4], "n_units": 6, "plan": None}
+    b = {"index": 3, "unit": 0, "doc": 3, "ds": None, "mine": [1, 3, 5], "n_units": 6, "plan": None}
     merged = merge_stream_positions([a, b])
-    assert merged["plan"] == {"files": [1, 2, 3, 4, 5], "starts": {"2": {"at": "a"}, "1": {"at": "b"}}}
-    again = merge_stream_positions([{**merged, "mine": [1, 3], "file": 1, "doc": 0, "ds": None},
-                                    {**merged, "mine": [2, 4, 5], "file": 0, "doc": 2, "ds": {"at": "c"}}])
-    assert again["plan"]["files"] == [2, 3, 4, 5]  # file 1 finished; 0 stays finished from the first plan
-    assert again["plan"]["starts"] == {"2": {"at": "c"}}
+    assert merged["plan"] == {"units": [1, 2, 3, 4, 5],
+                              "starts": {"2": {"doc": 4, "ds": {"at": "a"}}, "1": {"doc": 3, "ds": None}}}
+    again = merge_stream_positions([{**merged, "mine": [1, 3], "unit": 1, "doc": 0, "ds": None},
+                                    {**merged, "mine": [2, 4, 5], "unit": 0, "doc": 6, "ds": {"at": "c"}}])
+    assert again["plan"]["units"] == [2, 3, 4, 5]  # unit 1 finished; 0 stays finished from the first plan
+    assert again["plan"]["starts"] == {"2": {"doc": 6, "ds": {"at": "c"}}}
