@@ -34,7 +34,7 @@ from tokenmill.errors import UserError
 
 _OPEN_READERS: weakref.WeakSet = weakref.WeakSet()
 CACHED_FILES = 8  # loaded per-file datasets kept per source (a tiny source cycles its epochs quickly)
-Unit = tuple  # (file or None, parquet row group or None)
+Unit = tuple[str | None, int | None]  # (file; None = an unlisted Hub stream, parquet row group or None)
 
 
 def _close_open_readers() -> None:
