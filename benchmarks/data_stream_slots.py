@@ -31,8 +31,11 @@ def write_parts(folder: Path, files: int, docs: int, row_group: int) -> int:
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200))) for _ in range(docs)]
     per = -(-docs // files)
     for i in range(files):
-        pq.write_table(pa.table({"text": texts[i * per:(i + 1) * per]}), folder / f"part{i:03d}.parquet",
-                       row_group_size=row_group)
+        pq.write_table(
+            pa.table({"text": texts[i * per : (i + 1) * per]}),
+            folder / f"part{i:03d}.parquet",
+            row_group_size=row_group,
+        )
     return sum(len(t.encode()) for t in texts)
 
 
@@ -74,13 +77,17 @@ def main() -> int:
             per_slot, seconds = read_epoch(folder, args.slots)
             mode = "whole units per slot" if units >= args.slots else "every slot reads all, keeps 1/n"
             rows.append((files, units, mode, data_bytes, per_slot, seconds))
-    print(f"{'files':>5} {'units':>5} {'slots':>5}  {'mode':<32} {'data MB':>8} {'read MB':>8} {'read/data':>9} "
-          f"{'per slot MB':<28} {'s':>6}")
+    print(
+        f"{'files':>5} {'units':>5} {'slots':>5}  {'mode':<32} {'data MB':>8} {'read MB':>8} {'read/data':>9} "
+        f"{'per slot MB':<28} {'s':>6}"
+    )
     for files, units, mode, data_bytes, per_slot, seconds in rows:
         total = sum(per_slot)
         slots = " ".join(f"{b / 1e6:.2f}" for b in per_slot)
-        print(f"{files:>5} {units:>5} {args.slots:>5}  {mode:<32} {data_bytes / 1e6:>8.2f} {total / 1e6:>8.2f} "
-              f"{total / data_bytes:>8.2f}x {slots:<28} {seconds:>6.1f}")
+        print(
+            f"{files:>5} {units:>5} {args.slots:>5}  {mode:<32} {data_bytes / 1e6:>8.2f} {total / 1e6:>8.2f} "
+            f"{total / data_bytes:>8.2f}x {slots:<28} {seconds:>6.1f}"
+        )
     return 0
 
 

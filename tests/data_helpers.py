@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tokenmill.config import Config
 
-WORDS = "the of and to in is for that with as on by this it from data model token train loss".split()
+WORDS = ["the", "of", "and", "to", "in", "is", "for", "that", "with", "as", "on", "by", "this", "it", "from", "data",
+    "model", "token", "train", "loss"]
 DOC_ID = re.compile(r"<([a-z]+\d{5})>")
 
 

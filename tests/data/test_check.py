@@ -13,7 +13,7 @@ from tokenmill.data.check import run_check
 from tokenmill.data.prepare import prepare_documents
 from tokenmill.data.tokenizer import Tokenizer, train_bpe
 
-WORDS = "red green blue cyan magenta yellow black white grey orange purple brown".split()
+WORDS = ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white", "grey", "orange", "purple", "brown"]
 
 
 def documents(n=400):

@@ -31,7 +31,7 @@ def hand_windows(docs, world):
     """The eval set packed by hand: each document's bytes + EOS, cut into windows, whole groups of `world`."""
     stream = [t for d in docs for t in list(d.encode()) + [TOK.eos_id]]
     n = len(stream) // (SEQ + 1) // world * world
-    return torch.tensor(stream[:n * (SEQ + 1)]).view(n, SEQ + 1)
+    return torch.tensor(stream[: n * (SEQ + 1)]).view(n, SEQ + 1)
 
 
 def documents_in_order(loader):
@@ -59,7 +59,7 @@ def test_two_ranks_cover_the_eval_set_exactly_once(corpus):
     assert sorted(got) == sorted(expected) and len(set(got)) == len(got)  # every window once, none missing
     assert rows(per_rank[0]) == expected[0::2]  # rank r keeps window r of each group of 2
     single = rows(build_loader(cfg, TOK, "eval", 0, 1))
-    assert single[:len(expected)] == expected and len(single) - len(expected) <= 1  # world size changes nothing
+    assert single[: len(expected)] == expected and len(single) - len(expected) <= 1  # world size changes nothing
     loader = build_loader(cfg, TOK, "eval", 0, 2)
     assert isinstance(loader, BatchLoader)
     assert rows(loader) == rows(loader)  # finite, and every pass starts over
@@ -69,8 +69,11 @@ def test_eval_loss_over_the_loader_equals_the_loss_by_hand(corpus):
     train, val = corpus
     cfg = make_cfg([train], seq_len=SEQ, batch=4, eval_sources=[val])
     torch.manual_seed(0)
-    model = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=TOK.vocab_size,
-                                    max_seq_len=SEQ, ffn_hidden=48)).eval()
+    model = build_model(
+        ModelConfig(
+            n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=TOK.vocab_size, max_seq_len=SEQ, ffn_hidden=48
+        )
+    ).eval()
     nats, targets = 0.0, 0
     with torch.no_grad():
         for rank in range(2):
@@ -97,8 +100,9 @@ def test_with_an_eval_set_training_reads_every_train_document_and_no_eval_one(co
     held = {f"t{i:05d}" for i, d in enumerate(make_docs(300, "t", max_words=20)) if is_eval_doc(d, 0.2)}
     tags = set().union(*(doc_tags(TOK.decode(r)) for r in rows(build_loader(explicit, TOK, "train", epochs=1))))
     assert held and not tags & held  # an explicit data.eval_fraction still holds those documents out
-    assert {t[0] for t in set().union(*(doc_tags(TOK.decode(r)) for r in rows(build_loader(explicit, TOK, "eval"))))} \
-        == {"v"}  # ... while eval reads only the eval set
+    assert {
+        t[0] for t in set().union(*(doc_tags(TOK.decode(r)) for r in rows(build_loader(explicit, TOK, "eval"))))
+    } == {"v"}  # ... while eval reads only the eval set
 
 
 def test_without_an_eval_set_the_hash_split_is_the_eval_set(corpus):
@@ -124,10 +128,18 @@ def test_token_bytes_count_the_text_exactly(corpus, tmp_path):
 
 def test_a_shards_folder_as_eval_set(tmp_path):
     docs = make_docs(200, "s", max_words=20)
-    prepare_documents(docs, TOK, tmp_path / "shards", tokenizer_spec="byte", source="s", eval_fraction=0.2,
-                      shard_tokens=3000)
-    prepare_documents(make_docs(50, "v", max_words=20), TOK, tmp_path / "val", tokenizer_spec="byte", source="v",
-                      eval_fraction=0.0, shard_tokens=3000)
+    prepare_documents(
+        docs, TOK, tmp_path / "shards", tokenizer_spec="byte", source="s", eval_fraction=0.2, shard_tokens=3000
+    )
+    prepare_documents(
+        make_docs(50, "v", max_words=20),
+        TOK,
+        tmp_path / "val",
+        tokenizer_spec="byte",
+        source="v",
+        eval_fraction=0.0,
+        shard_tokens=3000,
+    )
     same = make_cfg([str(tmp_path / "shards")], seq_len=SEQ, batch=4, eval_sources=[str(tmp_path / "shards")])
     tags = set().union(*(doc_tags(TOK.decode(r)) for r in rows(build_loader(same, TOK, "eval"))))
     held = {f"s{i:05d}" for i, d in enumerate(docs) if is_eval_doc(d, 0.2)}
@@ -137,10 +149,13 @@ def test_a_shards_folder_as_eval_set(tmp_path):
     assert len(got) > 20 and {t[0] for t in set().union(*(doc_tags(TOK.decode(r)) for r in got))} == {"v"}
 
 
-@pytest.mark.parametrize("eval_sources, eval_fraction, message", [
-    ([], 0.0, "there is no eval set"),
-    (["missing.jsonl"], None, "no such file or folder"),
-])
+@pytest.mark.parametrize(
+    "eval_sources, eval_fraction, message",
+    [
+        ([], 0.0, "there is no eval set"),
+        (["missing.jsonl"], None, "no such file or folder"),
+    ],
+)
 def test_bad_eval_settings_fail_at_set_up_in_one_line(corpus, eval_sources, eval_fraction, message):
     train, _ = corpus
     cfg = make_cfg([train], eval_fraction=eval_fraction, eval_sources=eval_sources)

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 
 from tokenmill.cli import main
-from tokenmill.data.mixture import is_eval_doc
 from tokenmill.data import prepare as prepare_module
+from tokenmill.data.mixture import is_eval_doc
 from tokenmill.data.prepare import prepare_documents
 from tokenmill.data.shards import open_shards, read_manifest, sha256_file
 from tokenmill.data.tokenizer import Tokenizer, train_bpe
 from tokenmill.errors import UserError
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu",
+    "xi", "omicron", "pi", "rho"]
 
 
 def corpus(n=300):

@@ -39,7 +39,8 @@ def test_problem_lines_warn_above_the_threshold():
         "note: data source a.jsonl: 1 of 1,000 documents read (0.1%) held bytes that are not valid UTF-8, replaced "
         "by 3 U+FFFD characters",
         "warning: data source b.jsonl: 300 of 1,000 documents read (30.0%) had no text (null or not a string in the "
-        "text field) and were skipped"]
+        "text field) and were skipped",
+    ]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -47,8 +48,7 @@ def test_loader_counts_null_and_non_text_documents_per_source(tmp_path, stream):
     texts = lossy_rows()
     bad = write_rows(tmp_path / "bad.jsonl", texts)
     (tmp_path / "bytes.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "broken \xff\xfe bytes"}\n' * 20)
-    cfg = make_cfg([f"{bad}:0.5", f"{tmp_path / 'bytes.jsonl'}:0.5"], seq_len=15, batch=2, shuffle=0,
-                   stream=stream)
+    cfg = make_cfg([f"{bad}:0.5", f"{tmp_path / 'bytes.jsonl'}:0.5"], seq_len=15, batch=2, shuffle=0, stream=stream)
     loader = build_loader(cfg, TOK, "train", epochs=1)
     windows = sum(b["tokens"].shape[0] for b in loader)
     stats = loader.stats()
@@ -58,8 +58,9 @@ def test_loader_counts_null_and_non_text_documents_per_source(tmp_path, stream):
     assert counts["read"] == len(texts) and counts["null"] == nulls  # every epoch document, each once
     assert stats["sources"][str(tmp_path / "bytes.jsonl")]["replaced_docs"] == 20
     lines = loader_problem_lines(stats)
-    assert any(line.startswith("warning:") and str(bad) in line and f"{nulls} of {len(texts)}" in line
-               for line in lines)
+    assert any(
+        line.startswith("warning:") and str(bad) in line and f"{nulls} of {len(texts)}" in line for line in lines
+    )
     assert any("not valid UTF-8" in line and "bytes.jsonl" in line for line in lines)
 
 
@@ -79,8 +80,26 @@ def test_counts_survive_a_resume(tmp_path):
 
 def test_a_source_without_text_is_not_blamed_on_ranks(tmp_path, capsys):
     empty = write_rows(tmp_path / "nulls.jsonl", [None] * 30)
-    assert main(["data", "check", "--preset", "tiny", f"--data.sources=[{empty}]", "--data.tokenizer=byte",
-                 "--train.seq_len=15", "--batches", "2", "--ranks", "2", "--workers", "0"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "check",
+                "--preset",
+                "tiny",
+                f"--data.sources=[{empty}]",
+                "--data.tokenizer=byte",
+                "--train.seq_len=15",
+                "--batches",
+                "2",
+                "--ranks",
+                "2",
+                "--workers",
+                "0",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "none of the 15 documents read has text (15 null" in err and "data.text_field" in err
     assert "ranks" not in err and "\n" not in err
@@ -88,17 +107,35 @@ def test_a_source_without_text_is_not_blamed_on_ranks(tmp_path, capsys):
 
 def test_data_check_and_prepare_report_lossy_documents(tmp_path, capsys):
     bad = write_rows(tmp_path / "bad.jsonl", lossy_rows())
-    assert main(["data", "check", "--preset", "tiny", f"--data.sources=[{bad}]", "--data.tokenizer=byte",
-                 "--train.seq_len=15", "--train.micro_batch_size=2", "--batches", "3", "--ranks", "2",
-                 "--workers", "0", "--json"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "check",
+                "--preset",
+                "tiny",
+                f"--data.sources=[{bad}]",
+                "--data.tokenizer=byte",
+                "--train.seq_len=15",
+                "--train.micro_batch_size=2",
+                "--batches",
+                "3",
+                "--ranks",
+                "2",
+                "--workers",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["sources"][str(bad)]["null"] > 0
     assert "warning: data source" in captured.err and "had no text" in captured.err
     assert "duplicate" not in captured.err  # a data problem, not a sharding one
     out = tmp_path / "shards"
-    assert main(["prepare", str(bad), "--tokenizer", "byte", "--out", str(out), "--workers", "1",
-                 "--no-progress"]) == 0
+    assert main(["prepare", str(bad), "--tokenizer", "byte", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
     err = capsys.readouterr().err
     nulls = sum(1 for t in lossy_rows() if not isinstance(t, str))
     assert f"warning: data source {bad}: {nulls} of 200 documents read" in err
@@ -130,13 +167,32 @@ def digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("command", [
-    lambda src, out: ["prepare", str(src), "--tokenizer", "byte", "--out", str(out), "--no-progress"],
-    lambda src, out: ["data", "check", "--preset", "tiny", f"--data.sources=[{src}]", "--data.tokenizer=byte",
-                      "--train.seq_len=15", "--batches", "2"],
-    lambda src, out: ["train", "--preset", "tiny", f"--data.sources=[{src}]", "--data.tokenizer=byte",
-                      f"--train.out_dir={out}", "--train.max_steps=1"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        lambda src, out: ["prepare", str(src), "--tokenizer", "byte", "--out", str(out), "--no-progress"],
+        lambda src, out: [
+            "data",
+            "check",
+            "--preset",
+            "tiny",
+            f"--data.sources=[{src}]",
+            "--data.tokenizer=byte",
+            "--train.seq_len=15",
+            "--batches",
+            "2",
+        ],
+        lambda src, out: [
+            "train",
+            "--preset",
+            "tiny",
+            f"--data.sources=[{src}]",
+            "--data.tokenizer=byte",
+            f"--train.out_dir={out}",
+            "--train.max_steps=1",
+        ],
+    ],
+)
 def test_malformed_jsonl_cli_exit_2_one_line(tmp_path, capsys, command):
     path = malformed(tmp_path)
     before = digest(tmp_path)

@@ -60,7 +60,6 @@ def test_two_ranks_two_workers_read_disjoint_row_groups_each_byte_once(twelve_fi
     assert stream_tokens - 4 * 31 <= 32 * len(windows) <= stream_tokens  # all but each slot's cut-off tail
 
 
-
 def test_fewer_units_than_slots_fall_back_to_every_slot_reading_everything(tmp_path):
     few = tmp_path / "few"
     few.mkdir()
@@ -122,9 +121,15 @@ def test_merge_finishes_passed_units_and_continues_partly_read_ones():
     a = {"index": 9, "unit": 1, "doc": 4, "ds": {"at": "a"}, "mine": [0, 2, 4], "n_units": 6, "plan": None}
     b = {"index": 3, "unit": 0, "doc": 3, "ds": None, "mine": [1, 3, 5], "n_units": 6, "plan": None}
     merged = merge_stream_positions([a, b])
-    assert merged["plan"] == {"units": [1, 2, 3, 4, 5],
-                              "starts": {"2": {"doc": 4, "ds": {"at": "a"}}, "1": {"doc": 3, "ds": None}}}
-    again = merge_stream_positions([{**merged, "mine": [1, 3], "unit": 1, "doc": 0, "ds": None},
-                                    {**merged, "mine": [2, 4, 5], "unit": 0, "doc": 6, "ds": {"at": "c"}}])
+    assert merged["plan"] == {
+        "units": [1, 2, 3, 4, 5],
+        "starts": {"2": {"doc": 4, "ds": {"at": "a"}}, "1": {"doc": 3, "ds": None}},
+    }
+    again = merge_stream_positions(
+        [
+            {**merged, "mine": [1, 3], "unit": 1, "doc": 0, "ds": None},
+            {**merged, "mine": [2, 4, 5], "unit": 0, "doc": 6, "ds": {"at": "c"}},
+        ]
+    )
     assert again["plan"]["units"] == [2, 3, 4, 5]  # unit 1 finished; 0 stays finished from the first plan
     assert again["plan"]["starts"] == {"2": {"doc": 6, "ds": {"at": "c"}}}

@@ -7,12 +7,11 @@ import json
 import sys
 
 import pytest
-from data_helpers import make_cfg, make_docs, write_jsonl
 
+from data_helpers import make_cfg, make_docs, write_jsonl
 from tokenmill.cli import tokenizer as tokenizer_cli
 from tokenmill.data.sources import StdlibSource
-from tokenmill.data.tokenizer import (BOS, EOS, Tokenizer, build_tokenizer, check_vocab, load_tokenizer,
-                                      train_bpe)
+from tokenmill.data.tokenizer import BOS, EOS, Tokenizer, build_tokenizer, check_vocab, load_tokenizer, train_bpe
 from tokenmill.errors import UserError
 
 TRAIN_CHARS = 600_000  # a slice of the stdlib corpus: a couple of seconds of BPE training

@@ -37,8 +37,9 @@ READ_WINDOWS = 64  # shard windows read per call
 class TextWindows:
     """The eval set of text sources as one window stream: documents in natural order, interleaved by weight."""
 
-    def __init__(self, sources: list[Source], weights: list[float], cfg: Any, tokenizer: Any, split: str,
-                 eval_fraction: float) -> None:
+    def __init__(
+        self, sources: list[Source], weights: list[float], cfg: Any, tokenizer: Any, split: str, eval_fraction: float
+    ) -> None:
         cursors = [SourceCursor(src, i, 0, 1, split, eval_fraction, None, epochs=1) for i, src in enumerate(sources)]
         self.mixture = Mixture(cursors, weights, cfg.train.seed, 0)
         self.packer = Packer(tokenizer, cfg.train.seq_len + 1, bos_aligned=cfg.data.bos_aligned_eval)
@@ -84,8 +85,9 @@ class ShardWindows:
 class EvalSetLoader:
     """A finite `BatchLoader` over the eval set (see the module docstring); `iter()` always starts over."""
 
-    def __init__(self, open_windows: Any, describe: str, batch_size: int, rank: int, world_size: int,
-                 identity: dict[str, Any]) -> None:
+    def __init__(
+        self, open_windows: Any, describe: str, batch_size: int, rank: int, world_size: int, identity: dict[str, Any]
+    ) -> None:
         self.open_windows = open_windows  # () -> TextWindows | ShardWindows, a fresh pass each call
         self.describe, self.batch_size = describe, batch_size
         self.rank, self.world_size = rank, world_size
@@ -112,9 +114,11 @@ class EvalSetLoader:
                     yield self._batch(rows)
                     rows = []
             if groups == 0:
-                raise UserError(f"the eval set ({self.describe}) holds fewer than {self.world_size} windows of "
-                                f"{self.identity['seq_len'] + 1} tokens (one per rank); use a larger eval set or "
-                                f"a shorter train.seq_len")
+                raise UserError(
+                    f"the eval set ({self.describe}) holds fewer than {self.world_size} windows of "
+                    f"{self.identity['seq_len'] + 1} tokens (one per rank); use a larger eval set or "
+                    f"a shorter train.seq_len"
+                )
             if rows:
                 yield self._batch(rows)  # the last batch may be short, equally on every rank
         finally:
@@ -156,11 +160,19 @@ def build_eval_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int) -> E
         specs, split, fraction = train_specs, "eval", holdout
         describe = f"the documents data.eval_fraction={holdout} holds out of data.sources"
     else:
-        raise UserError("there is no eval set: data.eval_fraction is 0 and data.eval_sources is empty; set "
-                        "data.eval_sources=[val.jsonl] or data.eval_fraction=0.02")
-    identity = {"eval_sources": [f"{s.location}:{s.weight:.6g}" for s in specs], "split": split,
-                "eval_fraction": fraction, "text_field": data.text_field, "tokenizer": tokenizer.hash,
-                "seq_len": int(cfg.train.seq_len), "bos_aligned": bool(data.bos_aligned_eval)}
+        raise UserError(
+            "there is no eval set: data.eval_fraction is 0 and data.eval_sources is empty; set "
+            "data.eval_sources=[val.jsonl] or data.eval_fraction=0.02"
+        )
+    identity = {
+        "eval_sources": [f"{s.location}:{s.weight:.6g}" for s in specs],
+        "split": split,
+        "eval_fraction": fraction,
+        "text_field": data.text_field,
+        "tokenizer": tokenizer.hash,
+        "seq_len": int(cfg.train.seq_len),
+        "bos_aligned": bool(data.bos_aligned_eval),
+    }
     shard_specs = [s for s in specs if is_shard_dir(s.location)]
     if not shard_specs:
         # opened once, here: a bad eval source fails at set-up, in one line; each pass opens new readers
@@ -175,16 +187,21 @@ def build_eval_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int) -> E
     folder = specs[0].location
     manifest = read_manifest(folder)
     same_folder = any(is_shard_dir(s.location) and _same_path(s.location, folder) for s in train_specs)
-    splits = ["eval"] if split == "eval" or same_folder else \
-        [s for s in SPLITS if manifest["splits"][s]["shards"]]
+    splits = ["eval"] if split == "eval" or same_folder else [s for s in SPLITS if manifest["splits"][s]["shards"]]
     ShardWindows(folder, splits, tokenizer, cfg.train.seq_len)  # checks manifest, tokenizer and files now
 
     def open_shard_windows() -> ShardWindows:
         return ShardWindows(folder, splits, tokenizer, cfg.train.seq_len)
 
     describe = f"{folder} ({'+'.join(splits)} split{'s' if len(splits) > 1 else ''})"
-    return EvalSetLoader(open_shard_windows, describe, cfg.train.micro_batch_size, rank, world_size,
-                         identity | {"split": "+".join(splits)})
+    return EvalSetLoader(
+        open_shard_windows,
+        describe,
+        cfg.train.micro_batch_size,
+        rank,
+        world_size,
+        identity | {"split": "+".join(splits)},
+    )
 
 
 def _same_path(a: str, b: str) -> bool:

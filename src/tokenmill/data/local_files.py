@@ -29,8 +29,9 @@ def local_files(path: Path) -> tuple[str, list[str]]:
     if "*" in str(path):
         files = sorted(glob.glob(str(path), recursive=True))
     elif path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in FILE_KINDS
-                       and not p.name.startswith("."))
+        files = sorted(
+            str(p) for p in path.rglob("*") if p.is_file() and p.suffix in FILE_KINDS and not p.name.startswith(".")
+        )
     else:
         files = [str(path)]
     kinds = {FILE_KINDS.get(Path(f).suffix) for f in files}
@@ -40,16 +41,20 @@ def local_files(path: Path) -> tuple[str, list[str]]:
         bad = next(f for f in files if Path(f).suffix not in FILE_KINDS)
         raise UserError(f"source {bad}: unknown file type; use .txt, .jsonl, .json or .parquet")
     if len(kinds) > 1:
-        raise UserError(f"source {path} mixes file types ({', '.join(sorted(kinds))}); list each kind as its "
-                        f"own source")
+        raise UserError(
+            f"source {path} mixes file types ({', '.join(sorted(kinds))}); list each kind as its own source"
+        )
     return kinds.pop(), files
 
 
 def builder_args(kind: str, path: Path, files: list[str]) -> dict[str, Any]:
     """`load_dataset` arguments (without data_files) for one kind of local file."""
     if kind == "text":
-        return {"path": "text", "encoding_errors": "replace",
-                "sample_by": "document" if path.is_dir() or len(files) > 1 else "line"}
+        return {
+            "path": "text",
+            "encoding_errors": "replace",
+            "sample_by": "document" if path.is_dir() or len(files) > 1 else "line",
+        }
     if kind == "json":
         # datasets only re-decodes when the encoding name differs from "utf-8"; "utf8" (same codec) makes it
         # decode with errors="replace", turning invalid bytes into U+FFFD instead of crashing (see its json.py).
@@ -87,8 +92,10 @@ def load_error(name: str, kind: str | None, files: list[str] | None, err: BaseEx
     cause = err.__cause__ or err
     detail = str(cause).strip().splitlines()[0] if str(cause).strip() else "no details"
     if files is None:
-        return UserError(f"source {name}: cannot open it on the Hugging Face Hub ({type(cause).__name__}: {detail}); "
-                         f"check the network, or use a local path or data.sources=[stdlib]")
+        return UserError(
+            f"source {name}: cannot open it on the Hugging Face Hub ({type(cause).__name__}: {detail}); "
+            f"check the network, or use a local path or data.sources=[stdlib]"
+        )
     return UserError(f"source {name}: cannot read it ({type(cause).__name__}: {detail})")
 
 

@@ -185,7 +185,7 @@ def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLik
                 run_bytes += int(result[3].sum())
             # cut as many full chunks as the pending documents hold (or everything at the end)
             while pending and (final or pending_tokens >= shard_tokens):  # concatenate only when a chunk is due
-                tok, lens, flags, nbytes = (np.concatenate(col) for col in zip(*pending))
+                tok, lens, flags, nbytes = (np.concatenate(col) for col in zip(*pending, strict=True))
                 cums = np.cumsum(lens)
                 cut = int(np.searchsorted(cums, shard_tokens, side="left"))  # first doc reaching shard_tokens
                 if cut >= lens.size and not final:

@@ -52,13 +52,18 @@ def problem_lines(per_source: dict[str, dict[str, int]]) -> list[str]:
     for name, raw in per_source.items():
         counts = DocCounts.from_dict(raw)
         total = max(counts.read, 1)
-        for n, what in ((counts.null, "had no text (null or not a string in the text field) and were skipped"),
-                        (counts.replaced_docs, f"held bytes that are not valid UTF-8, replaced by "
-                                               f"{counts.replaced_chars:,} U+FFFD characters")):
+        for n, what in (
+            (counts.null, "had no text (null or not a string in the text field) and were skipped"),
+            (
+                counts.replaced_docs,
+                f"held bytes that are not valid UTF-8, replaced by {counts.replaced_chars:,} U+FFFD characters",
+            ),
+        ):
             if n:
                 level = "warning" if n / total > WARN_SHARE else "note"
-                lines.append(f"{level}: data source {name}: {n:,} of {counts.read:,} documents read ({n / total:.1%}) "
-                             f"{what}")
+                lines.append(
+                    f"{level}: data source {name}: {n:,} of {counts.read:,} documents read ({n / total:.1%}) {what}"
+                )
     return lines
 
 

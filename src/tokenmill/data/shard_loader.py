@@ -36,7 +36,8 @@ shard's document-start index: a 1 at each document start inside the window, then
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +101,7 @@ class WindowReader:
         marks = np.zeros((len(windows), L), dtype=np.int64)
         shard_of = np.searchsorted(self.cum, windows, side="right") - 1
         offsets = (windows - self.cum[shard_of]) * L
-        for i, (k, off) in enumerate(zip(shard_of.tolist(), offsets.tolist())):
+        for i, (k, off) in enumerate(zip(shard_of.tolist(), offsets.tolist(), strict=True)):
             if os.preadv(self._fd(k), [raw[i]], off * self.itemsize) != L * self.itemsize:
                 raise UserError(f"checksum error: {self.shard_set.shards[k].path} is shorter than its manifest says "
                                 f"(truncated while in use?); re-run `tokenmill prepare ... --overwrite`")

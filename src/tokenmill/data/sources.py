@@ -91,7 +91,7 @@ class DocReader(ABC):
     def position(self) -> dict[str, Any]:
         """Where this reader stands, enough to reopen it at the next document."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op by design: only readers with open files override it
         """Release open files (readers without any keep the default)."""
 
     def _scan(self, value: Any) -> None:

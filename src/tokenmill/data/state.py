@@ -32,21 +32,30 @@ def same_layout(state: dict[str, Any], kind: str, identity: dict[str, Any], layo
     another layout (the caller then resumes without repeats instead of exactly)."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise UserError(f"data loader state has format {found!r}, expected {STATE_FORMAT}: it was written by another "
-                        f"tokenmill version; resume without the data position (start a new run from the weights)")
+        raise UserError(
+            f"data loader state has format {found!r}, expected {STATE_FORMAT}: it was written by another "
+            f"tokenmill version; resume without the data position (start a new run from the weights)"
+        )
     if state.get("kind") != kind:
-        raise UserError(f"cannot resume the data stream: the checkpoint holds a {state.get('kind')!r} loader state "
-                        f"but data.sources now gives a {kind!r} loader; resume with the checkpoint's data settings")
+        raise UserError(
+            f"cannot resume the data stream: the checkpoint holds a {state.get('kind')!r} loader state "
+            f"but data.sources now gives a {kind!r} loader; resume with the checkpoint's data settings"
+        )
     old = state.get("identity", {})
     changed = [k for k in identity if old.get(k) != identity[k]]
     if changed:
         k = changed[0]
-        raise UserError(f"cannot resume the data stream: {k} changed ({old.get(k)!r} -> {identity[k]!r}); resume "
-                        f"with the data settings of the checkpoint")
+        raise UserError(
+            f"cannot resume the data stream: {k} changed ({old.get(k)!r} -> {identity[k]!r}); resume "
+            f"with the data settings of the checkpoint"
+        )
     old_layout = state.get("layout", {})
     if old_layout == layout:
         return True
     diff = ", ".join(f"{k} {old_layout.get(k)}->{v}" for k, v in layout.items() if old_layout.get(k) != v)
-    warnings.warn(f"data: resuming on a different layout ({diff}): no document is repeated, but the resume is not "
-                  f"batch-exact (buffered windows are skipped)", stacklevel=3)
+    warnings.warn(
+        f"data: resuming on a different layout ({diff}): no document is repeated, but the resume is not "
+        f"batch-exact (buffered windows are skipped)",
+        stacklevel=3,
+    )
     return False

@@ -54,8 +54,9 @@ def assign_units(remaining: list[int], slot: int, n_slots: int) -> tuple[list[in
 class StreamReader(DocReader):
     """One slot's part of one epoch: its units in order; documents kept by index % stride."""
 
-    def __init__(self, source: StreamSource, epoch: int, slot: int, n_slots: int, position: dict | None,
-                 seed: int | None) -> None:
+    def __init__(
+        self, source: StreamSource, epoch: int, slot: int, n_slots: int, position: dict | None, seed: int | None
+    ) -> None:
         super().__init__(source.name, slot, n_slots)
         self.source = source
         self.units = source.epoch_units(epoch, seed)
@@ -112,8 +113,15 @@ class StreamReader(DocReader):
             ds = self._ds.state_dict() if self._ds is not None else None
         else:
             ds = self._resume["ds"] if self._resume else None
-        return {"index": self.index, "unit": self.k, "doc": self.doc, "ds": ds, "mine": list(self.mine),
-                "n_units": len(self.units), "plan": self.plan}
+        return {
+            "index": self.index,
+            "unit": self.k,
+            "doc": self.doc,
+            "ds": ds,
+            "mine": list(self.mine),
+            "n_units": len(self.units),
+            "plan": self.plan,
+        }
 
     def close(self) -> None:
         it, self._it = self._it, None
@@ -267,12 +275,15 @@ def _hub_files(repo: str, config: str | None) -> tuple[dict[str, Any], list[str]
 
 def hub_stream(label: str, repo: str, config: str | None, field: str) -> StreamSource:
     """A Hub dataset's train split, streamed; its files are listed once so slots can read whole files."""
-    name = f"{label} ({repo}{'/' + config if config else ''})" if label != repo and label != f"{repo}@{config}" \
-        else label
+    name = (
+        f"{label} ({repo}{'/' + config if config else ''})" if label != repo and label != f"{repo}@{config}" else label
+    )
     if _hub_offline():
-        raise UserError(f"source {name} is on the Hugging Face Hub but this machine is offline "
-                        f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set); use a local path (txt/jsonl/parquet/"
-                        f"save_to_disk folder) or data.sources=[stdlib]")
+        raise UserError(
+            f"source {name} is on the Hugging Face Hub but this machine is offline "
+            f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set); use a local path (txt/jsonl/parquet/"
+            f"save_to_disk folder) or data.sources=[stdlib]"
+        )
     try:
         args, files = _hub_files(repo, config)
     except UserError:
@@ -302,6 +313,15 @@ def merge_stream_positions(entries: list[dict[str, Any]]) -> dict[str, Any]:
             u = mine[k]
             if u not in partial or int(e["doc"]) > partial[u]["doc"]:
                 partial[u] = {"doc": int(e["doc"]), "ds": e["ds"]}
-    return {"index": 0, "unit": 0, "doc": 0, "ds": None, "mine": [], "n_units": n_units,
-            "plan": {"units": [u for u in (plan["units"] if plan else range(n_units)) if u not in done],
-                     "starts": {str(u): start for u, start in partial.items() if u not in done}}}
+    return {
+        "index": 0,
+        "unit": 0,
+        "doc": 0,
+        "ds": None,
+        "mine": [],
+        "n_units": n_units,
+        "plan": {
+            "units": [u for u in (plan["units"] if plan else range(n_units)) if u not in done],
+            "starts": {str(u): start for u, start in partial.items() if u not in done},
+        },
+    }
