@@ -99,6 +99,12 @@ def load_error(name: str, kind: str | None, files: list[str] | None, err: BaseEx
     return UserError(f"source {name}: cannot read it ({type(cause).__name__}: {detail})")
 
 
+def silence_json_errors() -> None:
+    """`datasets` logs its own copy of a JSON parse error while a stream is read; tokenmill reports it in one
+    line instead (`load_error`), so that logger only speaks at CRITICAL from the first JSON source on."""
+    logging.getLogger(JSON_LOGGER).setLevel(logging.CRITICAL)
+
+
 @contextmanager
 def quiet_datasets() -> Iterator[None]:
     """No progress bars or logged copies of errors from `datasets` (the caller reports in one line)."""

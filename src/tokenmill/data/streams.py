@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tokenmill.data.local_files import builder_args, load_error, local_files, quiet_datasets
+from tokenmill.data.local_files import builder_args, load_error, local_files, quiet_datasets, silence_json_errors
 from tokenmill.data.sources import DocReader, Source, check_field, doc_order
 from tokenmill.errors import UserError
 
@@ -180,6 +180,8 @@ class StreamSource(Source):
             with fsspec.open(file, "rb") as f:  # a local path or an hf:// URL alike
                 values = pq.ParquetFile(f).read_row_group(group, columns=[self.field]).column(0).to_pylist()
             return None, iter(values[doc:])
+        if self.args.get("path") == "json":
+            silence_json_errors()  # also inside dataloader workers, which may be fresh processes
         ds = self._dataset(file).select_columns([self.field])  # a fresh wrapper: no stale resume state
         if ds_state is not None:
             ds.load_state_dict(ds_state)  # resumes inside the file (datasets >= 2.18)
