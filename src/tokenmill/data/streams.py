@@ -155,6 +155,8 @@ class StreamSource(Source):
         self.field = field
         self.row_groups: list[int] | None = None  # per parquet file, read from the footers by `validate`
         self._cache: dict[str | None, Any] = {}
+        if args.get("path") == "json":
+            silence_json_errors()
 
     def units(self) -> list[Unit]:
         """Every unit in natural order: row groups file by file, or files, or the one unlisted stream."""
