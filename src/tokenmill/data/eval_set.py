@@ -55,7 +55,7 @@ class TextWindows:
             yield tokens, doc_ids_of(tokens, self.eos)
 
     def counts(self) -> dict[str, dict[str, int]]:
-        return {c.source.name: c.state_dict()["counts"] for c in self.mixture.cursors}
+        return {c.source.name: c.doc_counts().to_dict() for c in self.mixture.cursors}
 
     def close(self) -> None:
         self.mixture.close()

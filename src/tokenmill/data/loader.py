@@ -109,7 +109,7 @@ class SlotPipeline:
         return {"tokens": tokens, "doc_ids": doc_ids_of(tokens, self.eos)}
 
     def stats(self) -> dict[str, Any]:
-        counts = {c.source.name: c.state_dict()["counts"] for c in self.mixture.cursors}
+        counts = {c.source.name: c.doc_counts().to_dict() for c in self.mixture.cursors}
         return {"documents": self.packer.documents, "batches": self.batches, "sources": counts}
 
     def state_dict(self) -> dict[str, Any]:

@@ -152,12 +152,18 @@ class SourceCursor:
         return (f"source {name} has no {split} documents for slot {self.slot} of {self.n_slots} (ranks x dataloader "
                 f"workers); use fewer ranks or workers, or more data")
 
+    def doc_counts(self) -> DocCounts:
+        """Documents read so far over all epochs (see `quality.DocCounts`)."""
+        return self.counts + self._reader.counts if self._reader is not None else self.counts
+
+    def position(self) -> dict[str, Any] | None:
+        """The reader's position; before the reader opens, where it was told to start (None = epoch start)."""
+        return self._reader.position if self._reader is not None else self._start
+
     def state_dict(self) -> dict[str, Any]:
-        reader = self._reader
-        position = reader.position if reader is not None else self._start  # not opened: where we were told to start
-        counts = self.counts + reader.counts if reader is not None else self.counts
-        return {"epoch": self.epoch, "position": position, "docs_in_epoch": self.docs_in_epoch,
-                "fresh_epoch": self.fresh_epoch, "counts": counts.to_dict(), "buffer": self.buffer.state_dict()}
+        return {"epoch": self.epoch, "position": self.position(), "docs_in_epoch": self.docs_in_epoch,
+                "fresh_epoch": self.fresh_epoch, "counts": self.doc_counts().to_dict(),
+                "buffer": self.buffer.state_dict()}
 
     def close(self) -> None:
         if self._reader is not None:
@@ -204,11 +210,7 @@ class Mixture:
 
     def cursor(self) -> list[dict[str, Any]]:
         """Per-source (epoch, position): what a resume on a different topology starts from."""
-        out = []
-        for c in self.cursors:
-            s = c.state_dict()
-            out.append({"epoch": s["epoch"], "position": s["position"]})
-        return out
+        return [{"epoch": c.epoch, "position": c.position()} for c in self.cursors]
 
     def close(self) -> None:
         for c in self.cursors:
