@@ -42,15 +42,23 @@ def packed_windows(docs, window):
     for d in docs:
         stream += list(d.encode()) + [TOK.eos_id]
     n = len(stream) // window
-    return [tuple(stream[i * window:(i + 1) * window]) for i in range(n)]
+    return [tuple(stream[i * window : (i + 1) * window]) for i in range(n)]
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_exactly_once_over_two_ranks_and_two_workers(tmp_path, stream):
     docs = make_docs(240, max_words=30)
     path = write_jsonl(tmp_path / "d.jsonl", docs)
-    cfg = make_cfg([str(path)], seq_len=31, batch=3, shuffle=8, workers=2, eval_fraction=0.1,
-                   shuffle_documents=False, stream=stream)
+    cfg = make_cfg(
+        [str(path)],
+        seq_len=31,
+        batch=3,
+        shuffle=8,
+        workers=2,
+        eval_fraction=0.1,
+        shuffle_documents=False,
+        stream=stream,
+    )
     got = []
     for rank in range(2):
         for batch in build_loader(cfg, TOK, "train", rank, 2, epochs=1):
@@ -80,9 +88,11 @@ def source_paths(tmp_path, kind):
         for i in range(3):
             write_parquet(tmp_path / f"part{i}.parquet", make_docs(12, f"p{i}x", max_words=14), row_group_size=5)
         return [str(tmp_path / "*.parquet")]
-    return [str(write_jsonl(tmp_path / "a.jsonl", make_docs(30, "a", max_words=14))) + ":0.5",
-            str(write_parquet(tmp_path / "b.parquet", make_docs(20, "b", max_words=14))) + ":0.3",
-            "stdlib:0.2"]
+    return [
+        str(write_jsonl(tmp_path / "a.jsonl", make_docs(30, "a", max_words=14))) + ":0.5",
+        str(write_parquet(tmp_path / "b.parquet", make_docs(20, "b", max_words=14))) + ":0.3",
+        "stdlib:0.2",
+    ]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -92,8 +102,15 @@ def test_resume_is_exact_across_epochs_and_twice(tmp_path, monkeypatch, kind, wo
     # interval makes the resume go through a restored worker state *and* a replay. Streamed sources pass their
     # documents through a document buffer (file mode with 3 files, document mode with one).
     monkeypatch.setattr(loader_module, "SNAPSHOT_EVERY", 3)
-    cfg = make_cfg(source_paths(tmp_path, kind), seq_len=31, batch=4, shuffle=8, workers=workers,
-                   stream=kind.startswith("stream"), document_buffer=6)
+    cfg = make_cfg(
+        source_paths(tmp_path, kind),
+        seq_len=31,
+        batch=4,
+        shuffle=8,
+        workers=workers,
+        stream=kind.startswith("stream"),
+        document_buffer=6,
+    )
     k, m1, m2 = 9, 8, 9
     reference = build_loader(cfg, TOK, "train")
     ref = take(iter(reference), k + m1 + m2)
@@ -103,17 +120,17 @@ def test_resume_is_exact_across_epochs_and_twice(tmp_path, monkeypatch, kind, wo
     it = iter(first)
     assert_same(take(it, k), ref[:k])
     state = roundtrip(first.state_dict())
-    assert_same(take(it, 2), ref[k:k + 2])  # saving does not disturb the running loader
+    assert_same(take(it, 2), ref[k : k + 2])  # saving does not disturb the running loader
 
     second = build_loader(cfg, TOK, "train")
     second.load_state_dict(state)
     it2 = iter(second)
-    assert_same(take(it2, m1), ref[k:k + m1])
+    assert_same(take(it2, m1), ref[k : k + m1])
     state2 = roundtrip(second.state_dict())
 
     third = build_loader(cfg, TOK, "train")
     third.load_state_dict(state2)
-    assert_same(take(iter(third), m2), ref[k + m1:])
+    assert_same(take(iter(third), m2), ref[k + m1 :])
 
 
 def test_iterating_again_continues_the_train_stream(tmp_path):
@@ -137,8 +154,9 @@ def test_eval_split_is_disjoint_from_train(tmp_path):
 
 def test_eval_restarts_each_time_and_can_be_bos_aligned(tmp_path):
     docs = make_docs(200, max_words=20)
-    cfg = make_cfg([str(write_jsonl(tmp_path / "d.jsonl", docs))], seq_len=47, batch=2, eval_fraction=0.3,
-                   bos_aligned_eval=True)
+    cfg = make_cfg(
+        [str(write_jsonl(tmp_path / "d.jsonl", docs))], seq_len=47, batch=2, eval_fraction=0.3, bos_aligned_eval=True
+    )
     loader = build_loader(cfg, TOK, "eval")
     first = take(iter(loader), 3)
     assert_same(take(iter(loader), 3), first)  # every evaluation sees the same batches
@@ -169,8 +187,7 @@ def test_resume_on_another_layout_repeats_no_document(tmp_path, new_world, new_w
     before = consumed_tags(take(iter(loader), 20))
     state = roundtrip(loader.state_dict())
 
-    new_cfg = make_cfg(sources, seq_len=31, batch=4, shuffle=16, workers=new_workers, stream=stream,
-                       document_buffer=8)
+    new_cfg = make_cfg(sources, seq_len=31, batch=4, shuffle=16, workers=new_workers, stream=stream, document_buffer=8)
     after = set()
     for rank in range(new_world):
         resumed = build_loader(new_cfg, TOK, "train", rank, new_world)
@@ -188,8 +205,9 @@ def test_resume_on_another_layout_continues_past_the_cursor(tmp_path):
     loader = build_loader(cfg, TOK, "train")
     before = consumed_tags(take(iter(loader), 20))
     state = roundtrip(loader.state_dict())
-    resumed = build_loader(make_cfg([path], seq_len=31, batch=4, shuffle=16, workers=2, shuffle_documents=False),
-                           TOK, "train")
+    resumed = build_loader(
+        make_cfg([path], seq_len=31, batch=4, shuffle=16, workers=2, shuffle_documents=False), TOK, "train"
+    )
     with pytest.warns(UserWarning, match="no document is repeated"):
         resumed.load_state_dict(state)
     after = consumed_tags(take(iter(resumed), 15))
@@ -227,8 +245,7 @@ def test_shards_folder_is_delegated(tmp_path, monkeypatch):
 
     (tmp_path / "manifest.json").write_text("{}")
     calls = []
-    monkeypatch.setattr(shards, "build_shard_loader", lambda *args: calls.append(args) or "shard-loader",
-                        raising=False)
+    monkeypatch.setattr(shards, "build_shard_loader", lambda *args: calls.append(args) or "shard-loader", raising=False)
     cfg = make_cfg([str(tmp_path)], seq_len=16, batch=2, shuffle=5, workers=1)
     assert build_loader(cfg, TOK, "train", 1, 2) == "shard-loader"
     assert calls == [(str(tmp_path), TOK, "train", 2, 16, 1, 2, 1, cfg.train.seed, 5)]
@@ -267,6 +284,7 @@ def test_cursor_is_gathered_over_ranks(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Document shuffling
 
+
 def documents_in_order(batches):
     """The complete documents of an unshuffled-window stream, in order (the cut-off last one is dropped)."""
     stream = [t for b in batches for row in b["tokens"].tolist() for t in row]
@@ -293,20 +311,19 @@ def test_sorted_single_file_is_read_in_a_new_order_per_epoch_and_seed(tmp_path, 
     first, second = epochs(seed=1)
     assert sorted(first) == docs  # every document exactly once in the epoch
     assert first != docs  # not file order
-    assert second != first[:len(second)] and len(second) > 100  # epoch 2 has its own order
+    assert second != first[: len(second)] and len(second) > 100  # epoch 2 has its own order
     assert len(set(second)) == len(second) and set(second) <= set(docs)
     assert epochs(seed=2)[0] != first  # and another seed another one
     unshuffled = make_cfg([path], seq_len=63, batch=4, shuffle=0, shuffle_documents=False, stream=stream)
     in_file_order = documents_in_order(build_loader(unshuffled, TOK, "train", epochs=1))
-    assert in_file_order == docs[:len(in_file_order)] and len(in_file_order) >= 118  # the switch turns it off
+    assert in_file_order == docs[: len(in_file_order)] and len(in_file_order) >= 118  # the switch turns it off
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_shuffled_documents_cover_every_document_once_over_slots(tmp_path, stream):
     for i in range(2):
         write_jsonl(tmp_path / f"part{i}.jsonl", make_docs(100, f"f{i}x", seed=i, max_words=12))
-    cfg = make_cfg([str(tmp_path / "part*.jsonl")], seq_len=31, batch=2, shuffle=0, stream=stream,
-                   document_buffer=8)
+    cfg = make_cfg([str(tmp_path / "part*.jsonl")], seq_len=31, batch=2, shuffle=0, stream=stream, document_buffer=8)
     docs = make_docs(100, "f0x", seed=0, max_words=12) + make_docs(100, "f1x", seed=1, max_words=12)
     found = []
     for rank in range(4):  # 4 slots, 2 files: document mode for a stream
@@ -324,9 +341,11 @@ def test_every_loader_follows_one_contract(tmp_path):
     docs = make_docs(200, max_words=20)
     text = str(write_jsonl(tmp_path / "d.jsonl", docs))
     prepare_documents(docs, TOK, tmp_path / "shards", tokenizer_spec="byte", source="d", eval_fraction=0.2)
-    loaders = {"text": build_loader(make_cfg([text]), TOK, "train"),
-               "shards": build_loader(make_cfg([str(tmp_path / "shards")]), TOK, "train"),
-               "eval": build_loader(make_cfg([text], eval_fraction=0.2), TOK, "eval")}
+    loaders = {
+        "text": build_loader(make_cfg([text]), TOK, "train"),
+        "shards": build_loader(make_cfg([str(tmp_path / "shards")]), TOK, "train"),
+        "eval": build_loader(make_cfg([text], eval_fraction=0.2), TOK, "eval"),
+    }
     for kind, loader in loaders.items():
         assert isinstance(loader, BatchLoader)
         batch = next(iter(loader))

@@ -15,15 +15,31 @@ from tokenmill.data.shards import open_shards, read_manifest, sha256_file
 from tokenmill.data.tokenizer import Tokenizer, train_bpe
 from tokenmill.errors import UserError
 
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu",
-    "xi", "omicron", "pi", "rho"]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+]
 
 
 def corpus(n=300):
     """Deterministic documents of varied length (two identical ones, and an empty one that must vanish)."""
     rng = np.random.default_rng(0)
-    docs = [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), rng.integers(1, 60))) + f" #{d} é"
-            for d in range(n)]
+    docs = [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), rng.integers(1, 60))) + f" #{d} é" for d in range(n)]
     return docs[:100] + ["", docs[5]] + docs[100:]
 
 
@@ -62,8 +78,11 @@ def test_round_trip_bpe(tmp_path, bpe, workers):
     docs = corpus()
     prepare(docs, bpe, tmp_path / "d", workers=workers)
     for split, want_eval in (("train", False), ("eval", True)):
-        expected = [ids + [bpe.eos_id] for text, ids in zip(docs, bpe.encode_batch(docs))
-                    if text and is_eval_doc(text, 0.2) == want_eval]
+        expected = [
+            ids + [bpe.eos_id]
+            for text, ids in zip(docs, bpe.encode_batch(docs))
+            if text and is_eval_doc(text, 0.2) == want_eval
+        ]
         got = split_docs(tmp_path / "d", split, bpe)
         assert got == expected
         assert [bpe.decode(d[:-1]) for d in got] == [t for t in docs if t and is_eval_doc(t, 0.2) == want_eval]
@@ -160,8 +179,23 @@ def test_cli_prepare_jsonl(tmp_path, capsys):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"id": i, "content": d}) + "\n" for i, d in enumerate(docs)))
     out = tmp_path / "shards"
-    code = main(["prepare", str(src), "--tokenizer", "byte", "--out", str(out), "--workers", "2",
-                 "--text-field", "content", "--eval-fraction", "0.1", "--no-progress"])
+    code = main(
+        [
+            "prepare",
+            str(src),
+            "--tokenizer",
+            "byte",
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--text-field",
+            "content",
+            "--eval-fraction",
+            "0.1",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "MB/s" in printed and "train:" in printed
@@ -170,8 +204,20 @@ def test_cli_prepare_jsonl(tmp_path, capsys):
 
 
 def test_cli_prepare_bad_inputs(tmp_path, capsys):
-    assert main(["prepare", str(tmp_path / "missing.jsonl"), "--tokenizer", "byte", "--out", str(tmp_path / "o"),
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                str(tmp_path / "missing.jsonl"),
+                "--tokenizer",
+                "byte",
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "missing.jsonl" in err and "\n" not in err
     assert main(["prepare", "stdlib", "--tokenizer", "bpe", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
@@ -193,8 +239,9 @@ def test_default_bpe_setting_uses_the_shards_tokenizer(tmp_path, bpe, tokenizer)
         spec = str(tmp_path / "tok")
     out = tmp_path / "shards"
     assert main(["prepare", str(src), "--tokenizer", spec, "--out", str(out), "--no-progress"]) == 0
-    data_cfg = SimpleNamespace(tokenizer="bpe", sources=[str(out)], text_field="text", tokenizer_vocab_size=512,
-                               tokenizer_train_chars=0)
+    data_cfg = SimpleNamespace(
+        tokenizer="bpe", sources=[str(out)], text_field="text", tokenizer_vocab_size=512, tokenizer_train_chars=0
+    )
     built = build_tokenizer(data_cfg, tmp_path / "cache")
     assert built.hash == read_manifest(out)["tokenizer"]["hash"]
     assert not (tmp_path / "cache").exists()  # nothing trained

@@ -211,6 +211,7 @@ def test_eval_loader_restarts_each_iter(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Bad input
 
+
 def test_missing_folder(tmp_path):
     with pytest.raises(UserError, match="shard folder not found"):
         open_shards(tmp_path / "nope", "train")
@@ -261,15 +262,32 @@ def test_unfinished_folder_and_too_few_windows(tmp_path):
         open_shards(folder, "train")
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("[1, 2]", "holds a JSON list"),
-    ('{"format": "tokenmill-shards", "version": 1}', "'complete' is missing"),
-    ('{"format": "tokenmill-shards", "version": 1, "complete": true, "tokenizer": {"hash": "h", "vocab_size": 9, '
-     '"eos_id": 0, "spec": "byte"}, "dtype": "uint16", "settings": {}, "chunks": [], "splits": {"train": {"tokens": 1, '
-     '"docs": 1, "shards": [{"file": "../x.bin"}]}, "eval": {"tokens": 0, "docs": 0, "shards": []}}, "source_docs": 1, '
-     '"source_bytes": 1}', "'index' is missing"),
-    ('{"format": "other", "version": 3}', "format other v3"),
-])
+A_SHARD_WITHOUT_INDEX = {
+    "format": "tokenmill-shards",
+    "version": 1,
+    "complete": True,
+    "tokenizer": {"hash": "h", "vocab_size": 9, "eos_id": 0, "spec": "byte"},
+    "dtype": "uint16",
+    "settings": {},
+    "chunks": [],
+    "splits": {
+        "train": {"tokens": 1, "docs": 1, "shards": [{"file": "../x.bin"}]},
+        "eval": {"tokens": 0, "docs": 0, "shards": []},
+    },
+    "source_docs": 1,
+    "source_bytes": 1,
+}
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("[1, 2]", "holds a JSON list"),
+        ('{"format": "tokenmill-shards", "version": 1}', "'complete' is missing"),
+        (json.dumps(A_SHARD_WITHOUT_INDEX), "'index' is missing"),
+        ('{"format": "other", "version": 3}', "format other v3"),
+    ],
+)
 def test_malformed_manifest_is_one_line(tmp_path, content, problem):
     (tmp_path / "manifest.json").write_text(content)
     with pytest.raises(UserError, match=problem) as err:

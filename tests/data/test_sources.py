@@ -76,8 +76,11 @@ def test_single_txt_file_is_one_document_per_line(tmp_path, stream):
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_stream_position_resumes_exactly_and_slots_split(tmp_path, kind):
     docs = make_docs(300)
-    path = write_jsonl(tmp_path / "d.jsonl", docs) if kind == "jsonl" else \
-        write_parquet(tmp_path / "d.parquet", docs, row_group_size=37)
+    path = (
+        write_jsonl(tmp_path / "d.jsonl", docs)
+        if kind == "jsonl"
+        else write_parquet(tmp_path / "d.parquet", docs, row_group_size=37)
+    )
     src = open_source(str(path), stream_local=True)
     reader = src.reader(0, 1, 2, None, None)
     head = [next(reader) for _ in range(40)]
@@ -136,12 +139,15 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, stream):
     assert got == ["fine", "broken \ufffd line"] and reader.counts.replaced_chars == 1
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p / "missing.jsonl", "no such file or folder"),
-    (lambda p: (p / "empty.jsonl").write_text("") and p / "empty.jsonl" or p / "empty.jsonl", "empty"),
-    (lambda p: (p / "emptydir").mkdir() or p / "emptydir", "no .txt, .jsonl or .parquet files"),
-    (lambda p: (p / "x.csv").write_text("a,b\n") and p / "x.csv", "unknown file type"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "missing.jsonl", "no such file or folder"),
+        (lambda p: (p / "empty.jsonl").write_text("") and p / "empty.jsonl" or p / "empty.jsonl", "empty"),
+        (lambda p: (p / "emptydir").mkdir() or p / "emptydir", "no .txt, .jsonl or .parquet files"),
+        (lambda p: (p / "x.csv").write_text("a,b\n") and p / "x.csv", "unknown file type"),
+    ],
+)
 def test_bad_local_sources_give_one_line(tmp_path, make, message):
     with pytest.raises(UserError, match=message) as err:
         open_source(str(make(tmp_path)))

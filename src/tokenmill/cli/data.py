@@ -12,16 +12,23 @@ from tokenmill.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["check"], help="check: duplicate windows across simulated ranks x "
-                                                          "workers, token statistics, document boundaries, speed")
+    parser.add_argument(
+        "action",
+        choices=["check"],
+        help="check: duplicate windows across simulated ranks x workers, token statistics, document boundaries, speed",
+    )
     add_config_arguments(parser)
     parser.add_argument("--batches", type=int, default=20, metavar="N", help="batches read per simulated rank")
     parser.add_argument("--ranks", type=int, default=2, metavar="R", help="simulated data-parallel ranks")
-    parser.add_argument("--workers", type=int, default=None, metavar="W",
-                        help="dataloader workers per rank (default: data.num_workers)")
+    parser.add_argument(
+        "--workers", type=int, default=None, metavar="W", help="dataloader workers per rank (default: data.num_workers)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--same-rank", action="store_true",
-                        help="self-test: every simulated rank claims rank 0, so the duplicate rate must be > 0")
+    parser.add_argument(
+        "--same-rank",
+        action="store_true",
+        help="self-test: every simulated rank claims rank 0, so the duplicate rate must be > 0",
+    )
 
 
 def _table(report, cfg) -> None:
@@ -33,9 +40,11 @@ def _table(report, cfg) -> None:
     table.add_column("value", justify="right")
     dup_style = "green" if report.duplicate_windows == 0 else "bold red"
     rows = [
-        ("simulated ranks x workers", f"{report.ranks} x {report.workers}"
-                                      + ("" if report.rank_ids == list(range(report.ranks))
-                                         else f" (rank ids {report.rank_ids})")),
+        (
+            "simulated ranks x workers",
+            f"{report.ranks} x {report.workers}"
+            + ("" if report.rank_ids == list(range(report.ranks)) else f" (rank ids {report.rank_ids})"),
+        ),
         ("batches per rank", f"{report.batches_per_rank}"),
         ("windows (tokens each)", f"{report.windows:,} ({report.window_tokens})"),
         ("duplicate windows", f"[{dup_style}]{report.duplicate_rate:.1%}[/] ({report.duplicate_windows:,})"),
@@ -85,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _table(report, cfg)
     if epoch_windows is not None and report.windows > epoch_windows:
-        print(f"note: {report.windows:,} windows read but one epoch holds {epoch_windows:,}: later epochs repeat "
-              f"windows, so duplicates are expected; use fewer --batches")
+        print(
+            f"note: {report.windows:,} windows read but one epoch holds {epoch_windows:,}: later epochs repeat "
+            f"windows, so duplicates are expected; use fewer --batches"
+        )
     return 0

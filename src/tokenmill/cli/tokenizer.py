@@ -15,8 +15,12 @@ from tokenmill.errors import UserError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     train = sub.add_parser("train", help="train a byte-level BPE on a source and write DIR/tokenizer.json")
-    train.add_argument("--source", default="stdlib", help="stdlib, a local txt/jsonl/parquet/save_to_disk path, "
-                                                           "a Hub shortcut or org/name[@config] (default: stdlib)")
+    train.add_argument(
+        "--source",
+        default="stdlib",
+        help="stdlib, a local txt/jsonl/parquet/save_to_disk path, "
+        "a Hub shortcut or org/name[@config] (default: stdlib)",
+    )
     train.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including special tokens")
     train.add_argument("--out", required=True, help="folder to write tokenizer.json into")
     train.add_argument("--text-field", default="text", help="column holding the document text (default: text)")
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     n_bytes = sum(len(t.encode("utf-8")) for t in sample)
     n_tokens = sum(len(ids) for ids in tok.encode_batch(sample))
-    print(f"wrote {out / 'tokenizer.json'}: vocab_size={tok.vocab_size} eos_id={tok.eos_id} bos_id={tok.bos_id} "
-          f"hash={tok.hash} ({n_bytes / max(1, n_tokens):.2f} bytes/token on the first documents, {seconds:.1f}s)")
+    print(
+        f"wrote {out / 'tokenizer.json'}: vocab_size={tok.vocab_size} eos_id={tok.eos_id} bos_id={tok.bos_id} "
+        f"hash={tok.hash} ({n_bytes / max(1, n_tokens):.2f} bytes/token on the first documents, {seconds:.1f}s)"
+    )
     return 0

@@ -58,8 +58,9 @@ class CheckReport:
         return {**asdict(self), "duplicate_rate": self.duplicate_rate, "tokens_per_s": self.tokens_per_s}
 
 
-def run_check(cfg: Any, tokenizer: Any, batches: int, ranks: int, workers: int,
-              rank_ids: list[int] | None = None) -> CheckReport:
+def run_check(
+    cfg: Any, tokenizer: Any, batches: int, ranks: int, workers: int, rank_ids: list[int] | None = None
+) -> CheckReport:
     """Read `batches` train batches from each simulated rank (rank_ids[i] plays rank i; default 0..ranks-1).
 
     Giving two simulated ranks the same id is a deliberately broken setup: the duplicate rate must show it.
@@ -84,7 +85,7 @@ def run_check(cfg: Any, tokenizer: Any, batches: int, ranks: int, workers: int,
                 key = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
                 report.duplicate_windows += key in seen
                 seen.add(key)
-            counts += np.bincount(tokens.ravel(), minlength=counts.size)[:counts.size]
+            counts += np.bincount(tokens.ravel(), minlength=counts.size)[: counts.size]
             boundary += int((doc_ids[:, -1] != doc_ids[:, 0]).sum())
             report.windows += tokens.shape[0]
             report.window_tokens = tokens.shape[1]
@@ -98,8 +99,11 @@ def run_check(cfg: Any, tokenizer: Any, batches: int, ranks: int, workers: int,
     report.unique_tokens = int((counts > 0).sum())
     report.eos_share = float(counts[tokenizer.eos_id] / max(report.tokens, 1))
     top = np.argsort(counts)[::-1][:TOP_K]
-    report.top_tokens = [{"id": int(i), "text": tokenizer.decode([int(i)]), "share": float(counts[i] / report.tokens)}
-                         for i in top if counts[i] > 0]
+    report.top_tokens = [
+        {"id": int(i), "text": tokenizer.decode([int(i)]), "share": float(counts[i] / report.tokens)}
+        for i in top
+        if counts[i] > 0
+    ]
     report.top_share = float(sum(t["share"] for t in report.top_tokens))
     report.boundary_share = boundary / max(report.windows, 1)
     return report

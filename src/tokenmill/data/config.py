@@ -11,24 +11,39 @@ DEFAULT_EVAL_FRACTION = 0.02  # held-out share of the training sources when no e
 
 @dataclass
 class DataConfig:
-    tokenizer: str = opt("bpe", "bpe (train on the source, cached in the run folder), byte, a tokenizer.json path "
-                                "or a Hub name")
+    tokenizer: str = opt(
+        "bpe", "bpe (train on the source, cached in the run folder), byte, a tokenizer.json path or a Hub name"
+    )
     tokenizer_vocab_size: int = opt(4096, "vocab of a BPE tokenizer trained on first use")
-    tokenizer_train_chars: int = opt(50_000_000, "characters of the first source a 'bpe' tokenizer trains on; "
-                                                 "0 = all")
-    sources: list[str] = opt(["stdlib"], "LOCATION[:WEIGHT] entries: stdlib, a local path (txt/jsonl/parquet/"
-                                         "save_to_disk/shards folder), a Hub shortcut (fineweb-edu, ...) or "
-                                         "org/name[@config]; weights = share of documents (docs/data.md)")
+    tokenizer_train_chars: int = opt(50_000_000, "characters of the first source a 'bpe' tokenizer trains on; 0 = all")
+    sources: list[str] = opt(
+        ["stdlib"],
+        "LOCATION[:WEIGHT] entries: stdlib, a local path (txt/jsonl/parquet/"
+        "save_to_disk/shards folder), a Hub shortcut (fineweb-edu, ...) or "
+        "org/name[@config]; weights = share of documents (docs/data.md)",
+    )
     text_field: str = opt("text", "column holding the document text")
-    eval_sources: list[str] = opt([], "a dedicated eval set, same syntax as data.sources (e.g. [val.jsonl]); read "
-                                      "whole by every eval; when set, training uses every document of data.sources")
-    eval_fraction: float | None = opt(None, "share of training documents held out for eval (by a hash of the "
-                                            "text); unset = 0.02 without data.eval_sources, 0 with them")
-    shuffle_documents: bool = opt(True, "read documents in a new seeded order each epoch (indexed sources) or "
-                                        "through a document buffer with shuffled file order (streaming sources)")
+    eval_sources: list[str] = opt(
+        [],
+        "a dedicated eval set, same syntax as data.sources (e.g. [val.jsonl]); read "
+        "whole by every eval; when set, training uses every document of data.sources",
+    )
+    eval_fraction: float | None = opt(
+        None,
+        "share of training documents held out for eval (by a hash of the "
+        "text); unset = 0.02 without data.eval_sources, 0 with them",
+    )
+    shuffle_documents: bool = opt(
+        True,
+        "read documents in a new seeded order each epoch (indexed sources) or "
+        "through a document buffer with shuffled file order (streaming sources)",
+    )
     document_buffer: int = opt(1024, "documents per slot in the shuffle buffer of a streaming source")
-    stream_local_files: bool = opt(False, "stream local txt/jsonl/parquet files instead of converting them once to "
-                                          "an Arrow table in the datasets cache (no disk copy; buffer shuffling)")
+    stream_local_files: bool = opt(
+        False,
+        "stream local txt/jsonl/parquet files instead of converting them once to "
+        "an Arrow table in the datasets cache (no disk copy; buffer shuffling)",
+    )
     shuffle_buffer: int = opt(1000, "windows in the shuffle buffer; 0 = no shuffling")
     num_workers: int = opt(0, "dataloader worker processes per rank")
     bos_aligned_eval: bool = opt(False, "start eval windows at document starts")

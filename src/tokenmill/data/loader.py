@@ -73,9 +73,21 @@ class SlotPipeline:
         if source_states is None and start is not None:  # another layout: start at the merged cursor
             source_states = [{"epoch": c["epoch"], "position": c["position"]} for c in start]
         seed = s.seed if s.shuffle_documents else None
-        cursors = [SourceCursor(src, i, slot, s.n_slots, "train", s.eval_fraction, seed, s.epochs,
-                                state=source_states[i] if source_states else None, doc_buffer=s.document_buffer)
-                   for i, src in enumerate(s.sources)]
+        cursors = [
+            SourceCursor(
+                src,
+                i,
+                slot,
+                s.n_slots,
+                "train",
+                s.eval_fraction,
+                seed,
+                s.epochs,
+                state=source_states[i] if source_states else None,
+                doc_buffer=s.document_buffer,
+            )
+            for i, src in enumerate(s.sources)
+        ]
         self.mixture = Mixture(cursors, s.weights, s.seed, 2 * slot, state=(state or {}).get("mixture"))
         self.packer = Packer(s.tokenizer, s.seq_len + 1)
         self.shuffle = WindowBuffer(s.shuffle_buffer, s.seq_len + 1, s.seed, 2 * slot + 1)
@@ -113,8 +125,12 @@ class SlotPipeline:
         return {"documents": self.packer.documents, "batches": self.batches, "sources": counts}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mixture": self.mixture.state_dict(), "packer": self.packer.state_dict(),
-                "shuffle": self.shuffle.state_dict(), "batches": self.batches}
+        return {
+            "mixture": self.mixture.state_dict(),
+            "packer": self.packer.state_dict(),
+            "shuffle": self.shuffle.state_dict(),
+            "batches": self.batches,
+        }
 
     def close(self) -> None:
         self.mixture.close()
@@ -123,9 +139,24 @@ class SlotPipeline:
 class TokenStream(IterableDataset):
     """An IterableDataset of ready batches; each dataloader worker runs its own slot of the stream."""
 
-    def __init__(self, sources: list[Source], weights: list[float], tokenizer: Tokenizer, *, seq_len: int,
-                 batch_size: int, rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int,
-                 shuffle_documents: bool, document_buffer: int, eval_fraction: float, epochs: int | None) -> None:
+    def __init__(
+        self,
+        sources: list[Source],
+        weights: list[float],
+        tokenizer: Tokenizer,
+        *,
+        seq_len: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle_buffer: int,
+        shuffle_documents: bool,
+        document_buffer: int,
+        eval_fraction: float,
+        epochs: int | None,
+    ) -> None:
         self.sources, self.weights, self.tokenizer = sources, weights, tokenizer
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
@@ -188,9 +219,15 @@ class Loader:
     def __init__(self, stream: TokenStream, identity: dict[str, Any]) -> None:
         self.stream = stream
         self.identity = identity
-        self.layout = {"rank": stream.rank, "world_size": stream.world_size, "num_workers": stream.num_workers,
-                       "seq_len": stream.seq_len, "batch_size": stream.batch_size,
-                       "shuffle_buffer": stream.shuffle_buffer, "document_buffer": stream.document_buffer}
+        self.layout = {
+            "rank": stream.rank,
+            "world_size": stream.world_size,
+            "num_workers": stream.num_workers,
+            "seq_len": stream.seq_len,
+            "batch_size": stream.batch_size,
+            "shuffle_buffer": stream.shuffle_buffer,
+            "document_buffer": stream.document_buffer,
+        }
         self._dl = self._dataloader()
         self._it = None
         self._cursors: dict[int, list] = {}
@@ -203,13 +240,18 @@ class Loader:
         nw = self.stream.num_workers
         with warnings.catch_warnings():  # torchdata 0.11 calls the deprecated torch.set_vital in __init__
             warnings.filterwarnings("ignore", message=".*set_vital.*")
-            return StatefulDataLoader(self.stream, batch_size=None, num_workers=nw,
-                                      prefetch_factor=4 if nw else None, snapshot_every_n_steps=SNAPSHOT_EVERY,
-                                      pin_memory=torch.cuda.is_available(),
-                                      # own generator: iter() draws a worker base seed, which from the global
-                                      # RNG would shift dropout after a resume (the resumed run calls iter()
-                                      # after restoring RNG states) and make evals change training randomness
-                                      generator=torch.Generator())
+            return StatefulDataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=nw,
+                prefetch_factor=4 if nw else None,
+                snapshot_every_n_steps=SNAPSHOT_EVERY,
+                pin_memory=torch.cuda.is_available(),
+                # own generator: iter() draws a worker base seed, which from the global
+                # RNG would shift dropout after a resume (the resumed run calls iter()
+                # after restoring RNG states) and make evals change training randomness
+                generator=torch.Generator(),
+            )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._it is None:
@@ -243,8 +285,11 @@ class Loader:
         sources: dict[str, dict[str, int]] = {}
         for s in self._stats.values():
             sources = add_counts(sources, s["sources"])
-        return {"documents": sum(s["documents"] for s in self._stats.values()),
-                "batches": sum(s["batches"] for s in self._stats.values()), "sources": sources}
+        return {
+            "documents": sum(s["documents"] for s in self._stats.values()),
+            "batches": sum(s["batches"] for s in self._stats.values()),
+            "sources": sources,
+        }
 
     def cursor(self) -> list | None:
         """Furthest source positions of this rank's workers (all ranks under torch.distributed)."""
@@ -273,8 +318,16 @@ class Loader:
         self._dl = self._dataloader()
 
 
-def build_loader(cfg: Any, tokenizer: Tokenizer, split: str, rank: int = 0, world_size: int = 1, *,
-                 epochs: int | None = None, num_workers: int | None = None) -> BatchLoader:
+def build_loader(
+    cfg: Any,
+    tokenizer: Tokenizer,
+    split: str,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    epochs: int | None = None,
+    num_workers: int | None = None,
+) -> BatchLoader:
     """The loader for `split` ("train" or "eval") of this rank; see the module docstring for guarantees.
 
     Train reads data.sources (minus the documents held out by data.eval_fraction, see `holdout_fraction`).
@@ -298,19 +351,46 @@ def build_loader(cfg: Any, tokenizer: Tokenizer, split: str, rank: int = 0, worl
             raise UserError("a pre-tokenized shards folder must be the only data.sources entry")
         from tokenmill.data.shards import build_shard_loader
 
-        return build_shard_loader(specs[0].location, tokenizer, "train", train.micro_batch_size, train.seq_len,
-                                  rank, world_size, workers, train.seed, data.shuffle_buffer)
+        return build_shard_loader(
+            specs[0].location,
+            tokenizer,
+            "train",
+            train.micro_batch_size,
+            train.seq_len,
+            rank,
+            world_size,
+            workers,
+            train.seed,
+            data.shuffle_buffer,
+        )
     if workers > 0:
         # Workers are forked after the tokenizer may have run threads here; tokenize single-threaded per worker.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sources = [open_source(s.location, data.text_field, data.stream_local_files) for s in specs]
     holdout = data.holdout_fraction()
-    stream = TokenStream(sources, [s.weight for s in specs], tokenizer, seq_len=train.seq_len,
-                         batch_size=train.micro_batch_size, rank=rank, world_size=world_size, num_workers=workers,
-                         seed=train.seed, shuffle_buffer=data.shuffle_buffer,
-                         shuffle_documents=data.shuffle_documents, document_buffer=data.document_buffer,
-                         eval_fraction=holdout, epochs=epochs)
-    identity = {"sources": [f"{s.location}:{s.weight:.6g}" for s in specs], "text_field": data.text_field,
-                "tokenizer": tokenizer.hash, "eval_fraction": holdout, "seed": int(train.seed),
-                "shuffle_documents": bool(data.shuffle_documents), "stream_local_files": bool(data.stream_local_files)}
+    stream = TokenStream(
+        sources,
+        [s.weight for s in specs],
+        tokenizer,
+        seq_len=train.seq_len,
+        batch_size=train.micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=workers,
+        seed=train.seed,
+        shuffle_buffer=data.shuffle_buffer,
+        shuffle_documents=data.shuffle_documents,
+        document_buffer=data.document_buffer,
+        eval_fraction=holdout,
+        epochs=epochs,
+    )
+    identity = {
+        "sources": [f"{s.location}:{s.weight:.6g}" for s in specs],
+        "text_field": data.text_field,
+        "tokenizer": tokenizer.hash,
+        "eval_fraction": holdout,
+        "seed": int(train.seed),
+        "shuffle_documents": bool(data.shuffle_documents),
+        "stream_local_files": bool(data.stream_local_files),
+    }
     return Loader(stream, identity)

@@ -69,8 +69,10 @@ def parse_sources(entries: list[str]) -> list[SourceSpec]:
     weighted = [w is not None for _, w in parsed]
     if len(parsed) > 1 and any(weighted) and not all(weighted):
         missing = [loc for loc, w in parsed if w is None]
-        raise UserError(f"data.sources: give every source a weight or none ({', '.join(missing)} has none), "
-                        f"e.g. [a.jsonl:0.7, b.parquet:0.3]")
+        raise UserError(
+            f"data.sources: give every source a weight or none ({', '.join(missing)} has none), "
+            f"e.g. [a.jsonl:0.7, b.parquet:0.3]"
+        )
     total = sum(w or 1.0 for _, w in parsed)
     return [SourceSpec(loc, (w or 1.0) / total) for loc, w in parsed]
 
@@ -83,8 +85,19 @@ class SourceCursor:
     `doc_buffer` documents shuffle a streaming source.
     """
 
-    def __init__(self, source: Source, index: int, slot: int, n_slots: int, split: str, eval_fraction: float,
-                 seed: int | None, epochs: int | None, state: dict | None = None, doc_buffer: int = 0) -> None:
+    def __init__(
+        self,
+        source: Source,
+        index: int,
+        slot: int,
+        n_slots: int,
+        split: str,
+        eval_fraction: float,
+        seed: int | None,
+        epochs: int | None,
+        state: dict | None = None,
+        doc_buffer: int = 0,
+    ) -> None:
         self.source, self.index = source, index
         self.slot, self.n_slots = slot, n_slots
         self.split = split
@@ -144,13 +157,19 @@ class SourceCursor:
     def _empty_message(self, counts: DocCounts) -> str:
         split, name = self.split, self.source.name
         if counts.read > 0 and counts.null + counts.empty == counts.read:
-            return (f"source {name}: none of the {counts.read:,} documents read has text ({counts.null:,} null or "
-                    f"not a string, {counts.empty:,} empty); check data.text_field and the data")
+            return (
+                f"source {name}: none of the {counts.read:,} documents read has text ({counts.null:,} null or "
+                f"not a string, {counts.empty:,} empty); check data.text_field and the data"
+            )
         if counts.read > 0:
-            return (f"source {name}: all {counts.read:,} documents read are held out of the {split} split by "
-                    f"data.eval_fraction={self.eval_fraction}; use a smaller data.eval_fraction or more data")
-        return (f"source {name} has no {split} documents for slot {self.slot} of {self.n_slots} (ranks x dataloader "
-                f"workers); use fewer ranks or workers, or more data")
+            return (
+                f"source {name}: all {counts.read:,} documents read are held out of the {split} split by "
+                f"data.eval_fraction={self.eval_fraction}; use a smaller data.eval_fraction or more data"
+            )
+        return (
+            f"source {name} has no {split} documents for slot {self.slot} of {self.n_slots} (ranks x dataloader "
+            f"workers); use fewer ranks or workers, or more data"
+        )
 
     def doc_counts(self) -> DocCounts:
         """Documents read so far over all epochs (see `quality.DocCounts`)."""
@@ -161,9 +180,14 @@ class SourceCursor:
         return self._reader.position if self._reader is not None else self._start
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position(), "docs_in_epoch": self.docs_in_epoch,
-                "fresh_epoch": self.fresh_epoch, "counts": self.doc_counts().to_dict(),
-                "buffer": self.buffer.state_dict()}
+        return {
+            "epoch": self.epoch,
+            "position": self.position(),
+            "docs_in_epoch": self.docs_in_epoch,
+            "fresh_epoch": self.fresh_epoch,
+            "counts": self.doc_counts().to_dict(),
+            "buffer": self.buffer.state_dict(),
+        }
 
     def close(self) -> None:
         if self._reader is not None:
@@ -173,8 +197,9 @@ class SourceCursor:
 class Mixture:
     """Weighted, deterministic choice among source cursors for one slot (one cursor: no draws at all)."""
 
-    def __init__(self, cursors: list[SourceCursor], weights: list[float], seed: int, slot: int,
-                 state: dict | None = None) -> None:
+    def __init__(
+        self, cursors: list[SourceCursor], weights: list[float], seed: int, slot: int, state: dict | None = None
+    ) -> None:
         self.cursors = cursors
         self.weights = weights
         self.seed, self.slot = seed, slot

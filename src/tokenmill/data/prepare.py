@@ -67,8 +67,11 @@ def _encode_task(task: tuple[list[str], float, np.dtype]) -> tuple[np.ndarray, .
     per_doc = [next(ids) if t else None for t in texts]
     eos = _TOKENIZER.eos_id
     lengths = np.fromiter((0 if x is None else len(x) + 1 for x in per_doc), dtype=np.int64, count=len(texts))
-    tokens = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, (eos,)) for x in per_doc if x is not None),
-                         dtype=dtype, count=int(lengths.sum()))
+    tokens = np.fromiter(
+        itertools.chain.from_iterable(itertools.chain(x, (eos,)) for x in per_doc if x is not None),
+        dtype=dtype,
+        count=int(lengths.sum()),
+    )
     is_eval = np.fromiter((is_eval_doc(t, eval_fraction) for t in texts), dtype=bool, count=len(texts))
     nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), dtype=np.int64, count=len(texts))
     return tokens, lengths, is_eval, nbytes
@@ -102,8 +105,10 @@ def _prepare_folder(out: Path, manifest: dict[str, Any], overwrite: bool) -> dic
         old = fmt.read_manifest(out)
         same = old["settings"] == manifest["settings"] and old["tokenizer"]["hash"] == manifest["tokenizer"]["hash"]
         if not same and not overwrite:
-            raise UserError(f"{out} holds a different prepared dataset (source {old['settings'].get('source')!r}, "
-                            f"tokenizer {old['tokenizer']['hash']}); choose another --out or pass --overwrite")
+            raise UserError(
+                f"{out} holds a different prepared dataset (source {old['settings'].get('source')!r}, "
+                f"tokenizer {old['tokenizer']['hash']}); choose another --out or pass --overwrite"
+            )
         if same and not overwrite:
             _remove(out, TEMP_FILE)  # leftovers of a write interrupted before its rename
             return None if old["complete"] else old
@@ -121,8 +126,16 @@ def _remove(folder: Path, pattern: re.Pattern) -> None:
             path.unlink()
 
 
-def _write_chunk(out: Path, manifest: dict[str, Any], index: int, tokens: np.ndarray, lengths: np.ndarray,
-                 is_eval: np.ndarray, docs_end: int, bytes_end: int) -> None:
+def _write_chunk(
+    out: Path,
+    manifest: dict[str, Any],
+    index: int,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    is_eval: np.ndarray,
+    docs_end: int,
+    bytes_end: int,
+) -> None:
     token_is_eval = np.repeat(is_eval, lengths)
     for split, doc_mask, tok_mask in (("train", ~is_eval, ~token_is_eval), ("eval", is_eval, token_is_eval)):
         split_lengths = lengths[doc_mask & (lengths > 0)]
@@ -139,10 +152,21 @@ def _write_chunk(out: Path, manifest: dict[str, Any], index: int, tokens: np.nda
     fmt.write_manifest(out, manifest)
 
 
-def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLike, *, tokenizer_spec: str,
-                      source: str, text_field: str = "text", eval_fraction: float = 0.0,
-                      shard_tokens: int = 1 << 27, workers: int = 1, overwrite: bool = False,
-                      progress: Any = None, doc_counts: DocCounts | None = None) -> PrepareStats:
+def prepare_documents(
+    docs: Iterable[str],
+    tokenizer: Any,
+    out: str | os.PathLike,
+    *,
+    tokenizer_spec: str,
+    source: str,
+    text_field: str = "text",
+    eval_fraction: float = 0.0,
+    shard_tokens: int = 1 << 27,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: Any = None,
+    doc_counts: DocCounts | None = None,
+) -> PrepareStats:
     """Tokenize `docs` into `out` (see module doc). `progress(docs, bytes, tokens)` is called as work lands.
 
     `doc_counts` is the reader's live count of documents that lost text (the whole source, as a resumed run
@@ -153,8 +177,12 @@ def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLik
     if not 0.0 <= eval_fraction < 1.0:
         raise UserError(f"--eval-fraction={eval_fraction} must be in [0, 1)")
     out = Path(out)
-    settings = {"source": source, "text_field": text_field, "eval_fraction": eval_fraction,
-                "shard_tokens": shard_tokens}
+    settings = {
+        "source": source,
+        "text_field": text_field,
+        "eval_fraction": eval_fraction,
+        "shard_tokens": shard_tokens,
+    }
     manifest = _prepare_folder(out, fmt.new_manifest(tokenizer, tokenizer_spec, settings), overwrite)
     if manifest is None:
         return PrepareStats(0, 0, 0, 0.0, 0, -1)  # already complete with these settings
@@ -195,8 +223,9 @@ def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLik
                 ntok = int(cums[cut - 1])
                 docs_done += cut
                 bytes_done += int(nbytes[:cut].sum())
-                _write_chunk(out, manifest, len(manifest["chunks"]), tok[:ntok], lens[:cut], flags[:cut],
-                             docs_done, bytes_done)
+                _write_chunk(
+                    out, manifest, len(manifest["chunks"]), tok[:ntok], lens[:cut], flags[:cut], docs_done, bytes_done
+                )
                 pending = [(tok[ntok:], lens[cut:], flags[cut:], nbytes[cut:])] if cut < lens.size else []
                 pending_tokens -= ntok
                 run_tokens += ntok
@@ -212,5 +241,6 @@ def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLik
     if doc_counts is not None:
         manifest["documents"] = doc_counts.to_dict()
     fmt.write_manifest(out, manifest)
-    return PrepareStats(run_docs, run_tokens, run_bytes, time.perf_counter() - start,
-                        len(manifest["chunks"]) - resumed, resumed)
+    return PrepareStats(
+        run_docs, run_tokens, run_bytes, time.perf_counter() - start, len(manifest["chunks"]) - resumed, resumed
+    )

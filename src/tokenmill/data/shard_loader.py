@@ -90,9 +90,11 @@ class WindowReader:
         return self._index[k]
 
     def _changed(self, path: Any, what: str) -> UserError:
-        return UserError(f"{path} is {what}: the file changed after prepare (overwritten in place?); run "
-                         f"`tokenmill data check` to verify the checksums, or re-run `tokenmill prepare ... "
-                         f"--out {self.shard_set.folder} --overwrite`")
+        return UserError(
+            f"{path} is {what}: the file changed after prepare (overwritten in place?); run "
+            f"`tokenmill data check` to verify the checksums, or re-run `tokenmill prepare ... "
+            f"--out {self.shard_set.folder} --overwrite`"
+        )
 
     def read(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B,) global window indices -> tokens (B, L) int64 and doc_ids (B, L) int64."""
@@ -103,8 +105,10 @@ class WindowReader:
         offsets = (windows - self.cum[shard_of]) * L
         for i, (k, off) in enumerate(zip(shard_of.tolist(), offsets.tolist(), strict=True)):
             if os.preadv(self._fd(k), [raw[i]], off * self.itemsize) != L * self.itemsize:
-                raise UserError(f"checksum error: {self.shard_set.shards[k].path} is shorter than its manifest says "
-                                f"(truncated while in use?); re-run `tokenmill prepare ... --overwrite`")
+                raise UserError(
+                    f"checksum error: {self.shard_set.shards[k].path} is shorter than its manifest says "
+                    f"(truncated while in use?); re-run `tokenmill prepare ... --overwrite`"
+                )
             starts = self._doc_starts(k)
             lo = int(np.searchsorted(starts, off, side="right"))  # first document starting after the row start
             hi = int(np.searchsorted(starts, off + L, side="left"))
@@ -118,8 +122,10 @@ class WindowReader:
         if len(windows) and int(raw.max()) >= self.vocab_size:
             row = int(np.argmax(raw.max(axis=1) >= self.vocab_size))
             bad = int(raw[row].max())
-            raise self._changed(self.shard_set.shards[int(shard_of[row])].path,
-                                f"damaged: it holds token id {bad}, outside the tokenizer's {self.vocab_size} ids")
+            raise self._changed(
+                self.shard_set.shards[int(shard_of[row])].path,
+                f"damaged: it holds token id {bad}, outside the tokenizer's {self.vocab_size} ids",
+            )
         np.cumsum(marks, axis=1, out=marks)
         self._since_remap += len(windows)
         if self._since_remap >= REMAP_WINDOWS:
@@ -131,8 +137,9 @@ class WindowReader:
 class ShardDataset(IterableDataset):
     """The batches of one rank; inside DataLoader workers each worker is its own reader (see module doc)."""
 
-    def __init__(self, reader: WindowReader, batch_size: int, rank: int, world_size: int, workers: int, seed: int,
-                 shuffle: bool):
+    def __init__(
+        self, reader: WindowReader, batch_size: int, rank: int, world_size: int, workers: int, seed: int, shuffle: bool
+    ):
         self.reader, self.batch_size, self.rank, self.world_size = reader, batch_size, rank, world_size
         self.workers, self.seed, self.shuffle = workers, seed, shuffle
         self.positions = [(0, 0, 0)] * workers  # per logical worker: (epoch, base, consumed)
@@ -147,8 +154,11 @@ class ShardDataset(IterableDataset):
         """The window permutation of an epoch (cached: one at a time)."""
         if self._perm is None or self._perm[0] != epoch:
             n = self.reader.n_windows
-            perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                    else np.arange(n, dtype=np.int64))
+            perm = (
+                np.random.default_rng([self.seed, epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n, dtype=np.int64)
+            )
             self._perm = (epoch, perm)
         return self._perm[1]
 
@@ -175,8 +185,11 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         worker = ((info.id if info is not None else 0) + self.shift) % self.workers
         for tokens, doc_ids, position in self.batches(worker):
-            yield {"tokens": torch.from_numpy(tokens), "doc_ids": torch.from_numpy(doc_ids),
-                   "_position": torch.tensor([worker, *position], dtype=torch.long)}
+            yield {
+                "tokens": torch.from_numpy(tokens),
+                "doc_ids": torch.from_numpy(doc_ids),
+                "_position": torch.tensor([worker, *position], dtype=torch.long),
+            }
 
 
 class ShardLoader:
@@ -185,19 +198,36 @@ class ShardLoader:
     the windows' identity (shards content, seq_len, seed, shuffle) is refused on change, another layout
     (rank, world size, workers) resumes at the global cursor with a warning."""
 
-    def __init__(self, shard_set: ShardSet, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        shard_set: ShardSet,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world size {world_size}")
         self.num_workers = num_workers
         reader = WindowReader(shard_set, seq_len + 1)
         self.dataset = ShardDataset(reader, batch_size, rank, world_size, max(num_workers, 1), seed, shuffle)
         if reader.n_windows < self.dataset.readers:
-            raise UserError(f"{shard_set.folder} {shard_set.split} split has {reader.n_windows} windows of "
-                            f"{seq_len + 1} tokens, fewer than the {self.dataset.readers} readers (ranks x workers); "
-                            f"use a shorter seq_len, fewer workers or more data")
-        self.identity = {"dataset": shard_set.fingerprint, "split": shard_set.split, "seq_len": seq_len, "seed": seed,
-                         "shuffle": shuffle, "windows": reader.n_windows}
+            raise UserError(
+                f"{shard_set.folder} {shard_set.split} split has {reader.n_windows} windows of "
+                f"{seq_len + 1} tokens, fewer than the {self.dataset.readers} readers (ranks x workers); "
+                f"use a shorter seq_len, fewer workers or more data"
+            )
+        self.identity = {
+            "dataset": shard_set.fingerprint,
+            "split": shard_set.split,
+            "seq_len": seq_len,
+            "seed": seed,
+            "shuffle": shuffle,
+            "windows": reader.n_windows,
+        }
         self.layout = {"rank": rank, "world_size": world_size, "workers": self.dataset.workers}
         self._next_worker = 0
         self._it: Iterator[dict[str, torch.Tensor]] | None = None
@@ -210,9 +240,17 @@ class ShardLoader:
         if self._it is None:
             ds = self.dataset
             ds.shift = self._next_worker
-            self._it = iter(ds if self.num_workers == 0 else
-                            DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
-                                       pin_memory=torch.cuda.is_available()))
+            self._it = iter(
+                ds
+                if self.num_workers == 0
+                else DataLoader(
+                    ds,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    prefetch_factor=4,
+                    pin_memory=torch.cuda.is_available(),
+                )
+            )
         batch = next(self._it)
         worker, epoch, base, consumed = batch.pop("_position").tolist()
         self.dataset.positions[worker] = (epoch, base, consumed)
@@ -222,21 +260,28 @@ class ShardLoader:
 
     def stats(self) -> dict[str, Any]:
         """Batches handed out by this loader object, and the documents `prepare` counted as losing text."""
-        return {"batches": self.batches, "sources": {},
-                "prepared": prepared_counts(self.dataset.reader.shard_set.manifest)}
+        return {
+            "batches": self.batches,
+            "sources": {},
+            "prepared": prepared_counts(self.dataset.reader.shard_set.manifest),
+        }
 
     def close(self) -> None:
         """Stop worker processes (a later `next` starts them again from the recorded state)."""
         self._it = None
 
     def state_dict(self) -> dict[str, Any]:
-        return make_state("shards", self.identity, self.layout, next_worker=self._next_worker,
-                          positions=[list(p) for p in self.dataset.positions])
+        return make_state(
+            "shards",
+            self.identity,
+            self.layout,
+            next_worker=self._next_worker,
+            positions=[list(p) for p in self.dataset.positions],
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ds = self.dataset
-        positions = [tuple(int(v) for v in p) for p in state.get("positions", [])] \
-            if isinstance(state, dict) else []
+        positions = [tuple(int(v) for v in p) for p in state.get("positions", [])] if isinstance(state, dict) else []
         if same_layout(state, "shards", self.identity, self.layout):
             ds.positions, self._next_worker = positions, int(state["next_worker"])
         else:

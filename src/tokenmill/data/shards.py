@@ -62,6 +62,7 @@ def is_shard_dir(path: str | os.PathLike) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # Writing
 
+
 def _atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -91,27 +92,41 @@ def write_shard(folder: Path, name: str, tokens: np.ndarray, doc_starts: np.ndar
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, idx_path)
-    return {"file": bin_path.name, "index": idx_path.name, "tokens": int(tokens.size), "docs": int(doc_starts.size),
-            "sha256": sha256_file(bin_path), "index_sha256": sha256_file(idx_path),
-            "index_bytes": idx_path.stat().st_size}
+    return {
+        "file": bin_path.name,
+        "index": idx_path.name,
+        "tokens": int(tokens.size),
+        "docs": int(doc_starts.size),
+        "sha256": sha256_file(bin_path),
+        "index_sha256": sha256_file(idx_path),
+        "index_bytes": idx_path.stat().st_size,
+    }
 
 
 def new_manifest(tokenizer: Any, tokenizer_spec: str, settings: dict[str, Any]) -> dict[str, Any]:
     """An empty, incomplete manifest; `settings` are the prepare arguments that decide the output bytes."""
     return {
-        "format": FORMAT, "version": FORMAT_VERSION, "complete": False,
-        "tokenizer": {"hash": tokenizer.hash, "vocab_size": int(tokenizer.vocab_size), "eos_id": int(tokenizer.eos_id),
-                      "spec": tokenizer_spec},
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "complete": False,
+        "tokenizer": {
+            "hash": tokenizer.hash,
+            "vocab_size": int(tokenizer.vocab_size),
+            "eos_id": int(tokenizer.eos_id),
+            "spec": tokenizer_spec,
+        },
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "settings": settings,
         "chunks": [],  # one entry per completed chunk: {"docs_end": source docs consumed so far}
         "splits": {split: {"tokens": 0, "docs": 0, "shards": []} for split in SPLITS},
-        "source_docs": 0, "source_bytes": 0,
+        "source_docs": 0,
+        "source_bytes": 0,
     }
 
 
 # ---------------------------------------------------------------------------------------------------
 # Reading
+
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     """Load and sanity-check a manifest; every problem is a one-line UserError saying how to fix it."""
@@ -120,8 +135,10 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"shard folder not found: {folder} (create it with `tokenmill prepare SOURCE --out {folder}`)")
     path = folder / MANIFEST
     if not path.is_file():
-        raise UserError(f"{folder} holds no {MANIFEST}: not a prepared dataset "
-                        f"(create it with `tokenmill prepare SOURCE --out {folder}`)")
+        raise UserError(
+            f"{folder} holds no {MANIFEST}: not a prepared dataset "
+            f"(create it with `tokenmill prepare SOURCE --out {folder}`)"
+        )
     fix = f"re-run `tokenmill prepare ... --out {folder} --overwrite`"
     try:
         manifest = json.loads(path.read_text())
@@ -130,8 +147,10 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise UserError(f"{path} holds a JSON {type(manifest).__name__}, not a shard manifest (an object); {fix}")
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise UserError(f"{path} is format {manifest.get('format')} v{manifest.get('version')}, this tokenmill reads "
-                        f"{FORMAT} v{FORMAT_VERSION}; {fix}")
+        raise UserError(
+            f"{path} is format {manifest.get('format')} v{manifest.get('version')}, this tokenmill reads "
+            f"{FORMAT} v{FORMAT_VERSION}; {fix}"
+        )
     problem = _manifest_problem(manifest)
     if problem:
         raise UserError(f"{path} is not a valid shard manifest: {problem}; {fix}")
@@ -139,12 +158,27 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 # key -> type of every manifest value the readers use; a shard entry's file names must be plain names in the folder
-_MANIFEST_KEYS = {"complete": bool, "tokenizer": dict, "dtype": str, "settings": dict, "chunks": list, "splits": dict,
-                  "source_docs": int, "source_bytes": int}
+_MANIFEST_KEYS = {
+    "complete": bool,
+    "tokenizer": dict,
+    "dtype": str,
+    "settings": dict,
+    "chunks": list,
+    "splits": dict,
+    "source_docs": int,
+    "source_bytes": int,
+}
 _TOKENIZER_KEYS = {"hash": str, "vocab_size": int, "eos_id": int, "spec": str}
 _SPLIT_KEYS = {"tokens": int, "docs": int, "shards": list}
-_SHARD_KEYS = {"file": str, "index": str, "tokens": int, "docs": int, "sha256": str, "index_sha256": str,
-               "index_bytes": int}
+_SHARD_KEYS = {
+    "file": str,
+    "index": str,
+    "tokens": int,
+    "docs": int,
+    "sha256": str,
+    "index_sha256": str,
+    "index_bytes": int,
+}
 
 
 def _missing(obj: dict[str, Any], keys: dict[str, type], where: str) -> str | None:
@@ -170,8 +204,11 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
         problem = _missing(info, _SPLIT_KEYS, f"splits.{split}.")
         for i, entry in enumerate(info["shards"] if problem is None else []):
             where = f"splits.{split}.shards[{i}]"
-            problem = (f"{where} is not an object" if not isinstance(entry, dict) else
-                       _missing(entry, _SHARD_KEYS, f"{where}."))
+            problem = (
+                f"{where} is not an object"
+                if not isinstance(entry, dict)
+                else _missing(entry, _SHARD_KEYS, f"{where}.")
+            )
             if problem is None and any(Path(entry[k]).name != entry[k] for k in ("file", "index")):
                 problem = f"{where} names a file outside the folder ({entry['file']!r}, {entry['index']!r})"
             if problem:
@@ -217,15 +254,18 @@ def verify_shard(folder: Path, entry: dict[str, Any], itemsize: int, mode: str) 
     if mode == "none":
         return
     fix = f"re-run `tokenmill prepare ... --out {folder} --overwrite` to rebuild it"
-    for name, size, digest in ((entry["file"], entry["tokens"] * itemsize, entry["sha256"]),
-                               (entry["index"], entry["index_bytes"], entry["index_sha256"])):
+    for name, size, digest in (
+        (entry["file"], entry["tokens"] * itemsize, entry["sha256"]),
+        (entry["index"], entry["index_bytes"], entry["index_sha256"]),
+    ):
         path = folder / name
         if not path.is_file():
             raise UserError(f"shard file missing: {path} (listed in {folder / MANIFEST}); {fix}")
         actual = path.stat().st_size
         if actual != size:
-            raise UserError(f"checksum error: {path} has {actual} bytes, the manifest says {size} (truncated or "
-                            f"damaged); {fix}")
+            raise UserError(
+                f"checksum error: {path} has {actual} bytes, the manifest says {size} (truncated or damaged); {fix}"
+            )
         if mode == "full" and sha256_file(path) != digest:
             raise UserError(f"checksum error: {path} does not match its sha256 in the manifest (damaged); {fix}")
 
@@ -236,9 +276,11 @@ def check_tokenizer(manifest: dict[str, Any], folder: Path, tokenizer: Any) -> N
     if tokenizer is None or built["hash"] == tokenizer.hash:
         return
     theirs = folder if (folder / "tokenizer.json").is_file() else built["spec"]  # prepare saves a copy there
-    raise UserError(f"shards in {folder} were built with tokenizer {built['hash']} ({built['spec']}) but this run uses "
-                    f"{tokenizer.hash} ({getattr(tokenizer, 'name', '?')}); set data.tokenizer={theirs}, or re-run "
-                    f"`tokenmill prepare SOURCE --tokenizer <yours> --out {folder} --overwrite`")
+    raise UserError(
+        f"shards in {folder} were built with tokenizer {built['hash']} ({built['spec']}) but this run uses "
+        f"{tokenizer.hash} ({getattr(tokenizer, 'name', '?')}); set data.tokenizer={theirs}, or re-run "
+        f"`tokenmill prepare SOURCE --tokenizer <yours> --out {folder} --overwrite`"
+    )
 
 
 def open_shards(folder: str | os.PathLike, split: str, tokenizer: Any = None, verify: str = "size") -> ShardSet:
@@ -250,15 +292,20 @@ def open_shards(folder: str | os.PathLike, split: str, tokenizer: Any = None, ve
     folder = Path(folder)
     manifest = read_manifest(folder)
     if not manifest.get("complete"):
-        raise UserError(f"{folder} is an unfinished prepare ({len(manifest['chunks'])} chunks done); re-run the same "
-                        f"`tokenmill prepare` command to finish it")
+        raise UserError(
+            f"{folder} is an unfinished prepare ({len(manifest['chunks'])} chunks done); re-run the same "
+            f"`tokenmill prepare` command to finish it"
+        )
     check_tokenizer(manifest, folder, tokenizer)
     dtype = np.dtype(manifest["dtype"])
     entries = manifest["splits"][split]["shards"]
     if not entries:
-        raise UserError(f"{folder} has no {split} documents (eval_fraction="
-                        f"{manifest['settings'].get('eval_fraction')}); re-run prepare with a larger --eval-fraction"
-                        if split == "eval" else f"{folder} has no train documents: the source was empty")
+        raise UserError(
+            f"{folder} has no {split} documents (eval_fraction="
+            f"{manifest['settings'].get('eval_fraction')}); re-run prepare with a larger --eval-fraction"
+            if split == "eval"
+            else f"{folder} has no train documents: the source was empty"
+        )
     shards = []
     for entry in entries:
         verify_shard(folder, entry, dtype.itemsize, verify)
@@ -266,9 +313,19 @@ def open_shards(folder: str | os.PathLike, split: str, tokenizer: Any = None, ve
     return ShardSet(folder, split, dtype, shards, manifest)
 
 
-def build_shard_loader(path: str | os.PathLike, tokenizer: Any, split: str, batch_size: int, seq_len: int,
-                       rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                       shuffle_buffer: int = 1, verify: str = "size") -> Any:
+def build_shard_loader(
+    path: str | os.PathLike,
+    tokenizer: Any,
+    split: str,
+    batch_size: int,
+    seq_len: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    seed: int = 0,
+    shuffle_buffer: int = 1,
+    verify: str = "size",
+) -> Any:
     """The training loader over one split of a prepared folder (`tokenmill.data.shard_loader.ShardLoader`);
     `shuffle_buffer` > 0 turns on the per-epoch window permutation."""
     from tokenmill.data.shard_loader import ShardLoader

@@ -143,9 +143,11 @@ class Source(ABC):
 # ---------------------------------------------------------------------------------------------------
 # Random-access sources: stdlib files, save_to_disk folders, local files through an Arrow table
 
+
 class IndexedReader(DocReader):
-    def __init__(self, source: IndexedSource, epoch: int, slot: int, n_slots: int, position: dict | None,
-                 seed: int | None) -> None:
+    def __init__(
+        self, source: IndexedSource, epoch: int, slot: int, n_slots: int, position: dict | None, seed: int | None
+    ) -> None:
         super().__init__(source.name, slot, n_slots)
         self.source = source
         self.order = doc_order(len(source), seed, epoch)
@@ -196,8 +198,10 @@ class StdlibSource(IndexedSource):
             dirs[:] = [d for d in dirs if d not in STDLIB_SKIP_DIRS]
             files += [Path(folder) / n for n in names if n.endswith(".py")]
         if not files:
-            raise UserError(f"no standard-library .py files under {root}: this Python has no stdlib sources; "
-                            f"use a local data.sources path instead")
+            raise UserError(
+                f"no standard-library .py files under {root}: this Python has no stdlib sources; "
+                f"use a local data.sources path instead"
+            )
         self.files = sorted(files)
         self.root = root
 
@@ -229,11 +233,14 @@ class ArrowSource(IndexedSource):
 def check_field(name: str, field: str, columns: list[str], value: Any) -> None:
     """The text field exists and (judged by the first document) holds text; else one line listing the fields."""
     if field not in columns:
-        raise UserError(f"source {name} has no text field {field!r}; its fields are: {', '.join(columns)} "
-                        f"(set data.text_field)")
+        raise UserError(
+            f"source {name} has no text field {field!r}; its fields are: {', '.join(columns)} (set data.text_field)"
+        )
     if value is not None and not isinstance(value, str):
-        raise UserError(f"source {name}: field {field!r} holds {type(value).__name__}, not text "
-                        f"(set data.text_field to a text column; fields: {', '.join(columns)})")
+        raise UserError(
+            f"source {name}: field {field!r} holds {type(value).__name__}, not text "
+            f"(set data.text_field to a text column; fields: {', '.join(columns)})"
+        )
 
 
 def _disk_source(path: Path, text_field: str) -> ArrowSource:
@@ -284,8 +291,10 @@ def open_source(location: str, text_field: str = "text", stream_local: bool = Fa
         return streams.hub_stream(location, hub.repo, hub.config, field)
     path = Path(location).expanduser()
     if is_shard_dir(path):
-        raise UserError(f"source {location} is a pre-tokenized shards folder: use it as the only data.sources "
-                        f"entry (shards cannot be mixed with text sources or train a tokenizer)")
+        raise UserError(
+            f"source {location} is a pre-tokenized shards folder: use it as the only data.sources "
+            f"entry (shards cannot be mixed with text sources or train a tokenizer)"
+        )
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         return _disk_source(path, text_field)
     if path.exists() or "*" in location:
@@ -293,5 +302,7 @@ def open_source(location: str, text_field: str = "text", stream_local: bool = Fa
     repo, _, config = location.partition("@")
     if repo.count("/") == 1 and not location.startswith((".", "/", "~")) and Path(repo).suffix not in FILE_KINDS:
         return streams.hub_stream(location, repo, config or None, text_field)
-    raise UserError(f"source {location!r}: no such file or folder (and not a Hub dataset 'org/name' or a "
-                    f"shortcut: {', '.join(sorted(HUB_SHORTCUTS))}, stdlib)")
+    raise UserError(
+        f"source {location!r}: no such file or folder (and not a Hub dataset 'org/name' or a "
+        f"shortcut: {', '.join(sorted(HUB_SHORTCUTS))}, stdlib)"
+    )

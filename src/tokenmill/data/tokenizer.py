@@ -32,8 +32,10 @@ BOS_CANDIDATES = (BOS, "<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "
 
 # Pre-tokenization split of GPT-4's cl100k_base (tiktoken, openai_public.py): letters, 1-3 digit numbers,
 # punctuation runs and whitespace runs become separate pieces before byte-level BPE merges them.
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -50,8 +52,16 @@ class Tokenizer:
     Build with `Tokenizer.byte()`, `Tokenizer.from_file(path)`, `load_tokenizer(name)` or `train_bpe(...)`.
     """
 
-    def __init__(self, backend: Any | None, name: str, eos_id: int, bos_id: int, pad_id: int | None,
-                 vocab_size: int, content_hash: str) -> None:
+    def __init__(
+        self,
+        backend: Any | None,
+        name: str,
+        eos_id: int,
+        bos_id: int,
+        pad_id: int | None,
+        vocab_size: int,
+        content_hash: str,
+    ) -> None:
         self.backend = backend  # tokenizers.Tokenizer, or None for the byte tokenizer
         self.name = name
         self.eos_id = eos_id
@@ -64,8 +74,15 @@ class Tokenizer:
     @classmethod
     def byte(cls) -> Tokenizer:
         """UTF-8 bytes 0..255 plus <|eos|>=256, <|bos|>=257, <|pad|>=258: needs no files, never unknown."""
-        return cls(None, "byte", BYTE_VOCAB, BYTE_VOCAB + 1, BYTE_VOCAB + 2, BYTE_VOCAB + len(SPECIAL_TOKENS),
-                   _short_hash("tokenmill-byte-v1"))
+        return cls(
+            None,
+            "byte",
+            BYTE_VOCAB,
+            BYTE_VOCAB + 1,
+            BYTE_VOCAB + 2,
+            BYTE_VOCAB + len(SPECIAL_TOKENS),
+            _short_hash("tokenmill-byte-v1"),
+        )
 
     @classmethod
     def from_backend(cls, backend: Any, name: str) -> Tokenizer:
@@ -74,8 +91,10 @@ class Tokenizer:
         vocab = backend.get_vocab(with_added_tokens=True)
         eos = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
         if eos is None:
-            raise UserError(f"tokenizer {name} has no end-of-document token (looked for {', '.join(EOS_CANDIDATES)}); "
-                            f"add one as a special token or train one with `tokenmill tokenizer train`")
+            raise UserError(
+                f"tokenizer {name} has no end-of-document token (looked for {', '.join(EOS_CANDIDATES)}); "
+                f"add one as a special token or train one with `tokenmill tokenizer train`"
+            )
         bos = next((vocab[t] for t in BOS_CANDIDATES if t in vocab), eos)
         pad = vocab.get(PAD)
         # Canonical JSON (sorted keys, no whitespace) so formatting of the file does not change the hash.
@@ -165,8 +184,14 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------------
 # Training and loading
 
-def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None,
-              progress: bool = True, length: int | None = None) -> Tokenizer:
+
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    length: int | None = None,
+) -> Tokenizer:
     """Train a byte-level BPE (GPT-4 split pattern, specials <|eos|> <|bos|> <|pad|> = ids 0, 1, 2).
 
     `texts` is any iterator of documents; `length` (documents, if known) sizes the progress bar.
@@ -179,13 +204,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike 
     if vocab_size < min_vocab:
         raise UserError(f"vocab size {vocab_size} is too small for a byte-level BPE: use at least {min_vocab}")
     backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
     seen = 0
 
     def counted() -> Iterator[str]:
@@ -224,8 +255,11 @@ def load_from_hub(repo_id: str) -> Tokenizer:
     try:
         path = hf_hub_download(repo_id, "tokenizer.json", local_files_only=_hub_offline())
     except Exception as err:
-        reason = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)" if _hub_offline() else \
-            f"could not fetch it from the Hugging Face Hub ({type(err).__name__})"
+        reason = (
+            "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)"
+            if _hub_offline()
+            else f"could not fetch it from the Hugging Face Hub ({type(err).__name__})"
+        )
         raise UserError(f"tokenizer {repo_id!r}: {reason}; {how}") from None
     tok = Tokenizer.from_file(path)
     tok.name = repo_id
@@ -259,8 +293,9 @@ def build_tokenizer(data_cfg: Any, cache_dir: str | os.PathLike) -> Tokenizer:
     spec = parse_sources(data_cfg.sources)[0]
     if is_shard_dir(spec.location):  # pre-tokenized shards: use the tokenizer that wrote them
         shards = Path(spec.location).expanduser()
-        return load_tokenizer(str(shards) if (shards / "tokenizer.json").is_file()
-                              else read_manifest(shards)["tokenizer"]["spec"])
+        return load_tokenizer(
+            str(shards) if (shards / "tokenizer.json").is_file() else read_manifest(shards)["tokenizer"]["spec"]
+        )
     chars = getattr(data_cfg, "tokenizer_train_chars", 0)
     key = _short_hash(json.dumps([spec.location, data_cfg.text_field, data_cfg.tokenizer_vocab_size, chars]))
     folder = Path(cache_dir) / f"tokenizer-bpe{data_cfg.tokenizer_vocab_size}-{key}"
@@ -275,6 +310,8 @@ def build_tokenizer(data_cfg: Any, cache_dir: str | os.PathLike) -> Tokenizer:
 def check_vocab(model_vocab: int, tokenizer: Tokenizer) -> None:
     """The model's embedding must cover every id the tokenizer can produce."""
     if model_vocab < tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary "
-                        f"({tokenizer.vocab_size} ids, {tokenizer.name}): set model.vocab_size >= "
-                        f"{tokenizer.vocab_size}, or 0 to take it from the tokenizer")
+        raise UserError(
+            f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size} ids, {tokenizer.name}): set model.vocab_size >= "
+            f"{tokenizer.vocab_size}, or 0 to take it from the tokenizer"
+        )

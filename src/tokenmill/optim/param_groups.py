@@ -102,8 +102,11 @@ def decay_switches(cfg: Any) -> dict[str, bool]:
 
 def decays(role: str, decay_embeddings: bool = False, decay_norms_biases: bool = False) -> bool:
     """Whether a parameter of this role gets weight decay (see the module docstring's table)."""
-    return (role in DECAY_ROLES or (decay_embeddings and role == "embedding")
-            or (decay_norms_biases and role in ("norm", "bias")))
+    return (
+        role in DECAY_ROLES
+        or (decay_embeddings and role == "embedding")
+        or (decay_norms_biases and role in ("norm", "bias"))
+    )
 
 
 def named_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -111,8 +114,14 @@ def named_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def build_param_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: bool = False,
-                       decay_norms_biases: bool = False, **group_options: Any) -> list[dict[str, Any]]:
+def build_param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    decay_embeddings: bool = False,
+    decay_norms_biases: bool = False,
+    **group_options: Any,
+) -> list[dict[str, Any]]:
     """Two optimizer groups, `decay` then `no_decay`, each carrying its `names` (empty groups are dropped).
 
     `group_options` (lr, betas, ...) are copied into both groups.
