@@ -86,7 +86,7 @@ def bench_naive_memmap(folder: Path, window: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     for mm in maps:
         for w in rng.permutation(mm.size // window):
-            np.asarray(mm[w * window:(w + 1) * window], dtype=np.int64)
+            np.asarray(mm[w * window : (w + 1) * window], dtype=np.int64)
     return {"rss_before": before, "rss_after": rss_mb()}
 
 
@@ -107,10 +107,20 @@ def bench_streaming(tok, tmp: Path, batch: int, seq_len: int, chars: int, repeat
     texts = stdlib_texts(max_chars=chars)
     src = tmp / "stream.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    cfg = load_config(["tiny"], None, [f"--data.tokenizer={tok.name}", f"--data.sources=[{src}]",
-                                       f"--train.seq_len={seq_len}", f"--train.micro_batch_size={batch}",
-                                       "--data.num_workers=0", "--data.eval_fraction=0", "--data.shuffle_buffer=0",
-                                       f"--train.out_dir={tmp}"])
+    cfg = load_config(
+        ["tiny"],
+        None,
+        [
+            f"--data.tokenizer={tok.name}",
+            f"--data.sources=[{src}]",
+            f"--train.seq_len={seq_len}",
+            f"--train.micro_batch_size={batch}",
+            "--data.num_workers=0",
+            "--data.eval_fraction=0",
+            "--data.shuffle_buffer=0",
+            f"--train.out_dir={tmp}",
+        ],
+    )
     best_raw = best_loader = 0.0
     for _ in range(repeats):
         # the packer's chunking (256K characters), and plain 512-document calls
@@ -137,8 +147,16 @@ def bench_prepare(tok, out: Path, workers: int) -> dict[str, float]:
     from tokenmill.data.prepare import prepare_documents
     from tokenmill.data.sources import open_source
 
-    stats = prepare_documents(open_source("stdlib").iter_texts(), tok, out, tokenizer_spec=tok.name,
-                              source="stdlib", eval_fraction=0.02, workers=workers, overwrite=True)
+    stats = prepare_documents(
+        open_source("stdlib").iter_texts(),
+        tok,
+        out,
+        tokenizer_spec=tok.name,
+        source="stdlib",
+        eval_fraction=0.02,
+        workers=workers,
+        overwrite=True,
+    )
     return {"mb_per_s": stats.mb_per_s, "mb": stats.bytes / 1e6, "tokens": stats.tokens}
 
 
@@ -168,29 +186,61 @@ def main() -> None:
         folder = tmp / "shards"
         make_folder(folder, parse_count(args.tokens))
         r = bench_shard_loader(folder, args.batch, args.seq_len)
-        rows.append(("shard loader, 1 process", f"{r['tokens_per_s'] / 1e6:,.1f}M tokens/s",
-                     f"B={args.batch}, T={args.seq_len}, one epoch of {r['tokens'] / 1e6:,.0f}M tokens; goal >= 50M"))
-        rows.append(("RSS over that epoch (loader)", f"{r['rss_before']:,.0f} -> {r['rss_after']:,.0f} MB",
-                     f"file size {parse_count(args.tokens) * 2 / 1e6:,.0f} MB"))
+        rows.append(
+            (
+                "shard loader, 1 process",
+                f"{r['tokens_per_s'] / 1e6:,.1f}M tokens/s",
+                f"B={args.batch}, T={args.seq_len}, one epoch of {r['tokens'] / 1e6:,.0f}M tokens; goal >= 50M",
+            )
+        )
+        rows.append(
+            (
+                "RSS over that epoch (loader)",
+                f"{r['rss_before']:,.0f} -> {r['rss_after']:,.0f} MB",
+                f"file size {parse_count(args.tokens) * 2 / 1e6:,.0f} MB",
+            )
+        )
         n = bench_naive_memmap(folder, args.seq_len + 1)
-        rows.append(("RSS, naive np.memmap kept open", f"{n['rss_before']:,.0f} -> {n['rss_after']:,.0f} MB",
-                     "same windows, one map per file"))
+        rows.append(
+            (
+                "RSS, naive np.memmap kept open",
+                f"{n['rss_before']:,.0f} -> {n['rss_after']:,.0f} MB",
+                "same windows, one map per file",
+            )
+        )
 
         tok = train_bpe(stdlib_texts(max_chars=4_000_000), args.vocab, tmp / "bpe", progress=False)
         s = bench_streaming(tok, tmp, args.batch, args.seq_len, parse_count(args.stream_chars))
         ratio = s["loader_tokens_per_s"] / s["raw_tokens_per_s"]
-        rows.append(("streaming tokenize+pack (data.loader)", f"{s['loader_tokens_per_s'] / 1e6:,.2f}M tokens/s",
-                     f"BPE {args.vocab}, {s['mb']:.1f} MB of stdlib as jsonl, 0 workers, no shuffle buffer, best of 3"))
-        rows.append(("raw tokenizers encode_batch", f"{s['raw_tokens_per_s'] / 1e6:,.2f}M tokens/s",
-                     f"loader = {ratio:.0%} of raw; goal >= 90%"))
+        rows.append(
+            (
+                "streaming tokenize+pack (data.loader)",
+                f"{s['loader_tokens_per_s'] / 1e6:,.2f}M tokens/s",
+                f"BPE {args.vocab}, {s['mb']:.1f} MB of stdlib as jsonl, 0 workers, no shuffle buffer, best of 3",
+            )
+        )
+        rows.append(
+            (
+                "raw tokenizers encode_batch",
+                f"{s['raw_tokens_per_s'] / 1e6:,.2f}M tokens/s",
+                f"loader = {ratio:.0%} of raw; goal >= 90%",
+            )
+        )
         for workers in sorted({1, args.workers}):
             pr = bench_prepare(tok, tmp / f"prep{workers}", workers)
-            rows.append((f"prepare, {workers} worker{'s' if workers > 1 else ''}", f"{pr['mb_per_s']:,.1f} MB/s",
-                         f"stdlib {pr['mb']:,.1f} MB -> {pr['tokens'] / 1e6:,.1f}M tokens, BPE {args.vocab}"))
+            rows.append(
+                (
+                    f"prepare, {workers} worker{'s' if workers > 1 else ''}",
+                    f"{pr['mb_per_s']:,.1f} MB/s",
+                    f"stdlib {pr['mb']:,.1f} MB -> {pr['tokens'] / 1e6:,.1f}M tokens, BPE {args.vocab}",
+                )
+            )
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    table = Table(title=f"data throughput - {time.strftime('%Y-%m-%d')} - {cpu_model()} ({os.cpu_count()} cores, "
-                        f"load average {load})")
+    table = Table(
+        title=f"data throughput - {time.strftime('%Y-%m-%d')} - {cpu_model()} ({os.cpu_count()} cores, "
+        f"load average {load})"
+    )
     for col in ("measurement", "result", "setup"):
         table.add_column(col)
     for row in rows:

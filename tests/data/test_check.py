@@ -13,7 +13,7 @@ from tokenmill.data.check import run_check
 from tokenmill.data.prepare import prepare_documents
 from tokenmill.data.tokenizer import Tokenizer, train_bpe
 
-WORDS = "red green blue cyan magenta yellow black white grey orange purple brown".split()
+WORDS = ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white", "grey", "orange", "purple", "brown"]
 
 
 def documents(n=400):
@@ -24,14 +24,24 @@ def documents(n=400):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("check") / "shards"
-    prepare_documents(documents(), Tokenizer.byte(), out, tokenizer_spec="byte", source="test", eval_fraction=0.05,
-                      shard_tokens=20000)
+    prepare_documents(
+        documents(), Tokenizer.byte(), out, tokenizer_spec="byte", source="test", eval_fraction=0.05, shard_tokens=20000
+    )
     return out
 
 
 def args(folder, *extra):
-    return ["data", "check", "--preset", "tiny", f"--data.sources=[{folder}]", "--data.tokenizer=byte",
-            "--train.seq_len=63", "--train.micro_batch_size=4", *extra]
+    return [
+        "data",
+        "check",
+        "--preset",
+        "tiny",
+        f"--data.sources=[{folder}]",
+        "--data.tokenizer=byte",
+        "--train.seq_len=63",
+        "--train.micro_batch_size=4",
+        *extra,
+    ]
 
 
 def test_correct_setup_prints_zero_duplicates(shards, capsys):
@@ -47,15 +57,21 @@ def test_broken_setup_shows_duplicates(shards, capsys):
     assert report["duplicate_windows"] == report["windows"] // 2  # the second "rank" repeats the first
     assert report["duplicate_rate"] == pytest.approx(0.5)
     assert report["epoch_windows"] > report["windows"]  # the duplicates are not from a second epoch
-    cfg = load_config(["tiny"], None, [f"--data.sources=[{shards}]", "--data.tokenizer=byte",
-                                       "--train.seq_len=63", "--train.micro_batch_size=4"])
+    cfg = load_config(
+        ["tiny"],
+        None,
+        [f"--data.sources=[{shards}]", "--data.tokenizer=byte", "--train.seq_len=63", "--train.micro_batch_size=4"],
+    )
     ok = run_check(cfg, Tokenizer.byte(), 6, 3, 0)
     assert ok.duplicate_windows == 0 and ok.windows == 3 * 6 * 4
 
 
 def test_statistics_are_right(shards):
-    cfg = load_config(["tiny"], None, [f"--data.sources=[{shards}]", "--data.tokenizer=byte",
-                                       "--train.seq_len=63", "--train.micro_batch_size=4"])
+    cfg = load_config(
+        ["tiny"],
+        None,
+        [f"--data.sources=[{shards}]", "--data.tokenizer=byte", "--train.seq_len=63", "--train.micro_batch_size=4"],
+    )
     tok = Tokenizer.byte()
     report = run_check(cfg, tok, 5, 1, 0)
     assert report.tokens == 5 * 4 * 64
@@ -69,9 +85,28 @@ def test_statistics_are_right(shards):
 def test_streaming_source_zero_duplicates(tmp_path, capsys):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(200)))
-    assert main(["data", "check", "--preset", "tiny", f"--data.sources=[{src}]", "--data.tokenizer=byte",
-                 "--train.seq_len=63", "--train.micro_batch_size=2", "--batches", "5", "--ranks", "2",
-                 "--workers", "0", "--json"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "check",
+                "--preset",
+                "tiny",
+                f"--data.sources=[{src}]",
+                "--data.tokenizer=byte",
+                "--train.seq_len=63",
+                "--train.micro_batch_size=2",
+                "--batches",
+                "5",
+                "--ranks",
+                "2",
+                "--workers",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["windows"] == 20 and report["duplicate_windows"] == 0
     assert report["checksums"] == "not checked"
@@ -86,8 +121,17 @@ def test_bad_shard_folders_one_line_errors(shards, tmp_path, capsys):
     assert "nowhere" in err and "\n" not in err
     # shards built with another tokenizer
     bpe = train_bpe(documents(50), 300, tmp_path / "bpe", progress=False)
-    assert main(args(shards)[:-3] + [f"--data.tokenizer={tmp_path / 'bpe' / 'tokenizer.json'}",
-                                     "--train.seq_len=63", "--train.micro_batch_size=4"]) == 2
+    assert (
+        main(
+            args(shards)[:-3]
+            + [
+                f"--data.tokenizer={tmp_path / 'bpe' / 'tokenizer.json'}",
+                "--train.seq_len=63",
+                "--train.micro_batch_size=4",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert bpe.hash in err and Tokenizer.byte().hash in err and "prepare" in err and "\n" not in err
     # a truncated shard: the error names the file

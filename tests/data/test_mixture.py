@@ -6,9 +6,8 @@ from collections import Counter
 
 import pytest
 
-from tokenmill.data.mixture import (Mixture, SourceCursor, is_eval_doc, merge_cursors, parse_sources,
-                                    uniform)
-from tokenmill.data.sources import DocReader, IndexedSource
+from tokenmill.data.mixture import Mixture, SourceCursor, is_eval_doc, merge_cursors, parse_sources, uniform
+from tokenmill.data.sources import IndexedSource
 from tokenmill.errors import UserError
 
 
@@ -20,13 +19,25 @@ class ListSource(IndexedSource):
     def __len__(self) -> int:
         return len(self.docs)
 
-    def text(self, i: int, reader: DocReader) -> str:
+    def text(self, i: int) -> str:
         return self.docs[i]
 
 
 def build(sizes, weights, seed=5, slot=0, n_slots=1, state=None, epochs=None):
-    cursors = [SourceCursor(ListSource(f"s{i}", n), i, slot, n_slots, "train", 0.0, seed, epochs,
-                            state=(state["sources"][i] if state else None)) for i, n in enumerate(sizes)]
+    cursors = [
+        SourceCursor(
+            ListSource(f"s{i}", n),
+            i,
+            slot,
+            n_slots,
+            "train",
+            0.0,
+            seed,
+            epochs,
+            state=(state["sources"][i] if state else None),
+        )
+        for i, n in enumerate(sizes)
+    ]
     return Mixture(cursors, weights, seed, slot, state=state)
 
 
@@ -36,8 +47,9 @@ def test_parse_sources_syntax():
     assert [round(s.weight, 6) for s in specs] == [0.45, 0.25, 0.2, 0.1]
     assert [s.weight for s in parse_sources(["a:3", "b:1"])] == [0.75, 0.25]
     assert [s.weight for s in parse_sources(["a", "b"])] == [0.5, 0.5]
-    assert parse_sources(["HuggingFaceFW/fineweb-edu@sample-10BT"])[0].location == \
-        "HuggingFaceFW/fineweb-edu@sample-10BT"
+    assert (
+        parse_sources(["HuggingFaceFW/fineweb-edu@sample-10BT"])[0].location == "HuggingFaceFW/fineweb-edu@sample-10BT"
+    )
     assert parse_sources(["C:/data/x.jsonl"])[0].location == "C:/data/x.jsonl"
     with pytest.raises(UserError, match="every source a weight or none"):
         parse_sources(["a:0.5", "b"])

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from data_helpers import make_docs
 
+from data_helpers import make_docs
 from tokenmill.data.packing import Packer, doc_ids_of
 from tokenmill.data.tokenizer import Tokenizer
 

@@ -8,21 +8,38 @@ import numpy as np
 import pytest
 
 from tokenmill.cli import main
-from tokenmill.data.mixture import is_eval_doc
 from tokenmill.data import prepare as prepare_module
+from tokenmill.data.mixture import is_eval_doc
 from tokenmill.data.prepare import prepare_documents
 from tokenmill.data.shards import open_shards, read_manifest, sha256_file
 from tokenmill.data.tokenizer import Tokenizer, train_bpe
 from tokenmill.errors import UserError
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+]
 
 
 def corpus(n=300):
     """Deterministic documents of varied length (two identical ones, and an empty one that must vanish)."""
     rng = np.random.default_rng(0)
-    docs = [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), rng.integers(1, 60))) + f" #{d} é"
-            for d in range(n)]
+    docs = [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), rng.integers(1, 60))) + f" #{d} é" for d in range(n)]
     return docs[:100] + ["", docs[5]] + docs[100:]
 
 
@@ -61,8 +78,11 @@ def test_round_trip_bpe(tmp_path, bpe, workers):
     docs = corpus()
     prepare(docs, bpe, tmp_path / "d", workers=workers)
     for split, want_eval in (("train", False), ("eval", True)):
-        expected = [ids + [bpe.eos_id] for text, ids in zip(docs, bpe.encode_batch(docs))
-                    if text and is_eval_doc(text, 0.2) == want_eval]
+        expected = [
+            ids + [bpe.eos_id]
+            for text, ids in zip(docs, bpe.encode_batch(docs))
+            if text and is_eval_doc(text, 0.2) == want_eval
+        ]
         got = split_docs(tmp_path / "d", split, bpe)
         assert got == expected
         assert [bpe.decode(d[:-1]) for d in got] == [t for t in docs if t and is_eval_doc(t, 0.2) == want_eval]
@@ -159,8 +179,23 @@ def test_cli_prepare_jsonl(tmp_path, capsys):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"id": i, "content": d}) + "\n" for i, d in enumerate(docs)))
     out = tmp_path / "shards"
-    code = main(["prepare", str(src), "--tokenizer", "byte", "--out", str(out), "--workers", "2",
-                 "--text-field", "content", "--eval-fraction", "0.1", "--no-progress"])
+    code = main(
+        [
+            "prepare",
+            str(src),
+            "--tokenizer",
+            "byte",
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--text-field",
+            "content",
+            "--eval-fraction",
+            "0.1",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "MB/s" in printed and "train:" in printed
@@ -169,8 +204,20 @@ def test_cli_prepare_jsonl(tmp_path, capsys):
 
 
 def test_cli_prepare_bad_inputs(tmp_path, capsys):
-    assert main(["prepare", str(tmp_path / "missing.jsonl"), "--tokenizer", "byte", "--out", str(tmp_path / "o"),
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                str(tmp_path / "missing.jsonl"),
+                "--tokenizer",
+                "byte",
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "missing.jsonl" in err and "\n" not in err
     assert main(["prepare", "stdlib", "--tokenizer", "bpe", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
@@ -192,8 +239,43 @@ def test_default_bpe_setting_uses_the_shards_tokenizer(tmp_path, bpe, tokenizer)
         spec = str(tmp_path / "tok")
     out = tmp_path / "shards"
     assert main(["prepare", str(src), "--tokenizer", spec, "--out", str(out), "--no-progress"]) == 0
-    data_cfg = SimpleNamespace(tokenizer="bpe", sources=[str(out)], text_field="text", tokenizer_vocab_size=512,
-                               tokenizer_train_chars=0)
+    data_cfg = SimpleNamespace(
+        tokenizer="bpe", sources=[str(out)], text_field="text", tokenizer_vocab_size=512, tokenizer_train_chars=0
+    )
     built = build_tokenizer(data_cfg, tmp_path / "cache")
     assert built.hash == read_manifest(out)["tokenizer"]["hash"]
     assert not (tmp_path / "cache").exists()  # nothing trained
+
+
+def test_only_its_own_temp_files_are_removed_and_only_from_an_accepted_folder(tmp_path):
+    tok = Tokenizer.byte()
+    docs = corpus(50)
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    mine = {".draft.tmp1": b"user notes", ".train-00000.bin.tmp77": b"looks like ours"}
+    for name, data in mine.items():
+        (refused / name).write_bytes(data)
+    with pytest.raises(UserError, match="not empty"):
+        prepare(docs, tok, refused)  # a folder it refuses: nothing is touched, not even its own pattern
+    assert {p.name: p.read_bytes() for p in refused.iterdir()} == mine
+
+    done = tmp_path / "done"
+    prepare(docs, tok, done)
+    (done / ".train-00001.bin.tmp4242").write_bytes(b"left by a killed run")
+    (done / ".draft.tmp1").write_bytes(b"user notes")
+    (done / "train-notes.bin").write_bytes(b"user file with a shard-like name")
+    assert prepare(docs, tok, done).resumed_chunks == -1  # accepted (same dataset): its own leftovers go
+    assert not (done / ".train-00001.bin.tmp4242").exists()
+    assert (done / ".draft.tmp1").read_bytes() == b"user notes"
+    assert (done / "train-notes.bin").read_bytes() == b"user file with a shard-like name"
+    prepare(docs, tok, done, eval_fraction=0.5, overwrite=True)  # overwrite replaces the dataset, not user files
+    assert (done / ".draft.tmp1").exists() and (done / "train-notes.bin").exists()
+    assert read_manifest(done)["settings"]["eval_fraction"] == 0.5
+
+
+def test_a_folder_holding_only_its_own_leftovers_counts_as_empty(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".manifest.json.tmp9").write_bytes(b"{")  # killed before the first manifest rename
+    prepare(corpus(30), Tokenizer.byte(), out)
+    assert not (out / ".manifest.json.tmp9").exists() and read_manifest(out)["complete"]

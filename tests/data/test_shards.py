@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,8 +12,14 @@ import pytest
 import torch
 
 from tokenmill.data import shard_loader
-from tokenmill.data.shards import (build_shard_loader, new_manifest, open_shards, token_dtype, write_manifest,
-                                   write_shard)
+from tokenmill.data.shards import (
+    build_shard_loader,
+    new_manifest,
+    open_shards,
+    token_dtype,
+    write_manifest,
+    write_shard,
+)
 from tokenmill.errors import UserError
 
 TOK = SimpleNamespace(hash="test-tokenizer", vocab_size=60000, eos_id=0)
@@ -163,7 +170,8 @@ def test_resume_with_another_layout_repeats_nothing(tmp_path, before, after):
     later = []
     for rank in range(world):
         ld = loader(folder, rank=rank, world=world, workers=workers, batch=2)
-        ld.load_state_dict(states[0])  # any rank's state: ranks consume in lockstep
+        with pytest.warns(UserWarning, match="different layout"):
+            ld.load_state_dict(states[0])  # any rank's state: ranks consume in lockstep
         later += [w for b in take(iter(ld), 8) for w in b["tokens"][:, 0].tolist()]
         ld.close()
     assert len(later) == len(set(later))
@@ -172,31 +180,37 @@ def test_resume_with_another_layout_repeats_nothing(tmp_path, before, after):
 
 def test_reading_leaves_no_token_file_mapped(tmp_path, monkeypatch):
     """Resident memory stays flat: token files are read, never mapped; index maps are dropped periodically."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
     folder = make_shards(tmp_path / "d", (3000,))
     monkeypatch.setattr(shard_loader, "REMAP_WINDOWS", 4)  # 2 batches of 2 windows
     ld = loader(folder)
     it = iter(ld)
-    index_maps = []
+    index_mapped = []
     for _ in range(6):
         next(it)
-        index_maps.append(len(ld.dataset.reader._index))
-        maps = Path("/proc/self/maps")
-        if maps.exists():
-            assert "train-00000.bin" not in maps.read_text()
-    assert index_maps == [1, 0, 1, 0, 1, 0]
+        mapped = maps.read_text()
+        assert "train-00000.bin" not in mapped
+        index_mapped.append("train-00000.idx.npy" in mapped)
+    assert index_mapped == [True, False, True, False, True, False]
 
 
 def test_eval_loader_restarts_each_iter(tmp_path):
+    from data_helpers import make_cfg
+    from tokenmill.data.loader import build_loader
+
     folder = make_shards(tmp_path / "d", (300,), split="eval")
-    ld = build_shard_loader(folder, TOK, "eval", 2, 9, 0, 1, 0, 0, 0)
-    a = take(iter(ld), 3)
-    b = take(iter(ld), 3)
-    assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
-    assert a[0]["tokens"][0, 0].item() == 0  # unshuffled eval order
+    ld = build_loader(make_cfg([str(folder)], seq_len=9, batch=2, eval_fraction=0.02), TOK, "eval")
+    a = list(ld)
+    b = list(ld)
+    assert len(a) == 15 and all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))  # 30 windows, once
+    assert [row[0] for batch in a for row in batch["tokens"].tolist()] == list(range(0, 300, 10))  # in file order
 
 
 # ---------------------------------------------------------------------------------------------------
 # Bad input
+
 
 def test_missing_folder(tmp_path):
     with pytest.raises(UserError, match="shard folder not found"):
@@ -230,7 +244,7 @@ def test_state_from_other_data_or_seq_len_refused(tmp_path):
     a = loader(make_shards(tmp_path / "a"))
     take(iter(a), 2)
     state = roundtrip(a.state_dict())
-    with pytest.raises(UserError, match="seq_len 9 -> 19"):
+    with pytest.raises(UserError, match=r"seq_len changed \(9 -> 19\)"):
         loader(tmp_path / "a", seq_len=19).load_state_dict(state)
     other = loader(make_shards(tmp_path / "b", (700, 500, 334)))  # same window count, other content
     with pytest.raises(UserError, match="dataset"):
@@ -246,3 +260,68 @@ def test_unfinished_folder_and_too_few_windows(tmp_path):
     write_manifest(folder, manifest)
     with pytest.raises(UserError, match="unfinished prepare"):
         open_shards(folder, "train")
+
+
+A_SHARD_WITHOUT_INDEX = {
+    "format": "tokenmill-shards",
+    "version": 1,
+    "complete": True,
+    "tokenizer": {"hash": "h", "vocab_size": 9, "eos_id": 0, "spec": "byte"},
+    "dtype": "uint16",
+    "settings": {},
+    "chunks": [],
+    "splits": {
+        "train": {"tokens": 1, "docs": 1, "shards": [{"file": "../x.bin"}]},
+        "eval": {"tokens": 0, "docs": 0, "shards": []},
+    },
+    "source_docs": 1,
+    "source_bytes": 1,
+}
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("[1, 2]", "holds a JSON list"),
+        ('{"format": "tokenmill-shards", "version": 1}', "'complete' is missing"),
+        (json.dumps(A_SHARD_WITHOUT_INDEX), "'index' is missing"),
+        ('{"format": "other", "version": 3}', "format other v3"),
+    ],
+)
+def test_malformed_manifest_is_one_line(tmp_path, content, problem):
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(UserError, match=problem) as err:
+        open_shards(tmp_path, "train")
+    assert "\n" not in str(err.value) and "prepare" in str(err.value)
+
+
+def test_shard_overwritten_in_place_is_caught_when_read(tmp_path):
+    folder = make_shards(tmp_path / "d", (700, 500, 333))
+    small = SimpleNamespace(hash="test-tokenizer", vocab_size=1200, eos_id=0)  # ids >= 1200 are impossible ...
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["tokenizer"]["vocab_size"] = 1200
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    ld = build_shard_loader(folder, small, "train", 2, 9, shuffle_buffer=0)
+    take(iter(ld), 60)  # ... and the first 1200 tokens (shards 0 and 1) hold none
+    with pytest.raises(UserError, match=r"train-00002.bin is damaged: it holds token id 12\d\d, outside") as err:
+        take(iter(ld), 20)  # shard 2 holds ids 1200-1532: the read catches what the cheap size check cannot
+    assert "\n" not in str(err.value)
+    index = folder / "train-00000.idx.npy"
+    starts = np.load(index)
+    np.save(index, starts[::-1].copy())  # same size, not sorted any more
+    with pytest.raises(UserError, match="train-00000.idx.npy is not this shard's document index"):
+        take(iter(build_shard_loader(folder, small, "train", 2, 9, shuffle_buffer=0)), 3)
+
+
+def test_shard_state_follows_the_loader_conventions(tmp_path):
+    folder = make_shards(tmp_path / "d", (3000,))
+    ld = loader(folder, world=2)
+    take(iter(ld), 3)
+    state = roundtrip(ld.state_dict())
+    assert state["format"] == 2 and state["kind"] == "shards" and {"identity", "layout"} <= set(state)
+    with pytest.warns(UserWarning, match="different layout .*world_size 2->1.*no document is repeated"):
+        loader(folder, world=1).load_state_dict(state)
+    with pytest.raises(UserError, match="format 1"):
+        loader(folder, world=2).load_state_dict({**state, "format": 1})
+    with pytest.raises(UserError, match="holds a 'text' loader state"):
+        loader(folder, world=2).load_state_dict({**state, "kind": "text"})

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_helpers import make_docs, write_jsonl, write_parquet
 
-from tokenmill.data.sources import HUB_SHORTCUTS, DiskSource, StdlibSource, StreamSource, open_source
+from data_helpers import make_docs, write_jsonl, write_parquet
+from tokenmill.data.sources import HUB_SHORTCUTS, ArrowSource, StdlibSource, open_source
+from tokenmill.data.streams import StreamSource
 from tokenmill.errors import UserError
 
 
@@ -37,8 +38,9 @@ def test_stdlib_slots_are_disjoint_and_cover_everything():
     assert other_epoch != every and sorted(other_epoch) == sorted(every)  # each epoch has its own order
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "disk", "txt-folder"])
-def test_local_formats_read_every_document_in_order(tmp_path, kind):
+def test_local_formats_read_every_document_in_order(tmp_path, kind, stream):
     docs = make_docs(50)
     if kind == "jsonl":
         path = write_jsonl(tmp_path / "fineweb.jsonl", docs)
@@ -55,31 +57,39 @@ def test_local_formats_read_every_document_in_order(tmp_path, kind):
         for i, d in enumerate(docs):
             (path / f"{i:03d}.txt").write_text(d + "\nsecond line\n")
         docs = [d + "\nsecond line\n" for d in docs]
-    src = open_source(str(path))
-    assert isinstance(src, DiskSource if kind == "disk" else StreamSource)
+    src = open_source(str(path), stream_local=stream)
+    assert isinstance(src, StreamSource if stream and kind != "disk" else ArrowSource)
     got, reader = read_all(src)
     assert got == docs
     assert reader.position["index"] == len(docs)
+    assert reader.counts.read == len(docs) and reader.counts.null == 0
 
 
-def test_single_txt_file_is_one_document_per_line(tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_single_txt_file_is_one_document_per_line(tmp_path, stream):
     (tmp_path / "lines.txt").write_text("first doc\n\nsecond doc\nthird doc\n")
-    got, reader = read_all(open_source(str(tmp_path / "lines.txt")))
+    got, reader = read_all(open_source(str(tmp_path / "lines.txt"), stream_local=stream))
     assert got == ["first doc", "second doc", "third doc"]
-    assert reader.empty == 1
+    assert reader.counts.empty == 1
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_stream_position_resumes_exactly_and_slots_split(tmp_path, kind):
     docs = make_docs(300)
-    path = write_jsonl(tmp_path / "d.jsonl", docs) if kind == "jsonl" else \
-        write_parquet(tmp_path / "d.parquet", docs, row_group_size=37)
-    src = open_source(str(path))
+    path = (
+        write_jsonl(tmp_path / "d.jsonl", docs)
+        if kind == "jsonl"
+        else write_parquet(tmp_path / "d.parquet", docs, row_group_size=37)
+    )
+    src = open_source(str(path), stream_local=True)
     reader = src.reader(0, 1, 2, None, None)
     head = [next(reader) for _ in range(40)]
     position = json.loads(json.dumps(reader.position))  # plain data
     rest = list(reader)
-    assert head + rest == docs[1::2]
+    if kind == "jsonl":  # one file for two slots: slot 1 keeps every second document
+        assert head + rest == docs[1::2]
+    else:  # 9 row groups of 37 rows for two slots: slot 1 reads row groups 1, 3, 5, 7 whole
+        assert head + rest == [d for i, d in enumerate(docs) if (i // 37) % 2 == 1]
     resumed = src.reader(0, 1, 2, position, None)
     assert list(resumed) == rest
     again = src.reader(0, 1, 2, position, None)  # resuming twice from the same point
@@ -88,10 +98,10 @@ def test_stream_position_resumes_exactly_and_slots_split(tmp_path, kind):
     assert list(third) == rest[10:]
 
 
-def test_multi_file_folder_reshuffles_file_order_per_epoch(tmp_path):
+def test_streamed_multi_file_folder_reshuffles_file_order_per_epoch(tmp_path):
     for i in range(4):
         write_parquet(tmp_path / f"part{i}.parquet", make_docs(5, prefix=f"f{i}x"))
-    src = open_source(str(tmp_path))
+    src = open_source(str(tmp_path), stream_local=True)
     natural, _ = read_all(src)
     epoch0, _ = read_all(src, epoch=0, seed=3)
     epoch1, _ = read_all(src, epoch=1, seed=3)
@@ -118,21 +128,26 @@ def test_missing_text_field_lists_the_fields(tmp_path):
         open_source(str(path), "int_score")
 
 
-def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, stream):
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok one"}\n{"text": "bad \xff\xfe here"}\n{"text": "ok"}\n')
-    got, reader = read_all(open_source(str(tmp_path / "bad.jsonl")))
-    assert len(got) == 3 and "\ufffd" in got[1] and reader.replaced >= 1
+    got, reader = read_all(open_source(str(tmp_path / "bad.jsonl"), stream_local=stream))
+    assert len(got) == 3 and "\ufffd" in got[1]
+    assert reader.counts.replaced_docs == 1 and reader.counts.replaced_chars >= 1
     (tmp_path / "bad.txt").write_bytes(b"fine\nbroken \xff line\n")
-    got, reader = read_all(open_source(str(tmp_path / "bad.txt")))
-    assert got == ["fine", "broken \ufffd line"] and reader.replaced == 1
+    got, reader = read_all(open_source(str(tmp_path / "bad.txt"), stream_local=stream))
+    assert got == ["fine", "broken \ufffd line"] and reader.counts.replaced_chars == 1
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p / "missing.jsonl", "no such file or folder"),
-    (lambda p: (p / "empty.jsonl").write_text("") and p / "empty.jsonl" or p / "empty.jsonl", "empty"),
-    (lambda p: (p / "emptydir").mkdir() or p / "emptydir", "no .txt, .jsonl or .parquet files"),
-    (lambda p: (p / "x.csv").write_text("a,b\n") and p / "x.csv", "unknown file type"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "missing.jsonl", "no such file or folder"),
+        (lambda p: (p / "empty.jsonl").write_text("") and p / "empty.jsonl" or p / "empty.jsonl", "empty"),
+        (lambda p: (p / "emptydir").mkdir() or p / "emptydir", "no .txt, .jsonl or .parquet files"),
+        (lambda p: (p / "x.csv").write_text("a,b\n") and p / "x.csv", "unknown file type"),
+    ],
+)
 def test_bad_local_sources_give_one_line(tmp_path, make, message):
     with pytest.raises(UserError, match=message) as err:
         open_source(str(make(tmp_path)))

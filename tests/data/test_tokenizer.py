@@ -7,12 +7,11 @@ import json
 import sys
 
 import pytest
-from data_helpers import make_cfg, make_docs, write_jsonl
 
+from data_helpers import make_cfg, make_docs, write_jsonl
 from tokenmill.cli import tokenizer as tokenizer_cli
 from tokenmill.data.sources import StdlibSource
-from tokenmill.data.tokenizer import (BOS, EOS, Tokenizer, build_tokenizer, check_vocab, load_tokenizer,
-                                      train_bpe)
+from tokenmill.data.tokenizer import BOS, EOS, Tokenizer, build_tokenizer, check_vocab, load_tokenizer, train_bpe
 from tokenmill.errors import UserError
 
 TRAIN_CHARS = 600_000  # a slice of the stdlib corpus: a couple of seconds of BPE training
@@ -101,11 +100,14 @@ def test_build_tokenizer_bpe_trains_once_then_uses_the_cache(tmp_path):
     assert build_tokenizer(cfg, tmp_path / "cache").vocab_size == 259
 
 
-@pytest.mark.parametrize("name, message", [
-    ("meta-llama/Llama-3.2-1B", "offline"),
-    ("missing/dir/tokenizer.json", "not 'byte', 'bpe', an existing"),
-    ("no_such_thing", "not 'byte', 'bpe', an existing"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("meta-llama/Llama-3.2-1B", "offline"),
+        ("missing/dir/tokenizer.json", "not 'byte', 'bpe', an existing"),
+        ("no_such_thing", "not 'byte', 'bpe', an existing"),
+    ],
+)
 def test_bad_tokenizer_names_give_one_line(name, message):
     with pytest.raises(UserError, match=message) as err:
         load_tokenizer(name)
@@ -140,8 +142,19 @@ def main(argv: list[str]) -> int:
 def test_cli_trains_and_refuses_to_overwrite(tmp_path, capsys):
     write_jsonl(tmp_path / "docs.jsonl", make_docs(200), field="content")
     out = tmp_path / "tok"
-    args = ["tokenizer", "train", "--source", str(tmp_path / "docs.jsonl"), "--text-field", "content",
-            "--vocab-size", "300", "--out", str(out), "--no-progress"]
+    args = [
+        "tokenizer",
+        "train",
+        "--source",
+        str(tmp_path / "docs.jsonl"),
+        "--text-field",
+        "content",
+        "--vocab-size",
+        "300",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     saved = json.loads((out / "tokenizer.json").read_text())
     assert len(saved["model"]["vocab"]) + len(saved["added_tokens"]) >= 300
@@ -151,6 +164,19 @@ def test_cli_trains_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "tokenizer.json").read_bytes() == before
-    assert main(["tokenizer", "train", "--source", str(tmp_path / "nope.jsonl"), "--vocab-size", "300",
-                 "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--source",
+                str(tmp_path / "nope.jsonl"),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "no such file" in capsys.readouterr().err

@@ -110,10 +110,40 @@ def test_tied_head_is_the_embedding_and_not_decayed():
     assert n_params == len(list(model.parameters()))  # each parameter once
 
 
-def test_decay_everything_flag():
-    groups = build_param_groups(tiny(), 0.1, decay_everything=True)
-    assert [g["group"] for g in groups] == ["decay"]
-    assert len(groups[0]["params"]) == len(list(tiny().parameters()))
+MATRICES = {"up.weight", "down.weight", "head.weight"}
+EMBEDDINGS = {"tok_emb.weight", "pos_emb.weight"}
+NORMS_BIASES = {"ln.weight", "ln.bias", "up.bias", "norm.gain"}
+
+
+@pytest.mark.parametrize("embeddings", [False, True])
+@pytest.mark.parametrize("norms_biases", [False, True])
+def test_decay_switches_pick_exactly_their_tensors(embeddings, norms_biases):
+    model = tiny()
+    groups = {g["group"]: g for g in build_param_groups(model, 0.1, decay_embeddings=embeddings,
+                                                          decay_norms_biases=norms_biases)}
+    expected = MATRICES | (EMBEDDINGS if embeddings else set()) | (NORMS_BIASES if norms_biases else set())
+    assert set(groups["decay"]["names"]) == expected
+    assert set(groups.get("no_decay", {"names": []})["names"]) == (MATRICES | EMBEDDINGS | NORMS_BIASES) - expected
+    tensors = dict(model.named_parameters())
+    for group in groups.values():  # the group holds the very tensors it names
+        assert [id(p) for p in group["params"]] == [id(tensors[n]) for n in group["names"]]
+    assert "no_decay" not in groups or groups["no_decay"]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("keys, decayed", [
+    ({}, MATRICES),
+    ({"decay_embeddings": True}, MATRICES | EMBEDDINGS),
+    ({"decay_norms_biases": True}, MATRICES | NORMS_BIASES),
+    ({"decay_norms_biases_embeddings": True}, MATRICES | EMBEDDINGS | NORMS_BIASES),  # the old key still works
+])
+@pytest.mark.parametrize("name", CPU_OPTIMIZERS)
+def test_every_optimizer_follows_the_decay_keys(keys, decayed, name):
+    from tokenmill.optim.config import OptimConfig
+
+    cfg = OptimConfig(name=name, weight_decay=0.1, muon_weight_decay=0.1, **keys)
+    opt = OPTIMIZERS[name](tiny(), cfg, cfg.lr, 1.0)
+    got = {n for g in opt.param_groups if g["weight_decay"] > 0 for n in g["names"]}
+    assert got == decayed
 
 
 def test_wrapper_prefixes_are_dropped():

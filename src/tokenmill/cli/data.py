@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from tokenmill.cli.common import add_config_arguments
@@ -11,16 +12,23 @@ from tokenmill.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["check"], help="check: duplicate windows across simulated ranks x "
-                                                          "workers, token statistics, document boundaries, speed")
+    parser.add_argument(
+        "action",
+        choices=["check"],
+        help="check: duplicate windows across simulated ranks x workers, token statistics, document boundaries, speed",
+    )
     add_config_arguments(parser)
     parser.add_argument("--batches", type=int, default=20, metavar="N", help="batches read per simulated rank")
     parser.add_argument("--ranks", type=int, default=2, metavar="R", help="simulated data-parallel ranks")
-    parser.add_argument("--workers", type=int, default=None, metavar="W",
-                        help="dataloader workers per rank (default: data.num_workers)")
+    parser.add_argument(
+        "--workers", type=int, default=None, metavar="W", help="dataloader workers per rank (default: data.num_workers)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--same-rank", action="store_true",
-                        help="self-test: every simulated rank claims rank 0, so the duplicate rate must be > 0")
+    parser.add_argument(
+        "--same-rank",
+        action="store_true",
+        help="self-test: every simulated rank claims rank 0, so the duplicate rate must be > 0",
+    )
 
 
 def _table(report, cfg) -> None:
@@ -32,9 +40,11 @@ def _table(report, cfg) -> None:
     table.add_column("value", justify="right")
     dup_style = "green" if report.duplicate_windows == 0 else "bold red"
     rows = [
-        ("simulated ranks x workers", f"{report.ranks} x {report.workers}"
-                                      + ("" if report.rank_ids == list(range(report.ranks))
-                                         else f" (rank ids {report.rank_ids})")),
+        (
+            "simulated ranks x workers",
+            f"{report.ranks} x {report.workers}"
+            + ("" if report.rank_ids == list(range(report.ranks)) else f" (rank ids {report.rank_ids})"),
+        ),
         ("batches per rank", f"{report.batches_per_rank}"),
         ("windows (tokens each)", f"{report.windows:,} ({report.window_tokens})"),
         ("duplicate windows", f"[{dup_style}]{report.duplicate_rate:.1%}[/] ({report.duplicate_windows:,})"),
@@ -57,6 +67,7 @@ def _table(report, cfg) -> None:
 def run(args: argparse.Namespace) -> int:
     from tokenmill.cli.config import config_from_args
     from tokenmill.data.check import run_check, verify_shard_checksums
+    from tokenmill.data.quality import problem_lines
     from tokenmill.data.shards import is_shard_dir, open_shards
     from tokenmill.data.tokenizer import build_tokenizer
 
@@ -76,11 +87,15 @@ def run(args: argparse.Namespace) -> int:
         report.checksums = verify_shard_checksums(shard_dirs[0])
         shards = open_shards(shard_dirs[0], "train", tokenizer, verify="none")
         epoch_windows = sum(s.tokens // (cfg.train.seq_len + 1) for s in shards.shards)
+    for line in problem_lines(report.sources or report.prepared):
+        print(line, file=sys.stderr)
     if args.json:
         print(json.dumps({**report.to_dict(), "epoch_windows": epoch_windows}, indent=1))
         return 0
     _table(report, cfg)
     if epoch_windows is not None and report.windows > epoch_windows:
-        print(f"note: {report.windows:,} windows read but one epoch holds {epoch_windows:,}: later epochs repeat "
-              f"windows, so duplicates are expected; use fewer --batches")
+        print(
+            f"note: {report.windows:,} windows read but one epoch holds {epoch_windows:,}: later epochs repeat "
+            f"windows, so duplicates are expected; use fewer --batches"
+        )
     return 0

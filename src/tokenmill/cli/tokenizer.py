@@ -1,4 +1,4 @@
-"""`tokenmill tokenizer train --source S --vocab-size N --out DIR`: train a byte-level BPE (SPEC D1).
+"""`tokenmill tokenizer train --source S --vocab-size N --out DIR`: train a byte-level BPE.
 
 Also `tokenmill tokenizer info NAME` to print a tokenizer's vocab size, special ids and hash.
 """
@@ -15,8 +15,12 @@ from tokenmill.errors import UserError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     train = sub.add_parser("train", help="train a byte-level BPE on a source and write DIR/tokenizer.json")
-    train.add_argument("--source", default="stdlib", help="stdlib, a local txt/jsonl/parquet/save_to_disk path, "
-                                                           "a Hub shortcut or org/name[@config] (default: stdlib)")
+    train.add_argument(
+        "--source",
+        default="stdlib",
+        help="stdlib, a local txt/jsonl/parquet/save_to_disk path, "
+        "a Hub shortcut or org/name[@config] (default: stdlib)",
+    )
     train.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including special tokens")
     train.add_argument("--out", required=True, help="folder to write tokenizer.json into")
     train.add_argument("--text-field", default="text", help="column holding the document text (default: text)")
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{out / 'tokenizer.json'} already exists: choose another --out or pass --force")
     if args.max_chars < 0:
         raise UserError(f"--max-chars={args.max_chars} must be >= 0")
-    source = open_source(args.source, args.text_field)
+    source = open_source(args.source, args.text_field, stream_local=True)  # one pass: no Arrow copy of local files
     started = time.perf_counter()
     texts = source.iter_texts(max_chars=args.max_chars or None)
     sample: list[str] = []
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     n_bytes = sum(len(t.encode("utf-8")) for t in sample)
     n_tokens = sum(len(ids) for ids in tok.encode_batch(sample))
-    print(f"wrote {out / 'tokenizer.json'}: vocab_size={tok.vocab_size} eos_id={tok.eos_id} bos_id={tok.bos_id} "
-          f"hash={tok.hash} ({n_bytes / max(1, n_tokens):.2f} bytes/token on the first documents, {seconds:.1f}s)")
+    print(
+        f"wrote {out / 'tokenizer.json'}: vocab_size={tok.vocab_size} eos_id={tok.eos_id} bos_id={tok.bos_id} "
+        f"hash={tok.hash} ({n_bytes / max(1, n_tokens):.2f} bytes/token on the first documents, {seconds:.1f}s)"
+    )
     return 0

@@ -1,4 +1,4 @@
-"""`tokenmill data check` (SPEC D8): does the loader give every (rank, worker) different data, and what is in it?
+"""`tokenmill data check`: does the loader give every (rank, worker) different data, and what is in it?
 
 It builds the real training loader once per simulated rank (same `build_loader` the trainer uses, so the
 check covers sources, mixtures, packing, sharding and the shard loader alike), reads N batches from each,
@@ -7,7 +7,9 @@ and reports:
   correct setup prints 0.0% as long as N batches stay within one epoch of the data;
 - token statistics: count, distinct ids, share of the most common ids, share of EOS;
 - the share of windows that span a document boundary (doc_ids change inside the window);
-- tokens per second of the whole read (all simulated ranks in this one process).
+- tokens per second of the whole read (all simulated ranks in this one process);
+- per source, the documents that lost text (null or non-text field, undecodable bytes): a property of the
+  data, summed over the simulated ranks, never reported as a sharding problem.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class CheckReport:
     seconds: float = 0.0
     rank_ids: list[int] = field(default_factory=list)
     checksums: str = "not checked"
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)  # quality.DocCounts per source, all ranks
+    prepared: dict[str, dict[str, int]] = field(default_factory=dict)  # a shards folder: what prepare counted
 
     @property
     def duplicate_rate(self) -> float:
@@ -54,13 +58,15 @@ class CheckReport:
         return {**asdict(self), "duplicate_rate": self.duplicate_rate, "tokens_per_s": self.tokens_per_s}
 
 
-def run_check(cfg: Any, tokenizer: Any, batches: int, ranks: int, workers: int,
-              rank_ids: list[int] | None = None) -> CheckReport:
+def run_check(
+    cfg: Any, tokenizer: Any, batches: int, ranks: int, workers: int, rank_ids: list[int] | None = None
+) -> CheckReport:
     """Read `batches` train batches from each simulated rank (rank_ids[i] plays rank i; default 0..ranks-1).
 
     Giving two simulated ranks the same id is a deliberately broken setup: the duplicate rate must show it.
     """
     from tokenmill.data.loader import build_loader
+    from tokenmill.data.quality import add_counts
 
     rank_ids = list(range(ranks)) if rank_ids is None else list(rank_ids)
     report = CheckReport(ranks, workers, batches, rank_ids=rank_ids)
@@ -79,20 +85,25 @@ def run_check(cfg: Any, tokenizer: Any, batches: int, ranks: int, workers: int,
                 key = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
                 report.duplicate_windows += key in seen
                 seen.add(key)
-            counts += np.bincount(tokens.ravel(), minlength=counts.size)[:counts.size]
+            counts += np.bincount(tokens.ravel(), minlength=counts.size)[: counts.size]
             boundary += int((doc_ids[:, -1] != doc_ids[:, 0]).sum())
             report.windows += tokens.shape[0]
             report.window_tokens = tokens.shape[1]
-        if hasattr(loader, "close"):
-            loader.close()
+        stats = loader.stats()
+        report.sources = add_counts(report.sources, stats["sources"])
+        report.prepared = stats.get("prepared", {})
+        loader.close()
         del it, loader  # stop this rank's worker processes before the next rank starts its own
     report.seconds = time.perf_counter() - started
     report.tokens = int(counts.sum())
     report.unique_tokens = int((counts > 0).sum())
     report.eos_share = float(counts[tokenizer.eos_id] / max(report.tokens, 1))
     top = np.argsort(counts)[::-1][:TOP_K]
-    report.top_tokens = [{"id": int(i), "text": tokenizer.decode([int(i)]), "share": float(counts[i] / report.tokens)}
-                         for i in top if counts[i] > 0]
+    report.top_tokens = [
+        {"id": int(i), "text": tokenizer.decode([int(i)]), "share": float(counts[i] / report.tokens)}
+        for i in top
+        if counts[i] > 0
+    ]
     report.top_share = float(sum(t["share"] for t in report.top_tokens))
     report.boundary_share = boundary / max(report.windows, 1)
     return report

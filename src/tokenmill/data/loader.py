@@ -1,76 +1,67 @@
-"""The training/eval data loader (SPEC D5, D6): sharding, shuffle buffer, batches, exact resume.
+"""The data-loader contract (`BatchLoader`), the text-stream training loader, and `build_loader`, which picks one.
 
-Pipeline of one (rank, worker) slot:  sources -> Mixture -> Packer -> ShuffleBuffer -> batches of B windows.
+Three loaders satisfy `BatchLoader`: this module's `Loader` (text sources, tokenized on the fly), the shard
+loader (`shard_loader.py`, pre-tokenized folders) and the eval-set loader (`eval_set.py`). All share the state
+conventions of `state.py` (format, kind, identity refused on change, layout resumed without repeats).
 
-Sharding: slot = rank * num_workers + worker, n_slots = world_size * num_workers; a slot reads the
-documents whose raw index within the epoch % n_slots == slot (sources.py), so slots are disjoint and
-together cover every document. Training never runs dry: each source cycles its epochs forever, so every
-rank yields batches for as long as the trainer asks and uneven shards cannot hang a collective.
-A slot with no documents at all fails loudly at its first epoch instead of spinning.
+Pipeline of one (rank, worker) slot:  sources -> Mixture -> Packer -> WindowBuffer -> batches of B windows.
+
+Sharding: slot = rank * num_workers + worker, n_slots = world_size * num_workers; each source gives every
+slot a disjoint part of each epoch (sources.py, streams.py), and together the slots read every document.
+Training never runs dry: each source cycles its epochs forever, so every rank yields batches for as long
+as the trainer asks and uneven shards cannot hang a collective. A slot with no documents at all fails
+loudly at its first epoch instead of spinning.
 
 Resume: `Loader.state_dict()` holds torchdata's StatefulDataLoader state, which carries each worker's
-`TokenStream.state_dict()` (source positions and epochs, mixture draws, packing buffer, shuffle buffer
-and its RNG counter). Loading it into a loader with the same world size, worker count, seq_len and batch
-size yields exactly the batches the old loader would have. With another layout it starts every slot at
-the furthest source position any slot reached (`cursor`, merged over workers and, under
-torch.distributed, over ranks), so no document is repeated; windows that were buffered are skipped.
+`TokenStream.state_dict()` (source positions and epochs, document buffers, mixture draws, packing buffer,
+window buffer and its RNG counter). Loading it into a loader with the same layout yields exactly the
+batches the old loader would have. With another layout it starts every slot at the furthest source
+position any slot reached (`cursor`, merged over workers and, under torch.distributed, over ranks), so no
+document is repeated; documents and windows that were buffered are skipped.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tokenmill.data.mixture import Mixture, SourceCursor, merge_cursors, parse_sources, uniform
+from tokenmill.data.mixture import Mixture, SourceCursor, merge_cursors, parse_sources
 from tokenmill.data.packing import Packer, doc_ids_of
+from tokenmill.data.quality import add_counts
+from tokenmill.data.shards import is_shard_dir
+from tokenmill.data.shuffle import WindowBuffer
 from tokenmill.data.sources import Source, open_source
+from tokenmill.data.state import make_state, same_layout
 from tokenmill.data.tokenizer import Tokenizer
 from tokenmill.errors import UserError
 
 SNAPSHOT_EVERY = 32  # batches between worker-state snapshots; resume replays at most this many (exactly)
-STATE_FORMAT = 1
 
 
-class ShuffleBuffer:
-    """Keeps `size` windows and hands out a random one; its RNG is a counter (uniform(seed, stream, k))."""
+@runtime_checkable
+class BatchLoader(Protocol):
+    """What the trainer needs from a data loader: batches, an exact resume point, shutdown, counters.
 
-    def __init__(self, size: int, window: int, seed: int, stream: int) -> None:
-        self.size, self.seed, self.stream = size, seed, stream
-        self.buf = torch.zeros((size, window), dtype=torch.int32)
-        self.fill = 0
-        self.draws = 0
+    Iterating yields {"tokens": (B, T+1) int64, "doc_ids": (B, T+1) int64}. `stats()` holds at least
+    "batches" and "sources" ({source name: `quality.DocCounts` fields} of the documents this rank read; a
+    shard loader reads no documents and reports what `prepare` counted under "prepared");
+    `quality.loader_problem_lines(stats)` turns them into the lines to print.
+    """
 
-    def next(self, produce: Any) -> torch.Tensor | None:
-        if self.size == 0:
-            return produce()
-        while self.fill < self.size:
-            window = produce()
-            if window is None:
-                break  # finite run: drain what is left
-            self.buf[self.fill] = window
-            self.fill += 1
-        if self.fill == 0:
-            return None
-        j = int(uniform(self.seed, self.stream, self.draws) * self.fill)
-        self.draws += 1
-        out = self.buf[j].clone()
-        self.fill -= 1
-        self.buf[j] = self.buf[self.fill]
-        return out
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"windows": self.buf[: self.fill].clone(), "draws": self.draws}
+    def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        windows = state["windows"]
-        if self.size == 0 or windows.shape[0] > self.size or windows.shape[1:] != self.buf.shape[1:]:
-            raise ValueError("shuffle-buffer state does not match this loader")
-        self.fill = windows.shape[0]
-        self.buf[: self.fill] = windows
-        self.draws = int(state["draws"])
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
 
 
 class SlotPipeline:
@@ -78,16 +69,28 @@ class SlotPipeline:
 
     def __init__(self, stream: TokenStream, slot: int, state: dict | None, start: list | None) -> None:
         s = stream
-        n_slots = s.n_slots
         source_states = (state or {}).get("mixture", {}).get("sources")
         if source_states is None and start is not None:  # another layout: start at the merged cursor
             source_states = [{"epoch": c["epoch"], "position": c["position"]} for c in start]
-        cursors = [SourceCursor(src, i, slot, n_slots, s.split, s.eval_fraction, s.seed, s.epochs,
-                                state=source_states[i] if source_states else None, shuffle=s.split == "train")
-                   for i, src in enumerate(s.sources)]
+        seed = s.seed if s.shuffle_documents else None
+        cursors = [
+            SourceCursor(
+                src,
+                i,
+                slot,
+                s.n_slots,
+                "train",
+                s.eval_fraction,
+                seed,
+                s.epochs,
+                state=source_states[i] if source_states else None,
+                doc_buffer=s.document_buffer,
+            )
+            for i, src in enumerate(s.sources)
+        ]
         self.mixture = Mixture(cursors, s.weights, s.seed, 2 * slot, state=(state or {}).get("mixture"))
-        self.packer = Packer(s.tokenizer, s.seq_len + 1, bos_aligned=s.bos_aligned)
-        self.shuffle = ShuffleBuffer(s.shuffle_buffer, s.seq_len + 1, s.seed, 2 * slot + 1)
+        self.packer = Packer(s.tokenizer, s.seq_len + 1)
+        self.shuffle = WindowBuffer(s.shuffle_buffer, s.seq_len + 1, s.seed, 2 * slot + 1)
         self.batch_size = s.batch_size
         self.eos = s.tokenizer.eos_id
         self.batches = 0
@@ -117,21 +120,17 @@ class SlotPipeline:
         tokens = torch.stack(rows).to(torch.int64)  # (B, T+1)
         return {"tokens": tokens, "doc_ids": doc_ids_of(tokens, self.eos)}
 
-    def close(self) -> None:
-        """Stop the dataloader workers now (they also stop when the loader is garbage-collected)."""
-        it, self._it = self._it, None
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-
-    def stats(self) -> dict[str, int]:
-        sources = self.mixture.state_dict()["sources"]
-        return {"documents": self.packer.documents, "replaced_chars": sum(c["replaced"] for c in sources),
-                "empty_documents": sum(c["empty"] for c in sources), "batches": self.batches}
+    def stats(self) -> dict[str, Any]:
+        counts = {c.source.name: c.doc_counts().to_dict() for c in self.mixture.cursors}
+        return {"documents": self.packer.documents, "batches": self.batches, "sources": counts}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mixture": self.mixture.state_dict(), "packer": self.packer.state_dict(),
-                "shuffle": self.shuffle.state_dict(), "batches": self.batches}
+        return {
+            "mixture": self.mixture.state_dict(),
+            "packer": self.packer.state_dict(),
+            "shuffle": self.shuffle.state_dict(),
+            "batches": self.batches,
+        }
 
     def close(self) -> None:
         self.mixture.close()
@@ -140,15 +139,31 @@ class SlotPipeline:
 class TokenStream(IterableDataset):
     """An IterableDataset of ready batches; each dataloader worker runs its own slot of the stream."""
 
-    def __init__(self, sources: list[Source], weights: list[float], tokenizer: Tokenizer, *, split: str,
-                 seq_len: int, batch_size: int, rank: int, world_size: int, num_workers: int, seed: int,
-                 shuffle_buffer: int, eval_fraction: float, bos_aligned: bool, epochs: int | None) -> None:
+    def __init__(
+        self,
+        sources: list[Source],
+        weights: list[float],
+        tokenizer: Tokenizer,
+        *,
+        seq_len: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle_buffer: int,
+        shuffle_documents: bool,
+        document_buffer: int,
+        eval_fraction: float,
+        epochs: int | None,
+    ) -> None:
         self.sources, self.weights, self.tokenizer = sources, weights, tokenizer
-        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+        self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.n_slots = world_size * max(1, num_workers)
         self.seed, self.shuffle_buffer, self.eval_fraction = seed, shuffle_buffer, eval_fraction
-        self.bos_aligned, self.epochs = bos_aligned, epochs
+        self.shuffle_documents, self.document_buffer = shuffle_documents, document_buffer
+        self.epochs = epochs
         self._pending: dict | None = None  # exact state to start the next iteration from
         self.start_cursor: list | None = None  # merged cursor to start from (different layout)
         self._pipe: SlotPipeline | None = None
@@ -198,25 +213,26 @@ def _one_line(err: UserError) -> str:
 
 
 class Loader:
-    """Iterable of {"tokens": (B, T+1) int64, "doc_ids": (B, T+1) int64} with exact `state_dict()` resume.
+    """The training stream of text sources: one continuing, infinite stream with exact `state_dict()` resume
+    (a new `iter()` continues where the last one stopped)."""
 
-    Train: one continuing, infinite stream (a new `iter()` continues where the last one stopped).
-    Eval: every `iter()` starts the eval split from its beginning, so each evaluation sees the same batches.
-    """
-
-    def __init__(self, stream: TokenStream, identity: dict[str, Any], restart_each_iter: bool) -> None:
+    def __init__(self, stream: TokenStream, identity: dict[str, Any]) -> None:
         self.stream = stream
         self.identity = identity
-        self.restart_each_iter = restart_each_iter
-        self.layout = {"rank": stream.rank, "world_size": stream.world_size, "num_workers": stream.num_workers,
-                       "seq_len": stream.seq_len, "batch_size": stream.batch_size,
-                       "shuffle_buffer": stream.shuffle_buffer, "bos_aligned": stream.bos_aligned}
+        self.layout = {
+            "rank": stream.rank,
+            "world_size": stream.world_size,
+            "num_workers": stream.num_workers,
+            "seq_len": stream.seq_len,
+            "batch_size": stream.batch_size,
+            "shuffle_buffer": stream.shuffle_buffer,
+            "document_buffer": stream.document_buffer,
+        }
         self._dl = self._dataloader()
         self._it = None
         self._cursors: dict[int, list] = {}
-        self._stats: dict[int, dict[str, int]] = {}
+        self._stats: dict[int, dict[str, Any]] = {}
         self._floor: list | None = None  # cursor loaded from a checkpoint
-        self.exhausted = False  # finite runs only (epochs=...): the stream ended
 
     def _dataloader(self):
         from torchdata.stateful_dataloader import StatefulDataLoader
@@ -224,23 +240,27 @@ class Loader:
         nw = self.stream.num_workers
         with warnings.catch_warnings():  # torchdata 0.11 calls the deprecated torch.set_vital in __init__
             warnings.filterwarnings("ignore", message=".*set_vital.*")
-            return StatefulDataLoader(self.stream, batch_size=None, num_workers=nw,
-                                      prefetch_factor=4 if nw else None, snapshot_every_n_steps=SNAPSHOT_EVERY,
-                                      pin_memory=torch.cuda.is_available(),
-                                      # own generator: iter() draws a worker base seed, which from the global
-                                      # RNG would shift dropout after a resume (the resumed run calls iter()
-                                      # after restoring RNG states) and make evals change training randomness
-                                      generator=torch.Generator())
+            return StatefulDataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=nw,
+                prefetch_factor=4 if nw else None,
+                snapshot_every_n_steps=SNAPSHOT_EVERY,
+                pin_memory=torch.cuda.is_available(),
+                # own generator: iter() draws a worker base seed, which from the global
+                # RNG would shift dropout after a resume (the resumed run calls iter()
+                # after restoring RNG states) and make evals change training randomness
+                generator=torch.Generator(),
+            )
 
-    def __iter__(self):
-        if self._it is None or self.restart_each_iter:
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._it is None:
             self._it = iter(self._dl)
         it = self._it
         while True:
             try:
                 batch = next(it)
             except StopIteration:
-                self.exhausted = True
                 return
             except UserError as err:
                 self.close()
@@ -260,10 +280,16 @@ class Loader:
         if shutdown is not None:
             shutdown()
 
-    def stats(self) -> dict[str, int]:
-        """Documents read, U+FFFD characters from undecodable bytes, empty documents skipped, batches."""
-        keys = ("documents", "replaced_chars", "empty_documents", "batches")
-        return {k: sum(s[k] for s in self._stats.values()) for k in keys}
+    def stats(self) -> dict[str, Any]:
+        """This rank's counters: documents packed, batches, and per source the documents that lost text."""
+        sources: dict[str, dict[str, int]] = {}
+        for s in self._stats.values():
+            sources = add_counts(sources, s["sources"])
+        return {
+            "documents": sum(s["documents"] for s in self._stats.values()),
+            "batches": sum(s["batches"] for s in self._stats.values()),
+            "sources": sources,
+        }
 
     def cursor(self) -> list | None:
         """Furthest source positions of this rank's workers (all ranks under torch.distributed)."""
@@ -278,76 +304,93 @@ class Loader:
         return cursor
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "identity": dict(self.identity), "layout": dict(self.layout),
-                "dataloader": self._dl.state_dict(), "cursor": self.cursor()}
+        return make_state("text", self.identity, self.layout, dataloader=self._dl.state_dict(), cursor=self.cursor())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise UserError(f"data loader state has format {state.get('format')!r}, expected {STATE_FORMAT}: "
-                            f"it was written by another tokenmill version")
-        changed = [k for k in self.identity if state["identity"].get(k) != self.identity[k]]
-        if changed:
-            k = changed[0]
-            raise UserError(f"cannot resume the data stream: {k} changed ({state['identity'].get(k)!r} -> "
-                            f"{self.identity[k]!r}); resume with the data settings of the checkpoint")
+        exact = same_layout(state, "text", self.identity, self.layout)
         self._it = None
         self._cursors, self._stats = {}, {}
         self._floor = state.get("cursor")
-        if state["layout"] == self.layout:
+        if exact:
             self._dl.load_state_dict(state["dataloader"])
             return
-        diff = ", ".join(f"{k} {state['layout'].get(k)}->{v}" for k, v in self.layout.items()
-                         if state["layout"].get(k) != v)
-        warnings.warn(f"data: resuming on a different layout ({diff}): no document is repeated, but the "
-                      f"resume is not batch-exact (buffered windows are skipped)", stacklevel=2)
         self.stream.start_cursor = self._floor
         self._dl = self._dataloader()
 
 
-def _is_shards(location: str) -> bool:
-    from pathlib import Path
-
-    return (Path(location).expanduser() / "manifest.json").is_file()
-
-
-def build_loader(cfg: Any, tokenizer: Tokenizer, split: str, rank: int = 0, world_size: int = 1, *,
-                 epochs: int | None = None, num_workers: int | None = None) -> Any:
+def build_loader(
+    cfg: Any,
+    tokenizer: Tokenizer,
+    split: str,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    epochs: int | None = None,
+    num_workers: int | None = None,
+) -> BatchLoader:
     """The loader for `split` ("train" or "eval") of this rank; see the module docstring for guarantees.
 
-    `epochs` (tools and tests) stops after that many epochs of every source instead of cycling forever;
-    `num_workers` overrides data.num_workers (eval always runs in the main process).
+    Train reads data.sources (minus the documents held out by data.eval_fraction, see `holdout_fraction`).
+    Eval reads data.eval_sources whole when set, else the held-out documents of data.sources; it is finite
+    and every `iter()` starts it over (eval_set.py). `epochs` (tools and tests) stops training data after that
+    many epochs of every source instead of cycling forever; `num_workers` overrides data.num_workers.
     """
     data, train = cfg.data, cfg.train
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
-    if split == "eval" and data.eval_fraction <= 0:
-        raise UserError("there is no eval split: data.eval_fraction is 0 (set it to e.g. 0.02)")
+    if split == "eval":
+        from tokenmill.data.eval_set import build_eval_loader
+
+        return build_eval_loader(cfg, tokenizer, rank, world_size)
     specs = parse_sources(data.sources)
     workers = data.num_workers if num_workers is None else num_workers
-    if split == "eval":
-        workers = 0
-    if any(_is_shards(s.location) for s in specs):
+    if any(is_shard_dir(s.location) for s in specs):
         if len(specs) > 1:
             raise UserError("a pre-tokenized shards folder must be the only data.sources entry")
         from tokenmill.data.shards import build_shard_loader
 
-        return build_shard_loader(specs[0].location, tokenizer, split, train.micro_batch_size, train.seq_len,
-                                  rank, world_size, workers, train.seed, data.shuffle_buffer if split == "train"
-                                  else 0)
+        return build_shard_loader(
+            specs[0].location,
+            tokenizer,
+            "train",
+            train.micro_batch_size,
+            train.seq_len,
+            rank,
+            world_size,
+            workers,
+            train.seed,
+            data.shuffle_buffer,
+        )
     if workers > 0:
-        import os
-
         # Workers are forked after the tokenizer may have run threads here; tokenize single-threaded per worker.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sources = [open_source(s.location, data.text_field) for s in specs]
-    stream = TokenStream(sources, [s.weight for s in specs], tokenizer, split=split, seq_len=train.seq_len,
-                         batch_size=train.micro_batch_size, rank=rank, world_size=world_size, num_workers=workers,
-                         seed=train.seed, shuffle_buffer=data.shuffle_buffer if split == "train" else 0,
-                         eval_fraction=data.eval_fraction, bos_aligned=split == "eval" and data.bos_aligned_eval,
-                         epochs=epochs)
-    identity = {"sources": [f"{s.location}:{s.weight:.6g}" for s in specs], "text_field": data.text_field,
-                "tokenizer": tokenizer.hash, "eval_fraction": float(data.eval_fraction), "seed": int(train.seed),
-                "split": split}
-    return Loader(stream, identity, restart_each_iter=split == "eval")
+    sources = [open_source(s.location, data.text_field, data.stream_local_files) for s in specs]
+    holdout = data.holdout_fraction()
+    stream = TokenStream(
+        sources,
+        [s.weight for s in specs],
+        tokenizer,
+        seq_len=train.seq_len,
+        batch_size=train.micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=workers,
+        seed=train.seed,
+        shuffle_buffer=data.shuffle_buffer,
+        shuffle_documents=data.shuffle_documents,
+        document_buffer=data.document_buffer,
+        eval_fraction=holdout,
+        epochs=epochs,
+    )
+    identity = {
+        "sources": [f"{s.location}:{s.weight:.6g}" for s in specs],
+        "text_field": data.text_field,
+        "tokenizer": tokenizer.hash,
+        "eval_fraction": holdout,
+        "seed": int(train.seed),
+        "shuffle_documents": bool(data.shuffle_documents),
+        "stream_local_files": bool(data.stream_local_files),
+    }
+    return Loader(stream, identity)

@@ -1,4 +1,4 @@
-"""Packing (SPEC D4): documents -> token windows of exactly seq_len + 1 tokens, no padding.
+"""Packing: documents -> token windows of exactly seq_len + 1 tokens, no padding.
 
 Default (training) layout: every document is followed by EOS and the token stream is cut into
 consecutive, non-overlapping windows, so a window may start or end inside a document:
@@ -42,8 +42,14 @@ def doc_ids_of(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
 class Packer:
     """Turns a document supply into windows of `window` tokens (int32 rows), resumably."""
 
-    def __init__(self, tokenizer: Tokenizer, window: int, bos_aligned: bool = False,
-                 chunk_chars: int = CHUNK_CHARS, chunk_docs: int = CHUNK_DOCS) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        window: int,
+        bos_aligned: bool = False,
+        chunk_chars: int = CHUNK_CHARS,
+        chunk_docs: int = CHUNK_DOCS,
+    ) -> None:
         self.tok = tokenizer
         self.window = window
         self.bos_aligned = bos_aligned
@@ -83,7 +89,7 @@ class Packer:
         flat = np.concatenate([self._tail, flat])
         n = len(flat) // self.window
         self._set_ready(flat[: n * self.window].reshape(n, self.window))
-        self._tail = flat[n * self.window:].copy()
+        self._tail = flat[n * self.window :].copy()
 
     def _add_aligned(self, ids: list[list[int]]) -> None:
         bos, eos, w = self.tok.bos_id, self.tok.eos_id, self.window
@@ -101,7 +107,7 @@ class Packer:
         self._set_ready(np.stack(rows) if rows else np.zeros((0, w), dtype=np.int32))
 
     def _set_ready(self, new: np.ndarray) -> None:
-        rest = self._ready[self._next:]
+        rest = self._ready[self._next :]
         self._ready = np.concatenate([rest, new]) if len(rest) else new
         self._next = 0
 
@@ -116,8 +122,11 @@ class Packer:
         return row
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ready": torch.from_numpy(self._ready[self._next:].copy()),
-                "tail": torch.from_numpy(self._tail.copy()), "documents": self.documents}
+        return {
+            "ready": torch.from_numpy(self._ready[self._next :].copy()),
+            "tail": torch.from_numpy(self._tail.copy()),
+            "documents": self.documents,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ready = state["ready"].numpy().astype(np.int32)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 
 from tokenmill.data import shards as fmt
 from tokenmill.data.mixture import is_eval_doc
+from tokenmill.data.quality import DocCounts
 from tokenmill.errors import UserError
 
 TASK_BYTES = 1 << 20  # text per worker task: big enough to amortise IPC, small enough to keep workers busy
@@ -65,8 +67,11 @@ def _encode_task(task: tuple[list[str], float, np.dtype]) -> tuple[np.ndarray, .
     per_doc = [next(ids) if t else None for t in texts]
     eos = _TOKENIZER.eos_id
     lengths = np.fromiter((0 if x is None else len(x) + 1 for x in per_doc), dtype=np.int64, count=len(texts))
-    tokens = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, (eos,)) for x in per_doc if x is not None),
-                         dtype=dtype, count=int(lengths.sum()))
+    tokens = np.fromiter(
+        itertools.chain.from_iterable(itertools.chain(x, (eos,)) for x in per_doc if x is not None),
+        dtype=dtype,
+        count=int(lengths.sum()),
+    )
     is_eval = np.fromiter((is_eval_doc(t, eval_fraction) for t in texts), dtype=bool, count=len(texts))
     nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), dtype=np.int64, count=len(texts))
     return tokens, lengths, is_eval, nbytes
@@ -85,33 +90,52 @@ def _tasks(docs: Iterator[str], eval_fraction: float, dtype: np.dtype) -> Iterat
         yield batch, eval_fraction, dtype
 
 
+# What prepare writes into its folder: shard files, and the temporary names they are renamed from
+# (`shards._atomic_write_bytes`, `write_shard`); nothing else there is ever removed.
+SHARD_FILE = re.compile(r"(train|eval)-\d{5}\.(bin|idx\.npy)")
+TEMP_FILE = re.compile(r"\.(manifest\.json|(train|eval)-\d{5}\.(bin|idx\.npy))\.tmp\d+")
+
+
 def _prepare_folder(out: Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """Decide between fresh start, resume and refusal; return the manifest to continue, or None if done."""
+    """Decide between fresh start, resume and refusal; return the manifest to continue, or None if done.
+
+    Files are removed only once the folder is accepted, and only files prepare itself writes."""
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".*.tmp*"):
-        tmp.unlink()  # leftovers of a write interrupted before its rename
     if fmt.is_shard_dir(out):
         old = fmt.read_manifest(out)
         same = old["settings"] == manifest["settings"] and old["tokenizer"]["hash"] == manifest["tokenizer"]["hash"]
+        if not same and not overwrite:
+            raise UserError(
+                f"{out} holds a different prepared dataset (source {old['settings'].get('source')!r}, "
+                f"tokenizer {old['tokenizer']['hash']}); choose another --out or pass --overwrite"
+            )
         if same and not overwrite:
+            _remove(out, TEMP_FILE)  # leftovers of a write interrupted before its rename
             return None if old["complete"] else old
-        if not overwrite:
-            raise UserError(f"{out} holds a different prepared dataset (source {old['settings'].get('source')!r}, "
-                            f"tokenizer {old['tokenizer']['hash']}); choose another --out or pass --overwrite")
-        for entry in (e for split in old["splits"].values() for e in split["shards"]):
-            for name in (entry["file"], entry["index"]):
-                (out / name).unlink(missing_ok=True)
         (out / fmt.MANIFEST).unlink()
-    elif any(out.iterdir()) and not overwrite:
+    elif not overwrite and any(not TEMP_FILE.fullmatch(p.name) for p in out.iterdir()):
         raise UserError(f"{out} is not empty and is no prepared dataset; choose an empty --out or pass --overwrite")
-    for path in itertools.chain(out.glob("train-*.bin"), out.glob("train-*.idx.npy"), out.glob("eval-*.bin"),
-                                out.glob("eval-*.idx.npy")):
-        path.unlink()  # shards of an unrecorded chunk are rewritten anyway
+    _remove(out, TEMP_FILE)
+    _remove(out, SHARD_FILE)  # shards of an earlier dataset or an unrecorded chunk are rewritten anyway
     return manifest
 
 
-def _write_chunk(out: Path, manifest: dict[str, Any], index: int, tokens: np.ndarray, lengths: np.ndarray,
-                 is_eval: np.ndarray, docs_end: int, bytes_end: int) -> None:
+def _remove(folder: Path, pattern: re.Pattern) -> None:
+    for path in folder.iterdir():
+        if path.is_file() and pattern.fullmatch(path.name):
+            path.unlink()
+
+
+def _write_chunk(
+    out: Path,
+    manifest: dict[str, Any],
+    index: int,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    is_eval: np.ndarray,
+    docs_end: int,
+    bytes_end: int,
+) -> None:
     token_is_eval = np.repeat(is_eval, lengths)
     for split, doc_mask, tok_mask in (("train", ~is_eval, ~token_is_eval), ("eval", is_eval, token_is_eval)):
         split_lengths = lengths[doc_mask & (lengths > 0)]
@@ -128,18 +152,37 @@ def _write_chunk(out: Path, manifest: dict[str, Any], index: int, tokens: np.nda
     fmt.write_manifest(out, manifest)
 
 
-def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLike, *, tokenizer_spec: str,
-                      source: str, text_field: str = "text", eval_fraction: float = 0.0,
-                      shard_tokens: int = 1 << 27, workers: int = 1, overwrite: bool = False,
-                      progress: Any = None) -> PrepareStats:
-    """Tokenize `docs` into `out` (see module doc). `progress(docs, bytes, tokens)` is called as work lands."""
+def prepare_documents(
+    docs: Iterable[str],
+    tokenizer: Any,
+    out: str | os.PathLike,
+    *,
+    tokenizer_spec: str,
+    source: str,
+    text_field: str = "text",
+    eval_fraction: float = 0.0,
+    shard_tokens: int = 1 << 27,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: Any = None,
+    doc_counts: DocCounts | None = None,
+) -> PrepareStats:
+    """Tokenize `docs` into `out` (see module doc). `progress(docs, bytes, tokens)` is called as work lands.
+
+    `doc_counts` is the reader's live count of documents that lost text (the whole source, as a resumed run
+    reads past the finished chunks too); it is recorded in the manifest when the dataset is complete.
+    """
     if shard_tokens <= 0:
         raise UserError(f"--shard-tokens={shard_tokens} must be > 0")
     if not 0.0 <= eval_fraction < 1.0:
         raise UserError(f"--eval-fraction={eval_fraction} must be in [0, 1)")
     out = Path(out)
-    settings = {"source": source, "text_field": text_field, "eval_fraction": eval_fraction,
-                "shard_tokens": shard_tokens}
+    settings = {
+        "source": source,
+        "text_field": text_field,
+        "eval_fraction": eval_fraction,
+        "shard_tokens": shard_tokens,
+    }
     manifest = _prepare_folder(out, fmt.new_manifest(tokenizer, tokenizer_spec, settings), overwrite)
     if manifest is None:
         return PrepareStats(0, 0, 0, 0.0, 0, -1)  # already complete with these settings
@@ -170,7 +213,7 @@ def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLik
                 run_bytes += int(result[3].sum())
             # cut as many full chunks as the pending documents hold (or everything at the end)
             while pending and (final or pending_tokens >= shard_tokens):  # concatenate only when a chunk is due
-                tok, lens, flags, nbytes = (np.concatenate(col) for col in zip(*pending))
+                tok, lens, flags, nbytes = (np.concatenate(col) for col in zip(*pending, strict=True))
                 cums = np.cumsum(lens)
                 cut = int(np.searchsorted(cums, shard_tokens, side="left"))  # first doc reaching shard_tokens
                 if cut >= lens.size and not final:
@@ -180,8 +223,9 @@ def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLik
                 ntok = int(cums[cut - 1])
                 docs_done += cut
                 bytes_done += int(nbytes[:cut].sum())
-                _write_chunk(out, manifest, len(manifest["chunks"]), tok[:ntok], lens[:cut], flags[:cut],
-                             docs_done, bytes_done)
+                _write_chunk(
+                    out, manifest, len(manifest["chunks"]), tok[:ntok], lens[:cut], flags[:cut], docs_done, bytes_done
+                )
                 pending = [(tok[ntok:], lens[cut:], flags[cut:], nbytes[cut:])] if cut < lens.size else []
                 pending_tokens -= ntok
                 run_tokens += ntok
@@ -194,6 +238,9 @@ def prepare_documents(docs: Iterable[str], tokenizer: Any, out: str | os.PathLik
         (out / fmt.MANIFEST).unlink(missing_ok=True)
         raise UserError(f"source {source!r} produced no non-empty documents (check the path and --text-field)")
     manifest["complete"] = True
+    if doc_counts is not None:
+        manifest["documents"] = doc_counts.to_dict()
     fmt.write_manifest(out, manifest)
-    return PrepareStats(run_docs, run_tokens, run_bytes, time.perf_counter() - start,
-                        len(manifest["chunks"]) - resumed, resumed)
+    return PrepareStats(
+        run_docs, run_tokens, run_bytes, time.perf_counter() - start, len(manifest["chunks"]) - resumed, resumed
+    )

@@ -1,4 +1,4 @@
-"""Tokenizers (SPEC D1): one `Tokenizer` wrapper over a byte tokenizer or any Hugging Face `tokenizer.json`.
+"""Tokenizers: one `Tokenizer` wrapper over a byte tokenizer or any Hugging Face `tokenizer.json`.
 
 Why one wrapper: the packer, the shard writer, generation and export all need the same five things
 (`encode_batch`, `decode`, `vocab_size`, `eos_id`, `bos_id`) plus a content `hash` that is written into
@@ -32,10 +32,13 @@ BOS_CANDIDATES = (BOS, "<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "
 
 # Pre-tokenization split of GPT-4's cl100k_base (tiktoken, openai_public.py): letters, 1-3 digit numbers,
 # punctuation runs and whitespace runs become separate pieces before byte-level BPE merges them.
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 BYTE_VOCAB = 256
 
 
@@ -49,8 +52,16 @@ class Tokenizer:
     Build with `Tokenizer.byte()`, `Tokenizer.from_file(path)`, `load_tokenizer(name)` or `train_bpe(...)`.
     """
 
-    def __init__(self, backend: Any | None, name: str, eos_id: int, bos_id: int, pad_id: int | None,
-                 vocab_size: int, content_hash: str) -> None:
+    def __init__(
+        self,
+        backend: Any | None,
+        name: str,
+        eos_id: int,
+        bos_id: int,
+        pad_id: int | None,
+        vocab_size: int,
+        content_hash: str,
+    ) -> None:
         self.backend = backend  # tokenizers.Tokenizer, or None for the byte tokenizer
         self.name = name
         self.eos_id = eos_id
@@ -63,8 +74,15 @@ class Tokenizer:
     @classmethod
     def byte(cls) -> Tokenizer:
         """UTF-8 bytes 0..255 plus <|eos|>=256, <|bos|>=257, <|pad|>=258: needs no files, never unknown."""
-        return cls(None, "byte", BYTE_VOCAB, BYTE_VOCAB + 1, BYTE_VOCAB + 2, BYTE_VOCAB + len(SPECIAL_TOKENS),
-                   _short_hash("tokenmill-byte-v1"))
+        return cls(
+            None,
+            "byte",
+            BYTE_VOCAB,
+            BYTE_VOCAB + 1,
+            BYTE_VOCAB + 2,
+            BYTE_VOCAB + len(SPECIAL_TOKENS),
+            _short_hash("tokenmill-byte-v1"),
+        )
 
     @classmethod
     def from_backend(cls, backend: Any, name: str) -> Tokenizer:
@@ -73,8 +91,10 @@ class Tokenizer:
         vocab = backend.get_vocab(with_added_tokens=True)
         eos = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
         if eos is None:
-            raise UserError(f"tokenizer {name} has no end-of-document token (looked for {', '.join(EOS_CANDIDATES)}); "
-                            f"add one as a special token or train one with `tokenmill tokenizer train`")
+            raise UserError(
+                f"tokenizer {name} has no end-of-document token (looked for {', '.join(EOS_CANDIDATES)}); "
+                f"add one as a special token or train one with `tokenmill tokenizer train`"
+            )
         bos = next((vocab[t] for t in BOS_CANDIDATES if t in vocab), eos)
         pad = vocab.get(PAD)
         # Canonical JSON (sorted keys, no whitespace) so formatting of the file does not change the hash.
@@ -124,6 +144,28 @@ class Tokenizer:
         out.append(run.decode("utf-8", "replace"))
         return "".join(out)
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of text each id stands for (0 for special tokens): the denominator of bits per byte.
+
+        Summing it over a window's targets counts the bytes of the text the model predicted, exactly, whatever
+        the tokenizer; decoding windows instead miscounts split multi-byte characters and special tokens.
+        """
+        if self.backend is None:
+            return [1] * BYTE_VOCAB + [0] * (self.vocab_size - BYTE_VOCAB)
+        out = [0] * self.vocab_size
+        added = self.backend.get_added_tokens_decoder()  # id -> AddedToken, whose content is plain text
+        byte_level = '"ByteLevel"' in self.backend.to_str()
+        for token, i in self.backend.get_vocab(with_added_tokens=True).items():
+            if i >= self.vocab_size or (i in added and added[i].special):
+                continue
+            if byte_level and i not in added:
+                out[i] = len(token)  # byte-level BPE writes each byte as one character (GPT-2's bytes_to_unicode)
+            elif BYTE_FALLBACK.fullmatch(token):
+                out[i] = 1  # SentencePiece byte-fallback token <0xNN>
+            else:  # Metaspace tokenizers write a space as U+2581
+                out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+        return out
+
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write `tokenizer.json` into `out_dir` atomically (the byte tokenizer has no file to write)."""
         if self.backend is None:
@@ -142,8 +184,14 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------------
 # Training and loading
 
-def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None,
-              progress: bool = True, length: int | None = None) -> Tokenizer:
+
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    length: int | None = None,
+) -> Tokenizer:
     """Train a byte-level BPE (GPT-4 split pattern, specials <|eos|> <|bos|> <|pad|> = ids 0, 1, 2).
 
     `texts` is any iterator of documents; `length` (documents, if known) sizes the progress bar.
@@ -156,13 +204,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike 
     if vocab_size < min_vocab:
         raise UserError(f"vocab size {vocab_size} is too small for a byte-level BPE: use at least {min_vocab}")
     backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
     seen = 0
 
     def counted() -> Iterator[str]:
@@ -201,8 +255,11 @@ def load_from_hub(repo_id: str) -> Tokenizer:
     try:
         path = hf_hub_download(repo_id, "tokenizer.json", local_files_only=_hub_offline())
     except Exception as err:
-        reason = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)" if _hub_offline() else \
-            f"could not fetch it from the Hugging Face Hub ({type(err).__name__})"
+        reason = (
+            "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)"
+            if _hub_offline()
+            else f"could not fetch it from the Hugging Face Hub ({type(err).__name__})"
+        )
         raise UserError(f"tokenizer {repo_id!r}: {reason}; {how}") from None
     tok = Tokenizer.from_file(path)
     tok.name = repo_id
@@ -230,21 +287,22 @@ def build_tokenizer(data_cfg: Any, cache_dir: str | os.PathLike) -> Tokenizer:
     if data_cfg.tokenizer != "bpe":
         return load_tokenizer(data_cfg.tokenizer)
     from tokenmill.data.mixture import parse_sources
+    from tokenmill.data.shards import is_shard_dir, read_manifest
     from tokenmill.data.sources import open_source
 
     spec = parse_sources(data_cfg.sources)[0]
-    shards = Path(spec.location)
-    if (shards / "manifest.json").is_file():  # pre-tokenized shards: use the tokenizer that wrote them
-        from tokenmill.data.shards import read_manifest
-
-        return load_tokenizer(str(shards) if (shards / "tokenizer.json").is_file()
-                              else read_manifest(shards)["tokenizer"]["spec"])
+    if is_shard_dir(spec.location):  # pre-tokenized shards: use the tokenizer that wrote them
+        shards = Path(spec.location).expanduser()
+        return load_tokenizer(
+            str(shards) if (shards / "tokenizer.json").is_file() else read_manifest(shards)["tokenizer"]["spec"]
+        )
     chars = getattr(data_cfg, "tokenizer_train_chars", 0)
     key = _short_hash(json.dumps([spec.location, data_cfg.text_field, data_cfg.tokenizer_vocab_size, chars]))
     folder = Path(cache_dir) / f"tokenizer-bpe{data_cfg.tokenizer_vocab_size}-{key}"
     if (folder / "tokenizer.json").is_file():
         return Tokenizer.from_file(folder)
-    source = open_source(spec.location, data_cfg.text_field)
+    # the loader reads the same source the same way, so a local file is converted to Arrow once for both
+    source = open_source(spec.location, data_cfg.text_field, getattr(data_cfg, "stream_local_files", False))
     texts = source.iter_texts(max_chars=chars or None)
     return train_bpe(texts, data_cfg.tokenizer_vocab_size, folder, progress=True)
 
@@ -252,6 +310,8 @@ def build_tokenizer(data_cfg: Any, cache_dir: str | os.PathLike) -> Tokenizer:
 def check_vocab(model_vocab: int, tokenizer: Tokenizer) -> None:
     """The model's embedding must cover every id the tokenizer can produce."""
     if model_vocab < tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary "
-                        f"({tokenizer.vocab_size} ids, {tokenizer.name}): set model.vocab_size >= "
-                        f"{tokenizer.vocab_size}, or 0 to take it from the tokenizer")
+        raise UserError(
+            f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size} ids, {tokenizer.name}): set model.vocab_size >= "
+            f"{tokenizer.vocab_size}, or 0 to take it from the tokenizer"
+        )

@@ -1,8 +1,8 @@
 """Optimizer registry: `OPTIMIZERS[name](model, optim_cfg, lr, lr_scale) -> torch.optim.Optimizer`.
 
 Every builder uses the parameter roles of `param_groups.py` (no decay on norms, biases, embeddings unless
-`optim.decay_norms_biases_embeddings`), so all optimizers agree on which parameters decay. Every returned
-optimizer's `state_dict()` holds only tensors and primitives (loadable with `torch.load(weights_only=True)`).
+`optim.decay_embeddings` / `optim.decay_norms_biases`), so all optimizers agree on which parameters decay. Every
+returned optimizer's `state_dict()` holds only tensors and primitives (loadable with `torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from torch import nn
 
 from tokenmill.errors import UserError
 from tokenmill.optim.config import OptimConfig
-from tokenmill.optim.param_groups import MUON_ROLES, build_param_groups, decays, named_trainable, parameter_roles
+from tokenmill.optim.param_groups import (
+    MUON_ROLES,
+    build_param_groups,
+    decay_switches,
+    decays,
+    named_trainable,
+    parameter_roles,
+)
 
 
 def scaled_lr(lr: float, global_batch_sequences: int, enabled: bool) -> float:
@@ -37,7 +44,7 @@ def _params_on_device_kind(model: nn.Module) -> set[str]:
 def build_adamw(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: float) -> torch.optim.Optimizer:
     """torch AdamW; fused kernel when asked and the device/dtype supports it (CUDA, and CPU in recent torch),
     else the multi-tensor (foreach) path. Both compute the same update (tested to 1e-6)."""
-    groups = build_param_groups(model, cfg.weight_decay, cfg.decay_norms_biases_embeddings)
+    groups = build_param_groups(model, cfg.weight_decay, **decay_switches(cfg))
     kwargs: dict[str, Any] = dict(lr=lr * lr_scale, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.fused:
         try:
@@ -54,7 +61,7 @@ def build_adafactor(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: flo
     `lr` caps Adafactor's relative step size; its second-moment decay follows step^-0.8 (torch default)."""
     from tokenmill.optim.adafactor import StochasticAdafactor
 
-    groups = build_param_groups(model, cfg.weight_decay, cfg.decay_norms_biases_embeddings)
+    groups = build_param_groups(model, cfg.weight_decay, **decay_switches(cfg))
     return StochasticAdafactor(groups, lr=lr * lr_scale, seed=cfg.stochastic_rounding_seed)
 
 
@@ -64,7 +71,7 @@ def build_adamw8bit(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: flo
         import bitsandbytes as bnb
     except ImportError as exc:
         raise UserError("optim.name=adamw8bit needs bitsandbytes: pip install 'tokenmill[bnb]'") from exc
-    groups = build_param_groups(model, cfg.weight_decay, cfg.decay_norms_biases_embeddings)
+    groups = build_param_groups(model, cfg.weight_decay, **decay_switches(cfg))
     return bnb.optim.AdamW8bit(groups, lr=lr * lr_scale, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
@@ -80,7 +87,7 @@ def build_muon(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: float) -
     buckets: dict[tuple[str, bool], tuple[list[str], list[nn.Parameter]]] = {}
     for name, p in params.items():
         kind = "muon" if roles[name] in MUON_ROLES and p.ndim == 2 else "adamw"
-        key = (kind, decays(roles[name], cfg.decay_norms_biases_embeddings))
+        key = (kind, decays(roles[name], **decay_switches(cfg)))
         buckets.setdefault(key, ([], []))
         buckets[key][0].append(name)
         buckets[key][1].append(p)

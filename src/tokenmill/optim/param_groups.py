@@ -3,14 +3,14 @@
 Every parameter is given a *role*, decided from the module that owns it and its shape, never from a model's
 name, so the rule works on any `nn.Module`:
 
-| role        | what                                                    | decay (default) | Muon   |
-|-------------|---------------------------------------------------------|-----------------|--------|
-| `matrix`    | >= 2-D weight of a hidden layer (attention, MLP)        | yes             | yes    |
-| `head`      | untied output projection (see `output_layer`)           | yes             | no     |
-| `embedding` | weight of an `nn.Embedding` (tokens, positions; a tied  | no              | no     |
-|             | head *is* this parameter, so it is counted once)        |                 |        |
-| `norm`      | weight of a normalisation layer                         | no              | no     |
-| `bias`      | any other 0-/1-D parameter                              | no              | no     |
+| role        | what                                                    | decay                     | Muon |
+|-------------|---------------------------------------------------------|---------------------------|------|
+| `matrix`    | >= 2-D weight of a hidden layer (attention, MLP)        | yes                       | yes  |
+| `head`      | untied output projection (see `output_layer`)           | yes                       | no   |
+| `embedding` | weight of an `nn.Embedding` (tokens, positions; a tied  | `optim.decay_embeddings`  | no   |
+|             | head *is* this parameter, so it is counted once)        | (default no)              |      |
+| `norm`      | weight of a normalisation layer                         | `optim.decay_norms_biases`| no   |
+| `bias`      | any other 0-/1-D parameter                              | (default no)              | no   |
 
 Why no decay on norms, biases and embeddings: decaying gains and offsets pulls them towards 0 rather than
 towards their neutral value (1 for a norm gain), and embeddings of rare tokens see few gradients so decay
@@ -94,9 +94,19 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
-def decays(role: str, decay_everything: bool) -> bool:
-    """Whether a parameter of this role gets weight decay (`optim.decay_norms_biases_embeddings` flips it)."""
-    return decay_everything or role in DECAY_ROLES
+def decay_switches(cfg: Any) -> dict[str, bool]:
+    """`decays` keyword arguments from an optim config; the old `decay_norms_biases_embeddings` key sets both."""
+    both = bool(getattr(cfg, "decay_norms_biases_embeddings", False))
+    return {"decay_embeddings": both or cfg.decay_embeddings, "decay_norms_biases": both or cfg.decay_norms_biases}
+
+
+def decays(role: str, decay_embeddings: bool = False, decay_norms_biases: bool = False) -> bool:
+    """Whether a parameter of this role gets weight decay (see the module docstring's table)."""
+    return (
+        role in DECAY_ROLES
+        or (decay_embeddings and role == "embedding")
+        or (decay_norms_biases and role in ("norm", "bias"))
+    )
 
 
 def named_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -104,8 +114,14 @@ def named_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def build_param_groups(model: nn.Module, weight_decay: float, decay_everything: bool = False,
-                       **group_options: Any) -> list[dict[str, Any]]:
+def build_param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    decay_embeddings: bool = False,
+    decay_norms_biases: bool = False,
+    **group_options: Any,
+) -> list[dict[str, Any]]:
     """Two optimizer groups, `decay` then `no_decay`, each carrying its `names` (empty groups are dropped).
 
     `group_options` (lr, betas, ...) are copied into both groups.
@@ -114,7 +130,7 @@ def build_param_groups(model: nn.Module, weight_decay: float, decay_everything: 
     params = named_trainable(model)
     groups = {"decay": ([], []), "no_decay": ([], [])}
     for name, p in params.items():
-        key = "decay" if decays(roles[name], decay_everything) else "no_decay"
+        key = "decay" if decays(roles[name], decay_embeddings, decay_norms_biases) else "no_decay"
         groups[key][0].append(name)
         groups[key][1].append(p)
     out = []
