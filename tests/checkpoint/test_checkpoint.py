@@ -404,8 +404,10 @@ def test_named_state_and_engine_style_keywords(tmp_path):
     model, opt, sched, loader = make()
 
     class Engine:  # the attributes of parallel.engine.Engine that checkpoints use
-        unwrapped = model
         sharded = False
+
+        def __init__(self) -> None:
+            self.model = model
 
         def optimizer_state_dict(self, optimizer):
             return optimizer.state_dict()

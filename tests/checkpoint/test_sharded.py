@@ -25,7 +25,7 @@ def _train_save_continue(strategy: str, pp: int, ckpt: str, async_save: bool) ->
     cfg = tiny_config(strategy, pp, "GPipe", 4 if pp > 1 else 2)
     out = run_loop(cfg, FIRST)
     saver = dcp.ShardedSaver(async_save=async_save)
-    saver.save(ckpt, out["engine"].unwrapped, out["opt"], step=FIRST, extra_state={"step": FIRST})
+    saver.save(ckpt, out["engine"].model, out["opt"], step=FIRST, extra_state={"step": FIRST})
     more = run_loop(cfg, SECOND, start=FIRST, engine_and_opt=(out["engine"], out["opt"]))
     saver.close()
     return {"losses": out["losses"] + more["losses"]}
@@ -44,7 +44,7 @@ def _load_continue(strategy: str, pp: int, ckpt: str) -> dict:
     torch.manual_seed(123)  # different init: everything must come from the checkpoint
     engine = Engine(build_model(cfg.model), cfg, dist, Precision("fp32", dist.device))
     opt = engine.build_optimizer(lambda m: build_optimizer(m, cfg.optim))
-    extra = dcp.load_sharded(ckpt, engine.unwrapped, opt)
+    extra = dcp.load_sharded(ckpt, engine.model, opt)
     out = run_loop(cfg, SECOND, start=FIRST, engine_and_opt=(engine, opt))
     return {"losses": out["losses"], "extra": extra, "params": full_params(engine)}
 

@@ -118,5 +118,5 @@ def test_cli_debug_shows_traceback():
 
 def test_config_dataclass_defaults_are_independent():
     a, b = Config(), Config()
-    a.train.sample_prompts.append("x")
-    assert "x" not in b.train.sample_prompts
+    a.eval.sample_prompts.append("x")
+    assert "x" not in b.eval.sample_prompts

@@ -118,7 +118,7 @@ def test_bf16_autocast_tracks_fp32(tmp_path, monkeypatch, plain):
 
 def test_torch_compile_equals_eager(tmp_path, monkeypatch):
     """One tiny compiled run (one block: ~30 s of Inductor compile on a busy 2-core CPU; the cache is under tmp)."""
-    one_block = ("model.n_layers=1", "train.sample_prompts=[]")
+    one_block = ("model.n_layers=1", "eval.sample_prompts=[]")
     eager = Run(tmp_path / "eager", monkeypatch, *one_block)
     compiled = Run(tmp_path / "compiled", monkeypatch, *one_block, "train.compile=true")
     assert all(b._compiled_call_impl is not None for b in compiled.blocks())

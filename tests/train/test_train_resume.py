@@ -25,7 +25,7 @@ from tokenmill.parallel.engine import Engine
 from tokenmill.train.loop import train
 
 N = 4  # steps per segment of the SIGTERM test
-RESUME = ("model.dropout=0.1", f"train.eval_interval={N}")  # randomness and mid-run evals that must line up
+RESUME = ("model.dropout=0.1", f"eval.interval_steps={N}")  # randomness and mid-run evals that must line up
 K = 8  # the kill tests: checkpoint every K steps of a 2K-step run
 KILL = ("model.dropout=0.1", f"checkpoint.interval_steps={K}")
 

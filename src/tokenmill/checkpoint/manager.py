@@ -146,7 +146,7 @@ class Checkpointer:
         final = self.dir / step_name(step)
         self.wait()  # an async sharded save still in flight is finalised first
         if engine is not None:
-            model = model if model is not None else engine.unwrapped
+            model = model if model is not None else engine.model
         sharded = bool(getattr(engine, "sharded", False))
         optimizer_state = None
         if optimizer is not None and not sharded:  # a collective under ZeRO-1 (every rank must get here)
@@ -380,7 +380,7 @@ class Checkpointer:
         """
         path = self.verify(path)
         if engine is not None and model is None:
-            model = engine.unwrapped
+            model = engine.model
         if (path / SHARDED_MARKER).is_file():  # written by a sharded run: any layout reads its own slices
             from tokenmill.checkpoint.sharded import load_sharded
 
