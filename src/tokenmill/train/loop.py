@@ -320,10 +320,12 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         if status == "completed":
             last_eval = evaluate_now() or {}
             save("final", last_eval)
-            try:
-                write_samples(engine.inference_model(), cfg, tokenizer, dist, sinks, state.step)  # gathers shards
-            except Exception as err:  # noqa: BLE001 - samples only illustrate the run: report and finish
-                sinks.log(state.step, {"message": f"samples failed ({type(err).__name__}: {err})"}, kind="warning")
+            if cfg.eval.sample_prompts:
+                try:
+                    write_samples(engine.inference_model(), cfg, tokenizer, dist, sinks, state.step)  # gathers shards
+                except Exception as err:  # noqa: BLE001 - samples only illustrate the run: report and finish
+                    sinks.log(state.step, {"message": f"samples failed ({type(err).__name__}: {err})"},
+                              kind="warning")
     except KeyboardInterrupt:
         status = "interrupted"  # a second Ctrl-C (after any save in progress completed)
         raise
