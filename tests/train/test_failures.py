@@ -50,7 +50,7 @@ def test_a_run_without_eval_split_skips_eval_with_one_warning_and_saves(tmp_path
 
 @pytest.mark.parametrize("broken", ["run_eval", "write_samples"])
 def test_a_failing_eval_or_sampler_never_costs_the_final_checkpoint(tmp_path, monkeypatch, broken):
-    import tokenmill.train.loop as loop
+    from tokenmill.train import loop
 
     def fail(*args, **kwargs):
         raise RuntimeError(f"{broken} exploded")
@@ -68,7 +68,7 @@ def test_a_failing_eval_or_sampler_never_costs_the_final_checkpoint(tmp_path, mo
 def test_second_ctrl_c_inside_a_save_lets_it_complete_then_stops(tmp_path, monkeypatch, capsys):
     """Ctrl-C during step 3 asks for a checkpoint; a second one while that checkpoint is being written waits for it
     to complete, then stops the run (exit 130): the checkpoint is complete and the run resumes from it."""
-    import tokenmill.checkpoint.manager as manager
+    from tokenmill.checkpoint import manager
 
     real_fb, real_write = Engine.forward_backward, manager.write_safetensors
     calls = {"micro": 0}

@@ -223,7 +223,8 @@ def test_nonfinite_stop_policy_keeps_a_checkpoint_and_exits_4(tmp_path, monkeypa
 
 
 DETECTOR = ("stability.divergence_threshold=1.0", "stability.divergence_fast_alpha=0.1",
-            "stability.divergence_slow_alpha=0.01", "stability.divergence_warmup_steps=3", "checkpoint.interval_steps=2")
+            "stability.divergence_slow_alpha=0.01", "stability.divergence_warmup_steps=3",
+            "checkpoint.interval_steps=2")
 
 
 def test_sustained_loss_rise_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):

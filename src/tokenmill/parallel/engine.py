@@ -32,17 +32,30 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from tokenmill.errors import UserError
 from tokenmill.levers.activation_checkpointing import apply_activation_checkpointing
 from tokenmill.levers.loss import IGNORE_INDEX, Batch, LossFn, build_loss_fn, count_valid_targets, targets_of
-from tokenmill.parallel.data_parallel import (allreduce_grads, apply_ddp, apply_fsdp, apply_zero1, full_optimizer_state,
-                                              materialize, no_sync_context)
+from tokenmill.parallel.data_parallel import (
+    allreduce_grads,
+    apply_ddp,
+    apply_fsdp,
+    apply_zero1,
+    full_optimizer_state,
+    materialize,
+    no_sync_context,
+)
 from tokenmill.parallel.dist import DistInfo, all_reduce
 from tokenmill.parallel.global_ops import clip_grad_norm_, loss_denominator
-from tokenmill.parallel.pipeline import (PipelineParts, build_schedule, check_microbatches, check_pipeline_config,
-                                         split_model, summed_ce)
+from tokenmill.parallel.pipeline import (
+    PipelineParts,
+    build_schedule,
+    check_microbatches,
+    check_pipeline_config,
+    split_model,
+    summed_ce,
+)
 
 if TYPE_CHECKING:
     from tokenmill.config import Config
