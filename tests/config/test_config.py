@@ -188,10 +188,3 @@ def test_bad_train_eval_and_stability_values(override, expected):
 def test_good_device_names_pass():
     for device in ("auto", "cpu", "cuda", "cuda:1"):
         assert load_config(overrides=[f"train.device={device}"]).train.device == device
-
-
-def test_preset_argument_with_an_empty_name_is_refused(capsys):
-    for given in (",", "tiny,", " , "):
-        assert main(["config", "show", "--preset", given]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "empty preset name" in err, err

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import one_thread, cli_args, events  # noqa: F401 (one_thread: autouse fixture)
 
 from tokenmill.cli import build_parser, main
 from tokenmill.cli.train import config_from_train_args
-
+from train_helpers import cli_args, events, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 
 def parse(argv: list[str]):
@@ -196,10 +195,10 @@ def test_bad_input_before_the_run(finished_run, tmp_path, capsys, extra, needles
     assert snapshot(tmp_path) == before and not fresh.exists()
 
 
-@pytest.mark.parametrize("preset", [",", "tiny,", ",tiny", "tiny,,llama"])
-def test_preset_list_with_an_empty_name(tmp_path, capsys, preset):
+@pytest.mark.parametrize("preset", [",", " , ", ",,"])
+def test_preset_list_without_a_name(tmp_path, capsys, preset):
     out = tmp_path / "run"
-    assert_one_line(capsys, main(["train", "--preset", preset, f"--train.out_dir={out}"]), "empty preset name",
+    assert_one_line(capsys, main(["train", "--preset", preset, f"--train.out_dir={out}"]), "names no preset",
                     "--preset")
     assert not out.exists() and not (tmp_path / "runs").exists()  # the demo did not start either
 

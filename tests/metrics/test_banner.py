@@ -7,11 +7,11 @@ import io
 import pytest
 from rich.console import Console
 
-from tokenmill.train.batching import plan_batches
 from tokenmill.config import load_config
 from tokenmill.metrics.banner import build_banner, render_banner
 from tokenmill.metrics.flops import flops_breakdown
 from tokenmill.model import param_counts
+from tokenmill.train.batching import plan_batches
 
 O1 = {
     "model": {"params_total", "params_non_embedding", "params_trainable", "n_layers", "d_model", "n_heads",

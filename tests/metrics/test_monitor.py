@@ -12,7 +12,7 @@ from rich.console import Console
 
 from tokenmill.config import load_config
 from tokenmill.metrics import monitor as monitor_mod
-from tokenmill.metrics.monitor import O2_FIELDS, StepMonitor, group_of
+from tokenmill.metrics.monitor import STEP_METRICS, StepMonitor, group_of
 from tokenmill.metrics.sinks import JsonlSink, MultiSink, read_jsonl
 from tokenmill.model import build_model
 from tokenmill.train.batching import plan_batches
@@ -65,7 +65,7 @@ def test_jsonl_train_events_hold_every_o2_field(tmp_path):
     events = read_jsonl(tmp_path / "metrics.jsonl", "train")
     assert [e["step"] for e in events] == [2, 4]
     for event in events:
-        missing = [f for f in O2_FIELDS if f not in event]
+        missing = [f for f in STEP_METRICS if f not in event]
         assert not missing, missing
         assert event["tokens_per_s"] > 0 and event["step_time_s"] > 0
         assert event["mfu"] is None and event["mem_allocated_gib"] is None  # CPU: no MFU, no CUDA memory

@@ -15,9 +15,16 @@ from rich.console import Console
 
 from tokenmill.errors import UserError
 from tokenmill.metrics import sinks as sinks_mod
-from tokenmill.metrics.sinks import (ConsoleSink, JsonlSink, MultiSink, TensorBoardSink, WandbSink, build_sinks,
-                                     read_jsonl)
 from tokenmill.metrics.config import LogConfig
+from tokenmill.metrics.sinks import (
+    ConsoleSink,
+    JsonlSink,
+    MultiSink,
+    TensorBoardSink,
+    WandbSink,
+    build_sinks,
+    read_jsonl,
+)
 
 
 def test_jsonl_one_object_per_event_appends_and_is_strict_json(tmp_path):

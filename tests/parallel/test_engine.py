@@ -131,7 +131,7 @@ def test_sharded_init_trains(strategy, pp):
     # initial loss of a freshly initialised model is close to ln(vocab) = 4.16 (garbage weights are not)
     assert abs(r0["losses"][0] - 4.16) < 0.2
     for k, v in full.items():
-        if k.endswith("proj.weight") or k.endswith("head.weight"):
+        if k.endswith(("proj.weight", "head.weight")):
             assert 0.001 < float(v.std()) < 0.1, k
 
 
@@ -295,10 +295,9 @@ def test_custom_loss_fn_with_pipeline_stages_is_refused():
 
 
 def _pp_grad_accum_run(out_dir: str, grad_accum: int, steps: int) -> dict:
-    from train_helpers import cli_args
-
     from tokenmill.cli import main
     from tokenmill.parallel.engine import Engine
+    from train_helpers import cli_args
 
     calls = []
     real = Engine.forward_backward

@@ -10,14 +10,14 @@ import sys
 import types
 
 import pytest
-from data_helpers import make_docs, write_jsonl
-from train_helpers import one_thread, checkpoints, cli_args, events, tiny_config  # noqa: F401 (one_thread: autouse)
 
+from data_helpers import make_docs, write_jsonl
 from tokenmill.checkpoint.resume import resolve_resume
 from tokenmill.cli import main
 from tokenmill.data.mixture import is_eval_doc
 from tokenmill.parallel.engine import Engine
 from tokenmill.train.loop import train
+from train_helpers import checkpoints, cli_args, events, one_thread, tiny_config  # noqa: F401 (one_thread: autouse)
 
 
 def assert_final_checkpoint(run_dir, steps: int) -> None:
@@ -35,8 +35,11 @@ def train_only_source(tmp_path, fraction: float = 0.02):
 
 @pytest.mark.parametrize("case", ["eval_fraction=0", "no eval document"])
 def test_a_run_without_eval_split_skips_eval_with_one_warning_and_saves(tmp_path, capsys, case):
-    data = (["data.eval_fraction=0"] if case == "eval_fraction=0" else
-            [f"data.sources=[{train_only_source(tmp_path)}]", "data.eval_fraction=0.02"])
+    data = (
+        ["data.eval_fraction=0"]
+        if case == "eval_fraction=0"
+        else [f"data.sources=[{train_only_source(tmp_path)}]", "data.eval_fraction=0.02"]
+    )
     result = train(tiny_config(tmp_path / "run", 4, *data, "eval.interval_steps=2"))
     assert result.status == "completed" and result.last_eval == {}
     warnings = events(result.run_dir, "warning")
@@ -120,8 +123,9 @@ def test_a_fresh_run_starts_a_new_wandb_run(tmp_path, monkeypatch):
         def finish(self):
             pass
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: started.append(FakeRun(**kw))
-                                                                    or started[-1]))
+    monkeypatch.setitem(
+        sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: started.append(FakeRun(**kw)) or started[-1])
+    )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "wandb_id.txt").write_text("deadrun00000\n")

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import one_thread, checkpoint_contents, checkpoints, logged_curve, tiny_config  # noqa: F401 (one_thread: autouse fixture)
 
 from tokenmill.levers.activation_checkpointing import is_checkpointed
 from tokenmill.parallel.engine import Engine
 from tokenmill.train.loop import train
+from train_helpers import checkpoint_contents, checkpoints, logged_curve, one_thread, tiny_config  # noqa: F401 (one_thread: autouse fixture)
 
 STEPS = 5
 PLAIN = ("model.dropout=0.0", "train.precision=fp32", "optim.fused=true")

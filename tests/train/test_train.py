@@ -11,14 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import (  # one_thread: autouse fixture
-    one_thread,checkpoint_contents, checkpoints, cli_args, events, golden_run, logged_curve,
-                           tiny_config)
 
 from tokenmill.cli import main
-from tokenmill.metrics.monitor import O2_FIELDS
+from tokenmill.metrics.monitor import STEP_METRICS
 from tokenmill.parallel.engine import Engine
 from tokenmill.train.loop import EXIT_DIVERGED, EXIT_NONFINITE, train
+from train_helpers import (  # one_thread: autouse fixture
+    checkpoint_contents,
+    checkpoints,
+    cli_args,
+    events,
+    golden_run,
+    logged_curve,
+    one_thread,  # noqa: F401
+    tiny_config,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_cpu_fp32.json"
 TOKENS_PER_STEP = 4 * 32  # tiny run: micro-batch 4 x seq_len 32, no accumulation
@@ -61,7 +68,7 @@ def test_jsonl_holds_every_o2_field_and_event_kind_and_tensorboard_is_readable(t
     train_events = events(run_dir, "train")
     assert [e["step"] for e in train_events] == list(range(1, steps + 1))
     for e in train_events:
-        missing = [f for f in O2_FIELDS if f not in e]
+        missing = [f for f in STEP_METRICS if f not in e]
         assert not missing, f"step {e['step']} lacks {missing}"
         for field in ("loss", "ppl", "lr", "step_time_s", "tokens_per_s", "tflops", "grad_norm", "grad_mean",
                       "grad_std", "eta_s"):

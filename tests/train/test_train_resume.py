@@ -15,14 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import (  # one_thread: autouse fixture
-    one_thread,assert_checkpoints_equal, checkpoints, cli_args, events, logged_curve, spawn_cli,
-                           tiny_config)
 
 from tokenmill.checkpoint.resume import resolve_resume
 from tokenmill.cli import main
 from tokenmill.parallel.engine import Engine
 from tokenmill.train.loop import train
+from train_helpers import (  # one_thread: autouse fixture
+    assert_checkpoints_equal,
+    checkpoints,
+    cli_args,
+    events,
+    logged_curve,
+    one_thread,  # noqa: F401
+    spawn_cli,
+    tiny_config,
+)
 
 N = 4  # steps per segment of the SIGTERM test
 RESUME = ("model.dropout=0.1", f"eval.interval_steps={N}")  # randomness and mid-run evals that must line up

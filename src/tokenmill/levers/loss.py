@@ -42,8 +42,9 @@ def plain_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def chunked_loss(model: nn.Module, batch: Batch, chunk_size: int) -> torch.Tensor:
     """Summed cross-entropy over chunks of `chunk_size` tokens, logits recomputed in backward (less memory)."""
-    return model.loss(batch["tokens"], batch.get("doc_ids"), targets=targets_of(batch), chunk_size=chunk_size,
-                      reduction="sum")
+    return model.loss(
+        batch["tokens"], batch.get("doc_ids"), targets=targets_of(batch), chunk_size=chunk_size, reduction="sum"
+    )
 
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"plain": plain_loss, "chunked": chunked_loss}

@@ -1,4 +1,4 @@
-"""The start-up banner (SPEC O1): model, training, hardware and theoretical performance at a glance.
+"""The start-up banner: model, training, hardware and theoretical performance at a glance.
 
 `build_banner(...)` gathers the numbers once; `Banner.as_dict()` is the JSONL "startup" event and
 `Banner.print()` shows the same numbers as a rich table on the console.
@@ -56,7 +56,7 @@ def _device_info(device: torch.device) -> tuple[str, float | None]:
 
 def build_banner(cfg: Any, counts: dict[str, int] | None, plan: Any, dist: Any = None, precision: str | None = None,
                  resumed_from: Any = None, *, cadence: Any = None, peak_tflops: float | None | str = "auto") -> Banner:
-    """Collect the O1 numbers. `counts` is tokenmill.model.param_counts(cfg.model); `plan` the BatchPlan;
+    """Collect the start-up numbers. `counts` is tokenmill.model.param_counts(cfg.model); `plan` the BatchPlan;
     `cadence` (the loop's Cadence) adds the log / eval / checkpoint intervals in steps (0 = only at the end).
 
     Peak TFLOPS come from the GPU table in metrics/flops.py (None on CPUs and unknown GPUs: never
@@ -118,7 +118,7 @@ def _fmt(key: str, value: Any) -> str:
 
     if value is None:
         return "n/a" if key not in ("peak_tflops", "expected_tokens_per_s_at_50_mfu") else "n/a (no GPU peak known)"
-    if isinstance(value, bool) or isinstance(value, str):
+    if isinstance(value, (bool, str)):
         return str(value)
     if key.endswith("_gib"):
         return f"{value:.1f} GiB"

@@ -1,4 +1,4 @@
-"""Per-step training metrics (SPEC O2) and the progress bar: what the loop reports at each log step.
+"""Per-step training metrics and the progress bar: what the loop reports at each log step.
 
 Cost model: on ordinary steps the monitor only reads a clock and advances the progress bar. On a log
 step it computes gradient statistics on the device and brings every device scalar to the host with
@@ -35,9 +35,9 @@ from tokenmill.checkpoint.state import clean_key
 if TYPE_CHECKING:
     from tokenmill.train.cadence import Cadence
 
-# Every per-log-step field of SPEC O2; each train event carries all of them (None where not
+# Every per-log-step metric; each train event carries all of them (None where not
 # measurable: MFU and CUDA memory on a CPU, MFU on a GPU missing from the peak table).
-O2_FIELDS = ("loss", "ppl", "lr", "step_time_s", "tokens_per_s", "mfu", "tflops", "mem_allocated_gib",
+STEP_METRICS = ("loss", "ppl", "lr", "step_time_s", "tokens_per_s", "mfu", "tflops", "mem_allocated_gib",
              "mem_peak_gib", "mem_reserved_gib", "grad_norm", "grad_mean", "grad_std", "tokens_seen", "eta_s")
 GIB = 2**30
 ETA_SMOOTHING = 0.3  # weight of the newest interval in the step-time average behind the ETA
@@ -132,7 +132,7 @@ class ProgressBar:
 
 
 class StepMonitor:
-    """Computes the O2 metrics at each log step and sends them to the sinks as a "train" event.
+    """Computes the STEP_METRICS at each log step and sends them to the sinks as a "train" event.
 
     `cfg` is the run Config, `plan` the BatchPlan (tokens_per_step, total_steps), `cadence` the loop's
     Cadence (log steps, per-layer steps), `dist` the DistInfo (device, world size). `peak_tflops` overrides
@@ -258,7 +258,7 @@ class StepMonitor:
     # ---- the log step ----------------------------------------------------------------------------------
     def log_step(self, step: int, loss: float | torch.Tensor, grad_norm: float | torch.Tensor | None = None,
                  lr: float | None = None, tokens_seen: int | None = None, **extra: Any) -> dict[str, Any]:
-        """Assemble the O2 metrics for `step`, send them to the sinks ("train") and return them.
+        """Assemble the STEP_METRICS for `step`, send them to the sinks ("train") and return them.
 
         `grad_norm` is the pre-clip global norm (clip_grad_norm_'s return value); extra keyword values
         (e.g. skipped=3) are logged as given.
@@ -302,7 +302,7 @@ class StepMonitor:
 
     def _throughput(self, step: int) -> dict[str, float | None]:
         self._close_window()
-        out: dict[str, float | None] = {k: None for k in ("step_time_s", "tokens_per_s", "mfu", "tflops", "eta_s")}
+        out: dict[str, float | None] = dict.fromkeys(("step_time_s", "tokens_per_s", "mfu", "tflops", "eta_s"))
         if self._iterations:
             elapsed = max(self._busy, 1e-9)
             step_time = elapsed / self._iterations

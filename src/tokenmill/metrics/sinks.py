@@ -1,4 +1,4 @@
-"""Where metrics go (SPEC O3, STYLE rule 11): console, JSONL, TensorBoard, Weights & Biases.
+"""Where metrics go: console, JSONL, TensorBoard, Weights & Biases - one protocol, so observability is pluggable.
 
 A sink has `log(step, metrics, kind)` and `close()`. Kinds: config, startup, resume, train, eval, sample
 ({"prompt", "text"} or {"samples": {prompt: text}}), checkpoint, nonfinite, diverged, warning ({"message"}),

@@ -11,9 +11,9 @@ same as torchtitan's TP -> AC -> compile -> FSDP with TP absent and the pipeline
      carry no `_orig_mod.`; compiled before FSDP so FSDP's hooks stay outside the graphs and each block's
      all-gather / reduce-scatter overlaps the neighbouring block's compute;
   4. FSDP2 `fully_shard` per block then the root, or DDP around the loss.
-  For DDP and ZeRO-1 the compile comes *after* wrapping instead, as the PyTorch DDP docs recommend
-  (https://pytorch.org/docs/stable/notes/ddp.html): `torch.compile(DDP(m))` lets TorchDynamo's DDPOptimizer
-  split graphs at gradient-bucket boundaries so the all-reduce of one bucket overlaps the backward of the next.
+  For DDP and ZeRO-1 the compile comes *after* wrapping instead, as the PyTorch DDP documentation recommends:
+  `torch.compile(DDP(m))` lets TorchDynamo's DDPOptimizer (torch/_dynamo/backends/distributed.py) split graphs
+  at gradient-bucket boundaries so the all-reduce of one bucket overlaps the backward of the next.
 
 The micro-step function is chosen once, when the engine is built (torchtitan's trainer separates its
 `forward_backward_step` and `pp_forward_backward_step` the same way):
@@ -96,8 +96,15 @@ class LocalView(nn.Module):
                 self.blocks[key] = block
         self.cfg = parts.stages[0].cfg
 
-    def loss(self, window: torch.Tensor, doc_ids: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
-             chunk_size: int = 0, reduction: str = "mean", targets: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        window: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        chunk_size: int = 0,
+        reduction: str = "mean",
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Forward-only loss through the pipeline (for evaluation; every pp-rank gets the value).
 
         Causal only: `doc_ids` do not cross stages and are ignored (see pipeline.py).
@@ -116,8 +123,10 @@ def build_mesh(dist: DistInfo, pp: int) -> Any:
             raise UserError(f"parallel.pp={pp} needs {pp} processes: launch with torchrun --nproc-per-node={pp}")
         return None
     if dist.world_size % pp:
-        raise UserError(f"parallel.pp={pp} does not divide the {dist.world_size} processes; launch a multiple of "
-                        f"{pp} processes (torchrun --nproc-per-node) or change parallel.pp")
+        raise UserError(
+            f"parallel.pp={pp} does not divide the {dist.world_size} processes; launch a multiple of "
+            f"{pp} processes (torchrun --nproc-per-node) or change parallel.pp"
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(dist.device.type, (dist.world_size // pp, pp), mesh_dim_names=("dp", "pp"))
@@ -133,16 +142,21 @@ class Engine:
     summed cross-entropy of their logits, so a custom one needs parallel.pp=1.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, dist: DistInfo, precision: Precision,
-                 loss_fn: LossFn | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, cfg: Config, dist: DistInfo, precision: Precision, loss_fn: LossFn | None = None
+    ) -> None:
         self.cfg, self.dist, self.precision = cfg, dist, precision
         pcfg = cfg.parallel
         if pcfg.pp > 1 and pcfg.strategy == "zero1":
-            raise UserError("parallel.strategy=zero1 cannot be combined with parallel.pp > 1 (its optimizer state "
-                            "cannot be saved per stage); use parallel.strategy=ddp or fsdp with pipeline stages")
+            raise UserError(
+                "parallel.strategy=zero1 cannot be combined with parallel.pp > 1 (its optimizer state "
+                "cannot be saved per stage); use parallel.strategy=ddp or fsdp with pipeline stages"
+            )
         if pcfg.pp > 1 and loss_fn is not None:
-            raise UserError("a custom loss function needs parallel.pp=1: pipeline stages end in the plain "
-                            "cross-entropy of their logits")
+            raise UserError(
+                "a custom loss function needs parallel.pp=1: pipeline stages end in the plain "
+                "cross-entropy of their logits"
+            )
         self.loss_fn: LossFn = loss_fn or build_loss_fn(cfg.train.loss_chunk_size)
         self.strategy = pcfg.strategy if dist.distributed else "single"
         self.mesh = build_mesh(dist, pcfg.pp)
@@ -151,8 +165,10 @@ class Engine:
         self.dp_rank = dist.rank // pcfg.pp
         self.pp_rank = dist.rank % pcfg.pp
         if self.dp_size > 1 and self.strategy == "single":
-            raise UserError(f"parallel.strategy=single with {dist.world_size} processes would train "
-                            f"{self.dp_size} independent copies; set parallel.strategy=ddp, zero1 or fsdp")
+            raise UserError(
+                f"parallel.strategy=single with {dist.world_size} processes would train "
+                f"{self.dp_size} independent copies; set parallel.strategy=ddp, zero1 or fsdp"
+            )
         self.sharded = self.strategy in SHARDED_STRATEGIES or self.pp > 1
         self.pipeline: PipelineParts | None = None
         self._schedule: Any = None
@@ -163,8 +179,13 @@ class Engine:
         self._denominator: torch.Tensor | float = 1.0  # read by the pipeline's loss callback
         self._scaler: torch.amp.GradScaler | None = None
         self.model: nn.Module = self.apply_parallelism(model)
-        self._micro_step: MicroStep = (self._pipeline_step if self.pipeline is not None else
-                                       self._ddp_step if self._ddp_module is not None else self._plain_step)
+        self._micro_step: MicroStep = (
+            self._pipeline_step
+            if self.pipeline is not None
+            else self._ddp_step
+            if self._ddp_module is not None
+            else self._plain_step
+        )
 
     # ---- wrapping ------------------------------------------------------------------------------------
 
@@ -203,8 +224,9 @@ class Engine:
         modules: list[nn.Module] = [model]
         if self.pp > 1:
             check_pipeline_config(cfg)
-            n_micro = check_microbatches(tcfg.micro_batch_size, self.pp, cfg.parallel.pp_schedule,
-                                         cfg.parallel.pp_microbatch_scale)
+            n_micro = check_microbatches(
+                tcfg.micro_batch_size, self.pp, cfg.parallel.pp_schedule, cfg.parallel.pp_microbatch_scale
+            )
             self.pipeline = split_model(model, self.pp, self.pp_rank, cfg.parallel.pp_schedule)
             self.pipeline.n_microbatches = n_micro
             modules = list(self.pipeline.stages)
@@ -230,8 +252,14 @@ class Engine:
         if self.pipeline is not None:
             # DDP over stages: gradients are averaged by allreduce_grads after the last micro-step
             self._stage_dp_group = self._dp_group if ddp_like and self.dp_size > 1 else None
-            self._schedule = build_schedule(self.pipeline, self.pipeline.n_microbatches, dist.device, self._pp_group,
-                                            self._pipeline_loss, modules=modules)
+            self._schedule = build_schedule(
+                self.pipeline,
+                self.pipeline.n_microbatches,
+                dist.device,
+                self._pp_group,
+                self._pipeline_loss,
+                modules=modules,
+            )
             return LocalView(self.pipeline, self._pipeline_eval_loss)
         if ddp_like:
             ddp: nn.Module = apply_ddp(LossForward(model, self.loss_fn), dist)
@@ -265,8 +293,9 @@ class Engine:
             return local.to(self.dist.device, torch.float32)
         return loss_denominator(local, self.dist, self.dp_size, group=self._dp_group).float()
 
-    def forward_backward(self, batch: Batch, scaler: torch.amp.GradScaler, denominator: torch.Tensor | float,
-                         sync: bool) -> torch.Tensor:
+    def forward_backward(
+        self, batch: Batch, scaler: torch.amp.GradScaler, denominator: torch.Tensor | float, sync: bool
+    ) -> torch.Tensor:
         """Summed token loss of one micro-batch / `denominator`, back-propagated; returns it detached.
 
         `denominator` is `loss_denominator(...)` of the step's micro-batches. Gradients are synchronised over
@@ -277,14 +306,21 @@ class Engine:
 
     def _on_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         device = self.dist.device
-        out = {"tokens": batch["tokens"].to(device, non_blocking=True),
-               "targets": targets_of(batch).to(device, non_blocking=True)}
+        out = {
+            "tokens": batch["tokens"].to(device, non_blocking=True),
+            "targets": targets_of(batch).to(device, non_blocking=True),
+        }
         if self.cfg.train.document_masking and "doc_ids" in batch:
             out["doc_ids"] = batch["doc_ids"].to(device, non_blocking=True)
         return out
 
-    def _plain_step(self, batch: dict[str, torch.Tensor], scaler: torch.amp.GradScaler,
-                    denominator: torch.Tensor | float, sync: bool) -> torch.Tensor:
+    def _plain_step(
+        self,
+        batch: dict[str, torch.Tensor],
+        scaler: torch.amp.GradScaler,
+        denominator: torch.Tensor | float,
+        sync: bool,
+    ) -> torch.Tensor:
         """One process, or FSDP2: `loss_fn` calls the model directly (FSDP skips its reduce-scatter unless `sync`)."""
         with no_sync_context(self.model, sync):
             with self.precision.autocast():
@@ -292,8 +328,13 @@ class Engine:
             scaler.scale(loss).backward()
         return loss.detach()
 
-    def _ddp_step(self, batch: dict[str, torch.Tensor], scaler: torch.amp.GradScaler,
-                  denominator: torch.Tensor | float, sync: bool) -> torch.Tensor:
+    def _ddp_step(
+        self,
+        batch: dict[str, torch.Tensor],
+        scaler: torch.amp.GradScaler,
+        denominator: torch.Tensor | float,
+        sync: bool,
+    ) -> torch.Tensor:
         """DDP / ZeRO-1: the loss runs inside DDP's forward (`LossForward`), which all-reduces only when `sync`."""
         with no_sync_context(self._ddp_module, sync):
             with self.precision.autocast():
@@ -305,8 +346,13 @@ class Engine:
         loss = summed_ce(logits, targets) / self._denominator
         return self._scaler.scale(loss) if self._scaler is not None else loss
 
-    def _pipeline_step(self, batch: dict[str, torch.Tensor], scaler: torch.amp.GradScaler,
-                       denominator: torch.Tensor | float, sync: bool) -> torch.Tensor:
+    def _pipeline_step(
+        self,
+        batch: dict[str, torch.Tensor],
+        scaler: torch.amp.GradScaler,
+        denominator: torch.Tensor | float,
+        sync: bool,
+    ) -> torch.Tensor:
         """The schedule runs every pipeline microbatch; FSDP stages reduce-scatter at its end, DDP-style stages
         all-reduce once here after the step's last micro-step."""
         parts = self.pipeline
@@ -315,8 +361,9 @@ class Engine:
         losses: list[torch.Tensor] = []
         args = (inputs,) if parts.has_first else ()
         with self.precision.autocast():
-            self._schedule.step(*args, target=batch["targets"] if parts.has_last else None, losses=losses,
-                                return_outputs=False)
+            self._schedule.step(
+                *args, target=batch["targets"] if parts.has_last else None, losses=losses, return_outputs=False
+            )
         total = torch.zeros((), device=self.dist.device, dtype=torch.float32)
         if parts.has_last:
             total = torch.stack([loss.detach().float() for loss in losses]).sum()
@@ -328,16 +375,18 @@ class Engine:
         return total
 
     @torch.no_grad()
-    def _pipeline_eval_loss(self, window: torch.Tensor, reduction: str = "mean",
-                            targets: torch.Tensor | None = None) -> torch.Tensor:
+    def _pipeline_eval_loss(
+        self, window: torch.Tensor, reduction: str = "mean", targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         parts = self.pipeline
         self._denominator, self._scaler = 1.0, None
         tokens = window.to(self.dist.device)
         inputs = tokens[:, :-1]
         targets = tokens[:, 1:] if targets is None else targets.to(self.dist.device)
         losses: list[torch.Tensor] = []
-        self._schedule.eval(*((inputs,) if parts.has_first else ()), target=targets if parts.has_last else None,
-                            losses=losses)
+        self._schedule.eval(
+            *((inputs,) if parts.has_first else ()), target=targets if parts.has_last else None, losses=losses
+        )
         total = torch.zeros((), device=self.dist.device, dtype=torch.float32)
         if parts.has_last:
             total = torch.stack([loss.float() for loss in losses]).sum()
@@ -375,6 +424,7 @@ class Engine:
         return clip_grad_norm_(self.model, max_norm, pp_group=self._pp_group)
 
 
-def build_engine(model: nn.Module, cfg: Config, dist: DistInfo, precision: Precision,
-                 loss_fn: LossFn | None = None) -> Engine:
+def build_engine(
+    model: nn.Module, cfg: Config, dist: DistInfo, precision: Precision, loss_fn: LossFn | None = None
+) -> Engine:
     return Engine(model, cfg, dist, precision, loss_fn)

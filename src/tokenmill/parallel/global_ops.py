@@ -104,5 +104,5 @@ def reduce_metrics(metrics: Mapping[str, float], dist: DistInfo,
     for op, keys in by_op.items():
         t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=dist.device)
         all_reduce(t, op)
-        out.update(zip(keys, t.tolist()))  # host sync: metrics are logged from the host
+        out.update(zip(keys, t.tolist(), strict=True))  # host sync: metrics are logged from the host
     return out

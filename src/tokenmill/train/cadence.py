@@ -60,9 +60,14 @@ def build_cadence(cfg: Config, plan: BatchPlan, n_params: int) -> Cadence:
     per_layer = 0
     if cfg.log.per_layer_grad_norms:
         per_layer = cfg.log.per_layer_interval or (
-            AUTO_PER_LAYER_INTERVAL if n_params < AUTO_PER_LAYER_MAX_PARAMS else 0)
-    return Cadence(log_every=max(1, log_every),
-                   eval_every=interval_in_steps(cfg.eval.interval_steps, cfg.eval.interval_tokens, per_step, scale),
-                   checkpoint_every=interval_in_steps(cfg.checkpoint.interval_steps, cfg.checkpoint.interval_tokens,
-                                                      per_step, scale),
-                   per_layer_every=per_layer, total_steps=plan.total_steps)
+            AUTO_PER_LAYER_INTERVAL if n_params < AUTO_PER_LAYER_MAX_PARAMS else 0
+        )
+    return Cadence(
+        log_every=max(1, log_every),
+        eval_every=interval_in_steps(cfg.eval.interval_steps, cfg.eval.interval_tokens, per_step, scale),
+        checkpoint_every=interval_in_steps(
+            cfg.checkpoint.interval_steps, cfg.checkpoint.interval_tokens, per_step, scale
+        ),
+        per_layer_every=per_layer,
+        total_steps=plan.total_steps,
+    )

@@ -24,8 +24,11 @@ class TrainConfig:
     total_tokens: int = opt(0, "training budget in tokens; 0 = 20 x parameters (Chinchilla)")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0 = derived from total_tokens")
     global_batch_tokens: int = opt(0, "tokens per optimizer step over all ranks; 0 = one micro-batch per rank")
-    grad_accum: int = opt(0, "micro-steps per optimizer step on each data-parallel rank; 0 = derived from "
-                              "global_batch_tokens (1 when that is 0)")
+    grad_accum: int = opt(
+        0,
+        "micro-steps per optimizer step on each data-parallel rank; 0 = derived from "
+        "global_batch_tokens (1 when that is 0)",
+    )
     micro_batch_size: int = opt(8, "sequences per forward pass per rank")
     seq_len: int = opt(256, "tokens per training sequence (windows hold seq_len + 1 tokens)")
     precision: str = opt("auto", "fp32, bf16 (autocast, fp32 master weights), fp16 (grad scaler) or auto")
@@ -41,30 +44,52 @@ class TrainConfig:
 
     def validate(self) -> None:
         require_positive(self, "train", "micro_batch_size", "seq_len", "step_cadence", "ac_every")
-        require_positive(self, "train", "total_tokens", "max_steps", "global_batch_tokens", "grad_accum", "grad_clip",
-                         allow_zero=True)
-        require(math.isfinite(self.step_cadence), "train.step_cadence", self.step_cadence,
-                "must be a finite number > 0 (e.g. 0.5 or 2)")
+        require_positive(
+            self,
+            "train",
+            "total_tokens",
+            "max_steps",
+            "global_batch_tokens",
+            "grad_accum",
+            "grad_clip",
+            allow_zero=True,
+        )
+        require(
+            math.isfinite(self.step_cadence),
+            "train.step_cadence",
+            self.step_cadence,
+            "must be a finite number > 0 (e.g. 0.5 or 2)",
+        )
         require_choice("train.precision", self.precision, PRECISIONS)
         require_choice("train.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
-        require(bool(self.out_dir.strip()), "train.out_dir", self.out_dir,
-                "name the run folder, e.g. train.out_dir=runs/my_run")
-        require(DEVICE_PATTERN.fullmatch(self.device) is not None, "train.device", self.device,
-                "choose auto, cpu, cuda or cuda:N")
+        require(
+            bool(self.out_dir.strip()),
+            "train.out_dir",
+            self.out_dir,
+            "name the run folder, e.g. train.out_dir=runs/my_run",
+        )
+        require(
+            DEVICE_PATTERN.fullmatch(self.device) is not None,
+            "train.device",
+            self.device,
+            "choose auto, cpu, cuda or cuda:N",
+        )
 
 
 @dataclass
 class EvalConfig:
     interval_steps: int = opt(100, "evaluate every N steps (scaled by train.step_cadence); 0 = only at the end")
-    interval_tokens: int = opt(0, "evaluate every N training tokens (scaled by train.step_cadence); when > 0 it "
-                                  "replaces interval_steps")
+    interval_tokens: int = opt(
+        0, "evaluate every N training tokens (scaled by train.step_cadence); when > 0 it replaces interval_steps"
+    )
     max_batches: int = opt(8, "micro-batches per rank per evaluation; 0 = the whole eval set (one pass)")
     sample_prompts: list[str] = opt(["def ", "import ", "class "], "prompts sampled after the final evaluation")
     sample_tokens: int = opt(48, "tokens generated per sample prompt")
 
     def validate(self) -> None:
-        require_positive(self, "eval", "interval_steps", "interval_tokens", "max_batches", "sample_tokens",
-                         allow_zero=True)
+        require_positive(
+            self, "eval", "interval_steps", "interval_tokens", "max_batches", "sample_tokens", allow_zero=True
+        )
 
 
 @dataclass
@@ -78,9 +103,21 @@ class StabilityConfig:
     def validate(self) -> None:
         require_choice("stability.nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES)
         require_positive(self, "stability", "divergence_threshold", "divergence_warmup_steps", allow_zero=True)
-        require(math.isfinite(self.divergence_threshold), "stability.divergence_threshold", self.divergence_threshold,
-                "must be a finite number >= 0 (0 = off)")
-        require(0 < self.divergence_fast_alpha <= 1, "stability.divergence_fast_alpha", self.divergence_fast_alpha,
-                "must be in (0, 1]")
-        require(0 < self.divergence_slow_alpha < self.divergence_fast_alpha, "stability.divergence_slow_alpha",
-                self.divergence_slow_alpha, "must be in (0, stability.divergence_fast_alpha)")
+        require(
+            math.isfinite(self.divergence_threshold),
+            "stability.divergence_threshold",
+            self.divergence_threshold,
+            "must be a finite number >= 0 (0 = off)",
+        )
+        require(
+            0 < self.divergence_fast_alpha <= 1,
+            "stability.divergence_fast_alpha",
+            self.divergence_fast_alpha,
+            "must be in (0, 1]",
+        )
+        require(
+            0 < self.divergence_slow_alpha < self.divergence_fast_alpha,
+            "stability.divergence_slow_alpha",
+            self.divergence_slow_alpha,
+            "must be in (0, stability.divergence_fast_alpha)",
+        )

@@ -24,10 +24,18 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], max_batches: int,
-             decode: Callable[[list[int]], str], autocast: Callable[[], AbstractContextManager],
-             device: torch.device, dist: DistInfo, *, chunk_size: int = 0,
-             document_masking: bool = True) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    max_batches: int,
+    decode: Callable[[list[int]], str],
+    autocast: Callable[[], AbstractContextManager],
+    device: torch.device,
+    dist: DistInfo,
+    *,
+    chunk_size: int = 0,
+    document_masking: bool = True,
+) -> dict[str, float]:
     """Mean next-token loss over `max_batches` eval micro-batches per rank (0 = until the loader ends), summed
     over ranks. Masked targets (IGNORE_INDEX) count neither as loss nor as tokens.
 
@@ -51,20 +59,26 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
         with autocast():
             loss_sum = model.loss(tokens, doc_ids, chunk_size=chunk_size, reduction="sum", targets=targets.to(device))
         n_bytes = sum(len(decode([t for t in row if t != IGNORE_INDEX]).encode("utf-8")) for row in targets.tolist())
-        totals += torch.tensor([loss_sum.double().item(), float(count_valid_targets(batch)), n_bytes],
-                               dtype=torch.float64, device=device)
+        totals += torch.tensor(
+            [loss_sum.double().item(), float(count_valid_targets(batch)), n_bytes], dtype=torch.float64, device=device
+        )
     all_reduce(totals)
     model.train(was_training)
     nats, n_tokens, n_bytes = totals.tolist()
     if n_tokens == 0:
         return {}
     loss = nats / n_tokens
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": nats / math.log(2) / max(n_bytes, 1.0),
-            "tokens": int(n_tokens)}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "bpb": nats / math.log(2) / max(n_bytes, 1.0),
+        "tokens": int(n_tokens),
+    }
 
 
-def _agreed(batches: Iterable[dict[str, torch.Tensor]], dist: DistInfo,
-            device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+def _agreed(
+    batches: Iterable[dict[str, torch.Tensor]], dist: DistInfo, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
     """The batches while every rank still has one (one small all-reduce per batch in distributed runs)."""
     for batch in itertools.chain(batches, [None]):
         if any_rank(batch is None, device):
@@ -80,9 +94,17 @@ def run_eval(engine: Engine, cfg: Config, tokenizer: Tokenizer) -> dict[str, flo
     loader = build_loader(cfg, tokenizer, "eval", engine.dp_rank, engine.dp_size, epochs=1 if whole else None)
     started = time.perf_counter()
     try:
-        result = evaluate(engine.model, loader, cfg.eval.max_batches, tokenizer.decode, engine.precision.autocast,
-                          engine.dist.device, engine.dist, chunk_size=cfg.train.loss_chunk_size,
-                          document_masking=cfg.train.document_masking)
+        result = evaluate(
+            engine.model,
+            loader,
+            cfg.eval.max_batches,
+            tokenizer.decode,
+            engine.precision.autocast,
+            engine.dist.device,
+            engine.dist,
+            chunk_size=cfg.train.loss_chunk_size,
+            document_masking=cfg.train.document_masking,
+        )
     finally:
         loader.close()
     if result:
@@ -113,8 +135,9 @@ def check_eval_split(cfg: Config, tokenizer: Tokenizer, rank: int, world_size: i
     return None
 
 
-def write_samples(model: torch.nn.Module | None, cfg: Config, tokenizer: Tokenizer, dist: DistInfo,
-                  sinks: MultiSink, step: int) -> dict[str, str]:
+def write_samples(
+    model: torch.nn.Module | None, cfg: Config, tokenizer: Tokenizer, dist: DistInfo, sinks: MultiSink, step: int
+) -> dict[str, str]:
     """Generate from the fixed prompts with a private RNG (training randomness is untouched); rank 0 only."""
     from tokenmill.generation.sampling import sample
 

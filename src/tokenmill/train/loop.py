@@ -74,10 +74,9 @@ class StopRequest:
         self._held = False
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            # not the main thread (e.g. called from a notebook worker): no handlers
+            with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a notebook worker): no handlers
-                pass
 
     def _handle(self, signum: int, _frame: object) -> None:
         if self.reason is not None and signum == signal.SIGINT:
@@ -236,7 +235,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
             return None
         try:
             result = run_eval(engine, cfg, tokenizer)
-        except Exception as err:  # noqa: BLE001 - an eval only observes the run: report it and go on
+        except Exception as err:  # an eval only observes the run: report it and go on
             sinks.log(state.step, {"message": f"evaluation failed ({type(err).__name__}: {err}); training goes on"},
                       kind="warning")
             return None
@@ -323,7 +322,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
             if cfg.eval.sample_prompts:
                 try:
                     write_samples(engine.inference_model(), cfg, tokenizer, dist, sinks, state.step)  # gathers shards
-                except Exception as err:  # noqa: BLE001 - samples only illustrate the run: report and finish
+                except Exception as err:  # samples only illustrate the run: report and finish
                     sinks.log(state.step, {"message": f"samples failed ({type(err).__name__}: {err})"},
                               kind="warning")
     except KeyboardInterrupt:
