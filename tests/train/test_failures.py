@@ -98,6 +98,7 @@ def test_second_ctrl_c_inside_a_save_lets_it_complete_then_stops(tmp_path, monke
     assert json.loads((saved[0] / "meta.json").read_text())["reason"] == "signal"
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert events(run_dir, "summary")[-1]["status"] == "interrupted"
+    assert [(e["step"], e["reason"]) for e in events(run_dir, "checkpoint")] == [(3, "signal")]
 
     monkeypatch.setattr(Engine, "forward_backward", real_fb)
     monkeypatch.setattr(manager, "write_safetensors", real_write)

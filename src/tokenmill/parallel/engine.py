@@ -36,7 +36,7 @@ from torch import nn
 
 from tokenmill.errors import UserError
 from tokenmill.levers.activation_checkpointing import apply_activation_checkpointing
-from tokenmill.levers.loss import IGNORE_INDEX, Batch, LossFn, build_loss_fn, count_valid_targets, targets_of
+from tokenmill.levers.loss import IGNORE_INDEX, Batch, LossFn, build_loss_fn, count_valid_targets
 from tokenmill.parallel.data_parallel import (
     allreduce_grads,
     apply_ddp,
@@ -179,13 +179,15 @@ class Engine:
         self._denominator: torch.Tensor | float = 1.0  # read by the pipeline's loss callback
         self._scaler: torch.amp.GradScaler | None = None
         self.model: nn.Module = self.apply_parallelism(model)
-        self._micro_step: MicroStep = (
-            self._pipeline_step
-            if self.pipeline is not None
-            else self._ddp_step
-            if self._ddp_module is not None
-            else self._plain_step
-        )
+        self._micro_step: MicroStep = self._choose_micro_step()
+
+    def _choose_micro_step(self) -> MicroStep:
+        """The micro-step of this layout, decided once after wrapping (see the module docstring)."""
+        if self.pipeline is not None:
+            return self._pipeline_step
+        if self._ddp_module is not None:
+            return self._ddp_step
+        return self._plain_step
 
     # ---- wrapping ------------------------------------------------------------------------------------
 
@@ -194,11 +196,11 @@ class Engine:
 
         Called before wrapping (`wrapped=False`) and after it (`wrapped=True`); acts on one of the two:
 
-        | layout                         | parallel.init=full           | parallel.init=sharded                   |
-        |--------------------------------|------------------------------|-----------------------------------------|
-        | one process, ddp, zero1 (pp=1) | whole model, before wrapping | whole model, before wrapping            |
-        | fsdp (pp=1)                    | whole model, before wrapping | after fully_shard: this rank's shards   |
-        | pipeline (pp > 1)              | whole model, before the split| after the split: this rank's stages     |
+        | layout                         | parallel.init=full            | parallel.init=sharded                 |
+        |--------------------------------|-------------------------------|---------------------------------------|
+        | one process, ddp, zero1 (pp=1) | whole model, before wrapping  | whole model, before wrapping          |
+        | fsdp (pp=1)                    | whole model, before wrapping  | after fully_shard: this rank's shards |
+        | pipeline (pp > 1)              | whole model, before the split | after the split: this rank's stages   |
 
         "Whole model" starts every layout from the weights one process would have (equality tests rely on
         it); "sharded" lets a model too big for one device start without ever existing whole. A model that
@@ -305,11 +307,10 @@ class Engine:
         return self._micro_step(self._on_device(batch), scaler, denominator, sync)
 
     def _on_device(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The micro-batch on this rank's device, with its targets (a view of the tokens unless the data masks)."""
         device = self.dist.device
-        out = {
-            "tokens": batch["tokens"].to(device, non_blocking=True),
-            "targets": targets_of(batch).to(device, non_blocking=True),
-        }
+        out = {"tokens": batch["tokens"].to(device, non_blocking=True)}
+        out["targets"] = batch["targets"].to(device, non_blocking=True) if "targets" in batch else out["tokens"][:, 1:]
         if self.cfg.train.document_masking and "doc_ids" in batch:
             out["doc_ids"] = batch["doc_ids"].to(device, non_blocking=True)
         return out

@@ -211,11 +211,11 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
 
     def save(reason: str, eval_result: dict[str, float] | None = None) -> None:
         """Checkpoint on every rank; `eval_result` only when an eval ran at this step (it ranks `best`)."""
-        with stop.protect():  # a second Ctrl-C waits for the save to complete
+        with stop.protect():  # a second Ctrl-C waits for the save to complete (and be logged)
             checkpointer.save(state.step, engine=engine, optimizer=optimizer, scheduler=scheduler,
                               loader=train_loader, cfg=cfg, train_state=asdict(state), detector=detector.state_dict(),
                               scaler=scaler.state_dict(), eval_loss=(eval_result or {}).get("loss"), reason=reason)
-        sinks.log(state.step, {"path": str(checkpointer.last_path), "reason": reason}, kind="checkpoint")
+            sinks.log(state.step, {"path": str(checkpointer.last_path), "reason": reason}, kind="checkpoint")
 
     banner = build_banner(cfg, counts, plan, dist, precision.name, resumed_from=resume_path, cadence=cadence)
     sinks.log(state.step, banner.as_dict(), kind="startup")
