@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 WARMUP = 2
-DEMO = ["data.tokenizer=byte", "model.vocab_size=4096", "train.sample_prompts=[]", "train.eval_batches=1",
-        "train.eval_interval=0", "checkpoint.interval_steps=0", "train.device=cpu", "model.dropout=0.0"]
+DEMO = ["data.tokenizer=byte", "model.vocab_size=4096", "eval.sample_prompts=[]", "eval.max_batches=1",
+        "eval.interval_steps=0", "checkpoint.interval_steps=0", "train.device=cpu", "model.dropout=0.0"]
 
 
 def cpu_name() -> str:

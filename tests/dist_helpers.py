@@ -129,9 +129,9 @@ def full_params(engine: Any) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if engine.strategy == "fsdp":
-        sd = get_model_state_dict(engine.unwrapped, options=StateDictOptions(full_state_dict=True))
+        sd = get_model_state_dict(engine.model, options=StateDictOptions(full_state_dict=True))
     else:
-        sd = engine.unwrapped.state_dict()
+        sd = engine.model.state_dict()
     return {k: v.detach().clone() for k, v in sd.items()}
 
 

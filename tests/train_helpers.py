@@ -26,7 +26,7 @@ TINY_OVERRIDES: tuple[str, ...] = (
     "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
     "data.tokenizer=byte", "data.sources=[stdlib]", "data.shuffle_buffer=16",
     "train.seq_len=32", "train.micro_batch_size=4", "train.precision=fp32", "train.device=cpu",
-    "train.eval_interval=0", "train.eval_batches=2", "train.sample_tokens=4", "train.sample_prompts=[def]",
+    "eval.interval_steps=0", "eval.max_batches=2", "eval.sample_tokens=4", "eval.sample_prompts=[def]",
     "schedule.warmup_steps=2", "optim.lr=1e-2",
     "log.interval_steps=1", "log.progress_bar=false",
 )

@@ -118,5 +118,73 @@ def test_cli_debug_shows_traceback():
 
 def test_config_dataclass_defaults_are_independent():
     a, b = Config(), Config()
-    a.train.sample_prompts.append("x")
-    assert "x" not in b.train.sample_prompts
+    a.eval.sample_prompts.append("x")
+    assert "x" not in b.eval.sample_prompts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# keys that moved to the eval and stability sections
+
+MOVED = [("train.eval_interval", "eval.interval_steps", 50), ("train.eval_batches", "eval.max_batches", 4),
+         ("train.sample_prompts", "eval.sample_prompts", ["x"]), ("train.sample_tokens", "eval.sample_tokens", 8),
+         ("train.nonfinite_policy", "stability.nonfinite_policy", "stop"),
+         ("train.divergence_threshold", "stability.divergence_threshold", 2.0),
+         ("train.divergence_fast_alpha", "stability.divergence_fast_alpha", 0.2),
+         ("train.divergence_slow_alpha", "stability.divergence_slow_alpha", 0.02),
+         ("train.divergence_warmup_steps", "stability.divergence_warmup_steps", 10)]
+
+
+@pytest.mark.parametrize("old, new, value", MOVED, ids=[m[0] for m in MOVED])
+def test_moved_key_names_its_new_key_in_overrides_and_files(tmp_path, old, new, value):
+    expected = f"{old} moved to {new}"
+    with pytest.raises(ConfigError) as err:
+        load_config(["tiny"], overrides=[f"{old}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+    assert str(err.value) == expected
+    section, key = old.split(".")
+    file = tmp_path / "old.yaml"
+    file.write_text(yaml.safe_dump({section: {key: value}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(file=file)
+    assert str(err.value) == expected
+    # the new key takes the value
+    new_section, new_key = new.split(".")
+    assert getattr(getattr(load_config(overrides=[f"{new}={value}"]), new_section), new_key) == value
+
+
+def test_no_shipped_preset_uses_a_moved_key():
+    from tokenmill.config.loading import MOVED_KEYS, load_preset
+
+    for name in preset_names():
+        data = load_preset(name)
+        used = {f"{section}.{key}" for section, keys in data.items() if isinstance(keys, dict) for key in keys}
+        assert not used & set(MOVED_KEYS), (name, used & set(MOVED_KEYS))
+
+
+def test_cli_moved_key_is_one_line(capsys):
+    assert main(["config", "show", "--preset", "tiny", "--train.eval_interval=5"]) == 2
+    assert capsys.readouterr().err == "error: train.eval_interval moved to eval.interval_steps\n"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.step_cadence=.inf", "train.step_cadence=inf is not allowed: must be a finite number > 0"),
+    ("train.step_cadence=.nan", "train.step_cadence=nan is not allowed"),
+    ("train.step_cadence=0", "train.step_cadence=0.0 is not allowed: must be > 0"),
+    ("train.out_dir=", "train.out_dir='' is not allowed: name the run folder"),
+    ("train.out_dir='  '", "train.out_dir='  ' is not allowed: name the run folder"),
+    ("train.device=banana", "train.device='banana' is not allowed: choose auto, cpu, cuda or cuda:N"),
+    ("train.device=cuda:x", "train.device='cuda:x' is not allowed"),
+    ("eval.max_batches=-1", "eval.max_batches=-1 is not allowed: must be >= 0"),
+    ("log.interval_tokens=-5", "log.interval_tokens=-5 is not allowed: must be >= 0"),
+    ("checkpoint.interval_tokens=-5", "checkpoint.interval_tokens=-5 is not allowed: must be >= 0"),
+    ("stability.divergence_threshold=.inf", "stability.divergence_threshold=inf is not allowed"),
+    ("stability.nonfinite_policy=ignore", "stability.nonfinite_policy='ignore' is not allowed: choose one of skip"),
+])
+def test_bad_train_eval_and_stability_values(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(["tiny"], overrides=[override])
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_good_device_names_pass():
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        assert load_config(overrides=[f"train.device={device}"]).train.device == device

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import one_thread, cli_args, events  # noqa: F401 (one_thread: autouse fixture)
 
 from tokenmill.cli import build_parser, main
 from tokenmill.cli.train import config_from_train_args
-
+from train_helpers import cli_args, events, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 
 def parse(argv: list[str]):
@@ -154,3 +153,135 @@ def test_out_of_gpu_memory_names_the_knobs(tmp_path, capsys, monkeypatch):
     one_error_line(capsys, "out of GPU memory", "train.micro_batch_size", "train.activation_checkpointing",
                    "train.seq_len")
     assert [e["status"] for e in events(tmp_path / "run", "summary")] == ["failed"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop's and the config's bad inputs: one line, exit 2, no traceback, nothing touched
+
+def assert_one_line(capsys, code: int, *needles: str, expected_code: int = 2) -> str:
+    captured = capsys.readouterr()
+    assert code == expected_code, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return one_error_line_from(captured.err, *needles)
+
+
+def one_error_line_from(err: str, *needles: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+BEFORE_THE_RUN = {  # refused before any file is touched
+    "device-not-a-device": (["--train.device=banana"], ("train.device='banana'", "cuda:N")),
+    "step-cadence-inf": (["--train.step_cadence=.inf"], ("train.step_cadence=inf", "finite")),
+    "step-cadence-nan": (["--train.step_cadence=nan"], ("train.step_cadence=nan",)),
+    "empty-out-dir": (["--train.out_dir="], ("train.out_dir=''", "runs/my_run")),
+    "moved-key": (["--train.eval_interval=5"], ("train.eval_interval moved to eval.interval_steps",)),
+    "moved-key-stability": (["--train.nonfinite_policy=stop"], ("moved to stability.nonfinite_policy",)),
+    "negative-eval-batches": (["--eval.max_batches=-2"], ("eval.max_batches=-2",)),
+}
+if not torch.cuda.is_available():
+    BEFORE_THE_RUN["cuda-without-cuda"] = (["--train.device=cuda"], ("train.device='cuda'", "CUDA is not available"))
+    BEFORE_THE_RUN["cuda-index-without-cuda"] = (["--train.device=cuda:1"], ("CUDA is not available",))
+
+
+@pytest.mark.parametrize("extra, needles", list(BEFORE_THE_RUN.values()), ids=list(BEFORE_THE_RUN))
+def test_bad_input_before_the_run(finished_run, tmp_path, capsys, extra, needles):
+    before = snapshot(tmp_path)
+    fresh = tmp_path / "fresh"
+    assert_one_line(capsys, main([*cli_args(fresh, 2), *extra]), *needles)
+    assert snapshot(tmp_path) == before and not fresh.exists()
+
+
+@pytest.mark.parametrize("preset", [",", " , ", ",,"])
+def test_preset_list_without_a_name(tmp_path, capsys, preset):
+    out = tmp_path / "run"
+    assert_one_line(capsys, main(["train", "--preset", preset, f"--train.out_dir={out}"]), "names no preset",
+                    "--preset")
+    assert not out.exists() and not (tmp_path / "runs").exists()  # the demo did not start either
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes. "
+                 "Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+], ids=["allocator", "memory-error"])
+def test_cpu_out_of_memory_names_micro_batch_and_seq_len(tmp_path, capsys, monkeypatch, error):
+    from tokenmill.parallel.engine import Engine
+
+    def oom(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Engine, "forward_backward", oom)
+    assert_one_line(capsys, main(cli_args(tmp_path / "run", 2)), "out of CPU memory", "micro_batch_size=4",
+                    "seq_len=32", "train.micro_batch_size", "train.seq_len")
+    assert [e["status"] for e in events(tmp_path / "run", "summary")] == ["failed"]
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path, monkeypatch):
+    from tokenmill.parallel.engine import Engine
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Engine, "forward_backward", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(cli_args(tmp_path / "run", 2))
+
+
+def test_real_cpu_out_of_memory_from_a_huge_seq_len(tmp_path):
+    """seq_len = max_seq_len = 1e9 in a child whose address space is capped at 6 GiB (the allocation fails
+    there instead of paging the shared machine): one line, exit 2."""
+    import subprocess
+    import sys
+
+    from train_helpers import subprocess_env
+
+    args = [*cli_args(tmp_path / "run", 1), "--train.seq_len=1e9", "--model.max_seq_len=1e9"]
+    script = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+              f"from tokenmill.cli import main\nsys.exit(main({args!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    one_error_line_from(proc.stderr, "out of CPU memory", "seq_len=1000000000", "train.seq_len")
+
+
+def test_metrics_folder_that_cannot_be_written(finished_run, tmp_path, capsys):
+    """A file where the TensorBoard folder should be (as a read-only or broken out_dir would): one line naming
+    the path, and the file is left as it was."""
+    out = tmp_path / "new"
+    out.mkdir()
+    (out / "tb").write_text("not a folder\n")
+    before = snapshot(tmp_path)
+    assert_one_line(capsys, main([*cli_args(out, 2), "--log.tensorboard=true"]), "cannot write metrics to",
+                    str(out / "tb"), "train.out_dir")
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing that existed changed
+
+
+def test_disk_full_while_logging_metrics(tmp_path, capsys, monkeypatch):
+    """ENOSPC on the 6th metrics line (mid-run): one line saying the disk is full, like a checkpoint save's."""
+    import errno
+
+    from tokenmill.metrics import sinks as sinks_mod
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle, self.lines = handle, 0
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines >= 6:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    monkeypatch.setattr(sinks_mod, "open", lambda *a, **k: FullDisk(open(*a, **k)), raising=False)  # noqa: SIM115
+    run_dir = tmp_path / "run"
+    assert_one_line(capsys, main(cli_args(run_dir, 6)), "disk full while writing metrics to",
+                    str(run_dir / "metrics.jsonl"), "--resume")

@@ -7,11 +7,11 @@ import io
 import pytest
 from rich.console import Console
 
-from tokenmill.train.batching import plan_batches
 from tokenmill.config import load_config
 from tokenmill.metrics.banner import build_banner, render_banner
 from tokenmill.metrics.flops import flops_breakdown
 from tokenmill.model import param_counts
+from tokenmill.train.batching import plan_batches
 
 O1 = {
     "model": {"params_total", "params_non_embedding", "params_trainable", "n_layers", "d_model", "n_heads",
@@ -64,3 +64,18 @@ def test_banner_expected_throughput_with_a_peak_and_rendering():
                  "step_00000010"):
         assert word in text
     assert render_banner(banner.as_dict()) is not None
+
+
+def test_banner_shows_the_cadence_in_steps():
+    from tokenmill.train.cadence import build_cadence
+
+    cfg = load_config(["tiny"], overrides=["model.vocab_size=256", "train.seq_len=64", "train.micro_batch_size=4",
+                                           "log.interval_steps=5", "eval.interval_tokens=2048",
+                                           "checkpoint.interval_steps=0"])
+    plan = plan_batches(4, 64, 1, 0, 0, 100, 1)
+    banner = build_banner(cfg, None, plan, precision="fp32", cadence=build_cadence(cfg, plan, n_params=1))
+    training = banner.as_dict()["training"]
+    assert (training["log_every_steps"], training["eval_every_steps"], training["checkpoint_every_steps"]) == (5, 8, 0)
+    out = io.StringIO()
+    banner.print(Console(file=out, width=160))
+    assert "eval every" in out.getvalue()

@@ -10,12 +10,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from tokenmill.train.batching import plan_batches
 from tokenmill.config import load_config
 from tokenmill.metrics import monitor as monitor_mod
-from tokenmill.metrics.monitor import O2_FIELDS, StepMonitor, group_of
+from tokenmill.metrics.monitor import STEP_METRICS, StepMonitor, group_of
 from tokenmill.metrics.sinks import JsonlSink, MultiSink, read_jsonl
 from tokenmill.model import build_model
+from tokenmill.train.batching import plan_batches
+from tokenmill.train.cadence import build_cadence
 
 SMALL = ["model.vocab_size=64", "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
          "model.max_seq_len=16", "train.seq_len=16", "train.micro_batch_size=2", "log.progress_bar=false"]
@@ -27,6 +28,11 @@ def setup(*overrides: str, steps: int = 4):
     model = build_model(cfg.model)
     plan = plan_batches(2, 16, 1, 0, 0, steps, 1000)
     return cfg, model, plan
+
+
+def monitor_for(cfg, plan, **kwargs) -> StepMonitor:
+    """A StepMonitor on the loop's cadence for this config (a 1000-parameter model: per-layer stats on auto)."""
+    return StepMonitor(cfg, plan, build_cadence(cfg, plan, n_params=1000), **kwargs)
 
 
 def one_step(model, opt, monitor, clip: float = 0.0):
@@ -47,7 +53,7 @@ def one_step(model, opt, monitor, clip: float = 0.0):
 def test_jsonl_train_events_hold_every_o2_field(tmp_path):
     cfg, model, plan = setup("log.interval_steps=2")
     sinks = MultiSink([JsonlSink(tmp_path / "metrics.jsonl")])
-    monitor = StepMonitor(cfg, plan, sinks=sinks, precision="fp32")
+    monitor = monitor_for(cfg, plan, sinks=sinks, precision="fp32")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for step in range(1, plan.total_steps + 1):
@@ -59,7 +65,7 @@ def test_jsonl_train_events_hold_every_o2_field(tmp_path):
     events = read_jsonl(tmp_path / "metrics.jsonl", "train")
     assert [e["step"] for e in events] == [2, 4]
     for event in events:
-        missing = [f for f in O2_FIELDS if f not in event]
+        missing = [f for f in STEP_METRICS if f not in event]
         assert not missing, missing
         assert event["tokens_per_s"] > 0 and event["step_time_s"] > 0
         assert event["mfu"] is None and event["mem_allocated_gib"] is None  # CPU: no MFU, no CUDA memory
@@ -71,8 +77,8 @@ def test_jsonl_train_events_hold_every_o2_field(tmp_path):
 
 
 def test_grad_stats_are_pre_clip_and_per_layer(tmp_path):
-    cfg, model, plan = setup("log.interval_steps=1", "log.per_layer_grad_norms=true", steps=1)
-    monitor = StepMonitor(cfg, plan, precision="fp32")
+    cfg, model, plan = setup("log.interval_steps=1", "log.per_layer_interval=1", steps=1)
+    monitor = monitor_for(cfg, plan, precision="fp32")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {}
 
@@ -101,23 +107,40 @@ def test_grad_stats_are_pre_clip_and_per_layer(tmp_path):
     assert metrics["update_ratio/blocks.0"] == pytest.approx((delta / base).sqrt().item(), rel=1e-4)
 
 
-def test_no_grad_work_off_log_steps():
-    cfg, model, plan = setup("log.interval_steps=3", steps=6)
-    monitor = StepMonitor(cfg, plan, precision="fp32")
+def test_grad_stats_only_on_log_steps_and_per_layer_on_their_cadence():
+    """Gradient statistics are gathered before the optimizer step of a log step only; per-layer norms only on
+    every per_layer_interval-th log step. A log_step called off the cadence finds nothing queued."""
+    cfg, model, plan = setup("log.interval_steps=3", "log.per_layer_interval=2", steps=12)
+    monitor = monitor_for(cfg, plan, precision="fp32")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    one_step(model, opt, monitor)
-    one_step(model, opt, monitor)
-    assert monitor._grad is None  # steps 1 and 2 are not log steps
-    one_step(model, opt, monitor)
-    assert monitor._grad is not None  # step 3 is: stats were queued before its optimizer step
+    logged = {}
+    for step in range(1, 13):
+        loss, norm, _ = one_step(model, opt, monitor)
+        logged[step] = monitor.log_step(step, loss, norm, 0.1, tokens_seen=step)
+    with_grad_stats = [s for s, m in logged.items() if m["grad_mean"] is not None]
+    with_layers = [s for s, m in logged.items() if "grad_norm/blocks.0" in m]
+    assert with_grad_stats == [3, 6, 9, 12] and with_layers == [6, 12]
     assert [monitor.is_log_step(s) for s in range(1, 7)] == [False, False, True, False, False, True]
+    assert all(("update_ratio/blocks.0" in m) == (s in (6, 12)) for s, m in logged.items())
+
+
+def test_per_layer_statistics_cadence_follows_the_model_size():
+    from tokenmill.train.cadence import AUTO_PER_LAYER_INTERVAL, AUTO_PER_LAYER_MAX_PARAMS
+
+    cfg, _, plan = setup("log.interval_steps=5")
+    assert build_cadence(cfg, plan, n_params=10_000).per_layer_every == AUTO_PER_LAYER_INTERVAL == 10
+    assert build_cadence(cfg, plan, n_params=AUTO_PER_LAYER_MAX_PARAMS).per_layer_every == 0  # 1B+: off
+    cfg, _, plan = setup("log.per_layer_grad_norms=false")
+    assert build_cadence(cfg, plan, n_params=10_000).per_layer_every == 0
+    cfg, _, plan = setup("log.per_layer_interval=3")
+    assert build_cadence(cfg, plan, n_params=2 * AUTO_PER_LAYER_MAX_PARAMS).per_layer_every == 3  # explicit wins
 
 
 def test_mfu_and_step_time_arithmetic(monkeypatch):
     cfg, model, plan = setup("log.interval_steps=3", steps=10)
     clock = [100.0]
     monkeypatch.setattr(monitor_mod.time, "perf_counter", lambda: clock[0])
-    monitor = StepMonitor(cfg, plan, precision="bf16", peak_tflops=100.0, flops_per_token=2e6)
+    monitor = monitor_for(cfg, plan, precision="bf16", peak_tflops=100.0, flops_per_token=2e6)
     monitor.step_start()
     clock[0] += 1.0
     monitor.after_optimizer_step(model)
@@ -139,7 +162,7 @@ def test_mfu_and_step_time_arithmetic(monkeypatch):
     assert metrics["mfu"] == pytest.approx(tokens_per_s * 2e6 / 100e12)
     assert metrics["eta_s"] == pytest.approx(7 * 1.0)
     assert metrics["grad_mean"] is None  # no before_optimizer_step: nothing invented
-    auto = StepMonitor(cfg, plan, precision="bf16")
+    auto = monitor_for(cfg, plan, precision="bf16")
     assert auto.peak_tflops is None  # CPU: never a guessed peak
 
 
@@ -154,10 +177,10 @@ def test_peak_for_precision():
 
 def test_progress_bar_only_on_a_terminal():
     cfg, model, plan = setup("log.progress_bar=true", steps=3)
-    plain = StepMonitor(cfg, plan, precision="fp32", console=Console(file=io.StringIO()))
+    plain = monitor_for(cfg, plan, precision="fp32", console=Console(file=io.StringIO()))
     assert plain.progress.progress is None
     out = io.StringIO()
-    tty = StepMonitor(cfg, plan, precision="fp32", console=Console(file=out, force_terminal=True, width=100))
+    tty = monitor_for(cfg, plan, precision="fp32", console=Console(file=out, force_terminal=True, width=100))
     assert tty.progress.progress is not None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(1, 4):
@@ -166,7 +189,7 @@ def test_progress_bar_only_on_a_terminal():
     assert tty.progress.progress.tasks[0].completed == 3
     tty.close()
     assert "3/3" in out.getvalue()
-    off = StepMonitor(cfg, plan, precision="fp32", console=Console(file=io.StringIO(), force_terminal=True),
+    off = monitor_for(cfg, plan, precision="fp32", console=Console(file=io.StringIO(), force_terminal=True),
                       dist=type("D", (), {"device": torch.device("cpu"), "world_size": 2, "is_main": False})())
     assert off.progress.progress is None  # rank 1
 
@@ -178,7 +201,7 @@ def test_gpu_memory_and_mfu_from_the_peak_table():
     cfg, model, plan = setup("log.interval_steps=1", steps=2)
     model = model.cuda()
     dist = type("D", (), {"device": torch.device("cuda"), "world_size": 1, "is_main": True})()
-    monitor = StepMonitor(cfg, plan, dist=dist, precision="bf16")
+    monitor = monitor_for(cfg, plan, dist=dist, precision="bf16")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     monitor.step_start()
     loss = model.loss(torch.randint(0, 64, (2, 17), device="cuda"))

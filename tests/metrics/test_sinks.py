@@ -15,9 +15,16 @@ from rich.console import Console
 
 from tokenmill.errors import UserError
 from tokenmill.metrics import sinks as sinks_mod
-from tokenmill.metrics.sinks import (ConsoleSink, JsonlSink, MultiSink, TensorBoardSink, WandbSink, build_sinks,
-                                     read_jsonl)
 from tokenmill.metrics.config import LogConfig
+from tokenmill.metrics.sinks import (
+    ConsoleSink,
+    JsonlSink,
+    MultiSink,
+    TensorBoardSink,
+    WandbSink,
+    build_sinks,
+    read_jsonl,
+)
 
 
 def test_jsonl_one_object_per_event_appends_and_is_strict_json(tmp_path):
@@ -138,3 +145,49 @@ def test_console_lines_are_compact_and_escape_markup():
     assert first == "step 120/1000 | loss 3.2100 | lr 3.00e-04 | 12.3k tok/s | 85 ms/step | eta 1h02m"
     assert "[bold]x" in text  # shown literally, not as markup
     assert "model" not in text
+
+
+def test_warning_events_print_one_console_line_and_reach_the_jsonl(tmp_path):
+    out = io.StringIO()
+    sinks = MultiSink([ConsoleSink(Console(file=out, width=200)), JsonlSink(tmp_path / "metrics.jsonl")])
+    sinks.log(3, {"message": "evaluation is skipped: [no eval split]"}, "warning")
+    sinks.close()
+    assert out.getvalue() == "warning step 3 | evaluation is skipped: [no eval split]\n"  # markup shown literally
+    assert read_jsonl(tmp_path / "metrics.jsonl", "warning")[0]["message"].endswith("[no eval split]")
+
+
+@pytest.mark.parametrize("code, needle", [(28, "disk full while writing metrics to"),  # ENOSPC
+                                          (30, "cannot write metrics to"),  # EROFS
+                                          (13, "cannot write metrics to")])  # EACCES
+def test_write_errors_become_one_line_and_the_failing_sink_is_dropped(tmp_path, code, needle):
+    import errno
+
+    assert code in (errno.ENOSPC, errno.EROFS, errno.EACCES)
+
+    class Failing:
+        closed = 0
+
+        def log(self, step, metrics, kind="train"):
+            with sinks_mod.writing(tmp_path / "metrics.jsonl"):
+                raise OSError(code, "simulated")
+
+        def close(self):
+            Failing.closed += 1
+
+    seen = []
+
+    class Recording:
+        def log(self, step, metrics, kind="train"):
+            seen.append((step, kind))
+
+        def close(self):
+            seen.append("closed")
+
+    sinks = MultiSink([Failing(), Recording()])
+    with pytest.raises(UserError) as err:
+        sinks.log(1, {"loss": 1.0})
+    assert needle in str(err.value) and str(tmp_path / "metrics.jsonl") in str(err.value)
+    assert "\n" not in str(err.value) and Failing.closed == 1
+    sinks.log(2, {"status": "failed"}, "summary")  # the run's closing summary still reaches the others
+    sinks.close()
+    assert seen == [(2, "summary"), "closed"]

@@ -38,7 +38,7 @@ def run_args(shards: Path, out: Path, *extra: str) -> list[str]:
         "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "model.tie_embeddings=false",
         "data.tokenizer=byte", f"data.sources=[{shards}]", "train.seq_len=16", "train.micro_batch_size=2",
         "train.global_batch_tokens=64", f"train.max_steps={STEPS}", "train.precision=fp32", "train.device=cpu",
-        "train.eval_interval=0", "train.eval_batches=1", "train.sample_tokens=2", "train.sample_prompts=[a]",
+        "eval.interval_steps=0", "eval.max_batches=1", "eval.sample_tokens=2", "eval.sample_prompts=[a]",
         "schedule.warmup_steps=1", "optim.lr=1e-2", "log.interval_steps=1", "log.progress_bar=false",
         "checkpoint.interval_steps=2", "parallel.timeout_s=60", f"train.out_dir={out}",
     ]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tokenmill.train.batching import plan_batches
 from tokenmill.errors import ConfigError
+from tokenmill.train.batching import plan_batches
 
 
 def test_accumulation_is_derived_from_global_batch():

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import one_thread, checkpoint_contents, checkpoints, logged_curve, tiny_config  # noqa: F401 (one_thread: autouse fixture)
 
 from tokenmill.levers.activation_checkpointing import is_checkpointed
 from tokenmill.parallel.engine import Engine
 from tokenmill.train.loop import train
+from train_helpers import checkpoint_contents, checkpoints, logged_curve, one_thread, tiny_config  # noqa: F401 (one_thread: autouse fixture)
 
 STEPS = 5
 PLAIN = ("model.dropout=0.0", "train.precision=fp32", "optim.fused=true")
@@ -118,7 +118,7 @@ def test_bf16_autocast_tracks_fp32(tmp_path, monkeypatch, plain):
 
 def test_torch_compile_equals_eager(tmp_path, monkeypatch):
     """One tiny compiled run (one block: ~30 s of Inductor compile on a busy 2-core CPU; the cache is under tmp)."""
-    one_block = ("model.n_layers=1", "train.sample_prompts=[]")
+    one_block = ("model.n_layers=1", "eval.sample_prompts=[]")
     eager = Run(tmp_path / "eager", monkeypatch, *one_block)
     compiled = Run(tmp_path / "compiled", monkeypatch, *one_block, "train.compile=true")
     assert all(b._compiled_call_impl is not None for b in compiled.blocks())

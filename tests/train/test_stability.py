@@ -17,7 +17,7 @@ def test_quiet_on_a_falling_loss_and_ignores_nan():
 
 def test_fires_on_a_sustained_spike():
     det = make()
-    for i in range(50):
+    for _ in range(50):
         assert not det.update(3.0)
     fired = [det.update(9.0) for _ in range(10)]
     assert fired[-1] and not fired[0]

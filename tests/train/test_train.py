@@ -11,14 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import (  # one_thread: autouse fixture
-    one_thread,checkpoint_contents, checkpoints, cli_args, events, golden_run, logged_curve,
-                           tiny_config)
 
 from tokenmill.cli import main
-from tokenmill.metrics.monitor import O2_FIELDS
+from tokenmill.metrics.monitor import STEP_METRICS
 from tokenmill.parallel.engine import Engine
 from tokenmill.train.loop import EXIT_DIVERGED, EXIT_NONFINITE, train
+from train_helpers import (  # one_thread: autouse fixture
+    checkpoint_contents,
+    checkpoints,
+    cli_args,
+    events,
+    golden_run,
+    logged_curve,
+    one_thread,  # noqa: F401
+    tiny_config,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_cpu_fp32.json"
 TOKENS_PER_STEP = 4 * 32  # tiny run: micro-batch 4 x seq_len 32, no accumulation
@@ -44,8 +51,8 @@ def test_loss_falls_on_a_tiny_stdlib_run(tmp_path):
 
 def test_jsonl_holds_every_o2_field_and_event_kind_and_tensorboard_is_readable(tmp_path):
     steps = 4
-    cfg = tiny_config(tmp_path / "run", steps, "train.eval_interval=2", "checkpoint.interval_steps=2",
-                      "log.tensorboard=true", "log.per_layer_grad_norms=true")
+    cfg = tiny_config(tmp_path / "run", steps, "eval.interval_steps=2", "checkpoint.interval_steps=2",
+                      "log.tensorboard=true", "log.per_layer_grad_norms=true", "log.per_layer_interval=1")
     result = train(cfg)
     run_dir = result.run_dir
     kinds = {e["kind"] for e in events(run_dir)}
@@ -61,7 +68,7 @@ def test_jsonl_holds_every_o2_field_and_event_kind_and_tensorboard_is_readable(t
     train_events = events(run_dir, "train")
     assert [e["step"] for e in train_events] == list(range(1, steps + 1))
     for e in train_events:
-        missing = [f for f in O2_FIELDS if f not in e]
+        missing = [f for f in STEP_METRICS if f not in e]
         assert not missing, f"step {e['step']} lacks {missing}"
         for field in ("loss", "ppl", "lr", "step_time_s", "tokens_per_s", "tflops", "grad_norm", "grad_mean",
                       "grad_std", "eta_s"):
@@ -163,10 +170,10 @@ class Faults:
 
         def forward_backward(engine, *args, **kwargs):
             self.calls += 1
-            self.weights[self.calls] = {k: v.detach().clone() for k, v in engine.unwrapped.state_dict().items()}
+            self.weights[self.calls] = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
             loss = real(engine, *args, **kwargs)
             if self.calls in nan_at:
-                for p in engine.unwrapped.parameters():
+                for p in engine.model.parameters():
                     p.grad.fill_(math.inf if grads_only else math.nan)
                 return loss if grads_only else loss * math.nan
             if self.calls in spike_at:
@@ -205,7 +212,7 @@ def test_nonfinite_step_is_skipped_without_an_update(tmp_path, monkeypatch, grad
 
 def test_nonfinite_stop_policy_keeps_a_checkpoint_and_exits_4(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    args = cli_args(run_dir, 6, "train.nonfinite_policy=stop")
+    args = cli_args(run_dir, 6, "stability.nonfinite_policy=stop")
     with monkeypatch.context() as patch:
         faults = Faults(patch, nan_at={3})
         assert main(args) == EXIT_NONFINITE == 4
@@ -222,8 +229,9 @@ def test_nonfinite_stop_policy_keeps_a_checkpoint_and_exits_4(tmp_path, monkeypa
     assert events(run_dir, "summary")[-1]["status"] == "completed"
 
 
-DETECTOR = ("train.divergence_threshold=1.0", "train.divergence_fast_alpha=0.1",
-            "train.divergence_slow_alpha=0.01", "train.divergence_warmup_steps=3", "checkpoint.interval_steps=2")
+DETECTOR = ("stability.divergence_threshold=1.0", "stability.divergence_fast_alpha=0.1",
+            "stability.divergence_slow_alpha=0.01", "stability.divergence_warmup_steps=3",
+            "checkpoint.interval_steps=2")
 
 
 def test_sustained_loss_rise_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):

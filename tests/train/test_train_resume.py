@@ -15,17 +15,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import (  # one_thread: autouse fixture
-    one_thread,assert_checkpoints_equal, checkpoints, cli_args, events, logged_curve, spawn_cli,
-                           tiny_config)
 
 from tokenmill.checkpoint.find import find_checkpoint
 from tokenmill.cli import main
 from tokenmill.parallel.engine import Engine
 from tokenmill.train.loop import train
+from train_helpers import (  # one_thread: autouse fixture
+    assert_checkpoints_equal,
+    checkpoints,
+    cli_args,
+    events,
+    logged_curve,
+    one_thread,  # noqa: F401
+    spawn_cli,
+    tiny_config,
+)
 
 N = 4  # steps per segment of the SIGTERM test
-RESUME = ("model.dropout=0.1", f"train.eval_interval={N}")  # randomness and mid-run evals that must line up
+RESUME = ("model.dropout=0.1", f"eval.interval_steps={N}")  # randomness and mid-run evals that must line up
 K = 8  # the kill tests: checkpoint every K steps of a 2K-step run
 KILL = ("model.dropout=0.1", f"checkpoint.interval_steps={K}")
 

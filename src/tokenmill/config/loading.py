@@ -20,6 +20,20 @@ import yaml
 from tokenmill.config.run import Config
 from tokenmill.errors import ConfigError
 
+# Keys that moved to another section: old YAML files, presets and overrides get one line naming the new key.
+MOVED_KEYS: dict[str, str] = {
+    "train.eval_interval": "eval.interval_steps",
+    "train.eval_batches": "eval.max_batches",
+    "train.sample_prompts": "eval.sample_prompts",
+    "train.sample_tokens": "eval.sample_tokens",
+    "train.nonfinite_policy": "stability.nonfinite_policy",
+    "train.divergence_threshold": "stability.divergence_threshold",
+    "train.divergence_fast_alpha": "stability.divergence_fast_alpha",
+    "train.divergence_slow_alpha": "stability.divergence_slow_alpha",
+    "train.divergence_warmup_steps": "stability.divergence_warmup_steps",
+}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Presets
 
@@ -124,6 +138,8 @@ def _field_map(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _unknown_key(key: str, candidates: list[str]) -> ConfigError:
+    if key in MOVED_KEYS:
+        return ConfigError(f"{key} moved to {MOVED_KEYS[key]}")
     leaf = key.rsplit(".", 1)[-1]
     moved = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf]  # right name, other section: train.lr
     close = moved[:1] or difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)

@@ -14,7 +14,7 @@ from tokenmill.metrics.config import LogConfig
 from tokenmill.model.config import ModelConfig
 from tokenmill.optim.config import OptimConfig, ScheduleConfig
 from tokenmill.parallel.config import ParallelConfig
-from tokenmill.train.config import TrainConfig
+from tokenmill.train.config import EvalConfig, StabilityConfig, TrainConfig
 
 
 @dataclass
@@ -22,6 +22,8 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    stability: StabilityConfig = dataclasses.field(default_factory=StabilityConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)

@@ -1,4 +1,4 @@
-"""The start-up banner (SPEC O1): model, training, hardware and theoretical performance at a glance.
+"""The start-up banner: model, training, hardware and theoretical performance at a glance.
 
 `build_banner(...)` gathers the numbers once; `Banner.as_dict()` is the JSONL "startup" event and
 `Banner.print()` shows the same numbers as a rich table on the console.
@@ -21,7 +21,8 @@ LABELS = {"params_non_embedding": "params non-emb", "params_trainable": "params 
           "params_total": "params total", "global_batch_sequences": "global batch seqs",
           "activation_checkpointing": "act. checkpointing", "expected_tokens_per_s_at_50_mfu": "tok/s at 50% MFU",
           "attention_ffn_ratio": "attention/FFN", "tokens_per_param": "tokens/param",
-          "pipeline_stages": "pipeline stages", "micro_batch_size": "micro-batch", "memory_gib": "memory"}
+          "pipeline_stages": "pipeline stages", "micro_batch_size": "micro-batch", "memory_gib": "memory",
+          "log_every_steps": "log every", "eval_every_steps": "eval every", "checkpoint_every_steps": "save every"}
 
 
 @dataclass
@@ -54,8 +55,9 @@ def _device_info(device: torch.device) -> tuple[str, float | None]:
 
 
 def build_banner(cfg: Any, counts: dict[str, int] | None, plan: Any, dist: Any = None, precision: str | None = None,
-                 resumed_from: Any = None, *, peak_tflops: float | None | str = "auto") -> Banner:
-    """Collect the O1 numbers. `counts` is tokenmill.model.param_counts(cfg.model); `plan` the BatchPlan.
+                 resumed_from: Any = None, *, cadence: Any = None, peak_tflops: float | None | str = "auto") -> Banner:
+    """Collect the start-up numbers. `counts` is tokenmill.model.param_counts(cfg.model); `plan` the BatchPlan;
+    `cadence` (the loop's Cadence) adds the log / eval / checkpoint intervals in steps (0 = only at the end).
 
     Peak TFLOPS come from the GPU table in metrics/flops.py (None on CPUs and unknown GPUs: never
     guessed); FLOPs/token and the attention/FFN split use the same formula as MFU (flops_breakdown).
@@ -105,6 +107,9 @@ def build_banner(cfg: Any, counts: dict[str, int] | None, plan: Any, dist: Any =
             "total_flops": flops["total"] * plan.total_tokens,
         },
     }
+    if cadence is not None:
+        info["training"].update(log_every_steps=cadence.log_every, eval_every_steps=cadence.eval_every,
+                                checkpoint_every_steps=cadence.checkpoint_every)
     return Banner(info)
 
 
@@ -113,7 +118,7 @@ def _fmt(key: str, value: Any) -> str:
 
     if value is None:
         return "n/a" if key not in ("peak_tflops", "expected_tokens_per_s_at_50_mfu") else "n/a (no GPU peak known)"
-    if isinstance(value, bool) or isinstance(value, str):
+    if isinstance(value, (bool, str)):
         return str(value)
     if key.endswith("_gib"):
         return f"{value:.1f} GiB"

@@ -1,4 +1,4 @@
-"""Per-step training metrics (SPEC O2) and the progress bar: what the loop reports at each log step.
+"""Per-step training metrics and the progress bar: what the loop reports at each log step.
 
 Cost model: on ordinary steps the monitor only reads a clock and advances the progress bar. On a log
 step it computes gradient statistics on the device and brings every device scalar to the host with
@@ -10,7 +10,9 @@ The loop calls, per optimizer step:
     monitor.before_optimizer_step(model)     # grad stats (+ parameter snapshot for update ratios)
     optimizer.step(); scheduler.step()
     monitor.after_optimizer_step(model)      # update/param ratios, progress bar
-    if log step: monitor.log_step(step, loss, grad_norm, lr, tokens_seen)
+    if cadence.is_log_step(step): monitor.log_step(step, loss, grad_norm, lr, tokens_seen)
+Which steps are log steps (and which also get per-layer statistics) is the loop's `Cadence`, shared with the
+monitor, so the statistics queued before an optimizer step are always the ones logged after it.
 Eval and checkpoints between steps are not step time; `with monitor.paused():` excludes work inside a step.
 """
 
@@ -23,16 +25,19 @@ import resource
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tokenmill.parallel.wrappers import canonical_name
 
-# Every per-log-step field of SPEC O2; each train event carries all of them (None where not
+if TYPE_CHECKING:
+    from tokenmill.train.cadence import Cadence
+
+# Every per-log-step metric; each train event carries all of them (None where not
 # measurable: MFU and CUDA memory on a CPU, MFU on a GPU missing from the peak table).
-O2_FIELDS = ("loss", "ppl", "lr", "step_time_s", "tokens_per_s", "mfu", "tflops", "mem_allocated_gib",
+STEP_METRICS = ("loss", "ppl", "lr", "step_time_s", "tokens_per_s", "mfu", "tflops", "mem_allocated_gib",
              "mem_peak_gib", "mem_reserved_gib", "grad_norm", "grad_mean", "grad_std", "tokens_seen", "eta_s")
 GIB = 2**30
 ETA_SMOOTHING = 0.3  # weight of the newest interval in the step-time average behind the ETA
@@ -127,15 +132,15 @@ class ProgressBar:
 
 
 class StepMonitor:
-    """Computes the O2 metrics at each log step and sends them to the sinks as a "train" event.
+    """Computes the STEP_METRICS at each log step and sends them to the sinks as a "train" event.
 
-    `cfg` is the run Config, `plan` the BatchPlan (tokens_per_step, total_steps), `dist` the DistInfo
-    (device, world size). `peak_tflops` overrides the GPU table (tests; unusual hardware);
-    `flops_per_token` overrides metrics.flops.
+    `cfg` is the run Config, `plan` the BatchPlan (tokens_per_step, total_steps), `cadence` the loop's
+    Cadence (log steps, per-layer steps), `dist` the DistInfo (device, world size). `peak_tflops` overrides
+    the GPU table (tests; unusual hardware); `flops_per_token` overrides metrics.flops.
     """
 
-    def __init__(self, cfg: Any, plan: Any, counts: Mapping[str, int] | None = None, dist: Any = None,
-                 sinks: Any = None, start_step: int = 0, *, precision: str | None = None,
+    def __init__(self, cfg: Any, plan: Any, cadence: Cadence, counts: Mapping[str, int] | None = None,
+                 dist: Any = None, sinks: Any = None, start_step: int = 0, *, precision: str | None = None,
                  peak_tflops: float | None | str = "auto", flops_per_token: float | None = None,
                  console: Any = None) -> None:
         self.sinks = sinks
@@ -144,8 +149,7 @@ class StepMonitor:
         self.world_size = getattr(dist, "world_size", 1)
         self.total_steps = plan.total_steps
         self.tokens_per_step = plan.tokens_per_step
-        self.log_every = max(1, round(cfg.log.interval_steps * cfg.train.step_cadence))
-        self.per_layer = cfg.log.per_layer_grad_norms
+        self.cadence = cadence
         precision = precision or _resolve_precision(cfg.train.precision, self.device)
         if peak_tflops == "auto":
             peak_tflops, _ = detect_peak_tflops(self.device, precision)
@@ -168,8 +172,8 @@ class StepMonitor:
         self._updates: dict[str, torch.Tensor] | None = None
 
     def is_log_step(self, step: int) -> bool:
-        """The loop's rule: every log_every steps and at the last step."""
-        return step % self.log_every == 0 or step == self.total_steps
+        """The loop's rule (its Cadence): every log interval and at the last step."""
+        return self.cadence.is_log_step(step)
 
     # ---- timing ----------------------------------------------------------------------------------------
     # Step time is the sum of step windows (step_start -> after_optimizer_step), so eval, checkpoints and
@@ -220,7 +224,7 @@ class StepMonitor:
             tdist.all_reduce(numel_t)
             numel = int(numel_t.item())  # (host sync, log steps only, sharded runs only)
         self._grad = {"stats": stats, "numel": numel}
-        if self.per_layer:
+        if self.cadence.is_per_layer_step(self.completed + 1):
             groups: dict[str, list[int]] = {}
             for i, (name, _) in enumerate(named):
                 groups.setdefault(group_of(name), []).append(i)
@@ -254,7 +258,7 @@ class StepMonitor:
     # ---- the log step ----------------------------------------------------------------------------------
     def log_step(self, step: int, loss: float | torch.Tensor, grad_norm: float | torch.Tensor | None = None,
                  lr: float | None = None, tokens_seen: int | None = None, **extra: Any) -> dict[str, Any]:
-        """Assemble the O2 metrics for `step`, send them to the sinks ("train") and return them.
+        """Assemble the STEP_METRICS for `step`, send them to the sinks ("train") and return them.
 
         `grad_norm` is the pre-clip global norm (clip_grad_norm_'s return value); extra keyword values
         (e.g. skipped=3) are logged as given.
@@ -298,7 +302,7 @@ class StepMonitor:
 
     def _throughput(self, step: int) -> dict[str, float | None]:
         self._close_window()
-        out: dict[str, float | None] = {k: None for k in ("step_time_s", "tokens_per_s", "mfu", "tflops", "eta_s")}
+        out: dict[str, float | None] = dict.fromkeys(("step_time_s", "tokens_per_s", "mfu", "tflops", "eta_s"))
         if self._iterations:
             elapsed = max(self._busy, 1e-9)
             step_time = elapsed / self._iterations

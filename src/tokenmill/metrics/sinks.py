@@ -1,9 +1,12 @@
-"""Where metrics go (SPEC O3, STYLE rule 11): console, JSONL, TensorBoard, Weights & Biases.
+"""Where metrics go: console, JSONL, TensorBoard, Weights & Biases - one protocol, so observability is pluggable.
 
 A sink has `log(step, metrics, kind)` and `close()`. Kinds: config, startup, resume, train, eval, sample
-({"prompt", "text"} or {"samples": {prompt: text}}), checkpoint, nonfinite, diverged, summary. Ranks
-other than 0 get a MultiSink with no sinks, so the loop never checks the rank. TensorBoard and W&B are
-imported only when enabled.
+({"prompt", "text"} or {"samples": {prompt: text}}), checkpoint, nonfinite, diverged, warning ({"message"}),
+summary. Ranks other than 0 get a MultiSink with no sinks, so the loop never checks the rank. TensorBoard and
+W&B are imported only when enabled.
+
+A metrics file that cannot be written (full disk, read-only or vanished folder) is one UserError line naming
+the path; MultiSink then drops that sink, so the run's closing summary still reaches the others.
 
 Resuming at step N: metrics.jsonl keeps its events up to step N and continues in the same file;
 TensorBoard purges events after N; W&B continues the same run id (stored in <out_dir>/wandb_id.txt).
@@ -11,19 +14,25 @@ TensorBoard purges events after N; W&B continues the same run id (stored in <out
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tokenmill.errors import UserError
 
-KINDS = ("config", "startup", "resume", "train", "eval", "sample", "checkpoint", "nonfinite", "diverged", "summary")
+if TYPE_CHECKING:
+    from tokenmill.metrics.config import LogConfig
+
+KINDS = ("config", "startup", "resume", "train", "eval", "sample", "checkpoint", "nonfinite", "diverged", "warning",
+         "summary")
 # events of these kinds logged after the resumed checkpoint's step are dropped when a run resumes
 STEP_KINDS = ("train", "eval", "sample", "checkpoint", "nonfinite", "diverged")
 JSONL_NAME = "metrics.jsonl"
@@ -45,6 +54,19 @@ def get_console() -> Any:
 
         _CONSOLE = Console(highlight=False)
     return _CONSOLE
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn an OSError while writing metrics to `path` into one line that says what to do."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"disk full while writing metrics to {path}: free space, then continue with --resume "
+                            f"(checkpoints already written are intact)") from err
+        raise UserError(f"cannot write metrics to {path}: {err.strerror or err}; make train.out_dir writable or "
+                        f"choose another one") from err
 
 
 class Sink(Protocol):
@@ -86,7 +108,10 @@ def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 class MultiSink:
-    """Fans every event out to several sinks; an empty MultiSink is the no-op sink of non-zero ranks."""
+    """Fans every event out to several sinks; an empty MultiSink is the no-op sink of non-zero ranks.
+
+    A sink that fails to write (UserError) is dropped before the error propagates: the others keep logging.
+    """
 
     def __init__(self, sinks: Sequence[Sink] = ()) -> None:
         self.sinks = list(sinks)
@@ -94,12 +119,21 @@ class MultiSink:
     def log(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown metrics kind {kind!r}; expected one of {KINDS}")
-        for sink in self.sinks:
-            sink.log(step, metrics, kind)
+        for sink in list(self.sinks):
+            self._call(sink, sink.log, step, metrics, kind)
 
     def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+        for sink in list(self.sinks):
+            self._call(sink, sink.close)
+
+    def _call(self, sink: Sink, method: Any, *args: Any) -> None:
+        try:
+            method(*args)
+        except UserError:
+            self.sinks.remove(sink)
+            with contextlib.suppress(UserError, OSError):
+                sink.close()
+            raise
 
     def __enter__(self) -> MultiSink:
         return self
@@ -181,6 +215,10 @@ class ConsoleSink:
         elif kind in ("nonfinite", "diverged"):
             body = " | ".join(f"{k} {v}" for k, v in m.items())
             self.console.print(f"[red]{kind}[/] step {step} | {body}")
+        elif kind == "warning":
+            from rich.markup import escape
+
+            self.console.print(f"[yellow]warning[/] step {step} | {escape(str(m.get('message')))}")
         elif kind == "summary":
             body = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
             self.console.print(f"[bold]done[/] step {step} | {body}")
@@ -199,10 +237,11 @@ class JsonlSink:
 
     def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.is_file():
-            self._truncate_after(resume_step)
-        self.handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.is_file():
+                self._truncate_after(resume_step)
+            self.handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def _truncate_after(self, step: int) -> None:
         """Drop events a killed run logged after the checkpoint it resumes from, so the file reads as if the
@@ -221,12 +260,14 @@ class JsonlSink:
 
     def log(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
         event = {"kind": kind, "step": step, "time": round(time.time(), 3), **to_jsonable(dict(metrics))}
-        self.handle.write(json.dumps(event, allow_nan=False) + "\n")
-        self.handle.flush()
+        with writing(self.path):
+            self.handle.write(json.dumps(event, allow_nan=False) + "\n")
+            self.handle.flush()
 
     def close(self) -> None:
         if not self.handle.closed:
-            self.handle.close()
+            with writing(self.path):
+                self.handle.close()
 
 
 def read_jsonl(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -251,9 +292,15 @@ class TensorBoardSink:
     def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # lazy: TensorBoard is optional at run time
 
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        self.log_dir = Path(log_dir)
+        with writing(self.log_dir):
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
+        with writing(self.log_dir):  # the writer thread's errors surface at the next add or flush
+            self._log(step, metrics, kind)
+
+    def _log(self, step: int, metrics: Mapping[str, Any], kind: str) -> None:
         if kind in ("train", "eval"):
             for key, value in scalars(metrics).items():
                 self.writer.add_scalar(f"{kind}/{key}", value, step)
@@ -267,8 +314,9 @@ class TensorBoardSink:
             self.writer.flush()
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        with writing(self.log_dir):
+            self.writer.flush()
+            self.writer.close()
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -290,7 +338,8 @@ def wandb_run_id(run_dir: Path, resume: bool) -> str:
     if resume and path.is_file() and path.read_text().strip():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
-    path.write_text(run_id + "\n")
+    with writing(path):
+        path.write_text(run_id + "\n")
     return run_id
 
 
@@ -326,7 +375,7 @@ class WandbSink:
 
 # ---------------------------------------------------------------------------------------------------
 
-def build_sinks(log_cfg: Any, run_dir: str | Path, rank: int = 0, *, config: Any = None,
+def build_sinks(log_cfg: LogConfig, run_dir: str | Path, rank: int = 0, *, config: Any = None,
                 resume_step: int | None = None, console: bool = True) -> MultiSink:
     """The sinks `log_cfg` (the `log` section) asks for; no-ops off rank 0.
 
@@ -336,14 +385,20 @@ def build_sinks(log_cfg: Any, run_dir: str | Path, rank: int = 0, *, config: Any
     if rank != 0:
         return MultiSink()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     sinks: list[Sink] = [ConsoleSink()] if console else []
-    if getattr(log_cfg, "jsonl", True):
-        sinks.append(JsonlSink(run_dir / JSONL_NAME, resume_step))
-    if getattr(log_cfg, "tensorboard", False):
-        sinks.append(TensorBoardSink(run_dir / TB_DIR, None if resume_step is None else resume_step + 1))
-    mode = getattr(log_cfg, "wandb", "off")
-    if mode != "off":
-        sinks.append(WandbSink(run_dir, getattr(log_cfg, "wandb_project", "tokenmill"), mode, config,
-                               resume=resume_step is not None))
+    try:
+        if log_cfg.jsonl:
+            sinks.append(JsonlSink(run_dir / JSONL_NAME, resume_step))
+        if log_cfg.tensorboard:
+            sinks.append(TensorBoardSink(run_dir / TB_DIR, None if resume_step is None else resume_step + 1))
+        if log_cfg.wandb != "off":
+            sinks.append(WandbSink(run_dir, log_cfg.wandb_project, log_cfg.wandb, config,
+                                   resume=resume_step is not None))
+    except BaseException:
+        for sink in sinks:  # close the ones already open; the first error is the one to report
+            with contextlib.suppress(UserError, OSError):
+                sink.close()
+        raise
     return MultiSink(sinks)

@@ -218,9 +218,10 @@ class Transformer(nn.Module):
     # -- loss -------------------------------------------------------------------------------------------
 
     def loss(self, window: torch.Tensor, doc_ids: torch.Tensor | None = None, ignore_index: int = -100,
-             chunk_size: int = 0, reduction: str = "mean") -> torch.Tensor:
+             chunk_size: int = 0, reduction: str = "mean", targets: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token cross-entropy of a (B, T+1) window: inputs window[:, :-1], targets window[:, 1:].
 
+        `targets` (B, T) replaces window[:, 1:], e.g. with ignore_index at masked prompt or padding positions.
         reduction "mean" averages over targets != ignore_index; "sum" returns the summed token loss (the
         trainer divides by the global token count under gradient accumulation). chunk_size > 0 runs head +
         cross-entropy over chunks of chunk_size tokens, recomputing each chunk's logits in backward, so full
@@ -228,7 +229,7 @@ class Transformer(nn.Module):
         """
         if reduction not in ("mean", "sum"):
             raise UserError(f"loss reduction={reduction!r} is not allowed: choose mean or sum")
-        inputs, targets = window[:, :-1], window[:, 1:]
+        inputs, targets = window[:, :-1], window[:, 1:] if targets is None else targets
         h = self.hidden(inputs, None if doc_ids is None else doc_ids[:, :-1])
         weight = self.output_weight()
         flat_h, flat_t = h.flatten(0, 1), targets.flatten()  # (B*T, d), (B*T,)

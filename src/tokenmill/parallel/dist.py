@@ -55,11 +55,18 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
     """'auto' -> cuda:LOCAL_RANK when CUDA exists, else cpu; 'cuda' -> cuda:LOCAL_RANK; else as given."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return torch.device("cuda", local_rank)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device={device!r} but CUDA is not available; use train.device=cpu or auto")
-    return torch.device(device)
+    if device == "cuda":
+        return torch.device("cuda", local_rank)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"train.device={device!r} is not a device: choose auto, cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"train.device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                        f"use train.device=cuda (one per local rank) or a smaller index")
+    return resolved
 
 
 def init_distributed(parallel_cfg: Any, device: str = "auto") -> DistInfo:

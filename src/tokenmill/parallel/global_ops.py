@@ -1,10 +1,11 @@
 """Maths over the whole job, not one rank: token counts, the gradient norm, and step metrics.
 
-Pitfalls this module exists for (research/user_needs.md items 22, 23):
+Pitfalls this module exists for:
 - Loss normalisation: averaging per micro-batch or per rank gives (x1/n1 + x2/n2)/2, not
-  (x1 + x2)/(n1 + n2) (torchtune PR #1875). The loop sums token losses and divides by
-  `loss_denominator(...)` so the gradients DDP/FSDP average equal the gradient of the mean over every
-  token of every rank and micro-step.
+  (x1 + x2)/(n1 + n2) (torchtune PR #1875), and with masked targets (prompts, padding) the counts differ per
+  micro-batch and rank. `Engine.loss_denominator` counts the valid targets of a whole optimizer step and
+  divides every micro-step's summed token loss by `loss_denominator(...)` of that count, so the gradients
+  DDP/FSDP average equal the gradient of the mean over every valid token of every rank and micro-step.
 - Gradient norm: with FSDP2 each rank holds gradient shards (DTensors) and with pipeline parallelism
   each rank holds one stage's gradients, so a local `clip_grad_norm_` sees part of the model
   (torchtitan #596). `clip_grad_norm_` here reduces over shards (DTensor `full_tensor`) and over the
@@ -103,5 +104,5 @@ def reduce_metrics(metrics: Mapping[str, float], dist: DistInfo,
     for op, keys in by_op.items():
         t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=dist.device)
         all_reduce(t, op)
-        out.update(zip(keys, t.tolist()))  # host sync: metrics are logged from the host
+        out.update(zip(keys, t.tolist(), strict=True))  # host sync: metrics are logged from the host
     return out

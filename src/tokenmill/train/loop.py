@@ -1,21 +1,20 @@
-"""`train(cfg)`: the whole training run, top to bottom (STYLE rule 5).
+"""`train(cfg)`: the whole training run, top to bottom, with a comment per section.
 
 Set up (process group, tokenizer, model, optimizer, schedule, loaders, sinks) -> resume -> loop (accumulate,
 check, clip, step, schedule, log, eval, checkpoint) -> tear down. Helpers own their state (loader, checkpointer,
 monitor, detector); everything that decides the next batch or update is in the checkpoint, so a resumed run
-continues bit for bit on CPU.
+continues bit for bit on CPU. Evaluation and samples only observe: when they fail the run warns and goes on,
+so they never cost it a checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from tokenmill.train.batching import BatchPlan, plan_batches
 from tokenmill.checkpoint.manager import Checkpointer
 from tokenmill.checkpoint.parts import ModelState, OptimizerState
 from tokenmill.checkpoint.values import capture_rng, restore_rng
@@ -23,17 +22,17 @@ from tokenmill.config import Config
 from tokenmill.data.loader import build_loader
 from tokenmill.data.tokenizer import Tokenizer, build_tokenizer, check_vocab
 from tokenmill.errors import UserError
-from tokenmill.generation.engine import Generator
-from tokenmill.generation.params import SamplingParams
-from tokenmill.train.evaluation import evaluate
 from tokenmill.metrics.banner import build_banner
 from tokenmill.metrics.monitor import StepMonitor
-from tokenmill.metrics.sinks import MultiSink, build_sinks, get_console
+from tokenmill.metrics.sinks import build_sinks, get_console
 from tokenmill.model import build_meta, param_counts
 from tokenmill.optim.optimizers import build_optimizer, scaled_lr
 from tokenmill.optim.schedules import build_scheduler
-from tokenmill.parallel.engine import Engine, build_engine
 from tokenmill.parallel.dist import DistInfo, all_reduce, any_rank, barrier, destroy_distributed, init_distributed
+from tokenmill.parallel.engine import build_engine
+from tokenmill.train.batching import BatchPlan, plan_batches
+from tokenmill.train.cadence import build_cadence
+from tokenmill.train.evaluation import check_eval_split, run_eval, write_samples
 from tokenmill.train.precision import Precision, resolve_precision
 from tokenmill.train.run_dir import prepare_run_dir
 from tokenmill.train.stability import DivergenceDetector
@@ -44,7 +43,7 @@ EXIT_OK, EXIT_DIVERGED, EXIT_NONFINITE = 0, 3, 4
 
 @dataclass
 class TrainResult:
-    status: str  # completed | stopped | diverged | nonfinite
+    status: str  # completed | stopped | diverged | nonfinite (failed / interrupted only reach the summary event)
     exit_code: int
     state: TrainState
     losses: list[float] = field(default_factory=list)  # this process's step losses, in order
@@ -84,8 +83,21 @@ def train(cfg: Config, resume: str | bool | None = None, overwrite: bool = False
             f"train.global_batch_tokens accumulation instead), set train.activation_checkpointing=all, set "
             f"train.loss_chunk_size=4096, or lower train.seq_len; `tokenmill estimate --gpu NAME` shows what fits"
         ) from err
+    except (MemoryError, RuntimeError) as err:
+        if not is_cpu_out_of_memory(err):
+            raise
+        raise UserError(
+            f"out of CPU memory with micro_batch_size={cfg.train.micro_batch_size}, seq_len={cfg.train.seq_len} "
+            f"(model.max_seq_len={cfg.model.max_seq_len}): lower train.micro_batch_size or train.seq_len (and "
+            f"model.max_seq_len, which sizes the position tables), or set train.activation_checkpointing=all"
+        ) from err
     finally:
         destroy_distributed()
+
+
+def is_cpu_out_of_memory(err: BaseException) -> bool:
+    """Python's MemoryError, or PyTorch's CPU allocator refusing an allocation (a RuntimeError)."""
+    return isinstance(err, MemoryError) or "DefaultCPUAllocator: can't allocate" in str(err)
 
 
 def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bool) -> TrainResult:
@@ -124,18 +136,16 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, plan.tokens_per_step)
     scaler = precision.make_scaler()
     train_loader = build_loader(cfg, tokenizer, "train", engine.dp_rank, engine.dp_size)
-    detector = DivergenceDetector(cfg.train.divergence_threshold, cfg.train.divergence_fast_alpha,
-                                  cfg.train.divergence_slow_alpha, cfg.train.divergence_warmup_steps)
+    stability = cfg.stability
+    detector = DivergenceDetector(stability.divergence_threshold, stability.divergence_fast_alpha,
+                                  stability.divergence_slow_alpha, stability.divergence_warmup_steps)
     state = TrainState()
     parts = {"model": ModelState(engine.model, sharded=engine.sharded),
              "optimizer": OptimizerState(optimizer, engine.optimizer_state_dict), "scheduler": scheduler,
              "loader": train_loader, "train": state, "detector": detector, "scaler": scaler}
     checkpointer = Checkpointer(run_dir, cfg.checkpoint, parts, run_config=cfg, dist=dist,
                                 tokenizer_json=tokenizer.backend.to_str() if tokenizer.backend is not None else None)
-    cadence = cfg.train.step_cadence
-    log_every = max(1, round(cfg.log.interval_steps * cadence))
-    eval_every = round(cfg.train.eval_interval * cadence)
-    save_every = round(cfg.checkpoint.interval_steps * cadence)
+    cadence = build_cadence(cfg, plan, counts["total"])  # log / eval / checkpoint steps, for loop and monitor
 
     # ---- resume -------------------------------------------------------------------------------------------
     if resume_path is not None:
@@ -144,21 +154,44 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     if dist.is_main:
         run.commit()  # set-up succeeded: only now replace a previous run's outputs (--overwrite)
     # built after resume: sinks rewind past events a killed run logged after its checkpoint (and reuse its W&B run)
-    sinks = build_sinks(cfg.log, run_dir, dist.rank, config=cfg.to_dict(), resume_step=state.step)
-    sinks.log(state.step, cfg.to_dict(), kind="config")  # the resolved config (vocab filled in), SPEC O3
+    sinks = build_sinks(cfg.log, run_dir, dist.rank, config=cfg.to_dict(),
+                        resume_step=state.step if resume_path is not None else None)
+    sinks.log(state.step, cfg.to_dict(), kind="config")  # the resolved config (vocab filled in)
     if resume_path is not None:
         sinks.log(state.step, {"path": str(resume_path)}, kind="resume")
 
     def save(reason: str, eval_result: dict[str, float] | None = None) -> None:
         """Checkpoint on every rank; `eval_result` only when an eval ran at this step (it ranks `best`)."""
-        checkpointer.save(state.step, eval_loss=(eval_result or {}).get("loss"), reason=reason)
-        sinks.log(state.step, {"path": str(checkpointer.last_path), "reason": reason}, kind="checkpoint")
+        with stop.protect():  # a second Ctrl-C waits for the save to complete (and be logged)
+            checkpointer.save(state.step, eval_loss=(eval_result or {}).get("loss"), reason=reason)
+            sinks.log(state.step, {"path": str(checkpointer.last_path), "reason": reason}, kind="checkpoint")
 
-    banner = build_banner(cfg, counts, plan, dist, precision.name, resumed_from=resume_path)
+    banner = build_banner(cfg, counts, plan, dist, precision.name, resumed_from=resume_path, cadence=cadence)
     sinks.log(state.step, banner.as_dict(), kind="startup")
     if dist.is_main:
         banner.print()
-    monitor = StepMonitor(cfg, plan, counts, dist, sinks, start_step=state.step)
+    monitor = StepMonitor(cfg, plan, cadence, counts, dist, sinks, start_step=state.step)
+    # no eval split (data.eval_fraction=0, or no document hashed into it): found now, not after the last step
+    eval_problem = check_eval_split(cfg, tokenizer, engine.dp_rank, engine.dp_size)
+    skip_eval = any_rank(eval_problem is not None, device)
+    if skip_eval:
+        sinks.log(state.step, {"message": f"evaluation is skipped: {eval_problem or 'another rank has no eval data'}"},
+                  kind="warning")
+
+    def evaluate_now() -> dict[str, float] | None:
+        """Eval on every rank and log it; None when skipped or failed (a failure is logged as a warning)."""
+        if skip_eval:
+            return None
+        try:
+            result = run_eval(engine, cfg, tokenizer)
+        except Exception as err:  # an eval only observes the run: report it and go on
+            sinks.log(state.step, {"message": f"evaluation failed ({type(err).__name__}: {err}); training goes on"},
+                      kind="warning")
+            return None
+        if result:
+            state.best_eval_loss = min(state.best_eval_loss, result["loss"])
+            sinks.log(state.step, result, kind="eval")
+        return result
 
     # ---- loop ---------------------------------------------------------------------------------------------
     stop = StopRequest()
@@ -171,12 +204,13 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     try:
         while state.step < plan.total_steps:
             monitor.step_start()
-            # accumulate: sum of token losses / tokens per rank-step, so gradients are a per-token mean
+            # accumulate: each micro-step's summed token loss / the step's valid targets over all ranks, so the
+            # gradients are the per-token mean however many targets each micro-batch masks
+            micro_batches = [next(batches) for _ in range(plan.grad_accum)]
+            denominator = engine.loss_denominator(micro_batches)  # one all-reduce per step
             loss_sum = torch.zeros((), device=device)
-            for micro in range(plan.grad_accum):
-                batch = next(batches)
-                loss_sum += engine.forward_backward(batch, scaler, denominator=plan.tokens_per_micro_step *
-                                                    plan.grad_accum, sync=micro == plan.grad_accum - 1)
+            for micro, batch in enumerate(micro_batches):
+                loss_sum += engine.forward_backward(batch, scaler, denominator, sync=micro == plan.grad_accum - 1)
             step_loss = all_reduce(loss_sum, "avg")
 
             # check and clip: decided before the optimizer step, identically on every rank
@@ -189,7 +223,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
                 scaler.update()
                 state.skipped_steps += 1
                 sinks.log(state.step, {"loss": loss_value, "grad_norm": float(grad_norm)}, kind="nonfinite")
-                if cfg.train.nonfinite_policy == "stop":
+                if stability.nonfinite_policy == "stop":
                     save("nonfinite")
                     status, exit_code = "nonfinite", EXIT_NONFINITE
                     break
@@ -212,17 +246,18 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
                 break  # no save: the last periodic checkpoint is the last good one
 
             # log
-            if state.step % log_every == 0 or state.step == plan.total_steps:
+            if cadence.is_log_step(state.step):
                 monitor.log_step(state.step, loss_value, grad_norm, scheduler.get_last_lr()[0],
                                  state.tokens_seen, skipped=state.skipped_steps)
 
             # eval
             evaluated: dict[str, float] | None = None
-            if eval_every and state.step % eval_every == 0 and state.step < plan.total_steps:
-                evaluated = last_eval = run_eval(engine, cfg, tokenizer, sinks, state)
+            if cadence.is_eval_step(state.step):
+                evaluated = evaluate_now()
+                last_eval = evaluated or last_eval
 
             # checkpoint
-            if save_every and state.step % save_every == 0 and state.step < plan.total_steps:
+            if cadence.is_checkpoint_step(state.step):
                 save("interval", evaluated)
             if any_rank(stop.reason is not None, device):
                 save("signal")
@@ -231,9 +266,17 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
 
         # ---- tear down --------------------------------------------------------------------------------------
         if status == "completed":
-            last_eval = run_eval(engine, cfg, tokenizer, sinks, state)
+            last_eval = evaluate_now() or {}
             save("final", last_eval)
-            write_samples(engine.inference_model(), cfg, tokenizer, dist, sinks, state)  # gathers shards
+            if cfg.eval.sample_prompts:
+                try:
+                    write_samples(engine.inference_model(), cfg, tokenizer, dist, sinks, state.step)  # gathers shards
+                except Exception as err:  # samples only illustrate the run: report and finish
+                    sinks.log(state.step, {"message": f"samples failed ({type(err).__name__}: {err})"},
+                              kind="warning")
+    except KeyboardInterrupt:
+        status = "interrupted"  # a second Ctrl-C (after any save in progress completed)
+        raise
     except BaseException:
         status = "failed"  # the summary must not claim success while an error propagates
         raise
@@ -246,33 +289,3 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         monitor.close()
         sinks.close()
     return TrainResult(status, exit_code, state, losses, last_eval, run_dir)
-
-
-def run_eval(engine: Engine, cfg: Config, tokenizer: Tokenizer, sinks: MultiSink,
-             state: TrainState) -> dict[str, float]:
-    """Evaluate on the held-out split (a fresh loader each time: every eval sees the same batches)."""
-    loader = build_loader(cfg, tokenizer, "eval", engine.dp_rank, engine.dp_size)
-    started = time.perf_counter()
-    result = evaluate(engine.model, loader, cfg.train.eval_batches, tokenizer.decode, engine.precision.autocast,
-                      engine.dist.device, engine.dist, chunk_size=cfg.train.loss_chunk_size,
-                      document_masking=cfg.train.document_masking)
-    if result:
-        result["seconds"] = time.perf_counter() - started
-        state.best_eval_loss = min(state.best_eval_loss, result["loss"])
-        sinks.log(state.step, result, kind="eval")
-    return result
-
-
-def write_samples(model: torch.nn.Module, cfg: Config, tokenizer: Tokenizer, dist: DistInfo, sinks: MultiSink,
-                  state: TrainState) -> dict[str, str]:
-    """Generate from the fixed prompts with a private RNG (training randomness is untouched)."""
-    if not dist.is_main:
-        return {}
-    prompts = list(cfg.train.sample_prompts) if cfg.train.sample_tokens > 0 else []
-    if not prompts:
-        return {}
-    params = SamplingParams(max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed)
-    completions = Generator(model, tokenizer).generate(prompts, params)
-    samples = {prompts[c.prompt_index]: prompts[c.prompt_index] + c.text for c in completions}
-    sinks.log(state.step, {"samples": samples}, kind="sample")
-    return samples

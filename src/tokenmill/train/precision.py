@@ -1,4 +1,4 @@
-"""Numeric precision of a run: autocast context and loss scaler for fp32, bf16 and fp16 (SPEC T4)."""
+"""Numeric precision of a run: autocast context and loss scaler for fp32, bf16 and fp16."""
 
 from __future__ import annotations
 

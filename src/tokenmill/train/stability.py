@@ -1,4 +1,4 @@
-"""Training stability guards: the divergence detector (SPEC T6) and the non-finite step policy (T5)."""
+"""Training stability guards: the loss divergence detector (the non-finite step policy is applied by the loop)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class DivergenceDetector:
     """Fast and slow exponential moving averages of the loss; a fast EMA far above the slow one means divergence.
 
-    Seed 004's dual-time-scale rule: a loss spike moves the fast EMA long before the slow one, so the gap
+    A dual-time-scale rule: a loss spike moves the fast EMA long before the slow one, so the gap
     `fast - slow` measures a sustained rise rather than one noisy step.
     """
 

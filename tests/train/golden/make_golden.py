@@ -24,6 +24,7 @@ COMMAND = "OMP_NUM_THREADS=1 .venv/bin/python tests/train/golden/make_golden.py"
 def main() -> int:
     sys.path.insert(0, str(HERE.parents[1]))  # tests/ (train_helpers)
     import torch
+
     from train_helpers import golden_run
 
     with tempfile.TemporaryDirectory() as tmp:
