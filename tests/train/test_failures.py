@@ -12,7 +12,7 @@ import types
 import pytest
 
 from data_helpers import make_docs, write_jsonl
-from tokenmill.checkpoint.resume import resolve_resume
+from tokenmill.checkpoint.find import find_checkpoint
 from tokenmill.cli import main
 from tokenmill.data.mixture import is_eval_doc
 from tokenmill.parallel.engine import Engine
@@ -24,7 +24,7 @@ def assert_final_checkpoint(run_dir, steps: int) -> None:
     saved = checkpoints(run_dir)
     assert saved and saved[-1].name == f"step_{steps:08d}", saved
     assert json.loads((saved[-1] / "meta.json").read_text())["reason"] == "final"
-    assert resolve_resume(run_dir, True) == saved[-1]  # complete and verified
+    assert find_checkpoint(run_dir) == saved[-1]  # complete and verified
 
 
 def train_only_source(tmp_path, fraction: float = 0.02):
