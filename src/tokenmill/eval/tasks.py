@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,9 @@ EXTRA = "pip install 'tokenmill[eval]'"
 def require_lm_eval() -> Any:
     """The adapter module (it imports lm_eval), or a one-line UserError naming the extra to install."""
     try:
-        from tokenmill.interop import lm_eval as adapter
+        return importlib.import_module("tokenmill.interop.lm_eval")
     except ImportError as err:
         raise UserError(f"lm-eval tasks need lm-evaluation-harness ({err.name or err} is missing): {EXTRA}") from None
-    return adapter
 
 
 @functools.cache
