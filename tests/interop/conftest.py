@@ -65,6 +65,7 @@ def cli(capsys):
     from tokenmill.cli import main
 
     def run(*args: str) -> tuple[int, str, list[str]]:
+        capsys.readouterr()  # drop what earlier set-up printed
         code = main([str(a) for a in args])
         out, err = capsys.readouterr()
         return code, out, [line for line in err.splitlines() if line.strip()]
