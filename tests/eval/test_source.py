@@ -26,8 +26,17 @@ DOCS = [f"Document {i}: déjà vu, naïve café {'x' * (i % 7)} and 日本 {i * 
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    cfg = load_config(["tiny"], overrides=["model.n_layers=1", "model.d_model=32", "model.n_heads=2",
-                                          "model.n_kv_heads=1", "model.vocab_size=320", "model.max_seq_len=32"])
+    cfg = load_config(
+        ["tiny"],
+        overrides=[
+            "model.n_layers=1",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.n_kv_heads=1",
+            "model.vocab_size=320",
+            "model.max_seq_len=32",
+        ],
+    )
     return create_model(cfg).eval(), cfg
 
 
@@ -66,15 +75,16 @@ def test_score_equals_the_training_loss_on_the_same_windows(model, corpus):
     tok = Tokenizer.byte()
     result = score_source(model, tok, str(corpus), seq_len=16, batch_size=3)
     ids = stream(tok, DOCS)
-    nats = sum(model.loss(torch.tensor([ids[s:s + 17]]), reduction="sum").item() for s in range(0, len(ids) - 1, 16))
+    nats = sum(model.loss(torch.tensor([ids[s : s + 17]]), reduction="sum").item() for s in range(0, len(ids) - 1, 16))
     text_bytes = sum(len(d.encode()) for d in DOCS)
     assert result["tokens"] == len(ids) - 1 and result["bytes"] == text_bytes and result["documents"] == len(DOCS)
     assert result["loss"] == pytest.approx(nats / (len(ids) - 1), rel=1e-6)
     assert result["ppl"] == pytest.approx(math.exp(result["loss"]))
     assert result["bpb"] == pytest.approx(nats / math.log(2) / text_bytes, rel=1e-6)
     assert score_source(model, tok, str(corpus), seq_len=16, batch_size=3) == result  # the same number every time
-    assert score_source(model, tok, str(corpus), seq_len=16, batch_size=5)["loss"] == pytest.approx(result["loss"],
-                                                                                                     rel=1e-6)
+    assert score_source(model, tok, str(corpus), seq_len=16, batch_size=5)["loss"] == pytest.approx(
+        result["loss"], rel=1e-6
+    )
 
 
 def test_sliding_windows_score_each_token_with_more_context(model, corpus):
@@ -89,9 +99,9 @@ def test_sliding_windows_score_each_token_with_more_context(model, corpus):
             break
         with torch.no_grad():
             logp = model(torch.tensor([ids[begin:end]]))[0].log_softmax(-1)
-        targets = torch.tensor(ids[begin + 1:end + 1])
+        targets = torch.tensor(ids[begin + 1 : end + 1])
         per_token = -logp.gather(1, targets[:, None])[:, 0]
-        nats += per_token[-(end - done):].sum().item()
+        nats += per_token[-(end - done) :].sum().item()
         done = end
     assert result["tokens"] == len(ids) - 1
     assert result["loss"] == pytest.approx(nats / (len(ids) - 1), rel=1e-5)
@@ -104,15 +114,17 @@ def test_shards_are_scored_per_shard_file(model, tmp_path):
 
     model, _ = model
     tok = Tokenizer.byte()
-    prepare_documents(DOCS, tok, tmp_path / "shards", tokenizer_spec="byte", source="docs", eval_fraction=0.3,
-                      shard_tokens=300)
+    prepare_documents(
+        DOCS, tok, tmp_path / "shards", tokenizer_spec="byte", source="docs", eval_fraction=0.3, shard_tokens=300
+    )
     nats, tokens = 0.0, 0
     for split in ("train", "eval"):
         shard_set = open_shards(tmp_path / "shards", split, tok)
         for shard in shard_set.shards:
             ids = [tok.eos_id, *np.fromfile(shard.path, dtype=shard_set.dtype).tolist()]
-            nats += sum(model.loss(torch.tensor([ids[s:s + 17]]), reduction="sum").item()
-                        for s in range(0, len(ids) - 1, 16))
+            nats += sum(
+                model.loss(torch.tensor([ids[s : s + 17]]), reduction="sum").item() for s in range(0, len(ids) - 1, 16)
+            )
             tokens += len(ids) - 1
     result = score_source(model, tok, str(tmp_path / "shards"), seq_len=16)
     assert result["documents"] == len(DOCS) and result["bytes"] == sum(len(d.encode()) for d in DOCS)
@@ -125,9 +137,24 @@ def test_shards_are_scored_per_shard_file(model, tmp_path):
 @pytest.fixture
 def saved_run(model, tmp_path):
     model, _ = model
-    cfg = load_config(["tiny"], overrides=[*(f"model.{k}={v}" for k, v in (
-        ("n_layers", 1), ("d_model", 32), ("n_heads", 2), ("n_kv_heads", 1), ("vocab_size", 320),
-        ("max_seq_len", 32))), "data.tokenizer=byte", f"train.out_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        ["tiny"],
+        overrides=[
+            *(
+                f"model.{k}={v}"
+                for k, v in (
+                    ("n_layers", 1),
+                    ("d_model", 32),
+                    ("n_heads", 2),
+                    ("n_kv_heads", 1),
+                    ("vocab_size", 320),
+                    ("max_seq_len", 32),
+                )
+            ),
+            "data.tokenizer=byte",
+            f"train.out_dir={tmp_path / 'run'}",
+        ],
+    )
     Checkpointer(tmp_path / "run", cfg.checkpoint, config=cfg).save(7, {}, model)
     return tmp_path / "run"
 

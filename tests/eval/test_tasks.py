@@ -21,8 +21,14 @@ from tokenmill.eval import tasks as tasks_module
 from tokenmill.eval.tasks import task_scores
 from tokenmill.metrics.sinks import read_jsonl
 
-MODEL = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=320",
-         "model.max_seq_len=64"]
+MODEL = [
+    "model.n_layers=1",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.vocab_size=320",
+    "model.max_seq_len=64",
+]
 ROWS = [{"question": f"Is {i} even?", "choices": ["yes", "no"], "label": i % 2} for i in range(8)]
 
 
@@ -36,7 +42,8 @@ def task_dir(tmp_path):
     (folder / "tm_even.yaml").write_text(
         f"task: tm_even\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
         "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
     return folder
 
 
@@ -49,11 +56,25 @@ def fast_tasks(monkeypatch):
 
 
 def test_task_scores_flatten_lm_eval_results():
-    results = {"results": {"arc": {"alias": "arc", "sample_len": 4, "acc,none": 0.5, "acc_stderr,none": "N/A",
-                                   "acc_norm,none": 0.25, "acc_norm_stderr,none": 0.1},
-                           "gsm": {"exact_match,strict-match": 1.0, "exact_match,flexible-extract": 0}}}
-    assert task_scores(results) == {"arc/acc": 0.5, "arc/acc_norm": 0.25, "gsm/exact_match,strict-match": 1.0,
-                                    "gsm/exact_match,flexible-extract": 0.0}
+    results = {
+        "results": {
+            "arc": {
+                "alias": "arc",
+                "sample_len": 4,
+                "acc,none": 0.5,
+                "acc_stderr,none": "N/A",
+                "acc_norm,none": 0.25,
+                "acc_norm_stderr,none": 0.1,
+            },
+            "gsm": {"exact_match,strict-match": 1.0, "exact_match,flexible-extract": 0},
+        }
+    }
+    assert task_scores(results) == {
+        "arc/acc": 0.5,
+        "arc/acc_norm": 0.25,
+        "gsm/exact_match,strict-match": 1.0,
+        "gsm/exact_match,flexible-extract": 0.0,
+    }
 
 
 def test_run_tasks_leaves_the_global_rng_alone(task_dir, fast_tasks):
@@ -87,11 +108,27 @@ def test_missing_extra_is_one_line(monkeypatch):
 
 
 def tiny_run_config(out_dir, corpus, *extra):
-    return load_config(["tiny"], overrides=[
-        *MODEL, "data.tokenizer=byte", f"data.sources=[{corpus}]", f"train.out_dir={out_dir}", "train.seq_len=16",
-        "train.micro_batch_size=2", "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=1",
-        "train.device=cpu", "train.precision=fp32", "train.sample_tokens=2", "train.sample_prompts=[x]",
-        "log.progress_bar=false", "schedule.warmup_steps=1", *extra])
+    return load_config(
+        ["tiny"],
+        overrides=[
+            *MODEL,
+            "data.tokenizer=byte",
+            f"data.sources=[{corpus}]",
+            f"train.out_dir={out_dir}",
+            "train.seq_len=16",
+            "train.micro_batch_size=2",
+            "train.max_steps=4",
+            "train.eval_interval=2",
+            "train.eval_batches=1",
+            "train.device=cpu",
+            "train.precision=fp32",
+            "train.sample_tokens=2",
+            "train.sample_prompts=[x]",
+            "log.progress_bar=false",
+            "schedule.warmup_steps=1",
+            *extra,
+        ],
+    )
 
 
 def test_training_runs_tasks_at_each_eval_without_changing_training(task_dir, fast_tasks, tmp_path):
@@ -100,8 +137,15 @@ def test_training_runs_tasks_at_each_eval_without_changing_training(task_dir, fa
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"line {i}: {'abc ' * (i % 9)}" for i in range(300)))
     plain = train(tiny_run_config(tmp_path / "plain", corpus))
-    tasks = train(tiny_run_config(tmp_path / "tasks", corpus, "train.eval_tasks=[tm_even]",
-                                  f"train.eval_tasks_include_path={task_dir}", "train.eval_tasks_limit=4"))
+    tasks = train(
+        tiny_run_config(
+            tmp_path / "tasks",
+            corpus,
+            "train.eval_tasks=[tm_even]",
+            f"train.eval_tasks_include_path={task_dir}",
+            "train.eval_tasks_limit=4",
+        )
+    )
     assert tasks.losses == plain.losses  # lm-eval's seeding did not touch the training RNG
     events = read_jsonl(tmp_path / "tasks" / "metrics.jsonl", "eval_tasks")
     assert [e["step"] for e in events] == [2, 4] and all("tm_even/acc" in e for e in events)

@@ -38,14 +38,32 @@ def make_run(tmp_path, bpe_file):
     from tokenmill.checkpoint.manager import Checkpointer
     from tokenmill.config import load_config
 
-    def make(arch: str = "llama-gqa-tied", *overrides: str, tokenizer: str | Path | None = None,
-             sharded: bool = False, name: str = "run", seed: int = 0):
+    def make(
+        arch: str = "llama-gqa-tied",
+        *overrides: str,
+        tokenizer: str | Path | None = None,
+        sharded: bool = False,
+        name: str = "run",
+        seed: int = 0,
+    ):
         run = tmp_path / name
         tok = str(tokenizer or bpe_file)
-        cfg = load_config(["tiny"], overrides=[  # vocab 320 covers the BPE (320 ids) and the byte tokenizer (259)
-            "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.vocab_size=320",
-            "model.max_seq_len=64", "model.ffn_hidden=96", *ARCHES[arch], *overrides, f"data.tokenizer={tok}",
-            f"train.out_dir={run}", "train.seq_len=32"])
+        cfg = load_config(
+            ["tiny"],
+            overrides=[  # vocab 320 covers the BPE (320 ids) and the byte tokenizer (259)
+                "model.n_layers=2",
+                "model.d_model=64",
+                "model.n_heads=4",
+                "model.vocab_size=320",
+                "model.max_seq_len=64",
+                "model.ffn_hidden=96",
+                *ARCHES[arch],
+                *overrides,
+                f"data.tokenizer={tok}",
+                f"train.out_dir={run}",
+                "train.seq_len=32",
+            ],
+        )
         torch.manual_seed(seed)
         model = create_model(cfg)
         perturb(model, seed + 1)

@@ -14,14 +14,25 @@ TEXTS = [
 
 # model.* overrides on the `tiny` preset per architecture (vocab and context set by make_run)
 ARCHES = {
-    "gpt2": ["model.position=learned", "model.norm=layernorm", "model.ffn=mlp", "model.activation=gelu_tanh",
-             "model.bias=true", "model.n_kv_heads=0", "model.tie_embeddings=true"],
+    "gpt2": [
+        "model.position=learned",
+        "model.norm=layernorm",
+        "model.ffn=mlp",
+        "model.activation=gelu_tanh",
+        "model.bias=true",
+        "model.n_kv_heads=0",
+        "model.tie_embeddings=true",
+    ],
     "llama-gqa-tied": ["model.n_kv_heads=2", "model.tie_embeddings=true"],
     "llama-gqa-untied": ["model.n_kv_heads=2", "model.tie_embeddings=false", "model.rope_theta=5000.0"],
     "qwen3": ["model.qk_norm=true", "model.n_kv_heads=2", "model.tie_embeddings=true", "model.norm_eps=1e-6"],
 }
-HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama-gqa-tied": "LlamaForCausalLM", "llama-gqa-untied": "LlamaForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}
+HF_CLASS = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama-gqa-tied": "LlamaForCausalLM",
+    "llama-gqa-untied": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def tree(root: Path) -> dict[str, bytes]:

@@ -41,7 +41,7 @@ def test_export_loads_with_equal_logits_and_greedy_text(make_run, tmp_path, arch
     ids = hf_tok("def add(x, y):", return_tensors="pt").input_ids
     assert ids[0].tolist() == ours.encode("def add(x, y):")
     generated = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
-    hf_new = [t for t in generated[0, ids.shape[1]:].tolist() if t != ours.eos_id]
+    hf_new = [t for t in generated[0, ids.shape[1] :].tolist() if t != ours.eos_id]
     assert hf_new == sample(model, ids[0].tolist(), 12, temperature=0, stop_id=ours.eos_id)
 
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())

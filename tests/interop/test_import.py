@@ -27,11 +27,21 @@ PROBE = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3
 def hf_native(tmp_path, bpe_file, kind: str, tied: bool):
     """A folder written by transformers itself (random weights) plus a tokenizer.json, as on the Hub."""
     common = {"vocab_size": 320, "tie_word_embeddings": tied}
-    rope = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "max_position_embeddings": 64, "head_dim": 16, **common}
-    config = {"gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common),
-              "llama": lambda: transformers.LlamaConfig(**rope),
-              "qwen3": lambda: transformers.Qwen3Config(**rope)}[kind]()
+    rope = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "head_dim": 16,
+        **common,
+    }
+    config = {
+        "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common),
+        "llama": lambda: transformers.LlamaConfig(**rope),
+        "qwen3": lambda: transformers.Qwen3Config(**rope),
+    }[kind]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -76,11 +86,26 @@ def test_export_import_export_is_weight_identical(make_run, tmp_path, arch):
 
 def tiny_training(run, out_dir, corpus, *extra):
     """The imported run's own config, shrunk to a few CPU steps on a local corpus."""
-    return load_config(None, run / "config.yaml", [
-        f"train.out_dir={out_dir}", f"data.sources=[{corpus}]", "train.seq_len=16", "train.micro_batch_size=2",
-        "train.device=cpu", "train.precision=fp32", "train.eval_interval=0", "train.eval_batches=1",
-        "train.sample_tokens=2", "train.sample_prompts=[x]", "log.progress_bar=false", "data.shuffle_buffer=4",
-        "schedule.warmup_steps=0", *extra])
+    return load_config(
+        None,
+        run / "config.yaml",
+        [
+            f"train.out_dir={out_dir}",
+            f"data.sources=[{corpus}]",
+            "train.seq_len=16",
+            "train.micro_batch_size=2",
+            "train.device=cpu",
+            "train.precision=fp32",
+            "train.eval_interval=0",
+            "train.eval_batches=1",
+            "train.sample_tokens=2",
+            "train.sample_prompts=[x]",
+            "log.progress_bar=false",
+            "data.shuffle_buffer=4",
+            "schedule.warmup_steps=0",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture
@@ -101,8 +126,9 @@ def test_init_from_starts_at_the_imported_weights(imported_run, tmp_path):
     from tokenmill.train.loop import train
 
     run, model, corpus = imported_run
-    start = train(tiny_training(run, tmp_path / "cpt", corpus, f"train.init_from={run}", "train.max_steps=1",
-                                "optim.lr=1e-9"))
+    start = train(
+        tiny_training(run, tmp_path / "cpt", corpus, f"train.init_from={run}", "train.max_steps=1", "optim.lr=1e-9")
+    )
     assert start.state.step == 1  # counters start fresh: not the imported checkpoint's
     weights, imported = final_weights(tmp_path / "cpt"), model.state_dict()
     assert max((weights[k] - imported[k]).abs().max().item() for k in imported) < 1e-6
@@ -132,11 +158,17 @@ def test_init_from_refusals(imported_run, tmp_path):
 
     run, _, corpus = imported_run
     with pytest.raises(UserError, match="trained with tokenizer"):
-        train(tiny_training(run, tmp_path / "a", corpus, f"train.init_from={run}", "train.max_steps=1",
-                            "data.tokenizer=byte"))
+        train(
+            tiny_training(
+                run, tmp_path / "a", corpus, f"train.init_from={run}", "train.max_steps=1", "data.tokenizer=byte"
+            )
+        )
     with pytest.raises(UserError, match="model.d_model"):
-        train(tiny_training(run, tmp_path / "b", corpus, f"train.init_from={run}", "train.max_steps=1",
-                            "model.d_model=128"))
+        train(
+            tiny_training(
+                run, tmp_path / "b", corpus, f"train.init_from={run}", "train.max_steps=1", "model.d_model=128"
+            )
+        )
     with pytest.raises(UserError, match="does not exist"):
         train(tiny_training(run, tmp_path / "c", corpus, f"train.init_from={tmp_path / 'nope'}", "train.max_steps=1"))
 
@@ -150,15 +182,31 @@ def test_import_bad_input_changes_nothing(tmp_path, bpe_file, assert_refused, cl
     assert_refused("import", tmp_path / "missing", "--out", tmp_path / "new", match="neither a local model folder")
     assert_refused("import", "some-org/some-model", "--out", tmp_path / "new", match="offline")
     mistral = tmp_path / "hf-mistral"
-    transformers.MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=320).save_pretrained(mistral)
+    transformers.MistralConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+    ).save_pretrained(mistral)
     assert_refused("import", mistral, "--out", tmp_path / "new", match="model_type='mistral'")
     scaled = tmp_path / "hf-scaled"
-    transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                             vocab_size=320, rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5,
-                                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                              "original_max_position_embeddings": 64}
-                             ).save_pretrained(scaled)
+    transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=320,
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "rope_theta": 5e5,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ).save_pretrained(scaled)
     assert_refused("import", scaled, "--out", tmp_path / "new", match="RoPE scaling")
     monkeypatch.setitem(sys.modules, "transformers", None)
     assert_refused("import", folder, "--out", tmp_path / "new", match=r"pip install 'tokenmill\[hf\]'")

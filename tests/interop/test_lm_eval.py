@@ -19,11 +19,19 @@ from tokenmill.eval.tasks import run_tasks, task_scores  # noqa: E402
 from tokenmill.interop.export import export_hf  # noqa: E402
 from tokenmill.interop.lm_eval import TokenmillLM  # noqa: E402
 
-PAIRS = [("The quick brown", " fox jumps over"), ("def add(x, y):", "\n    return x + y"), ("Déjà", " vu: naïve"),
-         ("", "Zürich, Kraków"), ("A document may mention ", "<|eos|> as text")]
+PAIRS = [
+    ("The quick brown", " fox jumps over"),
+    ("def add(x, y):", "\n    return x + y"),
+    ("Déjà", " vu: naïve"),
+    ("", "Zürich, Kraków"),
+    ("A document may mention ", "<|eos|> as text"),
+]
 LONG = " ".join(TEXTS[:6])  # longer than the 64-token context: several rolling windows
-GEN = [("def add(x, y):", {"until": ["\n\n"], "max_gen_toks": 8}), ("The quick", {"until": "fox", "do_sample": False, "max_gen_toks": 7}),
-       ("Zürich", {"max_new_tokens": 5})]
+GEN = [
+    ("def add(x, y):", {"until": ["\n\n"], "max_gen_toks": 8}),
+    ("The quick", {"until": "fox", "do_sample": False, "max_gen_toks": 7}),  # a string, not a list
+    ("Zürich", {"max_new_tokens": 5}),
+]  # lm-eval's alias of max_gen_toks
 
 
 def requests(kind: str, args: list[tuple]) -> list[Instance]:
@@ -50,7 +58,7 @@ def test_loglikelihoods_are_sums_of_model_loss(saved):
     results = lm.loglikelihood(requests("loglikelihood", PAIRS[:4]))
     for (context, continuation), (logp, _) in zip(PAIRS, results):
         ctx = tok.encode(context) if context else [tok.eos_id]  # the empty context is the document separator
-        cont = tok.encode(context + continuation)[len(tok.encode(context)):] if context else tok.encode(continuation)
+        cont = tok.encode(context + continuation)[len(tok.encode(context)) :] if context else tok.encode(continuation)
         expected = -(loss_sum(model, ctx + cont) - loss_sum(model, ctx))
         assert logp == pytest.approx(expected, abs=1e-4)
     ctx = tok.encode("The quick brown")
@@ -97,19 +105,45 @@ def test_requests_equal_hflm_on_the_exported_folder(saved, tmp_path):
 
 def inline_tasks(tmp_path) -> list[dict]:
     """One task per request type over a local JSONL file (lm-eval's "Using Local Datasets")."""
-    rows = [{"question": f"What follows {i}?", "choices": [str(i + 1), str(i + 2), "no"], "label": i % 3,
-             "text": TEXTS[i % 4]} for i in range(6)]
+    rows = [
+        {
+            "question": f"What follows {i}?",
+            "choices": [str(i + 1), str(i + 2), "no"],
+            "label": i % 3,
+            "text": TEXTS[i % 4],
+        }
+        for i in range(6)
+    ]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     local = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test"}
     return [
-        {"task": "tm_choice", **local, "output_type": "multiple_choice", "doc_to_text": "{{question}}",
-         "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]},
-        {"task": "tm_rolling", **local, "output_type": "loglikelihood_rolling", "doc_to_text": "",
-         "doc_to_target": "{{text}}", "metric_list": [{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}]},
-        {"task": "tm_generate", **local, "output_type": "generate_until", "doc_to_text": "{{question}}",
-         "doc_to_target": "{{choices[0]}}", "generation_kwargs": {"until": ["\n", "?"], "max_gen_toks": 6},
-         "metric_list": [{"metric": "exact_match"}]},
+        {
+            "task": "tm_choice",
+            **local,
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{question}}",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{label}}",
+            "metric_list": [{"metric": "acc"}],
+        },
+        {
+            "task": "tm_rolling",
+            **local,
+            "output_type": "loglikelihood_rolling",
+            "doc_to_text": "",
+            "doc_to_target": "{{text}}",
+            "metric_list": [{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}],
+        },
+        {
+            "task": "tm_generate",
+            **local,
+            "output_type": "generate_until",
+            "doc_to_text": "{{question}}",
+            "doc_to_target": "{{choices[0]}}",
+            "generation_kwargs": {"until": ["\n", "?"], "max_gen_toks": 6},
+            "metric_list": [{"metric": "exact_match"}],
+        },
     ]
 
 
@@ -122,12 +156,19 @@ def test_task_scores_equal_hflm(saved, tmp_path):
     export_hf(run, tmp_path / "hf", verify=False)
     tasks = inline_tasks(tmp_path)
     ours = task_scores(run_tasks(model, tok, tasks, include_defaults=False, limit=4, bootstrap_iters=0))
-    hf_results = lm_eval.simple_evaluate(model=HFLM(pretrained=str(tmp_path / "hf"), batch_size=2, device="cpu"),
-                                         tasks=tasks, task_manager=task_manager(None, False), limit=4,
-                                         bootstrap_iters=0)
+    hf_results = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=str(tmp_path / "hf"), batch_size=2, device="cpu"),
+        tasks=tasks,
+        task_manager=task_manager(None, False),
+        limit=4,
+        bootstrap_iters=0,
+    )
     theirs = task_scores(hf_results)
-    assert set(ours) == {"tm_choice/acc", "tm_rolling/word_perplexity", "tm_rolling/bits_per_byte",
-                         "tm_generate/exact_match"} == set(theirs)
+    assert (
+        set(ours)
+        == {"tm_choice/acc", "tm_rolling/word_perplexity", "tm_rolling/bits_per_byte", "tm_generate/exact_match"}
+        == set(theirs)
+    )
     assert all(ours[k] == pytest.approx(theirs[k], rel=1e-4) for k in ours), (ours, theirs)
 
 
@@ -138,7 +179,8 @@ def test_lm_eval_builds_it_by_name(saved):
     # the keywords lm-eval always passes to a model constructor
     lm = cls.create_from_arg_string(f"checkpoint={run}", {"batch_size": "auto", "max_batch_size": 4, "device": "cpu"})
     assert lm.batch_size == 4 and lm.max_length == 64 and str(lm.device) == "cpu"
-    (logp, _), = lm.loglikelihood(requests("loglikelihood", PAIRS[:1]))
-    (expected, _), = TokenmillLM(model=model, tokenizer=lm.tokenizer).loglikelihood(requests("loglikelihood",
-                                                                                              PAIRS[:1]))
+    ((logp, _),) = lm.loglikelihood(requests("loglikelihood", PAIRS[:1]))
+    ((expected, _),) = TokenmillLM(model=model, tokenizer=lm.tokenizer).loglikelihood(
+        requests("loglikelihood", PAIRS[:1])
+    )
     assert logp == pytest.approx(expected, abs=1e-6)

@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
     tok = result.tokenizer
     print(f"imported {args.source} ({result.architecture}, {result.parameters:,} parameters) -> {result.checkpoint}")
     print(f"tokenizer: {tok.vocab_size} ids, EOS id {tok.eos_id} (documents are joined with it when training)")
-    print(f"continue pretraining: tokenmill train {result.run_dir / 'config.yaml'} --train.init_from={result.run_dir} "
-          f"--data.sources=[...] --train.out_dir=...")
+    print(
+        f"continue pretraining: tokenmill train {result.run_dir / 'config.yaml'} --train.init_from={result.run_dir} "
+        f"--data.sources=[...] --train.out_dir=..."
+    )
     return 0

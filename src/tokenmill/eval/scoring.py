@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def target_logprobs(model: torch.nn.Module, inputs: torch.Tensor, rows: list[int], positions: list[int],
-                    targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def target_logprobs(
+    model: torch.nn.Module, inputs: torch.Tensor, rows: list[int], positions: list[int], targets: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(target), target == argmax) per scored token, both (n,) on the CPU, fp64 and bool.
 
     `inputs` (B, T) are token ids on the model's device; scored token k is `targets[k]`, predicted from the

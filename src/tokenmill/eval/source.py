@@ -60,7 +60,7 @@ def windows(chunks: Iterable[np.ndarray], length: int, stride: int) -> Iterator[
         end = min(begin + length, offset + len(buffer) - 1)  # last predicted token of this window
         if end <= scored:
             return
-        yield buffer[begin - offset:end + 1 - offset], end - scored
+        yield buffer[begin - offset : end + 1 - offset], end - scored
         scored, begin = end, begin + stride
         drop = min(begin - offset, len(buffer))  # tokens before the next window (never past the stream's end)
         buffer, offset = buffer[drop:], offset + drop
@@ -84,7 +84,7 @@ def text_stream(location: str, tokenizer: object, text_field: str = "text") -> S
         yield from encode(batch)
 
     def encode(texts: list[str]) -> Iterator[np.ndarray]:
-        for text, ids in zip(texts, tokenizer.encode_batch(texts)):
+        for text, ids in zip(texts, tokenizer.encode_batch(texts), strict=True):
             counts["bytes"] += len(text.encode("utf-8", "surrogatepass"))
             counts["documents"] += 1
             yield np.asarray([*ids, tokenizer.eos_id], dtype=np.int64)
@@ -134,10 +134,19 @@ def streams_of(location: str, tokenizer: object, text_field: str = "text", split
         yield text_stream(location, tokenizer, text_field)
 
 
-def score_source(model: torch.nn.Module, tokenizer: object, location: str, *, seq_len: int | None = None,
-                 stride: int | None = None, batch_size: int = 8, text_field: str = "text", split: str = "all",
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 progress: Callable[[int], None] | None = None) -> dict[str, float | int]:
+def score_source(
+    model: torch.nn.Module,
+    tokenizer: object,
+    location: str,
+    *,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    text_field: str = "text",
+    split: str = "all",
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float | int]:
     """Loss (nats per token), perplexity and bits per byte of `model` over every document of `location`.
 
     `seq_len` defaults to the model's context; `stride` to seq_len (non-overlapping windows). `progress` is
@@ -158,7 +167,7 @@ def score_source(model: torch.nn.Module, tokenizer: object, location: str, *, se
         width = inputs.shape[1]
         rows = [r for r, (_, n) in enumerate(batch) for _ in range(n)]
         positions = [p for _, n in batch for p in range(width - n, width)]
-        targets = [int(t) for w, n in batch for t in w[len(w) - n:]]
+        targets = [int(t) for w, n in batch for t in w[len(w) - n :]]
         with autocast():
             logp, _ = target_logprobs(model, inputs, rows, positions, targets)
         nats -= float(logp.sum())
@@ -181,9 +190,17 @@ def score_source(model: torch.nn.Module, tokenizer: object, location: str, *, se
     if tokens == 0:
         raise UserError(f"source {location} holds no text to evaluate")
     loss = nats / tokens
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": nats / math.log(2) / max(text_bytes, 1),
-            "tokens": tokens, "bytes": text_bytes, "documents": documents, "windows": n_windows, "seq_len": length,
-            "stride": stride}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "bpb": nats / math.log(2) / max(text_bytes, 1),
+        "tokens": tokens,
+        "bytes": text_bytes,
+        "documents": documents,
+        "windows": n_windows,
+        "seq_len": length,
+        "stride": stride,
+    }
 
 
 def describe_source(location: str) -> str:

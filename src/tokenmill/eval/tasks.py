@@ -43,14 +43,27 @@ def check_task_names(names: list[str], manager: Any) -> None:
     known = set(manager.match_tasks(names))
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise UserError(f"unknown lm-eval task {', '.join(unknown[:3])}: list tasks with `lm-eval ls tasks`, or "
-                        f"pass --include-path DIR with your task YAMLs")
+        raise UserError(
+            f"unknown lm-eval task {', '.join(unknown[:3])}: list tasks with `lm-eval ls tasks`, or "
+            f"pass --include-path DIR with your task YAMLs"
+        )
 
 
-def run_tasks(model: Any, tokenizer: Any, tasks: list[str | dict[str, Any]], *, include_path: str | None = None,
-              include_defaults: bool = True, limit: float | None = None, num_fewshot: int | None = None,
-              batch_size: int = 8, bootstrap_iters: int = 0, seed: int = 1234, max_gen_toks: int = 256,
-              autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, Any]:
+def run_tasks(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str | dict[str, Any]],
+    *,
+    include_path: str | None = None,
+    include_defaults: bool = True,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    bootstrap_iters: int = 0,
+    seed: int = 1234,
+    max_gen_toks: int = 256,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> dict[str, Any]:
     """lm-eval's results dict (`results`, `configs`, `versions`, `n-shot`, ...) for `tasks` on `model`.
 
     `tasks` are names (checked first) or inline task config dicts. `bootstrap_iters=0` skips the standard-error
@@ -63,14 +76,24 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str | dict[str, Any]], *, 
 
     manager = task_manager(include_path, include_defaults)
     check_task_names([t for t in tasks if isinstance(t, str)], manager)
-    lm = adapter.TokenmillLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks,
-                             seed=seed, autocast=autocast)
+    lm = adapter.TokenmillLM(
+        model=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks, seed=seed, autocast=autocast
+    )
     rng = capture_rng()
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=False,
-                                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                          fewshot_random_seed=seed)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     finally:
         restore_rng(rng)
     if results is None:  # simple_evaluate returns None on non-zero ranks only; this is one process
@@ -85,15 +108,21 @@ def task_scores(results: dict[str, Any]) -> dict[str, float]:
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
             metric, comma, filter_name = key.partition(",")  # keys without a filter (sample_len) are not scores
-            if not comma or metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not comma or metric.endswith("_stderr") or not numeric:
                 continue
             scores[f"{task}/{metric if filter_name in ('', 'none') else f'{metric},{filter_name}'}"] = float(value)
     return scores
 
 
-def evaluate_tasks_in_training(model: Any, cfg: Any, tokenizer: Any, sinks: Any, step: int,
-                               autocast: Callable[[], contextlib.AbstractContextManager] | None = None
-                               ) -> dict[str, float]:
+def evaluate_tasks_in_training(
+    model: Any,
+    cfg: Any,
+    tokenizer: Any,
+    sinks: Any,
+    step: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> dict[str, float]:
     """Run `train.eval_tasks` on the whole model on rank 0 (other ranks return at once and wait at their next
     collective: keep `train.eval_tasks_limit` small enough to finish within the process group's timeout), save
     the results under `<out_dir>/eval/` and log an `eval_tasks` event; returns the scores."""
@@ -104,8 +133,15 @@ def evaluate_tasks_in_training(model: Any, cfg: Any, tokenizer: Any, sinks: Any,
     if model is None or (tdist.is_initialized() and tdist.get_rank() != 0):
         return {}
     train = cfg.train
-    results = run_tasks(model, tokenizer, list(train.eval_tasks), include_path=train.eval_tasks_include_path or None,
-                        limit=train.eval_tasks_limit or None, seed=train.seed, autocast=autocast)
+    results = run_tasks(
+        model,
+        tokenizer,
+        list(train.eval_tasks),
+        include_path=train.eval_tasks_include_path or None,
+        limit=train.eval_tasks_limit or None,
+        seed=train.seed,
+        autocast=autocast,
+    )
     save_json(results_path(train.out_dir, step, "tasks"), results)
     scores = task_scores(results)
     sinks.log(step, scores, kind="eval_tasks")

@@ -57,12 +57,20 @@ def check_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder: choose another path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} already exists and is not empty: choose another folder or pass --force "
-                        f"to replace it")
+        raise UserError(
+            f"--out {out} already exists and is not empty: choose another folder or pass --force to replace it"
+        )
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", verify: bool = True,
-              force: bool = False, max_shard_size: str = "5GB", which: str = "latest") -> ExportResult:
+def export_hf(
+    checkpoint: str | Path,
+    out: str | Path,
+    dtype: str = "fp32",
+    verify: bool = True,
+    force: bool = False,
+    max_shard_size: str = "5GB",
+    which: str = "latest",
+) -> ExportResult:
     """Write the checkpoint (or a run folder's latest/best) as a Hugging Face folder at `out`; see module doc."""
     from tokenmill.interop.hf import HF_CLASSES, check_exportable, transformers_module
     from tokenmill.interop.loading import load_checkpoint
@@ -84,8 +92,14 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", veri
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in out.iterdir())
-    return ExportResult(out, hf_class, dtype, files, sum((out / f).stat().st_size for f in files),
-                        *(diff if diff is not None else (None, None)))
+    return ExportResult(
+        out,
+        hf_class,
+        dtype,
+        files,
+        sum((out / f).stat().st_size for f in files),
+        *(diff if diff is not None else (None, None)),
+    )
 
 
 @torch.no_grad()
@@ -97,14 +111,18 @@ def round_weights(model: Any, dtype: torch.dtype) -> Any:
     return model
 
 
-def _write_folder(model: Any, loaded: Any, folder: Path, name: str, dtype: str, hf_class: str,
-                  max_shard_size: str) -> None:
+def _write_folder(
+    model: Any, loaded: Any, folder: Path, name: str, dtype: str, hf_class: str, max_shard_size: str
+) -> None:
     from tokenmill.interop.hf import to_hf, transformers_module
     from tokenmill.interop.hf_tokenizer import backend_of, save_hf_tokenizer
 
     tok = loaded.tokenizer
-    special = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id,
-               "pad_token_id": tok.pad_id if tok.pad_id is not None else tok.eos_id}
+    special = {
+        "bos_token_id": tok.eos_id,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id if tok.pad_id is not None else tok.eos_id,
+    }
     hf_model = to_hf(model, **special).to(DTYPES[dtype])  # exact: the weights are already rounded to dtype
     hf_model.generation_config = transformers_module().GenerationConfig(**special)
     folder.mkdir(parents=True)
@@ -112,8 +130,9 @@ def _write_folder(model: Any, loaded: Any, folder: Path, name: str, dtype: str, 
     del hf_model
     save_hf_tokenizer(tok, folder, model.cfg.max_seq_len)
     eos = backend_of(tok).id_to_token(tok.eos_id)
-    card = MODEL_CARD.format(name=name, checkpoint=loaded.folder, hf_class=hf_class, dtype=dtype, eos=eos,
-                             eos_id=tok.eos_id)
+    card = MODEL_CARD.format(
+        name=name, checkpoint=loaded.folder, hf_class=hf_class, dtype=dtype, eos=eos, eos_id=tok.eos_id
+    )
     (folder / "README.md").write_text(card)
 
 
@@ -129,16 +148,24 @@ def _verify(folder: Path, model: Any, tokenizer: Any) -> tuple[float, float]:
     probe = torch.randint(0, model.cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(PROBE_SEED))
     ours, theirs = model(probe).float(), hf_model(probe).logits.float()  # (B, T, V)
     diff = (ours - theirs).abs().max().item()
-    kl = torch.nn.functional.kl_div(theirs.log_softmax(-1), ours.log_softmax(-1), log_target=True,
-                                    reduction="batchmean").item() / length
+    kl = (
+        torch.nn.functional.kl_div(
+            theirs.log_softmax(-1), ours.log_softmax(-1), log_target=True, reduction="batchmean"
+        ).item()
+        / length
+    )
     if not diff <= VERIFY_TOLERANCE:  # also catches NaN
-        raise UserError(f"export verification failed: transformers' logits differ from tokenmill's by up to {diff:.3g} "
-                        f"(tolerance {VERIFY_TOLERANCE:g}); nothing was written. Please report this as a bug")
+        raise UserError(
+            f"export verification failed: transformers' logits differ from tokenmill's by up to {diff:.3g} "
+            f"(tolerance {VERIFY_TOLERANCE:g}); nothing was written. Please report this as a bug"
+        )
     text = "Export check: déjà vu <|eos|> 123\n\tdone"
     hf_ids = tf.AutoTokenizer.from_pretrained(str(folder)).encode(text, add_special_tokens=False)
     if hf_ids != tokenizer.encode(text):
-        raise UserError("export verification failed: AutoTokenizer encodes text differently from tokenmill's "
-                        "tokenizer; nothing was written. Please report this as a bug")
+        raise UserError(
+            "export verification failed: AutoTokenizer encodes text differently from tokenmill's "
+            "tokenizer; nothing was written. Please report this as a bug"
+        )
     return diff, kl
 
 

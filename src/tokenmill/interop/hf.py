@@ -28,10 +28,17 @@ HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "
 ARCHITECTURES = tuple(HF_CLASSES)
 
 # tokenmill activation -> GPT2Config.activation_function, and the HF names read back.
-_GPT2_ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu",
-                   "leaky_relu": "leaky_relu"}
-_GPT2_ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                     "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu", "leaky_relu": "leaky_relu"}
+_GPT2_ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "leaky_relu": "leaky_relu"}
+_GPT2_ACT_FROM_HF = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+    "leaky_relu": "leaky_relu",
+}
 
 
 def transformers_module() -> Any:
@@ -52,8 +59,10 @@ def quiet_transformers() -> None:
 
 def _no_init() -> contextlib.AbstractContextManager:
     """Skip transformers' random init when we overwrite every weight anyway (location moved in v5)."""
-    for module, name in (("transformers.initialization", "no_init_weights"),
-                         ("transformers.modeling_utils", "no_init_weights")):
+    for module, name in (
+        ("transformers.initialization", "no_init_weights"),
+        ("transformers.modeling_utils", "no_init_weights"),
+    ):
         try:
             return getattr(__import__(module, fromlist=[name]), name)()
         except (ImportError, AttributeError):
@@ -79,8 +88,10 @@ def architecture_of(cfg: ModelConfig) -> str:
         return "gpt2"
     if cfg.position == "rope":
         return "qwen3" if cfg.qk_norm else "llama"
-    raise UserError(f"cannot convert to Hugging Face: model.position={cfg.position!r} matches neither GPT-2 "
-                    f"(learned) nor Llama/Qwen3 (rope)")
+    raise UserError(
+        f"cannot convert to Hugging Face: model.position={cfg.position!r} matches neither GPT-2 "
+        f"(learned) nor Llama/Qwen3 (rope)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,38 +99,62 @@ def architecture_of(cfg: ModelConfig) -> str:
 
 
 def _gpt2_checks(cfg: ModelConfig) -> list[tuple[bool, str]]:
-    return [(cfg.norm == "layernorm", "GPT-2 needs model.norm=layernorm (with bias)"),
-            (cfg.ffn == "mlp", "GPT-2 needs model.ffn=mlp"),
-            (not cfg.qk_norm, "model.qk_norm=true has no place in GPT-2"),
-            (cfg.bias, "GPT-2 needs model.bias=true (its Conv1D layers always have a bias)"),
-            (cfg.kv_heads() == cfg.n_heads, "GPT-2 has no GQA (model.n_kv_heads must equal n_heads)"),
-            (cfg.resolved_head_dim() * cfg.n_heads == cfg.d_model, "GPT-2 needs head_dim = d_model / n_heads"),
-            (cfg.activation in _GPT2_ACT_TO_HF, f"activation {cfg.activation} has no GPT-2 name")]
+    return [
+        (cfg.norm == "layernorm", "GPT-2 needs model.norm=layernorm (with bias)"),
+        (cfg.ffn == "mlp", "GPT-2 needs model.ffn=mlp"),
+        (not cfg.qk_norm, "model.qk_norm=true has no place in GPT-2"),
+        (cfg.bias, "GPT-2 needs model.bias=true (its Conv1D layers always have a bias)"),
+        (cfg.kv_heads() == cfg.n_heads, "GPT-2 has no GQA (model.n_kv_heads must equal n_heads)"),
+        (cfg.resolved_head_dim() * cfg.n_heads == cfg.d_model, "GPT-2 needs head_dim = d_model / n_heads"),
+        (cfg.activation in _GPT2_ACT_TO_HF, f"activation {cfg.activation} has no GPT-2 name"),
+    ]
 
 
 def _gpt2_config(tf: Any, cfg: ModelConfig) -> Any:
     return tf.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
-        n_head=cfg.n_heads, n_inner=cfg.ffn_width(), activation_function=_GPT2_ACT_TO_HF[cfg.activation],
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.norm_eps,
-        initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings)
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_seq_len,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.ffn_width(),
+        activation_function=_GPT2_ACT_TO_HF[cfg.activation],
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=cfg.norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
 
 
 def _rope_model_fields(cfg: ModelConfig) -> dict[str, Any]:
     """The config fields Llama and Qwen3 share (Llama has no residual dropout: dropout only matters in training,
     so it is carried as attention_dropout)."""
-    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_width(),
-            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.kv_heads(), "head_dim": cfg.resolved_head_dim(), "hidden_act": "silu",
-            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-            "attention_dropout": cfg.dropout, "initializer_range": cfg.init_std,
-            "tie_word_embeddings": cfg.tie_embeddings}
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_width(),
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads(),
+        "head_dim": cfg.resolved_head_dim(),
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "attention_dropout": cfg.dropout,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
 
 
 def _llama_checks(cfg: ModelConfig) -> list[tuple[bool, str]]:
-    return [(cfg.norm == "rmsnorm", "Llama needs model.norm=rmsnorm"),
-            (cfg.ffn == "swiglu", "Llama needs model.ffn=swiglu"),
-            (not cfg.qk_norm, "model.qk_norm=true has no place in Llama (it exports as Qwen3)")]
+    return [
+        (cfg.norm == "rmsnorm", "Llama needs model.norm=rmsnorm"),
+        (cfg.ffn == "swiglu", "Llama needs model.ffn=swiglu"),
+        (not cfg.qk_norm, "model.qk_norm=true has no place in Llama (it exports as Qwen3)"),
+    ]
 
 
 def _llama_config(tf: Any, cfg: ModelConfig) -> Any:
@@ -127,9 +162,11 @@ def _llama_config(tf: Any, cfg: ModelConfig) -> Any:
 
 
 def _qwen3_checks(cfg: ModelConfig) -> list[tuple[bool, str]]:
-    return [(cfg.norm == "rmsnorm", "Qwen3 needs model.norm=rmsnorm"),
-            (cfg.ffn == "swiglu", "Qwen3 needs model.ffn=swiglu"),
-            (not cfg.bias, "Qwen3's MLP has no biases: model.bias must be false")]
+    return [
+        (cfg.norm == "rmsnorm", "Qwen3 needs model.norm=rmsnorm"),
+        (cfg.ffn == "swiglu", "Qwen3 needs model.ffn=swiglu"),
+        (not cfg.bias, "Qwen3's MLP has no biases: model.bias must be false"),
+    ]
 
 
 def _qwen3_config(tf: Any, cfg: ModelConfig) -> Any:
@@ -150,9 +187,14 @@ def check_exportable(cfg: ModelConfig) -> str:
     """The architecture a model config exports as, or a UserError naming what the HF class cannot represent.
     Needs no transformers, so it runs before anything heavy."""
     arch = architecture_of(cfg)
-    _refuse([(cfg.norm_position == "pre", "model.norm_position must be pre (HF blocks are pre-norm)"),
-             (_residual_alpha(cfg) == 1.0, f"model.init={cfg.init} scales the residual stream, HF does not"),
-             *_TO_HF[arch][0](cfg)], arch)
+    _refuse(
+        [
+            (cfg.norm_position == "pre", "model.norm_position must be pre (HF blocks are pre-norm)"),
+            (_residual_alpha(cfg) == 1.0, f"model.init={cfg.init} scales the residual stream, HF does not"),
+            *_TO_HF[arch][0](cfg),
+        ],
+        arch,
+    )
     return arch
 
 
@@ -182,43 +224,92 @@ def _rope(hf_cfg: Any) -> tuple[float, str]:
 
 def _gpt2_from_config(hf_cfg: Any) -> ModelConfig:
     act = hf_cfg.activation_function
-    _refuse([(act in _GPT2_ACT_FROM_HF, f"activation_function={act!r} is not supported"),
-             (hf_cfg.scale_attn_weights, "scale_attn_weights=false is not supported"),
-             (not hf_cfg.scale_attn_by_inverse_layer_idx, "scale_attn_by_inverse_layer_idx=true is not supported"),
-             (not getattr(hf_cfg, "add_cross_attention", False), "cross-attention is not supported")], "gpt2")
+    _refuse(
+        [
+            (act in _GPT2_ACT_FROM_HF, f"activation_function={act!r} is not supported"),
+            (hf_cfg.scale_attn_weights, "scale_attn_weights=false is not supported"),
+            (not hf_cfg.scale_attn_by_inverse_layer_idx, "scale_attn_by_inverse_layer_idx=true is not supported"),
+            (not getattr(hf_cfg, "add_cross_attention", False), "cross-attention is not supported"),
+        ],
+        "gpt2",
+    )
     d = hf_cfg.n_embd
-    return ModelConfig(n_layers=hf_cfg.n_layer, d_model=d, n_heads=hf_cfg.n_head, vocab_size=hf_cfg.vocab_size,
-                       max_seq_len=hf_cfg.n_positions, norm="layernorm", norm_eps=hf_cfg.layer_norm_epsilon,
-                       position="learned", ffn="mlp", activation=_GPT2_ACT_FROM_HF[act],
-                       ffn_hidden=hf_cfg.n_inner or 4 * d, bias=True, tie_embeddings=hf_cfg.tie_word_embeddings,
-                       dropout=0.0, init_std=hf_cfg.initializer_range)
+    return ModelConfig(
+        n_layers=hf_cfg.n_layer,
+        d_model=d,
+        n_heads=hf_cfg.n_head,
+        vocab_size=hf_cfg.vocab_size,
+        max_seq_len=hf_cfg.n_positions,
+        norm="layernorm",
+        norm_eps=hf_cfg.layer_norm_epsilon,
+        position="learned",
+        ffn="mlp",
+        activation=_GPT2_ACT_FROM_HF[act],
+        ffn_hidden=hf_cfg.n_inner or 4 * d,
+        bias=True,
+        tie_embeddings=hf_cfg.tie_word_embeddings,
+        dropout=0.0,
+        init_std=hf_cfg.initializer_range,
+    )
 
 
 def _rope_model_from_config(hf_cfg: Any, arch: str, qk_norm: bool, bias: bool) -> ModelConfig:
     theta, rope_type = _rope(hf_cfg)
-    _refuse([(rope_type == "default", f"rope type {rope_type!r} (RoPE scaling) is not supported (tokenmill has none)"),
-             (hf_cfg.hidden_act == "silu", f"hidden_act={hf_cfg.hidden_act!r}: tokenmill's swiglu gates with silu")],
-            arch)
+    _refuse(
+        [
+            (rope_type == "default", f"rope type {rope_type!r} (RoPE scaling) is not supported (tokenmill has none)"),
+            (hf_cfg.hidden_act == "silu", f"hidden_act={hf_cfg.hidden_act!r}: tokenmill's swiglu gates with silu"),
+        ],
+        arch,
+    )
     head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-    return ModelConfig(n_layers=hf_cfg.num_hidden_layers, d_model=hf_cfg.hidden_size,
-                       n_heads=hf_cfg.num_attention_heads, n_kv_heads=hf_cfg.num_key_value_heads or 0,
-                       head_dim=head_dim, vocab_size=hf_cfg.vocab_size, max_seq_len=hf_cfg.max_position_embeddings,
-                       norm="rmsnorm", norm_eps=hf_cfg.rms_norm_eps, position="rope", rope_theta=theta, ffn="swiglu",
-                       ffn_hidden=hf_cfg.intermediate_size, bias=bias, qk_norm=qk_norm,
-                       tie_embeddings=hf_cfg.tie_word_embeddings, dropout=0.0, init_std=hf_cfg.initializer_range)
+    return ModelConfig(
+        n_layers=hf_cfg.num_hidden_layers,
+        d_model=hf_cfg.hidden_size,
+        n_heads=hf_cfg.num_attention_heads,
+        n_kv_heads=hf_cfg.num_key_value_heads or 0,
+        head_dim=head_dim,
+        vocab_size=hf_cfg.vocab_size,
+        max_seq_len=hf_cfg.max_position_embeddings,
+        norm="rmsnorm",
+        norm_eps=hf_cfg.rms_norm_eps,
+        position="rope",
+        rope_theta=theta,
+        ffn="swiglu",
+        ffn_hidden=hf_cfg.intermediate_size,
+        bias=bias,
+        qk_norm=qk_norm,
+        tie_embeddings=hf_cfg.tie_word_embeddings,
+        dropout=0.0,
+        init_std=hf_cfg.initializer_range,
+    )
 
 
 def _llama_from_config(hf_cfg: Any) -> ModelConfig:
-    _refuse([(hf_cfg.attention_bias == getattr(hf_cfg, "mlp_bias", False),
-              "attention_bias and mlp_bias differ; tokenmill has one model.bias")], "llama")
+    _refuse(
+        [
+            (
+                hf_cfg.attention_bias == getattr(hf_cfg, "mlp_bias", False),
+                "attention_bias and mlp_bias differ; tokenmill has one model.bias",
+            )
+        ],
+        "llama",
+    )
     return _rope_model_from_config(hf_cfg, "llama", qk_norm=False, bias=bool(hf_cfg.attention_bias))
 
 
 def _qwen3_from_config(hf_cfg: Any) -> ModelConfig:
     layer_types = getattr(hf_cfg, "layer_types", None) or []
-    _refuse([(not hf_cfg.attention_bias, "attention_bias=true is not supported (Qwen3's MLP has no bias)"),
-             (not getattr(hf_cfg, "use_sliding_window", False) and all(t == "full_attention" for t in layer_types),
-              "sliding-window attention is not supported")], "qwen3")
+    _refuse(
+        [
+            (not hf_cfg.attention_bias, "attention_bias=true is not supported (Qwen3's MLP has no bias)"),
+            (
+                not getattr(hf_cfg, "use_sliding_window", False) and all(t == "full_attention" for t in layer_types),
+                "sliding-window attention is not supported",
+            ),
+        ],
+        "qwen3",
+    )
     return _rope_model_from_config(hf_cfg, "qwen3", qk_norm=True, bias=False)
 
 
@@ -285,8 +376,7 @@ def load_pretrained(path_or_name: str | Path, device: str | torch.device = "cpu"
     try:
         hf_config_ = tf.AutoConfig.from_pretrained(str(path_or_name))
         model_config_from_hf(hf_config_)  # refuse an unsupported architecture before reading any weights
-        hf_model = tf.AutoModelForCausalLM.from_pretrained(str(path_or_name), use_safetensors=True,
-                                                           dtype=torch.float32)
+        hf_model = tf.AutoModelForCausalLM.from_pretrained(str(path_or_name), use_safetensors=True, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load Hugging Face model {path_or_name}: {err}".splitlines()[0]) from err
     return from_hf(hf_model, device=device)

@@ -54,8 +54,11 @@ def resolve_hf_source(source: str) -> Path:
     try:
         return Path(snapshot_download(source, allow_patterns=HUB_FILES, local_files_only=offline))
     except (OSError, ValueError) as err:  # offline, unknown repo, gated model (the Hub's errors are OSErrors)
-        why = "the Hub is offline (HF_HUB_OFFLINE=1) and it is not in the cache" if offline else \
-            f"download failed ({type(err).__name__})"
+        why = (
+            "the Hub is offline (HF_HUB_OFFLINE=1) and it is not in the cache"
+            if offline
+            else f"download failed ({type(err).__name__})"
+        )
         raise UserError(f"cannot get Hugging Face model {source}: {why}; pass a local folder instead") from None
 
 
@@ -91,8 +94,9 @@ def import_hf(source: str, out: str | Path) -> ImportResult:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ImportResult(out, out / checkpoint.relative_to(tmp), hf_cfg.model_type,
-                        sum(p.numel() for p in model.parameters()), tokenizer)
+    return ImportResult(
+        out, out / checkpoint.relative_to(tmp), hf_cfg.model_type, sum(p.numel() for p in model.parameters()), tokenizer
+    )
 
 
 def run_config(model_cfg: Any, tokenizer_file: Path, run_dir: Path) -> Any:
@@ -100,9 +104,12 @@ def run_config(model_cfg: Any, tokenizer_file: Path, run_dir: Path) -> Any:
     from tokenmill.config import Config
 
     cfg = Config()
-    return replace(cfg, model=model_cfg, data=replace(cfg.data, tokenizer=str(tokenizer_file)),
-                   train=replace(cfg.train, out_dir=str(run_dir),
-                                 seq_len=min(cfg.train.seq_len, model_cfg.max_seq_len))).validate()
+    return replace(
+        cfg,
+        model=model_cfg,
+        data=replace(cfg.data, tokenizer=str(tokenizer_file)),
+        train=replace(cfg.train, out_dir=str(run_dir), seq_len=min(cfg.train.seq_len, model_cfg.max_seq_len)),
+    ).validate()
 
 
 def _write_run(tmp: Path, out: Path, model: Any, tokenizer: Any, source: str) -> Path:
@@ -114,7 +121,8 @@ def _write_run(tmp: Path, out: Path, model: Any, tokenizer: Any, source: str) ->
     cfg = run_config(model.cfg, out / TOKENIZER_DIR / "tokenizer.json", out)
     (tmp / "config.yaml").write_text(cfg.to_yaml())
     checkpoint = Checkpointer(tmp, cfg.checkpoint, config=cfg).save(
-        0, {"step": 0, "tokens_seen": 0}, model, reason="import", extra={"imported_from": source})
+        0, {"step": 0, "tokens_seen": 0}, model, reason="import", extra={"imported_from": source}
+    )
     # the checkpoint carries its tokenizer, covered by its manifest like every other file
     tokenizer.save(checkpoint)
     write_manifest(checkpoint, 0)

@@ -37,7 +37,7 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             chars.append(256 + shifted)
             shifted += 1
-    return {byte: chr(char) for byte, char in zip(printable, chars)}
+    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
 
 
 def _byte_backend() -> Any:
@@ -69,9 +69,15 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_lengt
     backend = backend_of(tokenizer)
     eos = backend.id_to_token(tokenizer.eos_id)
     pad = backend.id_to_token(tokenizer.pad_id) if tokenizer.pad_id is not None else eos
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eos, eos_token=eos, pad_token=pad,
-                                      split_special_tokens=True, clean_up_tokenization_spaces=False,
-                                      model_max_length=model_max_length)
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=eos,
+        eos_token=eos,
+        pad_token=pad,
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+        model_max_length=model_max_length,
+    )
     written = [Path(p) for p in fast.save_pretrained(str(out_dir))]
     config_file = Path(out_dir) / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
@@ -93,10 +99,13 @@ def tokenizer_from_hf(folder: str | Path) -> Tokenizer:
     try:
         hf_tokenizer = tf.AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as err:
-        raise UserError(f"{folder} holds no tokenizer.json and transformers cannot load its tokenizer "
-                        f"({str(err).splitlines()[0]})") from None
+        raise UserError(
+            f"{folder} holds no tokenizer.json and transformers cannot load its tokenizer ({str(err).splitlines()[0]})"
+        ) from None
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise UserError(f"{folder} holds no tokenizer.json and its tokenizer has no fast (tokenizers) version; "
-                        f"convert it to tokenizer.json first")
+        raise UserError(
+            f"{folder} holds no tokenizer.json and its tokenizer has no fast (tokenizers) version; "
+            f"convert it to tokenizer.json first"
+        )
     return Tokenizer.from_backend(backend, str(folder))

@@ -26,8 +26,12 @@ class GPT2Adapter:
     cfg: ModelConfig
 
     def to_hf(self, sd: StateDict) -> StateDict:
-        out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
-               "transformer.ln_f.weight": sd["norm.weight"], "transformer.ln_f.bias": sd["norm.bias"]}
+        out = {
+            "transformer.wte.weight": sd["tok_emb.weight"],
+            "transformer.wpe.weight": sd["pos_emb.weight"],
+            "transformer.ln_f.weight": sd["norm.weight"],
+            "transformer.ln_f.bias": sd["norm.bias"],
+        }
         for i in range(self.cfg.n_layers):
             b, h = f"blocks.{i}.", f"transformer.h.{i}."
             for ours, theirs in (("attn_norm", "ln_1"), ("ffn_norm", "ln_2")):
@@ -37,8 +41,11 @@ class GPT2Adapter:
             qkv = [sd[f"{b}attn.{p}_proj.weight"] for p in "qkv"]
             out[h + "attn.c_attn.weight"] = torch.cat(qkv, dim=0).t().contiguous()  # (d, 3d)
             out[h + "attn.c_attn.bias"] = torch.cat([sd[f"{b}attn.{p}_proj.bias"] for p in "qkv"])
-            for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("ffn.up_proj", "mlp.c_fc"),
-                                 ("ffn.down_proj", "mlp.c_proj")):
+            for ours, theirs in (
+                ("attn.o_proj", "attn.c_proj"),
+                ("ffn.up_proj", "mlp.c_fc"),
+                ("ffn.down_proj", "mlp.c_proj"),
+            ):
                 out[h + theirs + ".weight"] = sd[b + ours + ".weight"].t().contiguous()
                 out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
         if not self.cfg.tie_embeddings:
@@ -46,8 +53,12 @@ class GPT2Adapter:
         return out
 
     def from_hf(self, sd: StateDict) -> StateDict:
-        out = {"tok_emb.weight": sd["transformer.wte.weight"], "pos_emb.weight": sd["transformer.wpe.weight"],
-               "norm.weight": sd["transformer.ln_f.weight"], "norm.bias": sd["transformer.ln_f.bias"]}
+        out = {
+            "tok_emb.weight": sd["transformer.wte.weight"],
+            "pos_emb.weight": sd["transformer.wpe.weight"],
+            "norm.weight": sd["transformer.ln_f.weight"],
+            "norm.bias": sd["transformer.ln_f.bias"],
+        }
         d = self.cfg.d_model
         for i in range(self.cfg.n_layers):
             b, h = f"blocks.{i}.", f"transformer.h.{i}."
@@ -56,10 +67,13 @@ class GPT2Adapter:
                 out[b + ours + ".bias"] = sd[h + theirs + ".bias"]
             w, bias = sd[h + "attn.c_attn.weight"].t(), sd[h + "attn.c_attn.bias"]  # (3d, d), (3d,)
             for j, p in enumerate("qkv"):
-                out[f"{b}attn.{p}_proj.weight"] = w[j * d:(j + 1) * d].contiguous()
-                out[f"{b}attn.{p}_proj.bias"] = bias[j * d:(j + 1) * d].contiguous()
-            for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("ffn.up_proj", "mlp.c_fc"),
-                                 ("ffn.down_proj", "mlp.c_proj")):
+                out[f"{b}attn.{p}_proj.weight"] = w[j * d : (j + 1) * d].contiguous()
+                out[f"{b}attn.{p}_proj.bias"] = bias[j * d : (j + 1) * d].contiguous()
+            for ours, theirs in (
+                ("attn.o_proj", "attn.c_proj"),
+                ("ffn.up_proj", "mlp.c_fc"),
+                ("ffn.down_proj", "mlp.c_proj"),
+            ):
                 out[b + ours + ".weight"] = sd[h + theirs + ".weight"].t().contiguous()
                 out[b + ours + ".bias"] = sd[h + theirs + ".bias"]
         if not self.cfg.tie_embeddings:
@@ -84,11 +98,14 @@ class LlamaAdapter:
         suffixes = ("weight", "bias") if cfg.bias else ("weight",)
         for i in range(cfg.n_layers):
             b, h = f"blocks.{i}.", f"model.layers.{i}."
-            names += [(b + "attn_norm.weight", h + "input_layernorm.weight"),
-                      (b + "ffn_norm.weight", h + "post_attention_layernorm.weight")]
+            names += [
+                (b + "attn_norm.weight", h + "input_layernorm.weight"),
+                (b + "ffn_norm.weight", h + "post_attention_layernorm.weight"),
+            ]
             names += [(f"{b}attn.{p}_proj.{s}", f"{h}self_attn.{p}_proj.{s}") for p in "qkvo" for s in suffixes]
-            names += [(f"{b}ffn.{p}_proj.{s}", f"{h}mlp.{p}_proj.{s}") for p in ("gate", "up", "down")
-                      for s in suffixes]
+            names += [
+                (f"{b}ffn.{p}_proj.{s}", f"{h}mlp.{p}_proj.{s}") for p in ("gate", "up", "down") for s in suffixes
+            ]
             if cfg.qk_norm:
                 names += [(f"{b}attn.{p}_norm.weight", f"{h}self_attn.{p}_norm.weight") for p in "qk"]
         if not cfg.tie_embeddings:

@@ -66,10 +66,19 @@ class TokenmillLM(TemplateLM):
     around every forward pass (bf16 on a GPU).
     """
 
-    def __init__(self, model: Any = None, tokenizer: Any = None, checkpoint: str | Path | None = None,
-                 batch_size: int | str | None = 1, max_batch_size: int | None = None, device: str | None = None,
-                 max_length: int | None = None, max_gen_toks: int = 256, seed: int = 1234,
-                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any = None,
+        tokenizer: Any = None,
+        checkpoint: str | Path | None = None,
+        batch_size: int | str | None = 1,
+        max_batch_size: int | None = None,
+        device: str | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        seed: int = 1234,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
         super().__init__()
         if checkpoint is not None:
             from tokenmill.interop.loading import load_checkpoint
@@ -108,19 +117,22 @@ class TokenmillLM(TemplateLM):
 
     # -- log-likelihood ------------------------------------------------------------------------------------
 
-    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
-                              **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[Request], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per request,
         in the order given; scored longest first in batches (less padding), the window left-truncated to
         max_length + 1 tokens."""
-        windows = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
-        scored = [min(len(cont), len(window) - 1) for (_, _, cont), window in zip(requests, windows)]
+        windows = [(ctx + cont)[-(self.max_length + 1) :] for _, ctx, cont in requests]
+        scored = [min(len(cont), len(window) - 1) for (_, _, cont), window in zip(requests, windows, strict=True)]
         order = sorted(range(len(requests)), key=lambda i: -len(windows[i]))
         results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
         starts = range(0, len(order), self.batch_size)
         for start in tqdm(starts, desc="tokenmill loglikelihood", disable=disable_tqdm or len(starts) < 2):
-            batch = order[start:start + self.batch_size]
-            for i, result in zip(batch, self._score([windows[i] for i in batch], [scored[i] for i in batch])):
+            batch = order[start : start + self.batch_size]
+            for i, result in zip(
+                batch, self._score([windows[i] for i in batch], [scored[i] for i in batch]), strict=True
+            ):
                 results[i] = result
         return results
 
@@ -132,16 +144,16 @@ class TokenmillLM(TemplateLM):
         width = max(len(w) for w in windows) - 1
         inputs = torch.full((len(windows), width), self.eot_token_id, dtype=torch.long)
         rows, positions, targets = [], [], []
-        for r, (window, n) in enumerate(zip(windows, n_scored)):
-            inputs[r, :len(window) - 1] = torch.tensor(window[:-1])
+        for r, (window, n) in enumerate(zip(windows, n_scored, strict=True)):
+            inputs[r, : len(window) - 1] = torch.tensor(window[:-1])
             rows += [r] * n
             positions += range(len(window) - 1 - n, len(window) - 1)
-            targets += window[len(window) - n:]
+            targets += window[len(window) - n :]
         with self._autocast():
             logp, greedy = target_logprobs(self.model, inputs.to(self._device), rows, positions, targets)
         results, offset = [], 0
         for n in n_scored:
-            results.append((float(logp[offset:offset + n].sum()), bool(greedy[offset:offset + n].all())))
+            results.append((float(logp[offset : offset + n].sum()), bool(greedy[offset : offset + n].all())))
             offset += n
         return results
 
@@ -151,12 +163,14 @@ class TokenmillLM(TemplateLM):
         pieces: list[Request] = []
         owner: list[int] = []
         for doc, (text,) in enumerate(req.args for req in requests):
-            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
-                    self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1)):
+            for ctx, cont in map(
+                make_disjoint_window,
+                get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1),
+            ):
                 pieces.append(((None, None), ctx, cont))
                 owner.append(doc)
         totals = [0.0] * len(requests)
-        for doc, (logp, _) in zip(owner, self._loglikelihood_tokens(pieces, disable_tqdm=disable_tqdm)):
+        for doc, (logp, _) in zip(owner, self._loglikelihood_tokens(pieces, disable_tqdm=disable_tqdm), strict=True):
             totals[doc] += logp
         return totals
 
@@ -169,15 +183,24 @@ class TokenmillLM(TemplateLM):
 
         eos_text = self.tok_decode([self.eot_token_id])
         out = []
-        for context, gen_kwargs in tqdm([req.args for req in requests], desc="tokenmill generate_until",
-                                        disable=disable_tqdm):
+        for context, gen_kwargs in tqdm(
+            [req.args for req in requests], desc="tokenmill generate_until", disable=disable_tqdm
+        ):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             until = handle_stop_sequences(kwargs.get("until"), eos_text)
             budget = max(1, min(int(kwargs["max_gen_toks"]), self.max_length - 1))
-            prompt = self.tok_encode(context)[-(self.max_length - budget):] or [self.prefix_token_id]
+            prompt = self.tok_encode(context)[-(self.max_length - budget) :] or [self.prefix_token_id]
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             with self._autocast():
-                new = sample(self.model, prompt, budget, temperature=temperature, top_k=0, top_p=1.0,
-                             stop_id=self.eot_token_id, generator=self._generator)
+                new = sample(
+                    self.model,
+                    prompt,
+                    budget,
+                    temperature=temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    stop_id=self.eot_token_id,
+                    generator=self._generator,
+                )
             out.append(postprocess_generated_text(self.tok_decode(new), until, None))
         return out

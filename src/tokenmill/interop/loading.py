@@ -52,8 +52,12 @@ def read_run_config(folder: Path) -> dict[str, Any]:
     return data
 
 
-def load_checkpoint(path: str | Path, which: str = "latest", device: str | torch.device = "cpu",
-                    check_model: Callable[[Any], Any] | None = None) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path,
+    which: str = "latest",
+    device: str | torch.device = "cpu",
+    check_model: Callable[[Any], Any] | None = None,
+) -> LoadedCheckpoint:
     """The model (eval mode, fp32), tokenizer and config of a checkpoint folder or of a run folder's latest
     (or best) valid checkpoint. `check_model(model_config)` runs before any weights are read (a refusal is
     cheap)."""

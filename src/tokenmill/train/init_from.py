@@ -28,7 +28,10 @@ def load_initial_weights(engine: Any, cfg: Any, tokenizer: Any) -> Path:
     if (folder / "tokenizer.json").is_file():
         theirs = Tokenizer.from_file(folder)
         if theirs.hash != tokenizer.hash:
-            raise UserError(f"train.init_from={cfg.train.init_from} was trained with tokenizer {theirs.hash} but this "
-                            f"run uses {tokenizer.hash} ({tokenizer.name}); set data.tokenizer={folder / 'tokenizer.json'}")
+            raise UserError(
+                f"train.init_from={cfg.train.init_from} was trained with tokenizer {theirs.hash} but this "
+                f"run uses {tokenizer.hash} ({tokenizer.name}); set "
+                f"data.tokenizer={folder / 'tokenizer.json'}"
+            )
     Checkpointer(folder.parent.parent).load(folder, engine=engine, cfg=cfg, restore_rng_state=False)
     return folder
