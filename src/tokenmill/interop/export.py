@@ -92,14 +92,8 @@ def export_hf(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in out.iterdir())
-    return ExportResult(
-        out,
-        hf_class,
-        dtype,
-        files,
-        sum((out / f).stat().st_size for f in files),
-        *(diff if diff is not None else (None, None)),
-    )
+    max_diff, kl = diff if diff is not None else (None, None)
+    return ExportResult(out, hf_class, dtype, files, sum((out / f).stat().st_size for f in files), max_diff, kl)
 
 
 @torch.no_grad()

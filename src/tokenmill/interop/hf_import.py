@@ -17,15 +17,14 @@ built beside RUN and renamed into place.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tokenmill.data.tokenizer import HUB_NAME
 from tokenmill.errors import UserError
 
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]  # config, weights, tokenizer; no *.bin
 TOKENIZER_DIR = "tokenizer"
 

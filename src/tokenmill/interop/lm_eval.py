@@ -149,6 +149,8 @@ class TokenmillLM(TemplateLM):
             rows += [r] * n
             positions += range(len(window) - 1 - n, len(window) - 1)
             targets += window[len(window) - n :]
+        if not targets:  # only empty continuations: nothing to run
+            return [(0.0, True)] * len(windows)
         with self._autocast():
             logp, greedy = target_logprobs(self.model, inputs.to(self._device), rows, positions, targets)
         results, offset = [], 0
