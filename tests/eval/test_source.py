@@ -155,7 +155,7 @@ def saved_run(model, tmp_path):
             f"train.out_dir={tmp_path / 'run'}",
         ],
     )
-    Checkpointer(tmp_path / "run", cfg.checkpoint, config=cfg).save(7, {}, model)
+    Checkpointer(tmp_path / "run", cfg.checkpoint, {"model": model}, run_config=cfg).save(7)
     return tmp_path / "run"
 
 

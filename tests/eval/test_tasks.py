@@ -156,7 +156,7 @@ def test_training_runs_tasks_at_each_eval_without_changing_training(task_dir, fa
 def saved_run(tmp_path):
     cfg = load_config(["tiny"], overrides=[*MODEL, "data.tokenizer=byte", f"train.out_dir={tmp_path / 'run'}"])
     torch.manual_seed(0)
-    Checkpointer(tmp_path / "run", cfg.checkpoint, config=cfg).save(3, {}, create_model(cfg))
+    Checkpointer(tmp_path / "run", cfg.checkpoint, {"model": create_model(cfg)}, run_config=cfg).save(3)
     return tmp_path / "run"
 
 

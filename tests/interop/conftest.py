@@ -7,7 +7,6 @@ weights != 1, biases != 0), so a swapped, untransposed or dropped tensor changes
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,6 +35,7 @@ def make_run(tmp_path, bpe_file):
     """make_run(arch, *overrides, tokenizer=path|"byte", sharded=False, name="run") -> (run folder, model, cfg)."""
     from tokenmill.api import create_model
     from tokenmill.checkpoint.manager import Checkpointer
+    from tokenmill.checkpoint.parts import ModelState
     from tokenmill.config import load_config
 
     def make(
@@ -68,10 +68,10 @@ def make_run(tmp_path, bpe_file):
         model = create_model(cfg)
         perturb(model, seed + 1)
         model.eval()
-        checkpointer = Checkpointer(run, cfg.checkpoint, config=cfg)
-        # a sharded save goes through DCP as an FSDP / pipeline run's does (the engine only says "sharded")
-        engine = SimpleNamespace(sharded=True, unwrapped=model) if sharded else None
-        checkpointer.save(1, {"step": 1}, None if sharded else model, engine=engine)
+        # a sharded save goes through DCP as an FSDP / pipeline run's does
+        tokenizer_json = None if tok == "byte" else Path(tok).read_text()
+        parts = {"model": ModelState(model, sharded=sharded)}
+        Checkpointer(run, cfg.checkpoint, parts, run_config=cfg, tokenizer_json=tokenizer_json).save(1)
         return run, model, cfg
 
     return make

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from interop_cases import ARCHES, HF_CLASS  # noqa: E402
 
 from tokenmill.api import load_tokenizer  # noqa: E402
-from tokenmill.generation.sampling import sample  # noqa: E402
+from tokenmill.generation.engine import Generator, SamplingParams  # noqa: E402
 from tokenmill.interop import export as export_module  # noqa: E402
 from tokenmill.interop.export import export_hf, round_weights  # noqa: E402
 
@@ -41,8 +41,8 @@ def test_export_loads_with_equal_logits_and_greedy_text(make_run, tmp_path, arch
     ids = hf_tok("def add(x, y):", return_tensors="pt").input_ids
     assert ids[0].tolist() == ours.encode("def add(x, y):")
     generated = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
-    hf_new = [t for t in generated[0, ids.shape[1] :].tolist() if t != ours.eos_id]
-    assert hf_new == sample(model, ids[0].tolist(), 12, temperature=0, stop_id=ours.eos_id)
+    (greedy,) = Generator(model, ours).generate([ids[0].tolist()], SamplingParams(max_new_tokens=12, temperature=0))
+    assert generated[0, ids.shape[1] :].tolist() == greedy.token_ids  # both end at EOS or after 12 tokens
 
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert (generation["eos_token_id"], generation["bos_token_id"], generation["pad_token_id"]) == (0, 0, 2)

@@ -14,11 +14,11 @@ from interop_cases import TEXTS  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import tokenmill  # noqa: E402
-from tokenmill.checkpoint.resume import resolve_resume  # noqa: E402
 from tokenmill.config import load_config  # noqa: E402
 from tokenmill.errors import UserError  # noqa: E402
 from tokenmill.interop.export import export_hf  # noqa: E402
 from tokenmill.interop.hf_import import import_hf  # noqa: E402
+from tokenmill.train.run_dir import prepare_run_dir  # noqa: E402
 
 TOL = 1e-5
 PROBE = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -61,7 +61,7 @@ def test_import_hf_folder_as_run(tmp_path, bpe_file, kind, tied):
     model = tokenmill.load_model(tmp_path / "run")  # a normal run folder: latest valid checkpoint
     with torch.no_grad():
         assert (model(PROBE) - hf(PROBE).logits).abs().max().item() <= TOL
-    assert resolve_resume(tmp_path / "run", True) == result.checkpoint  # --resume-style lookup finds it
+    assert prepare_run_dir(tmp_path / "run", resume=True).resume_from == result.checkpoint  # as --resume finds it
     assert (result.checkpoint / "tokenizer.json").is_file()
     tokenizer = tokenmill.load_tokenizer(result.checkpoint)
     assert tokenizer.encode(TEXTS[0]) == tokenmill.load_tokenizer(tmp_path / "run").encode(TEXTS[0])

@@ -69,7 +69,7 @@ def run_tasks(
     `tasks` are names (checked first) or inline task config dicts. `bootstrap_iters=0` skips the standard-error
     bootstrap. The global RNG states are the same after the call as before.
     """
-    from tokenmill.checkpoint.state import capture_rng, restore_rng
+    from tokenmill.checkpoint.values import capture_rng, restore_rng
 
     adapter = require_lm_eval()
     import lm_eval

@@ -87,7 +87,7 @@ def import_hf(source: str, out: str | Path) -> ImportResult:
     tmp = out.parent / f".tmp-import-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        checkpoint = _write_run(tmp, out, model, tokenizer, source)
+        checkpoint = _write_run(tmp, out, model, tokenizer)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -111,18 +111,14 @@ def run_config(model_cfg: Any, tokenizer_file: Path, run_dir: Path) -> Any:
     ).validate()
 
 
-def _write_run(tmp: Path, out: Path, model: Any, tokenizer: Any, source: str) -> Path:
+def _write_run(tmp: Path, out: Path, model: Any, tokenizer: Any) -> Path:
     """Fill the temporary run folder `tmp` (paths inside the config already name `out`); return the checkpoint."""
-    from tokenmill.checkpoint.folder import write_manifest
     from tokenmill.checkpoint.manager import Checkpointer
 
     tokenizer.save(tmp / TOKENIZER_DIR)
     cfg = run_config(model.cfg, out / TOKENIZER_DIR / "tokenizer.json", out)
     (tmp / "config.yaml").write_text(cfg.to_yaml())
-    checkpoint = Checkpointer(tmp, cfg.checkpoint, config=cfg).save(
-        0, {"step": 0, "tokens_seen": 0}, model, reason="import", extra={"imported_from": source}
+    checkpointer = Checkpointer(
+        tmp, cfg.checkpoint, {"model": model}, run_config=cfg, tokenizer_json=tokenizer.backend.to_str()
     )
-    # the checkpoint carries its tokenizer, covered by its manifest like every other file
-    tokenizer.save(checkpoint)
-    write_manifest(checkpoint, 0)
-    return checkpoint
+    return checkpointer.save(0, reason="import")

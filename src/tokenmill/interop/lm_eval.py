@@ -1,10 +1,10 @@
 """lm-evaluation-harness adapter: a tokenmill model as an lm-eval `LM`, registered under the name "tokenmill".
 
 A native adapter, not a Hugging Face conversion: log-likelihoods come from the model's own hidden states and
-output head, generation from tokenmill's sampler. It subclasses lm-eval's `TemplateLM`, which supplies the
-request plumbing that is easy to get wrong (lm_eval/api/model.py): context and continuation are tokenised
-together and split where the context ends, trailing context spaces move into the continuation, and an empty
-context is replaced by `prefix_token_id`.
+output head, generation from tokenmill's KV-cache engine (generation/engine.py). It subclasses lm-eval's
+`TemplateLM`, which supplies the request plumbing that is easy to get wrong (lm_eval/api/model.py): context
+and continuation are tokenised together and split where the context ends, trailing context spaces move into the
+continuation, and an empty context is replaced by `prefix_token_id`.
 
 Conventions it fixes for tokenmill models:
 - the end-of-text and prefix token is the tokenizer's EOS, the token the model saw before every training
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
@@ -96,7 +96,7 @@ class TokenmillLM(TemplateLM):
         self._max_length = int(max_length or model.cfg.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
         self._autocast = autocast or contextlib.nullcontext
-        self._generator = torch.Generator().manual_seed(int(seed))  # sampling never touches the global RNG
+        self.seed = int(seed)  # of sampled generation: each request draws from its own seeded generator
 
     # -- tokens -----------------------------------------------------------------------------------------
 
@@ -179,30 +179,26 @@ class TokenmillLM(TemplateLM):
     # -- generation ----------------------------------------------------------------------------------------
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or, with do_sample, temperature-sampled) continuations, cut at the first stop string; the
-        prompt keeps its last max_length - max_gen_toks tokens."""
-        from tokenmill.generation.sampling import sample
+        """Continuations from tokenmill's KV-cache engine: greedy unless the task asks for sampling, cut before
+        the first stop string (the task's `until` plus the EOS text, as lm-eval's own backends stop); the prompt
+        keeps its last max_length - max_gen_toks tokens. Requests with equal settings run as one batch."""
+        from tokenmill.generation.engine import Generator, SamplingParams
 
         eos_text = self.tok_decode([self.eot_token_id])
-        out = []
-        for context, gen_kwargs in tqdm(
-            [req.args for req in requests], desc="tokenmill generate_until", disable=disable_tqdm
-        ):
+        groups: dict[SamplingParams, list[tuple[int, list[int]]]] = {}
+        for index, (context, gen_kwargs) in enumerate(req.args for req in requests):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-            until = handle_stop_sequences(kwargs.get("until"), eos_text)
             budget = max(1, min(int(kwargs["max_gen_toks"]), self.max_length - 1))
-            prompt = self.tok_encode(context)[-(self.max_length - budget) :] or [self.prefix_token_id]
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            with self._autocast():
-                new = sample(
-                    self.model,
-                    prompt,
-                    budget,
-                    temperature=temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    stop_id=self.eot_token_id,
-                    generator=self._generator,
-                )
-            out.append(postprocess_generated_text(self.tok_decode(new), until, None))
+            stop = tuple(handle_stop_sequences(kwargs.get("until"), eos_text))
+            params = SamplingParams(max_new_tokens=budget, temperature=temperature, stop=stop, seed=self.seed)
+            groups.setdefault(params, []).append((index, self.tok_encode(context)[-(self.max_length - budget) :]))
+        generator = Generator(self.model, self.tokenizer, max_batch_size=self.batch_size)
+        out = [""] * len(requests)
+        with self._autocast(), tqdm(total=len(requests), desc="tokenmill generate_until", disable=disable_tqdm) as bar:
+            for params, items in groups.items():
+                completions = generator.generate([prompt for _, prompt in items], params)
+                for (index, _), completion in zip(items, completions, strict=True):
+                    out[index] = completion.text
+                bar.update(len(items))
         return out

@@ -31,14 +31,14 @@ class LoadedCheckpoint:
 
     @property
     def step(self) -> int:
-        from tokenmill.checkpoint.manager import parse_step
+        from tokenmill.checkpoint.find import parse_step
 
         return parse_step(self.folder.name) or 0
 
 
 def read_run_config(folder: Path) -> dict[str, Any]:
     """The run config (config.yaml) stored in a checkpoint folder, as a mapping of sections."""
-    from tokenmill.checkpoint.manager import CONFIG
+    from tokenmill.checkpoint.folder import CONFIG
 
     path = folder / CONFIG
     if not path.is_file():
@@ -62,8 +62,10 @@ def load_checkpoint(
     (or best) valid checkpoint. `check_model(model_config)` runs before any weights are read (a refusal is
     cheap)."""
     from tokenmill.api import find_checkpoint, load_tokenizer, model_config_from
-    from tokenmill.checkpoint.manager import load_weights_into, read_weights
-    from tokenmill.checkpoint.sharded import is_sharded_checkpoint, load_sharded
+    from tokenmill.checkpoint.folder import is_sharded, read_manifest
+    from tokenmill.checkpoint.manager import load_model_weights
+    from tokenmill.checkpoint.parts import ModelState
+    from tokenmill.checkpoint.sharded import read_full_weights
     from tokenmill.model.build import build_model
 
     folder = find_checkpoint(path, which)
@@ -73,8 +75,8 @@ def load_checkpoint(
         check_model(model_cfg)
     tokenizer = load_tokenizer(folder)
     model = build_model(model_cfg, device=device)  # init also fills RoPE tables
-    if is_sharded_checkpoint(folder):
-        load_sharded(folder, model)  # every shard into this one plain model: an in-memory consolidation
+    if is_sharded(folder, read_manifest(folder)):
+        ModelState(model).load_state_dict(read_full_weights(folder))  # every shard, consolidated in memory
     else:
-        load_weights_into(model, read_weights(folder), str(folder))
+        load_model_weights(model, folder)
     return LoadedCheckpoint(model.eval(), tokenizer, folder, config)
