@@ -12,8 +12,9 @@ sees the context since its window began; with S < L every prediction after the f
 L - S tokens of context (the sliding-window evaluation of the Hugging Face perplexity guide,
 https://huggingface.co/docs/transformers/perplexity).
 
-Bits per byte = total nats / ln 2 / UTF-8 bytes of the documents' text (EOS separators count no bytes), which
-compares models with different tokenizers (Gao et al. 2020, The Pile, section 4.2).
+Bits per byte = total nats / ln 2 / UTF-8 bytes of the documents' text (EOS separators count no bytes; for
+shards, the tokenizer's text bytes per id summed), which compares models with different tokenizers (Gao et al.
+2020, The Pile, section 4.2).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ import torch
 from tokenmill.errors import UserError
 
 SPLITS = ("all", "train", "eval")  # for shard folders: which prepared split(s) to score
-DECODE_CHUNK_TOKENS = 1 << 20  # tokens decoded at a time to count a shard's bytes
+CHUNK_TOKENS = 1 << 20  # tokens of a shard read at a time
 
 
 @dataclass
@@ -66,7 +68,7 @@ def windows(chunks: Iterable[np.ndarray], length: int, stride: int) -> Iterator[
         buffer, offset = buffer[drop:], offset + drop
 
 
-def text_stream(location: str, tokenizer: object, text_field: str = "text") -> Stream:
+def text_stream(location: str, tokenizer: Any, text_field: str = "text") -> Stream:
     """Documents of a text source (anything `data.sources` accepts) as EOS-separated tokens."""
     from tokenmill.data.sources import open_source
 
@@ -92,38 +94,36 @@ def text_stream(location: str, tokenizer: object, text_field: str = "text") -> S
     return Stream(chunks(), lambda: counts["bytes"], lambda: counts["documents"])
 
 
-def shard_streams(location: str, tokenizer: object, split: str) -> Iterator[Stream]:
+def shard_streams(location: str, tokenizer: Any, split: str) -> Iterator[Stream]:
     """One stream per shard file of a prepared folder (windows never cross shard files, as in training)."""
     from tokenmill.data.shards import open_shards, read_manifest
 
     manifest = read_manifest(location)
     splits = [s for s in ("train", "eval") if s == split or (split == "all" and manifest["splits"][s]["shards"])]
+    token_bytes = np.asarray(tokenizer.token_bytes(), dtype=np.int64)  # text bytes per id, 0 for special tokens
     for name in splits:
         shard_set = open_shards(location, name, tokenizer)  # refuses shards made with another tokenizer
         for shard in shard_set.shards:
-            yield shard_stream(np.fromfile(shard.path, dtype=shard_set.dtype), tokenizer)
+            tokens = np.memmap(shard.path, dtype=shard_set.dtype, mode="r")
+            yield shard_stream(tokens, tokenizer.eos_id, token_bytes)
 
 
-def shard_stream(tokens: np.ndarray, tokenizer: object) -> Stream:
-    counts = {"bytes": 0, "documents": int((tokens == tokenizer.eos_id).sum())}
-    eos = tokenizer.eos_id
+def shard_stream(tokens: np.ndarray, eos_id: int, token_bytes: np.ndarray) -> Stream:
+    """A shard's tokens (EOS after every document) behind one leading EOS, read CHUNK_TOKENS at a time."""
+    counts = {"bytes": 0, "documents": 0}
 
     def chunks() -> Iterator[np.ndarray]:
-        yield np.array([eos], dtype=np.int64)
-        start = 0
-        while start < len(tokens):
-            stop = min(start + DECODE_CHUNK_TOKENS, len(tokens))
-            ends = np.flatnonzero(tokens[start:stop] == eos)  # cut at a document end: decode whole documents
-            stop = start + int(ends[-1]) + 1 if len(ends) and stop < len(tokens) else stop
-            piece = tokens[start:stop].astype(np.int64)
-            counts["bytes"] += len(tokenizer.decode(piece[piece != eos].tolist()).encode("utf-8", "surrogatepass"))
+        yield np.array([eos_id], dtype=np.int64)
+        for start in range(0, len(tokens), CHUNK_TOKENS):
+            piece = np.asarray(tokens[start : start + CHUNK_TOKENS], dtype=np.int64)
+            counts["bytes"] += int(token_bytes[piece].sum())
+            counts["documents"] += int((piece == eos_id).sum())
             yield piece
-            start = stop
 
     return Stream(chunks(), lambda: counts["bytes"], lambda: counts["documents"])
 
 
-def streams_of(location: str, tokenizer: object, text_field: str = "text", split: str = "all") -> Iterator[Stream]:
+def streams_of(location: str, tokenizer: Any, text_field: str = "text", split: str = "all") -> Iterator[Stream]:
     from tokenmill.data.shards import is_shard_dir
 
     if split not in SPLITS:
@@ -136,7 +136,7 @@ def streams_of(location: str, tokenizer: object, text_field: str = "text", split
 
 def score_source(
     model: torch.nn.Module,
-    tokenizer: object,
+    tokenizer: Any,
     location: str,
     *,
     seq_len: int | None = None,
