@@ -1,4 +1,4 @@
-"""lm-eval tasks from tokenmill (`tokenmill eval --tasks`, `train.eval_tasks`): results as JSON and metrics
+"""lm-eval tasks from tokenmill (`tokenmill eval --tasks`, `eval.tasks`): results as JSON and metrics
 events, the global RNG untouched (a training run that evaluates tasks trains exactly as one that does not),
 and one-line refusals for unknown tasks and a missing extra."""
 
@@ -118,12 +118,12 @@ def tiny_run_config(out_dir, corpus, *extra):
             "train.seq_len=16",
             "train.micro_batch_size=2",
             "train.max_steps=4",
-            "train.eval_interval=2",
-            "train.eval_batches=1",
+            "eval.interval_steps=2",
+            "eval.max_batches=1",
             "train.device=cpu",
             "train.precision=fp32",
-            "train.sample_tokens=2",
-            "train.sample_prompts=[x]",
+            "eval.sample_tokens=2",
+            "eval.sample_prompts=[x]",
             "log.progress_bar=false",
             "schedule.warmup_steps=1",
             *extra,
@@ -141,9 +141,9 @@ def test_training_runs_tasks_at_each_eval_without_changing_training(task_dir, fa
         tiny_run_config(
             tmp_path / "tasks",
             corpus,
-            "train.eval_tasks=[tm_even]",
-            f"train.eval_tasks_include_path={task_dir}",
-            "train.eval_tasks_limit=4",
+            "eval.tasks=[tm_even]",
+            f"eval.tasks_include_path={task_dir}",
+            "eval.tasks_limit=4",
         )
     )
     assert tasks.losses == plain.losses  # lm-eval's seeding did not touch the training RNG

@@ -1,6 +1,6 @@
 """lm-evaluation-harness tasks on a tokenmill model, through the native adapter (interop/lm_eval.py).
 
-Used by `tokenmill eval --tasks` and, with `train.eval_tasks`, at every evaluation of a training run. lm-eval is
+Used by `tokenmill eval --tasks` and, with `eval.tasks`, at every evaluation of a training run. lm-eval is
 the optional `eval` extra; it finds tasks by name in its own task folders, in `include_path` folders of task
 YAMLs, or as inline config dicts (docs/eval.md). lm-eval seeds Python's, NumPy's and torch's global RNGs when it
 starts; they are restored afterwards, so evaluating inside a training run does not change what it trains on.
@@ -115,34 +115,36 @@ def task_scores(results: dict[str, Any]) -> dict[str, float]:
     return scores
 
 
-def evaluate_tasks_in_training(
-    model: Any,
-    cfg: Any,
-    tokenizer: Any,
-    sinks: Any,
-    step: int,
-    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> dict[str, float]:
-    """Run `train.eval_tasks` on the whole model on rank 0 (other ranks return at once and wait at their next
-    collective: keep `train.eval_tasks_limit` small enough to finish within the process group's timeout), save
-    the results under `<out_dir>/eval/` and log an `eval_tasks` event; returns the scores."""
-    import torch.distributed as tdist
+def evaluate_tasks_in_training(engine: Any, cfg: Any, tokenizer: Any, sinks: Any, step: int) -> dict[str, float]:
+    """Run `eval.tasks` on the whole model, save the results under `<out_dir>/eval/` and log an `eval_tasks`
+    event; returns the scores ({} off rank 0).
 
+    Every rank calls it (gathering a sharded model is a collective); rank 0 scores while the others go on to
+    wait at their next collective, so keep `eval.tasks_limit` small enough to finish within the process group's
+    timeout. Like a failed held-out evaluation, a failure (a missing extra, an unknown task) is logged as a
+    warning and training goes on.
+    """
     from tokenmill.eval.results import results_path, save_json
 
-    if model is None or (tdist.is_initialized() and tdist.get_rank() != 0):
+    model = engine.inference_model()  # the plain model on rank 0 (gathered when sharded), None elsewhere
+    if model is None or not engine.dist.is_main:
         return {}
-    train = cfg.train
-    results = run_tasks(
-        model,
-        tokenizer,
-        list(train.eval_tasks),
-        include_path=train.eval_tasks_include_path or None,
-        limit=train.eval_tasks_limit or None,
-        seed=train.seed,
-        autocast=autocast,
-    )
-    save_json(results_path(train.out_dir, step, "tasks"), results)
+    try:
+        results = run_tasks(
+            model,
+            tokenizer,
+            list(cfg.eval.tasks),
+            include_path=cfg.eval.tasks_include_path or None,
+            limit=cfg.eval.tasks_limit or None,
+            seed=cfg.train.seed,
+            autocast=engine.precision.autocast,
+        )
+    except Exception as err:  # evaluation only observes the run: report it and go on
+        sinks.log(
+            step, {"message": f"lm-eval tasks failed ({type(err).__name__}: {err}); training goes on"}, kind="warning"
+        )
+        return {}
+    save_json(results_path(cfg.train.out_dir, step, "tasks"), results)
     scores = task_scores(results)
     sinks.log(step, scores, kind="eval_tasks")
     return scores

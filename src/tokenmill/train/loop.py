@@ -184,6 +184,10 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
 
     def evaluate_now() -> dict[str, float] | None:
         """Eval on every rank and log it; None when skipped or failed (a failure is logged as a warning)."""
+        if cfg.eval.tasks:  # lm-eval tasks on the whole model, held-out split or not; a failure is a warning too
+            from tokenmill.eval.tasks import evaluate_tasks_in_training
+
+            evaluate_tasks_in_training(engine, cfg, tokenizer, sinks, state.step)
         if skip_eval:
             return None
         try:
@@ -195,10 +199,6 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         if result:
             state.best_eval_loss = min(state.best_eval_loss, result["loss"])
             sinks.log(state.step, result, kind="eval")
-        if cfg.eval.tasks:  # lm-eval tasks on the whole model; a failure is a warning, as above
-            from tokenmill.eval.tasks import evaluate_tasks_in_training
-
-            evaluate_tasks_in_training(engine, cfg, tokenizer, sinks, state.step)
         return result
 
     # ---- loop ---------------------------------------------------------------------------------------------
