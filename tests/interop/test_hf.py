@@ -1,4 +1,4 @@
-"""Hugging Face conversion: logits parity both directions (tiny GPT-2 and Llama), config fields, refusals."""
+"""Hugging Face conversion: logits parity both directions (tiny GPT-2, Llama, Qwen3), config fields, refusals."""
 
 from __future__ import annotations
 
@@ -19,18 +19,46 @@ TOL = 1e-5
 
 
 def gpt2_cfg(**kw) -> ModelConfig:
-    base = dict(n_layers=2, d_model=64, n_heads=4, vocab_size=101, max_seq_len=32, norm="layernorm",
-                position="learned", ffn="mlp", activation="gelu_tanh", ffn_mult=4.0, bias=True, tie_embeddings=True,
-                norm_position="pre", qk_norm=False)
+    base = dict(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        vocab_size=101,
+        max_seq_len=32,
+        norm="layernorm",
+        position="learned",
+        ffn="mlp",
+        activation="gelu_tanh",
+        ffn_mult=4.0,
+        bias=True,
+        tie_embeddings=True,
+        norm_position="pre",
+        qk_norm=False,
+    )
     cfg = ModelConfig(**{**base, **kw})
     cfg.validate()
     return cfg
 
 
 def llama_cfg(**kw) -> ModelConfig:
-    base = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=101, max_seq_len=32, norm="rmsnorm",
-                position="rope", rope_theta=500000.0, ffn="swiglu", ffn_hidden=96, bias=False, tie_embeddings=True,
-                norm_position="pre", qk_norm=False, norm_eps=1e-6)
+    base = dict(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=101,
+        max_seq_len=32,
+        norm="rmsnorm",
+        position="rope",
+        rope_theta=500000.0,
+        ffn="swiglu",
+        ffn_hidden=96,
+        bias=False,
+        tie_embeddings=True,
+        norm_position="pre",
+        qk_norm=False,
+        norm_eps=1e-6,
+    )
     cfg = ModelConfig(**{**base, **kw})
     cfg.validate()
     return cfg
@@ -66,7 +94,10 @@ CASES = {
     "llama-gqa-tied": lambda: llama_cfg(),
     "llama-gqa-untied": lambda: llama_cfg(tie_embeddings=False),
     "llama-mha-bias-headdim": lambda: llama_cfg(n_kv_heads=4, head_dim=24, bias=True, rope_theta=1234.0),
+    "qwen3-qknorm-tied": lambda: llama_cfg(qk_norm=True),
+    "qwen3-qknorm-untied-headdim": lambda: llama_cfg(qk_norm=True, tie_embeddings=False, head_dim=32),
 }
+HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -74,7 +105,7 @@ def test_tokenmill_to_hf_logits(case):
     cfg = CASES[case]()
     ours = random_tokenmill(cfg)
     theirs = to_hf(ours)
-    assert type(theirs).__name__ == ("GPT2LMHeadModel" if case.startswith("gpt2") else "LlamaForCausalLM")
+    assert type(theirs).__name__ == HF_CLASS[case.split("-")[0]]
     assert max_diff(ours, theirs, tokens(cfg.vocab_size)) <= TOL
     # The export is a copy: changing tokenmill weights afterwards does not change the HF model.
     perturb(ours, 99)
@@ -85,7 +116,7 @@ def test_tokenmill_to_hf_logits(case):
 def test_hf_to_tokenmill_logits(case):
     torch.manual_seed(3)
     hf_cfg = hf_config(CASES[case]())
-    cls = transformers.GPT2LMHeadModel if case.startswith("gpt2") else transformers.LlamaForCausalLM
+    cls = getattr(transformers, HF_CLASS[case.split("-")[0]])
     theirs = cls(hf_cfg)
     perturb(theirs, 4)
     theirs.eval()
@@ -94,7 +125,9 @@ def test_hf_to_tokenmill_logits(case):
     assert max_diff(ours, theirs, tokens(hf_cfg.vocab_size, 5)) <= TOL
 
 
-@pytest.mark.parametrize("case", ["gpt2-untied-gelu", "llama-gqa-untied", "llama-mha-bias-headdim"])
+@pytest.mark.parametrize(
+    "case", ["gpt2-untied-gelu", "llama-gqa-untied", "llama-mha-bias-headdim", "qwen3-qknorm-untied-headdim"]
+)
 def test_round_trip_is_exact(case):
     ours = random_tokenmill(CASES[case]())
     back = from_hf(to_hf(ours))
@@ -105,10 +138,27 @@ def test_round_trip_is_exact(case):
 
 
 def _same_shape_fields(a: ModelConfig, b: ModelConfig) -> bool:
-    keys = ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len", "norm", "position", "ffn", "bias",
-            "tie_embeddings", "norm_eps", "rope_theta")
-    return all(getattr(a, k) == getattr(b, k) for k in keys) and a.ffn_width() == b.ffn_width() \
-        and a.kv_heads() == b.kv_heads() and a.resolved_head_dim() == b.resolved_head_dim()
+    keys = (
+        "n_layers",
+        "d_model",
+        "n_heads",
+        "vocab_size",
+        "max_seq_len",
+        "norm",
+        "position",
+        "ffn",
+        "bias",
+        "tie_embeddings",
+        "norm_eps",
+        "rope_theta",
+        "qk_norm",
+    )
+    return (
+        all(getattr(a, k) == getattr(b, k) for k in keys)
+        and a.ffn_width() == b.ffn_width()
+        and a.kv_heads() == b.kv_heads()
+        and a.resolved_head_dim() == b.resolved_head_dim()
+    )
 
 
 def test_hf_config_fields():
@@ -124,26 +174,35 @@ def test_hf_config_fields():
     assert model_config_from_hf(ll).rope_theta == 500000.0  # survives whichever field transformers keeps it in
 
 
-@pytest.mark.parametrize("cfg, message", [
-    (lambda: llama_cfg(qk_norm=True), "qk_norm"),
-    (lambda: llama_cfg(norm_position="post"), "norm_position"),
-    (lambda: llama_cfg(norm="layernorm"), "rmsnorm"),
-    (lambda: llama_cfg(ffn="mlp", ffn_mult=4.0, ffn_hidden=0), "swiglu"),
-    (lambda: llama_cfg(init="deepnet", norm_position="post"), "norm_position|residual"),
-    (lambda: gpt2_cfg(norm="layernorm_nobias"), "layernorm"),
-    (lambda: gpt2_cfg(bias=False), "bias"),
-    (lambda: gpt2_cfg(n_kv_heads=2), "GQA"),
-    (lambda: gpt2_cfg(position="none"), "position"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (lambda: llama_cfg(qk_norm=True, bias=True), "Qwen3's MLP has no biases"),
+        (lambda: gpt2_cfg(qk_norm=True), "qk_norm"),
+        (lambda: llama_cfg(norm_position="post"), "norm_position"),
+        (lambda: llama_cfg(norm="layernorm"), "rmsnorm"),
+        (lambda: llama_cfg(ffn="mlp", ffn_mult=4.0, ffn_hidden=0), "swiglu"),
+        (lambda: llama_cfg(init="deepnet", norm_position="post"), "norm_position|residual"),
+        (lambda: gpt2_cfg(norm="layernorm_nobias"), "layernorm"),
+        (lambda: gpt2_cfg(bias=False), "bias"),
+        (lambda: gpt2_cfg(n_kv_heads=2), "GQA"),
+        (lambda: gpt2_cfg(position="none"), "position"),
+    ],
+)
 def test_refuses_what_hf_cannot_represent(cfg, message):
     with pytest.raises(UserError, match=message):
         hf_config(cfg())
 
 
 def test_refuses_hf_configs_tokenmill_cannot_represent():
-    scaled = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=96,
-                                      vocab_size=50, rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                                      "rope_theta": 10000.0})
+    scaled = transformers.LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        intermediate_size=96,
+        vocab_size=50,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    )
     with pytest.raises(UserError, match="RoPE scaling"):
         model_config_from_hf(scaled)
     with pytest.raises(UserError, match="model_type='mistral'"):

@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "ablate": ("ablate", "run a grid of configs x seeds and tabulate the results", True),
     "generate": ("generate", "generate text from a run or checkpoint (KV-cache engine)", False),
     "serve": ("serve", "OpenAI-compatible HTTP server for a checkpoint (streaming, batching, playground)", False),
+    "export": ("export", "write a checkpoint as a Hugging Face model folder (verified with transformers)", False),
+    "import": ("hf_import", "turn a Hugging Face GPT-2/Llama/Qwen3 model into a tokenmill run folder", False),
+    "eval": ("eval", "loss/perplexity/bits per byte over a data source, or lm-evaluation-harness tasks", False),
 }
 
 

@@ -2,8 +2,9 @@
 
 A sink has `log(step, metrics, kind)` and `close()`. Kinds: config, startup, resume, train, eval, sample
 ({"prompt", "text"} or {"samples": {prompt: text}}), checkpoint, nonfinite, diverged, warning ({"message"}),
-summary. Ranks other than 0 get a MultiSink with no sinks, so the loop never checks the rank. TensorBoard and
-W&B are imported only when enabled.
+summary, eval_tasks ({"task/metric": score}) and eval_source (loss, ppl, bpb over a data source). Ranks other
+than 0 get a MultiSink with no sinks, so the loop never checks the rank. TensorBoard and W&B are imported only
+when enabled.
 
 A metrics file that cannot be written (full disk, read-only or vanished folder) is one UserError line naming
 the path; MultiSink then drops that sink, so the run's closing summary still reaches the others.
@@ -32,9 +33,11 @@ if TYPE_CHECKING:
     from tokenmill.metrics.config import LogConfig
 
 KINDS = ("config", "startup", "resume", "train", "eval", "sample", "checkpoint", "nonfinite", "diverged", "warning",
-         "summary")
+         "summary", "eval_tasks", "eval_source")
 # events of these kinds logged after the resumed checkpoint's step are dropped when a run resumes
-STEP_KINDS = ("train", "eval", "sample", "checkpoint", "nonfinite", "diverged")
+STEP_KINDS = ("train", "eval", "sample", "checkpoint", "nonfinite", "diverged", "eval_tasks")
+# kinds whose numbers TensorBoard and W&B plot (eval_tasks: lm-eval scores "task/metric"; eval_source: loss/bpb)
+PLOTTED_KINDS = ("train", "eval", "eval_tasks", "eval_source")
 JSONL_NAME = "metrics.jsonl"
 TB_DIR = "tb"
 WANDB_ID_FILE = "wandb_id.txt"
@@ -202,6 +205,9 @@ class ConsoleSink:
         elif kind == "eval":
             extra = "".join(f" | {k} {v:.4f}" for k, v in m.items() if k != "loss" and isinstance(v, float))
             self.console.print(f"[bold]eval[/] step {step} | loss {_num(m.get('loss'), '.4f')}{extra}")
+        elif kind in ("eval_tasks", "eval_source"):
+            body = " | ".join(f"{k} {v:.4f}" for k, v in scalars(m).items())
+            self.console.print(f"[bold]{kind.replace('_', ' ')}[/] step {step} | {body}")
         elif kind == "sample":
             from rich.markup import escape
 
@@ -301,7 +307,7 @@ class TensorBoardSink:
             self._log(step, metrics, kind)
 
     def _log(self, step: int, metrics: Mapping[str, Any], kind: str) -> None:
-        if kind in ("train", "eval"):
+        if kind in PLOTTED_KINDS:
             for key, value in scalars(metrics).items():
                 self.writer.add_scalar(f"{kind}/{key}", value, step)
         elif kind == "sample":
@@ -360,7 +366,7 @@ class WandbSink:
                               config=to_jsonable(config.to_dict() if hasattr(config, "to_dict") else config or {}))
 
     def log(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
-        if kind in ("train", "eval", "nonfinite"):
+        if kind in (*PLOTTED_KINDS, "nonfinite"):
             self.run.log({f"{kind}/{k}": v for k, v in scalars(metrics).items()}, step=step)
         elif kind == "sample":
             self.run.log({f"sample/{prompt}": text for prompt, text in samples(metrics).items()}, step=step)

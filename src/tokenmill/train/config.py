@@ -40,6 +40,11 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
     step_cadence: float = opt(1.0, "multiply every log/eval/checkpoint interval (steps or tokens) by this")
     out_dir: str = opt("runs/demo", "run folder: checkpoints, logs, tokenizer cache")
+    init_from: str = opt(
+        "",
+        "start a new run from this checkpoint's weights (or a run folder's latest) with a fresh optimizer, "
+        "schedule and data order; --resume continues a run instead",
+    )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
 
     def validate(self) -> None:
@@ -85,10 +90,20 @@ class EvalConfig:
     max_batches: int = opt(8, "micro-batches per rank per evaluation; 0 = the whole eval set (one pass)")
     sample_prompts: list[str] = opt(["def ", "import ", "class "], "prompts sampled after the final evaluation")
     sample_tokens: int = opt(48, "tokens generated per sample prompt")
+    tasks: list[str] = opt([], "lm-evaluation-harness tasks run at each evaluation, e.g. [arc_easy] (tokenmill[eval])")
+    tasks_limit: int = opt(0, "examples per lm-eval task; 0 = every example")
+    tasks_include_path: str = opt("", "folder of extra lm-eval task YAMLs (local datasets) for eval.tasks")
 
     def validate(self) -> None:
         require_positive(
-            self, "eval", "interval_steps", "interval_tokens", "max_batches", "sample_tokens", allow_zero=True
+            self,
+            "eval",
+            "interval_steps",
+            "interval_tokens",
+            "max_batches",
+            "sample_tokens",
+            "tasks_limit",
+            allow_zero=True,
         )
 
 

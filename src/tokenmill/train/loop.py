@@ -128,6 +128,10 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     counts = param_counts(cfg.model)
     # built on meta; the engine materialises it after wrapping (each FSDP rank allocates only its shards)
     engine = build_engine(build_meta(cfg.model), cfg, dist, precision)  # pipeline -> AC -> compile -> FSDP2/DDP
+    if cfg.train.init_from and resume_path is None:  # weights only; a resumed run restores its own checkpoint
+        from tokenmill.train.init_from import load_initial_weights
+
+        load_initial_weights(engine, cfg, tokenizer)
     plan: BatchPlan = plan_batches(cfg.train.micro_batch_size, cfg.train.seq_len, engine.dp_size,
                                    cfg.train.global_batch_tokens, cfg.train.total_tokens, cfg.train.max_steps,
                                    counts["total"], grad_accum=cfg.train.grad_accum)
@@ -180,6 +184,10 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
 
     def evaluate_now() -> dict[str, float] | None:
         """Eval on every rank and log it; None when skipped or failed (a failure is logged as a warning)."""
+        if cfg.eval.tasks:  # lm-eval tasks on the whole model, held-out split or not; a failure is a warning too
+            from tokenmill.eval.tasks import evaluate_tasks_in_training
+
+            evaluate_tasks_in_training(engine, cfg, tokenizer, sinks, state.step)
         if skip_eval:
             return None
         try:
