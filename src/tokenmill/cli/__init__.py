@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "ablate": ("ablate", "run a grid of configs x seeds and tabulate the results", True),
     "generate": ("generate", "generate text from a run or checkpoint (KV-cache engine)", False),
     "serve": ("serve", "OpenAI-compatible HTTP server for a checkpoint (streaming, batching, playground)", False),
+    "control": ("control", "running trainings: tokenmill control list|status|save|stop|abort", False),
 }
 
 
