@@ -20,13 +20,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tokenmill.checkpoint.folder import atomic_write_json
+from tokenmill.checkpoint.folder import TMP_PREFIX, atomic_write_json
 from tokenmill.jobs.actions import REQUESTS, Action
 from tokenmill.jobs.signals import SignalRequests
 
 CONTROL_DIR = "control"
 REQUEST_PREFIX = "request-"
 ACK_NAME = "ack.json"
+STATUS_NAME = "status.json"  # the heartbeat (jobs/status.py)
+# What job control writes under a run's out_dir (train/run_dir.py removes exactly these on --overwrite), with the
+# temporary names of atomic writes
+OUTPUTS = tuple(
+    f"{CONTROL_DIR}/{prefix}{name}"
+    for prefix in ("", TMP_PREFIX)
+    for name in (f"{REQUEST_PREFIX}*.json", ACK_NAME, STATUS_NAME)
+)
 # A folder changed this recently is listed again even if its mtime looks unchanged: filesystems with coarse
 # timestamps (1-2 s) give two changes in the same tick the same mtime.
 RECENT_NS = 2_000_000_000

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.checkpoint.folder import atomic_write_json
-from tokenmill.jobs.control import CONTROL_DIR, control_dir
+from tokenmill.jobs.control import CONTROL_DIR, STATUS_NAME, control_dir
 
-STATUS_NAME = "status.json"
 RUNNING = "running"  # the heartbeat's state until the summary event gives the final one
 ALIVE, DEAD, UNKNOWN = "alive", "dead", "unknown"  # what a reader concludes about a run still marked running
 TRAIN_FIELDS = ("loss", "lr", "tokens_seen", "tokens_per_s", "eta_s", "total_steps")  # copied from a log step
