@@ -72,6 +72,8 @@ def test_ack_records_action_step_checkpoint_and_requests(tmp_path):
     assert (ack["action"], ack["step"], ack["requests"]) == ("save", 7, ["1-2"])
     assert ack["checkpoint"].endswith("step_00000007")
     assert json.loads((control_dir(tmp_path) / ACK_NAME).read_text()) == ack
+    assert read_ack(tmp_path, since=ack["time"]) == ack
+    assert read_ack(tmp_path, since=ack["time"] + 1) is None  # an earlier process's acknowledgement
 
 
 @pytest.fixture

@@ -153,7 +153,7 @@ def show_status(run_dir: Path, status: dict[str, Any], as_json: bool) -> int:
     from tokenmill.metrics.sinks import duration, human
 
     now = time.time()
-    state, ack = liveness(status, now), read_ack(run_dir)
+    state, ack = liveness(status, now), read_ack(run_dir, since=status.get("started_at"))
     if as_json:
         print(json.dumps({"run": str(run_dir), "liveness": state, **status, "ack": ack}, indent=2))
         return 0

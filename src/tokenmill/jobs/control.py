@@ -87,12 +87,16 @@ def write_ack(
     return ack
 
 
-def read_ack(run_dir: str | Path) -> dict[str, Any] | None:
-    """The last acknowledgement of a run, or None when it has acted on nothing yet."""
+def read_ack(run_dir: str | Path, since: float | None = None) -> dict[str, Any] | None:
+    """The last acknowledgement of a run, or None when there is none (or none written after `since`: an
+    earlier process in the same folder wrote it)."""
     try:
-        return json.loads((control_dir(run_dir) / ACK_NAME).read_text(encoding="utf-8"))
+        ack = json.loads((control_dir(run_dir) / ACK_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if not isinstance(ack, dict) or (since is not None and float(ack.get("time") or 0) < since):
+        return None
+    return ack
 
 
 class RequestPoller:
