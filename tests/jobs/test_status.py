@@ -45,8 +45,9 @@ def test_heartbeat_follows_the_runs_events(tmp_path):
     assert now["heartbeat_s"] is not None and now["heartbeat_s"] >= 0
     assert "ppl" not in now
 
-    sink.log(4, {"status": "aborted", "steps": 4}, kind="summary")
-    assert read_status(tmp_path)["state"] == "aborted"
+    sink.log(4, {"status": "aborted", "steps": 4, "tokens_seen": 512, "final_loss": 3.25}, kind="summary")
+    final = read_status(tmp_path)
+    assert (final["state"], final["loss"], final["tokens_seen"]) == ("aborted", 3.25, 512)
     assert liveness(read_status(tmp_path)) == "aborted"
 
 

@@ -125,8 +125,8 @@ def list_runs(root: Path, as_json: bool) -> int:
 
 
 def table_row(row: dict[str, Any], now: float) -> list[str]:
-    from tokenmill.jobs.status import ALIVE, eta_now
-    from tokenmill.metrics.sinks import duration, human
+    from tokenmill.jobs.status import ALIVE
+    from tokenmill.metrics.sinks import human
 
     total = row.get("total_steps")
     alive = row["liveness"] == ALIVE
@@ -136,9 +136,17 @@ def table_row(row: dict[str, Any], now: float) -> list[str]:
         f"{row.get('step')}/{total}" if total else str(row.get("step")),
         "-" if row.get("loss") is None else f"{row['loss']:.4f}",
         "-" if row.get("tokens_per_s") is None else human(row["tokens_per_s"]),
-        duration(eta_now(row, now)) if alive else "-",
+        show_eta(row, now) if alive else "-",
         row.get("last_checkpoint") or "-",
     ]
+
+
+def show_eta(status: dict[str, Any], now: float) -> str:
+    from tokenmill.jobs.status import eta_now
+    from tokenmill.metrics.sinks import duration
+
+    eta = eta_now(status, now)
+    return "-" if eta is None else duration(eta)
 
 
 def print_table(rows: list[list[str]]) -> None:
@@ -149,7 +157,7 @@ def print_table(rows: list[list[str]]) -> None:
 
 def show_status(run_dir: Path, status: dict[str, Any], as_json: bool) -> int:
     from tokenmill.jobs.control import read_ack
-    from tokenmill.jobs.status import ALIVE, eta_now, liveness
+    from tokenmill.jobs.status import ALIVE, liveness
     from tokenmill.metrics.sinks import duration, human
 
     now = time.time()
@@ -166,7 +174,7 @@ def show_status(run_dir: Path, status: dict[str, Any], as_json: bool) -> int:
         "loss": f"{status['loss']:.4f}" if status.get("loss") is not None else "-",
         "lr": f"{status['lr']:.3e}" if status.get("lr") is not None else "-",
         "tokens/s": human(status["tokens_per_s"]) if status.get("tokens_per_s") is not None else "-",
-        "eta": duration(eta_now(status, now)) if state == ALIVE else "-",
+        "eta": show_eta(status, now) if state == ALIVE else "-",
         "heartbeat": f"{duration(now - float(status.get('updated_at') or now))} ago",
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(status.get("started_at") or 0))),
         "checkpoint": status.get("last_checkpoint") or "-",

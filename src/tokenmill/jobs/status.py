@@ -69,6 +69,9 @@ class StatusSink:
             self.status["last_checkpoint"] = metrics.get("path")
         elif kind == "summary":
             self.status["state"] = metrics.get("status")
+            self.status["tokens_seen"] = metrics.get("tokens_seen", self.status["tokens_seen"])
+            if metrics.get("final_loss") is not None:
+                self.status["loss"] = finite(metrics["final_loss"])
         elif kind != "startup":
             return
         self.status["step"] = step
