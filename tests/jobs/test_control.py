@@ -141,3 +141,15 @@ def test_other_ranks_do_not_read_requests(tmp_path):
         assert read_ack(tmp_path) is None
     finally:
         control.close()
+
+
+def test_overwrite_removes_the_previous_runs_control_files_and_nothing_else(tmp_path):
+    from tokenmill.jobs.status import StatusSink
+    from tokenmill.train.run_dir import prepare_run_dir
+
+    StatusSink(tmp_path).write()
+    write_ack(tmp_path, Action.STOP, 3, None, [])
+    write_request(tmp_path, Action.SAVE)
+    (control_dir(tmp_path) / "notes.txt").write_text("mine\n")
+    prepare_run_dir(tmp_path, overwrite=True).commit()
+    assert [p.name for p in control_dir(tmp_path).iterdir()] == ["notes.txt"]
