@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 from tokenmill.jobs.status import (
     ALIVE,
     DEAD,
@@ -64,8 +66,6 @@ def test_this_process_is_alive_and_a_finished_one_is_dead(tmp_path):
 def test_a_recycled_pid_is_not_the_run():
     """A process with the run's pid but another creation time (the pid was reused) does not count."""
     me = os.getpid()
-    import psutil
-
     created = psutil.Process().create_time()
     assert process_alive(me, created)
     assert not process_alive(me, created - 3600)

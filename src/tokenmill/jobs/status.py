@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from tokenmill.checkpoint.folder import atomic_write_json
 from tokenmill.jobs.control import CONTROL_DIR, STATUS_NAME, control_dir
 
@@ -34,8 +36,6 @@ class StatusSink:
     """Writes the heartbeat; a metrics sink (`log(step, metrics, kind)`, `close()`) the loop adds on rank 0."""
 
     def __init__(self, run_dir: str | Path, started_at: float | None = None, total_steps: int | None = None) -> None:
-        import psutil
-
         self.path = control_dir(run_dir) / STATUS_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.status: dict[str, Any] = {
@@ -111,8 +111,6 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
 
 def process_alive(pid: Any, created: Any) -> bool:
     """True when process `pid` exists on this host, is not a zombie, and was created at `created` (unix time)."""
-    import psutil
-
     try:
         process = psutil.Process(int(pid))
         return (
