@@ -1,5 +1,5 @@
 """A finished run keeps its work: no eval split, a failing eval or a failing sampler never cost the final
-checkpoint; a second Ctrl-C waits for the save in progress; a fresh run never continues a dead run's W&B run."""
+checkpoint; an interrupting Ctrl-C waits for the save in progress; a fresh run never continues a dead run's W&B run."""
 
 from __future__ import annotations
 
@@ -68,12 +68,13 @@ def test_a_failing_eval_or_sampler_never_costs_the_final_checkpoint(tmp_path, mo
     assert [e["step"] for e in events(result.run_dir, "checkpoint")] == [2, 4]
 
 
-def test_second_ctrl_c_inside_a_save_lets_it_complete_then_stops(tmp_path, monkeypatch, capsys):
-    """Ctrl-C during step 3 asks for a checkpoint; a second one while that checkpoint is being written waits for it
-    to complete, then stops the run (exit 130): the checkpoint is complete and the run resumes from it."""
-    from tokenmill.checkpoint import manager
+def test_interrupting_ctrl_c_inside_a_save_lets_it_complete_then_stops(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during step 3 asks for a stop (a checkpoint); the second (abort) and third (interrupt at once) land
+    while that checkpoint is being written: the save completes, then the run stops (exit 130); the checkpoint is
+    complete and the run resumes from it."""
+    from tokenmill.checkpoint import weights
 
-    real_fb, real_write = Engine.forward_backward, manager.write_safetensors
+    real_fb, real_write = Engine.forward_backward, weights.write_safetensors
     calls = {"micro": 0}
 
     def first_ctrl_c(self, *args, **kwargs):
@@ -83,11 +84,12 @@ def test_second_ctrl_c_inside_a_save_lets_it_complete_then_stops(tmp_path, monke
         return real_fb(self, *args, **kwargs)
 
     def second_ctrl_c(handle, tensors, metadata):
-        os.kill(os.getpid(), signal.SIGINT)  # lands in the middle of writing the weights
+        for _ in range(2):  # land in the middle of writing the weights
+            os.kill(os.getpid(), signal.SIGINT)
         return real_write(handle, tensors, metadata)
 
     monkeypatch.setattr(Engine, "forward_backward", first_ctrl_c)
-    monkeypatch.setattr(manager, "write_safetensors", second_ctrl_c)
+    monkeypatch.setattr(weights, "write_safetensors", second_ctrl_c)
     run_dir = tmp_path / "run"
     args = cli_args(run_dir, 6)
     assert main(args) == 130
@@ -95,13 +97,13 @@ def test_second_ctrl_c_inside_a_save_lets_it_complete_then_stops(tmp_path, monke
     assert err.strip() == "interrupted" and "Traceback" not in err
     saved = checkpoints(run_dir)
     assert [p.name for p in saved] == ["step_00000003"]
-    assert json.loads((saved[0] / "meta.json").read_text())["reason"] == "signal"
+    assert json.loads((saved[0] / "meta.json").read_text())["reason"] == "stop"
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert events(run_dir, "summary")[-1]["status"] == "interrupted"
-    assert [(e["step"], e["reason"]) for e in events(run_dir, "checkpoint")] == [(3, "signal")]
+    assert [(e["step"], e["reason"]) for e in events(run_dir, "checkpoint")] == [(3, "stop")]
 
     monkeypatch.setattr(Engine, "forward_backward", real_fb)
-    monkeypatch.setattr(manager, "write_safetensors", real_write)
+    monkeypatch.setattr(weights, "write_safetensors", real_write)
     assert main([*args, "--resume"]) == 0
     assert [e["step"] for e in events(run_dir, "resume")] == [3]
     assert_final_checkpoint(run_dir, 6)

@@ -39,7 +39,7 @@ KILL = ("model.dropout=0.1", f"checkpoint.interval_steps={K}")
 
 
 def sigterm_at_call(monkeypatch, call: int) -> None:
-    """Send this process SIGTERM during the `call`-th micro-step of the next train() (StopRequest handles it)."""
+    """Send this process SIGTERM during the `call`-th micro-step of the next train() (a stop request)."""
     real = Engine.forward_backward
     seen = {"n": 0}
 
@@ -72,7 +72,7 @@ def test_stop_resume_stop_resume_equals_straight_run(tmp_path, monkeypatch):
         assert (part.status, part.exit_code, part.state.step) == ("stopped", 0, (segment + 1) * N)
         saved = checkpoints(run_dir)[-1]
         assert saved.name == f"step_{(segment + 1) * N:08d}"
-        assert '"reason": "signal"' in (saved / "meta.json").read_text()
+        assert '"reason": "stop"' in (saved / "meta.json").read_text()
         parts.append(part)
     last = train(cfg, resume=True)
     assert last.status == "completed"

@@ -158,14 +158,20 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def any_rank(flag: bool, device: torch.device | None = None) -> bool:
-    """True when `flag` is true on any rank: for decisions every rank must take together (stop, skip step,
-    data exhausted), so no rank waits alone at the next collective."""
+def max_over_ranks(value: int, device: torch.device | None = None) -> int:
+    """The largest `value` over all ranks: one all-reduce that gives every rank the same decision (job-control
+    codes are ordered so that the strongest request wins)."""
     if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device or _collective_device())
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device or _collective_device())
     all_reduce(t, "max")
-    return bool(t.item())  # host sync: intended, the decision is needed on the host
+    return int(t.item())  # host sync: intended, the decision is needed on the host
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True when `flag` is true on any rank: for decisions every rank must take together (skip a step, data
+    exhausted), so no rank waits alone at the next collective."""
+    return bool(max_over_ranks(int(flag), device))
 
 
 def _collective_device() -> torch.device:

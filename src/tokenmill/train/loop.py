@@ -10,6 +10,7 @@ so they never cost it a checkpoint.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,13 +23,17 @@ from tokenmill.config import Config
 from tokenmill.data.loader import build_loader
 from tokenmill.data.tokenizer import Tokenizer, build_tokenizer, check_vocab
 from tokenmill.errors import UserError
+from tokenmill.jobs.actions import Action
+from tokenmill.jobs.control import JobControl
+from tokenmill.jobs.status import StatusSink
 from tokenmill.metrics.banner import build_banner
 from tokenmill.metrics.monitor import StepMonitor
 from tokenmill.metrics.sinks import build_sinks, get_console
 from tokenmill.model import build_meta, param_counts
 from tokenmill.optim.optimizers import build_optimizer, scaled_lr
 from tokenmill.optim.schedules import build_scheduler
-from tokenmill.parallel.dist import DistInfo, all_reduce, any_rank, barrier, destroy_distributed, init_distributed
+from tokenmill.parallel.dist import (DistInfo, all_reduce, any_rank, barrier, destroy_distributed, init_distributed,
+                                     max_over_ranks)
 from tokenmill.parallel.engine import build_engine
 from tokenmill.train.batching import BatchPlan, plan_batches
 from tokenmill.train.cadence import build_cadence
@@ -36,14 +41,14 @@ from tokenmill.train.evaluation import check_eval_split, run_eval, write_samples
 from tokenmill.train.precision import Precision, resolve_precision
 from tokenmill.train.run_dir import prepare_run_dir
 from tokenmill.train.stability import DivergenceDetector
-from tokenmill.train.state import StopRequest, TrainState
+from tokenmill.train.state import TrainState
 
-EXIT_OK, EXIT_DIVERGED, EXIT_NONFINITE = 0, 3, 4
+EXIT_OK, EXIT_DIVERGED, EXIT_NONFINITE, EXIT_ABORTED = 0, 3, 4, 5
 
 
 @dataclass
 class TrainResult:
-    status: str  # completed | stopped | diverged | nonfinite (failed / interrupted only reach the summary event)
+    status: str  # completed | stopped | aborted | diverged | nonfinite (failed / interrupted only reach the summary event)
     exit_code: int
     state: TrainState
     losses: list[float] = field(default_factory=list)  # this process's step losses, in order
@@ -102,6 +107,7 @@ def is_cpu_out_of_memory(err: BaseException) -> bool:
 
 def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bool) -> TrainResult:
     # ---- set up -------------------------------------------------------------------------------------------
+    started_at = time.time()  # job-control requests older than this were meant for an earlier process
     run_dir = Path(cfg.train.out_dir)
     # batch arithmetic that does not divide fails here, before any file is touched or a tokenizer trained
     plan_batches(cfg.train.micro_batch_size, cfg.train.seq_len, max(1, dist.world_size // cfg.parallel.pp),
@@ -160,13 +166,15 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     # built after resume: sinks rewind past events a killed run logged after its checkpoint (and reuse its W&B run)
     sinks = build_sinks(cfg.log, run_dir, dist.rank, config=cfg.to_dict(),
                         resume_step=state.step if resume_path is not None else None)
+    if dist.is_main:  # the heartbeat `tokenmill control list|status` reads
+        sinks.sinks.append(StatusSink(run_dir, started_at, plan.total_steps))
     sinks.log(state.step, cfg.to_dict(), kind="config")  # the resolved config (vocab filled in)
     if resume_path is not None:
         sinks.log(state.step, {"path": str(resume_path)}, kind="resume")
 
     def save(reason: str, eval_result: dict[str, float] | None = None) -> None:
         """Checkpoint on every rank; `eval_result` only when an eval ran at this step (it ranks `best`)."""
-        with stop.protect():  # a second Ctrl-C waits for the save to complete (and be logged)
+        with control.protect():  # an interrupting Ctrl-C waits for the save to complete (and be logged)
             checkpointer.save(state.step, eval_loss=(eval_result or {}).get("loss"), reason=reason)
             sinks.log(state.step, {"path": str(checkpointer.last_path), "reason": reason}, kind="checkpoint")
 
@@ -202,7 +210,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         return result
 
     # ---- loop ---------------------------------------------------------------------------------------------
-    stop = StopRequest()
+    control = JobControl(run_dir, started_at, dist.is_main)  # signals and `tokenmill control` requests
     batches = iter(train_loader)
     if resume_path is not None:  # set-up since the load (sinks, iter) may have drawn: start from the saved RNG
         restore_rng(resumed_rng)
@@ -265,12 +273,23 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
                 last_eval = evaluated or last_eval
 
             # checkpoint
-            if cadence.is_checkpoint_step(state.step):
+            saved = cadence.is_checkpoint_step(state.step)
+            if saved:
                 save("interval", evaluated)
-            if any_rank(stop.reason is not None, device):
-                save("signal")
-                status = "stopped"
+
+            # job control: one decision for every rank, the strongest request on any rank (abort > stop > save)
+            action = Action(max_over_ranks(control.requested(), device))
+            if action == Action.ABORT:
+                control.done(action, state.step)
+                status, exit_code = "aborted", EXIT_ABORTED
                 break
+            if action != Action.NONE:
+                if not saved:
+                    save("manual" if action == Action.SAVE else "stop")
+                control.done(action, state.step, checkpointer.last_path)
+                if action == Action.STOP:
+                    status = "stopped"
+                    break
 
         # ---- tear down --------------------------------------------------------------------------------------
         if status == "completed":
@@ -283,13 +302,13 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
                     sinks.log(state.step, {"message": f"samples failed ({type(err).__name__}: {err})"},
                               kind="warning")
     except KeyboardInterrupt:
-        status = "interrupted"  # a second Ctrl-C (after any save in progress completed)
+        status = "interrupted"  # a third Ctrl-C (after any save in progress completed)
         raise
     except BaseException:
         status = "failed"  # the summary must not claim success while an error propagates
         raise
     finally:
-        stop.restore()
+        control.close()
         checkpointer.close()
         sinks.log(state.step, {"status": status, "steps": state.step, "tokens_seen": state.tokens_seen,
                                "skipped_steps": state.skipped_steps, "final_loss": losses[-1] if losses else None,

@@ -6,8 +6,9 @@ must be a writable folder with free space; a new run is refused over another run
 `--overwrite`; `--resume PATH` is refused when it would replace later checkpoints of this folder or mix in
 another run's, naming them, unless `--overwrite`. `RunDir.commit()`, called once set-up has succeeded
 (config, tokenizer, model, checkpoint loaded), makes the changes: it removes only what tokenmill's
-writers say they write (`OUTPUTS` of checkpoint/manager.py and metrics/sinks.py), never a user's own files
-in `checkpoints/`, `tb/` or `wandb/`, and moves an old metrics.jsonl aside so two runs never share one file.
+writers say they write (`OUTPUTS` of checkpoint/manager.py, metrics/sinks.py and jobs/control.py), never a
+user's own files in `checkpoints/`, `tb/`, `wandb/` or `control/`, and moves an old metrics.jsonl aside so
+two runs never share one file.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from tokenmill.checkpoint.find import (
 from tokenmill.checkpoint.folder import delete_folder, remove_path
 from tokenmill.checkpoint.manager import OUTPUTS as CHECKPOINT_OUTPUTS
 from tokenmill.errors import UserError
+from tokenmill.jobs.control import OUTPUTS as JOB_OUTPUTS
 from tokenmill.metrics.sinks import JSONL_NAME
 from tokenmill.metrics.sinks import OUTPUTS as SINK_OUTPUTS
 
 PROBE_PREFIX = ".tokenmill-write-test-"  # written and removed at set-up: a full disk fails there
 PROBE_BYTES = 1 << 20
-OUTPUTS = CHECKPOINT_OUTPUTS + SINK_OUTPUTS + (f"{PROBE_PREFIX}*",)  # every path pattern a run writes
+OUTPUTS = CHECKPOINT_OUTPUTS + SINK_OUTPUTS + JOB_OUTPUTS + (f"{PROBE_PREFIX}*",)  # every path pattern a run writes
 LATEST = (True, "latest", "auto")  # --resume without a path: this folder's latest valid checkpoint
 MAX_NAMED = 4  # checkpoints named in an error before "+N more"
 

@@ -1,13 +1,9 @@
-"""The training loop's own state: its counters (`TrainState`, a checkpoint part) and the stop request that
-SIGINT / SIGTERM raise (`StopRequest`)."""
+"""The training loop's own state: its counters (`TrainState`, a checkpoint part). Signals and stop requests are
+job control's (tokenmill/jobs)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import contextlib
 import math
-import signal
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -29,43 +25,3 @@ class TrainState:
         for item in fields(self):
             if item.name in state:
                 setattr(self, item.name, type(getattr(self, item.name))(state[item.name]))
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and exits 0.
-
-    A second Ctrl-C stops at once (KeyboardInterrupt), except inside `protect()` - a checkpoint save - where
-    it is held until the save has completed: an interrupted save would cost the checkpoint it was writing.
-    """
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._protecting = False
-        self._held = False
-        self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread (e.g. a notebook worker): no handlers
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if self.reason is not None and signum == signal.SIGINT:
-            if self._protecting:
-                self._held = True
-                return
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.reason = signal.Signals(signum).name
-
-    @contextlib.contextmanager
-    def protect(self) -> Iterator[None]:
-        """Hold a second Ctrl-C until the block (a checkpoint save) has finished, then stop."""
-        self._protecting = True
-        try:
-            yield
-        finally:
-            self._protecting = False
-        if self._held:
-            raise KeyboardInterrupt
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
