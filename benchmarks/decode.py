@@ -20,6 +20,7 @@ process's CPU time: with one torch thread that is the work done, unaffected by o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -100,7 +101,9 @@ def time_recompute(model, prompts: torch.Tensor, new: int, points: int) -> float
         step.append(clock() - start)
     # trapezoid over step index: step k runs on length P + k, k = 0 .. new-1
     total = 0.0
-    for (l0, t0), (l1, t1) in zip(zip(lengths, step), zip(lengths[1:], step[1:])):
+    for (l0, t0), (l1, t1) in zip(
+        zip(lengths, step, strict=False), zip(lengths[1:], step[1:], strict=False), strict=False
+    ):
         total += (t0 + t1) / 2 * (l1 - l0)
     return total + (step[0] + step[-1]) / 2  # the trapezoid covers new-1 intervals; add one step
 
@@ -118,8 +121,13 @@ def time_transformers(model, prompts: torch.Tensor, new: int, repeats: int) -> f
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -140,17 +148,22 @@ def main() -> None:
     import transformers
 
     cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"# {datetime.date.today()} | {cpu} | {os.cpu_count()} cores, {args.threads} torch thread(s) | "
-          f"load {os.getloadavg()[0]:.1f} | torch {torch.__version__} | transformers {transformers.__version__} | "
-          f"commit {git_commit()}")
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    print(
+        f"# {datetime.date.today()} | {cpu} | {os.cpu_count()} cores, {args.threads} torch thread(s) | "
+        f"load {os.getloadavg()[0]:.1f} | torch {torch.__version__} | transformers {transformers.__version__} | "
+        f"commit {git_commit()}"
+    )
     print(f"# {args.new_tokens} new tokens per row after a {args.prompt_tokens}-token prompt, greedy, fp32, CPU")
-    print("| model | batch | kv cache tok/s | kv compiled tok/s | full recompute tok/s | transformers tok/s | "
-          "kv / recompute | kv / transformers |")
+    print(
+        "| model | batch | kv cache tok/s | kv compiled tok/s | full recompute tok/s | transformers tok/s | "
+        "kv / recompute | kv / transformers |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for preset in args.models.split(","):
         model = build(preset)
@@ -158,16 +171,21 @@ def main() -> None:
             prompts = torch.randint(0, 256, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
             tokens = batch * args.new_tokens
             kv = tokens / time_kv_cache(model, prompts, args.new_tokens, args.repeats)
-            compiled = "-" if args.no_compile else \
-                f"{tokens / time_kv_cache(model, prompts, args.new_tokens, args.repeats, compile_=True):.1f}"
+            compiled = (
+                "-"
+                if args.no_compile
+                else f"{tokens / time_kv_cache(model, prompts, args.new_tokens, args.repeats, compile_=True):.1f}"
+            )
             hf = tokens / time_transformers(model, prompts, args.new_tokens, args.repeats)
             if args.skip_recompute:
                 full, ratio = "-", "-"
             else:
                 full_rate = tokens / time_recompute(model, prompts, args.new_tokens, args.recompute_points)
                 full, ratio = f"{full_rate:.1f}", f"{kv / full_rate:.1f}x"
-            print(f"| {preset} | {batch} | {kv:.1f} | {compiled} | {full} | {hf:.1f} | {ratio} | {kv / hf:.2f}x |",
-                  flush=True)
+            print(
+                f"| {preset} | {batch} | {kv:.1f} | {compiled} | {full} | {hf:.1f} | {ratio} | {kv / hf:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -63,8 +63,10 @@ def main() -> int:
                 print(f"{preset:<14} {args.micro_batch:>3} {ac:<5} {plan[key] / GIB:>14.2f} {'OOM':>13}")
                 torch.cuda.empty_cache()
                 continue
-            print(f"{preset:<14} {args.micro_batch:>3} {ac:<5} {plan[key] / GIB:>14.2f} {measured / GIB:>13.2f} "
-                  f"{plan[key] / measured:>9.2f}")
+            print(
+                f"{preset:<14} {args.micro_batch:>3} {ac:<5} {plan[key] / GIB:>14.2f} {measured / GIB:>13.2f} "
+                f"{plan[key] / measured:>9.2f}"
+            )
     return 0
 
 

@@ -36,8 +36,16 @@ from pathlib import Path
 import torch
 
 WARMUP = 2
-DEMO = ["data.tokenizer=byte", "model.vocab_size=4096", "eval.sample_prompts=[]", "eval.max_batches=1",
-        "eval.interval_steps=0", "checkpoint.interval_steps=0", "train.device=cpu", "model.dropout=0.0"]
+DEMO = [
+    "data.tokenizer=byte",
+    "model.vocab_size=4096",
+    "eval.sample_prompts=[]",
+    "eval.max_batches=1",
+    "eval.interval_steps=0",
+    "checkpoint.interval_steps=0",
+    "train.device=cpu",
+    "model.dropout=0.0",
+]
 
 
 def cpu_name() -> str:
@@ -53,8 +61,18 @@ def cpu_name() -> str:
 def demo_config(precision: str, compile_: bool, out_dir: str, steps: int, extra: list[str]):
     from tokenmill.config import load_config
 
-    return load_config(["demo"], None, [*DEMO, f"train.precision={precision}", f"train.compile={compile_}",
-                                        f"train.max_steps={steps}", f"train.out_dir={out_dir}", *extra])
+    return load_config(
+        ["demo"],
+        None,
+        [
+            *DEMO,
+            f"train.precision={precision}",
+            f"train.compile={compile_}",
+            f"train.max_steps={steps}",
+            f"train.out_dir={out_dir}",
+            *extra,
+        ],
+    )
 
 
 def fixed_batch(cfg) -> dict[str, torch.Tensor]:
@@ -88,8 +106,9 @@ def now() -> tuple[float, float]:
 
 def step_times(starts: list[tuple[float, float]]) -> dict[str, list[float]]:
     """Wall and CPU seconds of each step from step start times, skipping the warm-up steps."""
-    return {clock: [b[i] - a[i] for a, b in itertools.pairwise(starts)][WARMUP:]
-            for i, clock in enumerate(("wall", "cpu"))}
+    return {
+        clock: [b[i] - a[i] for a, b in itertools.pairwise(starts)][WARMUP:] for i, clock in enumerate(("wall", "cpu"))
+    }
 
 
 def bare_round(cfg, batch: dict[str, torch.Tensor], steps: int) -> dict[str, list[float]]:
@@ -99,11 +118,13 @@ def bare_round(cfg, batch: dict[str, torch.Tensor], steps: int) -> dict[str, lis
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                            weight_decay=o.weight_decay, fused=True)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=True
+    )
     window = batch["tokens"]
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16" else contextlib.nullcontext()
+    )
     starts = []
     for _ in range(steps + WARMUP + 1):
         starts.append(now())
@@ -117,8 +138,9 @@ def bare_round(cfg, batch: dict[str, torch.Tensor], steps: int) -> dict[str, lis
     return step_times(starts)
 
 
-def tokenmill_round(precision: str, compile_: bool, steps: int, extra: list[str]
-                    ) -> tuple[dict[str, list[float]], float]:
+def tokenmill_round(
+    precision: str, compile_: bool, steps: int, extra: list[str]
+) -> tuple[dict[str, list[float]], float]:
     """tokenmill's train() on the fixed batch; returns (step times, wall seconds of set-up + compile)."""
     import tokenmill.train.loop as train_module
     from tokenmill.parallel.engine import Engine
@@ -160,8 +182,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating bare/tokenmill rounds per setting")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--precision", action="append", default=None, help="fp32 and/or bf16 (default both)")
-    parser.add_argument("--override", action="append", default=[], help="extra config override, e.g. "
-                        "model.n_layers=2 (applies to both sides)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="extra config override, e.g. model.n_layers=2 (applies to both sides)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # a cold Inductor cache, so "set-up+compile" is what a first run pays (removed at exit)
@@ -169,38 +195,57 @@ def main() -> int:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     precisions = args.precision or ["fp32", "bf16"]
     load_before = os.getloadavg()
-    print(f"step_overhead: {time.strftime('%Y-%m-%d %H:%M')}, {cpu_name()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {args.threads} thread(s), load average {load_before[0]:.1f}")
+    print(
+        f"step_overhead: {time.strftime('%Y-%m-%d %H:%M')}, {cpu_name()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {args.threads} thread(s), load average {load_before[0]:.1f}"
+    )
     probe = demo_config("fp32", False, "unused", 1, args.override)
     tokens = probe.train.micro_batch_size * probe.train.seq_len
-    print(f"model: {probe.model.n_layers} layers, d={probe.model.d_model}, vocab {probe.model.vocab_size}; "
-          f"batch {probe.train.micro_batch_size} x {probe.train.seq_len} = {tokens} tokens/step; "
-          f"{args.rounds} rounds x {args.steps} steps\n")
+    print(
+        f"model: {probe.model.n_layers} layers, d={probe.model.d_model}, vocab {probe.model.vocab_size}; "
+        f"batch {probe.train.micro_batch_size} x {probe.train.seq_len} = {tokens} tokens/step; "
+        f"{args.rounds} rounds x {args.steps} steps\n"
+    )
 
-    header = ("mode", "precision", "bare ms/step (CPU)", "tokenmill ms/step (CPU)", "overhead (CPU)",
-              "overhead (wall)", "tokenmill tokens/s (wall)", "set-up+compile (wall)")
+    header = (
+        "mode",
+        "precision",
+        "bare ms/step (CPU)",
+        "tokenmill ms/step (CPU)",
+        "overhead (CPU)",
+        "overhead (wall)",
+        "tokenmill tokens/s (wall)",
+        "set-up+compile (wall)",
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
     for precision in precisions:
         cfg = demo_config(precision, False, "unused", 1, args.override)
         batch = fixed_batch(cfg)
-        rounds = [(bare_round(cfg, batch, args.steps), tokenmill_round(precision, False, args.steps,
-                                                                        args.override)[0])
-                  for _ in range(args.rounds)]
+        rounds = [
+            (bare_round(cfg, batch, args.steps), tokenmill_round(precision, False, args.steps, args.override)[0])
+            for _ in range(args.rounds)
+        ]
         bare_cpu = statistics.median([t for b, _ in rounds for t in b["cpu"]])
         mill_cpu = statistics.median([t for _, m in rounds for t in m["cpu"]])
         mill_wall = statistics.median([t for _, m in rounds for t in m["wall"]])
         cpu, cpu_each = paired_overhead(rounds, "cpu")
         wall, wall_each = paired_overhead(rounds, "wall")
-        lines.append(f"| eager | {precision} | {1000 * bare_cpu:.1f} | {1000 * mill_cpu:.1f} | {100 * cpu:+.1f}% | "
-                     f"{100 * wall:+.1f}% | {tokens / mill_wall:,.0f} | - |")
-        notes.append(f"{precision} rounds, CPU: {' '.join(f'{100 * r:+.1f}%' for r in cpu_each)}; "
-                     f"wall: {' '.join(f'{100 * r:+.1f}%' for r in wall_each)}")
+        lines.append(
+            f"| eager | {precision} | {1000 * bare_cpu:.1f} | {1000 * mill_cpu:.1f} | {100 * cpu:+.1f}% | "
+            f"{100 * wall:+.1f}% | {tokens / mill_wall:,.0f} | - |"
+        )
+        notes.append(
+            f"{precision} rounds, CPU: {' '.join(f'{100 * r:+.1f}%' for r in cpu_each)}; "
+            f"wall: {' '.join(f'{100 * r:+.1f}%' for r in wall_each)}"
+        )
     if not args.no_compile:
         for precision in precisions:
             times, setup = tokenmill_round(precision, True, args.steps, args.override)
-            lines.append(f"| compiled | {precision} | - | {1000 * statistics.median(times['cpu']):.1f} | - | - | "
-                         f"{tokens / statistics.median(times['wall']):,.0f} | {setup:.0f} s |")
+            lines.append(
+                f"| compiled | {precision} | - | {1000 * statistics.median(times['cpu']):.1f} | - | - | "
+                f"{tokens / statistics.median(times['wall']):,.0f} | {setup:.0f} s |"
+            )
     print("\n".join(lines))
     print("\n" + "\n".join(notes))
     load_after = os.getloadavg()

@@ -9,8 +9,16 @@ import torch
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.mktemp("caches")
-    for var in ("HF_HOME", "HF_DATASETS_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME",
-                "MPLCONFIGDIR", "WANDB_DIR", "TOKENMILL_CACHE"):
+    for var in (
+        "HF_HOME",
+        "HF_DATASETS_CACHE",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TRITON_CACHE_DIR",
+        "XDG_CACHE_HOME",
+        "MPLCONFIGDIR",
+        "WANDB_DIR",
+        "TOKENMILL_CACHE",
+    ):
         monkeypatch.setenv(var, str(root / var.lower()))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -29,9 +29,17 @@ def free_port() -> int:
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     import torch
 
     torch.set_num_threads(1)
@@ -39,7 +47,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
         result = fn(*args)
         # plain pickle: multiprocessing's pickler would share tensors through handles that die with the child
         queue.put((rank, True, pickle.dumps(result)))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
+    except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
         import torch.distributed as dist
@@ -78,15 +86,30 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -
     return [results[r] for r in range(world_size)]
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 120, cwd: str | Path | None = None,
-             extra: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    args: list[str],
+    nproc: int = 2,
+    timeout: float = 120,
+    cwd: str | Path | None = None,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc-per-node=N [extra] ARGS` on a free localhost port."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *(extra or []), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        *(extra or []),
+        *args,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     # own session: on timeout the agent *and* its workers are killed (no orphans left on a shared CI box)
-    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -99,22 +122,26 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 120, cwd: str | P
 # ---------------------------------------------------------------------------------------------------
 # A minimal training loop over the Engine (phase-1 tests; the real loop is tokenmill.train.loop)
 
-TINY_MODEL = dict(n_layers=4, d_model=32, n_heads=2, vocab_size=64, max_seq_len=16, tie_embeddings=False,
-                  ffn="mlp", multiple_of=16)
+TINY_MODEL = dict(
+    n_layers=4, d_model=32, n_heads=2, vocab_size=64, max_seq_len=16, tie_embeddings=False, ffn="mlp", multiple_of=16
+)
 SEQ = 8
 GLOBAL_SEQS = 8  # sequences per optimizer step over the whole job
 
 
-def tiny_config(strategy: str = "single", pp: int = 1, schedule: str = "1F1B", micro_batch: int = 2,
-                **parallel: Any) -> Any:
+def tiny_config(
+    strategy: str = "single", pp: int = 1, schedule: str = "1F1B", micro_batch: int = 2, **parallel: Any
+) -> Any:
     from tokenmill.config import config_from_dict
 
-    return config_from_dict({
-        "model": dict(TINY_MODEL),
-        "train": {"micro_batch_size": micro_batch, "seq_len": SEQ, "precision": "fp32", "device": "cpu"},
-        "optim": {"lr": 1e-2, "fused": False},
-        "parallel": {"strategy": strategy, "pp": pp, "pp_schedule": schedule, "timeout_s": 60, **parallel},
-    })
+    return config_from_dict(
+        {
+            "model": dict(TINY_MODEL),
+            "train": {"micro_batch_size": micro_batch, "seq_len": SEQ, "precision": "fp32", "device": "cpu"},
+            "optim": {"lr": 1e-2, "fused": False},
+            "parallel": {"strategy": strategy, "pp": pp, "pp_schedule": schedule, "timeout_s": 60, **parallel},
+        }
+    )
 
 
 def global_batches(steps: int, seed: int = 1) -> Any:
@@ -165,10 +192,10 @@ def run_loop(cfg: Any, steps: int, *, clip: float = 1.0, start: int = 0, engine_
     accum = per_rank // mbs
     losses, norms = [], []
     for step in range(start, start + steps):
-        rows = data[step, engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
+        rows = data[step, engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank]
         total = torch.zeros(())
         for m in range(accum):
-            batch = {"tokens": rows[m * mbs:(m + 1) * mbs]}
+            batch = {"tokens": rows[m * mbs : (m + 1) * mbs]}
             total += engine.forward_backward(batch, scaler, denominator=per_rank * SEQ, sync=m == accum - 1)
         losses.append(all_reduce(total, "avg").item())
         norms.append(float(engine.clip_grad_norm(clip)))

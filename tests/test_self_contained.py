@@ -31,7 +31,8 @@ def scanned_files() -> list[Path]:
         path
         for folder in SCANNED
         for path in (ROOT / folder).rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts
+        # build metadata (an editable install writes src/*.egg-info, a copy of the README) is not source
+        if path.is_file() and "__pycache__" not in path.parts and not any(p.endswith(".egg-info") for p in path.parts)
     )
 
 

@@ -23,12 +23,26 @@ from tokenmill.metrics.sinks import read_jsonl
 
 # Overrides on top of the `tiny` preset; every test adds its own (steps, out_dir, levers...).
 TINY_OVERRIDES: tuple[str, ...] = (
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
-    "data.tokenizer=byte", "data.sources=[stdlib]", "data.shuffle_buffer=16",
-    "train.seq_len=32", "train.micro_batch_size=4", "train.precision=fp32", "train.device=cpu",
-    "eval.interval_steps=0", "eval.max_batches=2", "eval.sample_tokens=4", "eval.sample_prompts=[def]",
-    "schedule.warmup_steps=2", "optim.lr=1e-2",
-    "log.interval_steps=1", "log.progress_bar=false",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.max_seq_len=64",
+    "data.tokenizer=byte",
+    "data.sources=[stdlib]",
+    "data.shuffle_buffer=16",
+    "train.seq_len=32",
+    "train.micro_batch_size=4",
+    "train.precision=fp32",
+    "train.device=cpu",
+    "eval.interval_steps=0",
+    "eval.max_batches=2",
+    "eval.sample_tokens=4",
+    "eval.sample_prompts=[def]",
+    "schedule.warmup_steps=2",
+    "optim.lr=1e-2",
+    "log.interval_steps=1",
+    "log.progress_bar=false",
 )
 
 
@@ -55,14 +69,23 @@ def subprocess_env() -> dict[str, str]:
 
 def spawn_cli(args: list[str], code: str = "", **popen: Any) -> subprocess.Popen:
     """Start `tokenmill <args>` in a fresh interpreter, after running `code` (e.g. a monkeypatch) there."""
-    script = (f"import sys, torch\ntorch.set_num_threads(1)\n{code}\n"
-              f"from tokenmill.cli import main\nsys.exit(main({args!r}))\n")
-    return subprocess.Popen([sys.executable, "-c", script], env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    script = (
+        f"import sys, torch\ntorch.set_num_threads(1)\n{code}\n"
+        f"from tokenmill.cli import main\nsys.exit(main({args!r}))\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # reading a finished run
+
 
 def events(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     return read_jsonl(Path(run_dir) / "metrics.jsonl", kind)
@@ -88,13 +111,16 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
     """Bitwise equality of nested dicts/lists/tensors/numbers (NaN equals NaN), naming the first difference."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f"{where}: tensor vs {type(b)}"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{tuple(a.shape)} vs " \
-                                                          f"{b.dtype}{tuple(b.shape)}"
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and
-                                     torch.equal(a.nan_to_num(), b.nan_to_num())), f"{where}: tensors differ"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        )
+        assert torch.equal(a, b) or (
+            a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        ), f"{where}: tensors differ"
     elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} vs " \
-                                                         f"{sorted(map(str, b)) if isinstance(b, dict) else b}"
+        assert isinstance(b, dict) and set(a) == set(b), (
+            f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b)) if isinstance(b, dict) else b}"
+        )
         for key in a:
             assert_same(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
@@ -121,9 +147,50 @@ def assert_checkpoints_equal(left: str | Path, right: str | Path) -> None:
 # the golden run (tests/train/golden/)
 
 GOLDEN_STEPS = 20
-GOLDEN_WORDS = ("the model reads tokens and learns to predict the next one from the ones before it while "
-                "loss falls as data flows through layers of attention and feed forward blocks def class import "
-                "return self if else for in while with yield").split()
+GOLDEN_WORDS = [
+    "the",
+    "model",
+    "reads",
+    "tokens",
+    "and",
+    "learns",
+    "to",
+    "predict",
+    "the",
+    "next",
+    "one",
+    "from",
+    "the",
+    "ones",
+    "before",
+    "it",
+    "while",
+    "loss",
+    "falls",
+    "as",
+    "data",
+    "flows",
+    "through",
+    "layers",
+    "of",
+    "attention",
+    "and",
+    "feed",
+    "forward",
+    "blocks",
+    "def",
+    "class",
+    "import",
+    "return",
+    "self",
+    "if",
+    "else",
+    "for",
+    "in",
+    "while",
+    "with",
+    "yield",
+]
 
 
 def write_golden_corpus(path: str | Path, n_docs: int = 400) -> Path:
@@ -149,8 +216,15 @@ def write_golden_corpus(path: str | Path, n_docs: int = 400) -> Path:
 def golden_overrides(out_dir: str | Path, corpus: str | Path) -> list[str]:
     """The golden run: the tiny run for GOLDEN_STEPS steps on the LCG corpus, fp32, fused AdamW, no dropout."""
     # data.shuffle_documents=false: the golden curve watches the numerics; it reads the corpus in file order
-    return tiny_overrides(out_dir, GOLDEN_STEPS, f"data.sources=[{corpus}]", "data.shuffle_documents=false",
-                          "model.dropout=0.0", "optim.fused=true", "train.grad_clip=1.0")
+    return tiny_overrides(
+        out_dir,
+        GOLDEN_STEPS,
+        f"data.sources=[{corpus}]",
+        "data.shuffle_documents=false",
+        "model.dropout=0.0",
+        "optim.fused=true",
+        "train.grad_clip=1.0",
+    )
 
 
 def golden_run(work_dir: str | Path) -> dict[str, Any]:
@@ -169,9 +243,14 @@ def golden_run(work_dir: str | Path) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     curve = logged_curve(result.run_dir)
-    return {"steps": [s for s, *_ in curve], "losses": [loss for _, loss, _, _ in curve],
-            "grad_norms": [g for _, _, g, _ in curve], "lrs": [lr for *_, lr in curve],
-            "corpus_sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(), "status": result.status}
+    return {
+        "steps": [s for s, *_ in curve],
+        "losses": [loss for _, loss, _, _ in curve],
+        "grad_norms": [g for _, _, g, _ in curve],
+        "lrs": [lr for *_, lr in curve],
+        "corpus_sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(),
+        "status": result.status,
+    }
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 # Public helpers imported on first use, so `import tokenmill` does no torch work.
-_LAZY = {"load_model": "tokenmill.api", "create_model": "tokenmill.api", "load_tokenizer": "tokenmill.api",
-         "generate": "tokenmill.generation.api"}
+_LAZY = {
+    "load_model": "tokenmill.api",
+    "create_model": "tokenmill.api",
+    "load_tokenizer": "tokenmill.api",
+    "generate": "tokenmill.generation.api",
+}
 __all__ = ["__version__", *_LAZY]
 
 

@@ -49,8 +49,15 @@ def test_file_may_extend_a_preset(tmp_path):
 
 
 def test_nested_override_values_are_typed():
-    cfg = load_config(["tiny"], overrides=["optim.betas=[0.8, 0.99]", "train.total_tokens=1e6",
-                                           "train.compile=true", "data.sources=[stdlib, x.jsonl:0.5]"])
+    cfg = load_config(
+        ["tiny"],
+        overrides=[
+            "optim.betas=[0.8, 0.99]",
+            "train.total_tokens=1e6",
+            "train.compile=true",
+            "data.sources=[stdlib, x.jsonl:0.5]",
+        ],
+    )
     assert cfg.optim.betas == [0.8, 0.99]
     assert cfg.train.total_tokens == 1_000_000 and isinstance(cfg.train.total_tokens, int)
     assert cfg.train.compile is True
@@ -63,18 +70,24 @@ def test_override_forms():
     assert split_overrides(["--model.n_layers", "8", "train.seq_len=64"]) == ["model.n_layers=8", "train.seq_len=64"]
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("model.n_layer=2", "unknown config key 'model.n_layer'; did you mean 'model.n_layers'?"),
-    ("modle.n_layers=2", "did you mean 'model.n_layers'?"),
-    ("model.n_layers=-1", "model.n_layers=-1 is not allowed: must be > 0"),
-    ("model.n_layers=two", "model.n_layers='two' is not allowed: expected an integer"),
-    ("model.n_heads=5", "model.n_heads=5 is not allowed: must divide model.d_model=256"),
-    ("model.n_kv_heads=3", "model.n_kv_heads=3 is not allowed: model.n_heads=4 must be a multiple of it"),
-    ("model.norm=batchnorm", "model.norm='batchnorm' is not allowed: choose one of layernorm, layernorm_nobias, rmsnorm"),
-    ("train.compile=maybe", "train.compile='maybe' is not allowed: expected true or false"),
-    ("optim.lr=fast", "optim.lr='fast' is not allowed: expected a number"),
-    ("model=3", "names a section, not a key"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.n_layer=2", "unknown config key 'model.n_layer'; did you mean 'model.n_layers'?"),
+        ("modle.n_layers=2", "did you mean 'model.n_layers'?"),
+        ("model.n_layers=-1", "model.n_layers=-1 is not allowed: must be > 0"),
+        ("model.n_layers=two", "model.n_layers='two' is not allowed: expected an integer"),
+        ("model.n_heads=5", "model.n_heads=5 is not allowed: must divide model.d_model=256"),
+        ("model.n_kv_heads=3", "model.n_kv_heads=3 is not allowed: model.n_heads=4 must be a multiple of it"),
+        (
+            "model.norm=batchnorm",
+            "model.norm='batchnorm' is not allowed: choose one of layernorm, layernorm_nobias, rmsnorm",
+        ),
+        ("train.compile=maybe", "train.compile='maybe' is not allowed: expected true or false"),
+        ("optim.lr=fast", "optim.lr='fast' is not allowed: expected a number"),
+        ("model=3", "names a section, not a key"),
+    ],
+)
 def test_bad_overrides_name_key_value_and_fix(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(["tiny"], overrides=[override])
@@ -125,13 +138,17 @@ def test_config_dataclass_defaults_are_independent():
 # ---------------------------------------------------------------------------------------------------------
 # keys that moved to the eval and stability sections
 
-MOVED = [("train.eval_interval", "eval.interval_steps", 50), ("train.eval_batches", "eval.max_batches", 4),
-         ("train.sample_prompts", "eval.sample_prompts", ["x"]), ("train.sample_tokens", "eval.sample_tokens", 8),
-         ("train.nonfinite_policy", "stability.nonfinite_policy", "stop"),
-         ("train.divergence_threshold", "stability.divergence_threshold", 2.0),
-         ("train.divergence_fast_alpha", "stability.divergence_fast_alpha", 0.2),
-         ("train.divergence_slow_alpha", "stability.divergence_slow_alpha", 0.02),
-         ("train.divergence_warmup_steps", "stability.divergence_warmup_steps", 10)]
+MOVED = [
+    ("train.eval_interval", "eval.interval_steps", 50),
+    ("train.eval_batches", "eval.max_batches", 4),
+    ("train.sample_prompts", "eval.sample_prompts", ["x"]),
+    ("train.sample_tokens", "eval.sample_tokens", 8),
+    ("train.nonfinite_policy", "stability.nonfinite_policy", "stop"),
+    ("train.divergence_threshold", "stability.divergence_threshold", 2.0),
+    ("train.divergence_fast_alpha", "stability.divergence_fast_alpha", 0.2),
+    ("train.divergence_slow_alpha", "stability.divergence_slow_alpha", 0.02),
+    ("train.divergence_warmup_steps", "stability.divergence_warmup_steps", 10),
+]
 
 
 @pytest.mark.parametrize("old, new, value", MOVED, ids=[m[0] for m in MOVED])
@@ -165,20 +182,23 @@ def test_cli_moved_key_is_one_line(capsys):
     assert capsys.readouterr().err == "error: train.eval_interval moved to eval.interval_steps\n"
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.step_cadence=.inf", "train.step_cadence=inf is not allowed: must be a finite number > 0"),
-    ("train.step_cadence=.nan", "train.step_cadence=nan is not allowed"),
-    ("train.step_cadence=0", "train.step_cadence=0.0 is not allowed: must be > 0"),
-    ("train.out_dir=", "train.out_dir='' is not allowed: name the run folder"),
-    ("train.out_dir='  '", "train.out_dir='  ' is not allowed: name the run folder"),
-    ("train.device=banana", "train.device='banana' is not allowed: choose auto, cpu, cuda or cuda:N"),
-    ("train.device=cuda:x", "train.device='cuda:x' is not allowed"),
-    ("eval.max_batches=-1", "eval.max_batches=-1 is not allowed: must be >= 0"),
-    ("log.interval_tokens=-5", "log.interval_tokens=-5 is not allowed: must be >= 0"),
-    ("checkpoint.interval_tokens=-5", "checkpoint.interval_tokens=-5 is not allowed: must be >= 0"),
-    ("stability.divergence_threshold=.inf", "stability.divergence_threshold=inf is not allowed"),
-    ("stability.nonfinite_policy=ignore", "stability.nonfinite_policy='ignore' is not allowed: choose one of skip"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.step_cadence=.inf", "train.step_cadence=inf is not allowed: must be a finite number > 0"),
+        ("train.step_cadence=.nan", "train.step_cadence=nan is not allowed"),
+        ("train.step_cadence=0", "train.step_cadence=0.0 is not allowed: must be > 0"),
+        ("train.out_dir=", "train.out_dir='' is not allowed: name the run folder"),
+        ("train.out_dir='  '", "train.out_dir='  ' is not allowed: name the run folder"),
+        ("train.device=banana", "train.device='banana' is not allowed: choose auto, cpu, cuda or cuda:N"),
+        ("train.device=cuda:x", "train.device='cuda:x' is not allowed"),
+        ("eval.max_batches=-1", "eval.max_batches=-1 is not allowed: must be >= 0"),
+        ("log.interval_tokens=-5", "log.interval_tokens=-5 is not allowed: must be >= 0"),
+        ("checkpoint.interval_tokens=-5", "checkpoint.interval_tokens=-5 is not allowed: must be >= 0"),
+        ("stability.divergence_threshold=.inf", "stability.divergence_threshold=inf is not allowed"),
+        ("stability.nonfinite_policy=ignore", "stability.nonfinite_policy='ignore' is not allowed: choose one of skip"),
+    ],
+)
 def test_bad_train_eval_and_stability_values(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(["tiny"], overrides=[override])

@@ -42,12 +42,15 @@ def test_cycle_of_files_names_the_chain(tmp_path):
         load_config(file=tmp_path / "b.yaml")
 
 
-@pytest.mark.parametrize("body, message", [
-    ("extends: missing.yaml\n", r"not found: .*missing\.yaml \(extended by .*child\.yaml\)"),
-    ("extends: 5\n", r"extends=5 is not allowed"),
-    ("extends: [tiny, 3]\n", r"is not allowed: name a preset, a YAML file"),
-    ("extends: nosuchpreset\n", r"unknown preset 'nosuchpreset' \(extended by"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("extends: missing.yaml\n", r"not found: .*missing\.yaml \(extended by .*child\.yaml\)"),
+        ("extends: 5\n", r"extends=5 is not allowed"),
+        ("extends: [tiny, 3]\n", r"is not allowed: name a preset, a YAML file"),
+        ("extends: nosuchpreset\n", r"unknown preset 'nosuchpreset' \(extended by"),
+    ],
+)
 def test_bad_extends_is_one_line(tmp_path, capsys, body, message):
     child = write(tmp_path / "child.yaml", body)
     before = child.read_bytes()

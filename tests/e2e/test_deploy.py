@@ -29,26 +29,44 @@ def test_sbatch_builds_a_valid_torchrun_command(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'gpu-node-7\\ngpu-node-8\\n'\n")
-    (bin_dir / "srun").write_text("#!/bin/bash\nprintf '%s\\n' \"$@\" > \"$RECORD\"\n"
-                                  "echo \"$TORCH_DISABLE_SHARE_RDZV_TCP_STORE $TORCH_NCCL_ASYNC_ERROR_HANDLING\" > "
-                                  "\"$RECORD.env\"\n")
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\nprintf \'%s\\n\' "$@" > "$RECORD"\n'
+        'echo "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE $TORCH_NCCL_ASYNC_ERROR_HANDLING" > '
+        '"$RECORD.env"\n'
+    )
     for tool in ("scontrol", "srun"):
         (bin_dir / tool).chmod(0o755)
     record = tmp_path / "srun.txt"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
-           "SLURM_JOB_NODELIST": "gpu-node-[7-8]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "4242"}
-    proc = subprocess.run(["bash", str(SBATCH), "configs/run.yaml", "--parallel.strategy=fsdp"], env=env,
-                          capture_output=True, text=True, timeout=30)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RECORD": str(record),
+        "SLURM_JOB_NODELIST": "gpu-node-[7-8]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_ID": "4242",
+    }
+    proc = subprocess.run(
+        ["bash", str(SBATCH), "configs/run.yaml", "--parallel.strategy=fsdp"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
     argv = record.read_text().splitlines()
     assert argv[:3] == ["--kill-on-bad-exit=1", "--ntasks=2", "--ntasks-per-node=1"]
     run_at = argv.index("torch.distributed.run")
-    args = torchrun_args(argv[run_at + 1:])
+    args = torchrun_args(argv[run_at + 1 :])
     assert (args.nnodes, args.nproc_per_node, args.rdzv_backend) == ("2", "8", "c10d")
     assert args.rdzv_endpoint == "gpu-node-7:29500" and args.rdzv_id == "tokenmill-4242"
     assert args.max_restarts == 3 and args.module
     assert [args.training_script, *args.training_script_args] == [
-        "tokenmill", "train", "configs/run.yaml", "--parallel.strategy=fsdp", "--resume"]
+        "tokenmill",
+        "train",
+        "configs/run.yaml",
+        "--parallel.strategy=fsdp",
+        "--resume",
+    ]
     assert record.with_suffix(".txt.env").read_text().split() == ["1", "3"]
 
 
@@ -86,9 +104,13 @@ def test_k8s_command_is_a_valid_torchrun_command(manifest, index):
     script = container["args"][0]
     assert script.startswith("exec python -m torch.distributed.run")
     # let bash expand the variables as in the pod, then print the argv instead of exec'ing
-    printed = subprocess.run(["bash", "-c", script.replace("exec python", "printf '%s\\n'", 1)],
-                             env={**os.environ, **env, "JOB_COMPLETION_INDEX": str(index), "RDZV_ID": "uid-1"},
-                             capture_output=True, text=True, timeout=30)
+    printed = subprocess.run(
+        ["bash", "-c", script.replace("exec python", "printf '%s\\n'", 1)],
+        env={**os.environ, **env, "JOB_COMPLETION_INDEX": str(index), "RDZV_ID": "uid-1"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     argv = printed.stdout.splitlines()
     assert argv[:2] == ["-m", "torch.distributed.run"], shlex.join(argv)
     args = torchrun_args(argv[2:])

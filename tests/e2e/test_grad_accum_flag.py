@@ -7,8 +7,9 @@ import pytest
 from tokenmill.cli import main
 
 
-@pytest.mark.parametrize("value, message", [("0", "--grad-accum 0 is not allowed"),
-                                            ("-1", "train.grad_accum=-1 is not allowed")])
+@pytest.mark.parametrize(
+    "value, message", [("0", "--grad-accum 0 is not allowed"), ("-1", "train.grad_accum=-1 is not allowed")]
+)
 def test_grad_accum_below_one_is_one_line(tmp_path, capsys, value, message):
     out = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--grad-accum", value, "--out-dir", str(out)]) == 2

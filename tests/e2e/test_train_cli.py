@@ -35,8 +35,11 @@ def one_error_line(capsys, *needles: str) -> str:
 
 def snapshot(run_dir: Path) -> dict[str, tuple[str, int]]:
     """sha256 and mtime of every file under run_dir (checkpoints, metrics, tokenizer cache)."""
-    return {str(p.relative_to(run_dir)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(run_dir)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -51,6 +54,7 @@ def finished_run(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 # the good paths
 
+
 def test_no_arguments_means_the_demo_preset():
     cfg = config_from_train_args(parse(["train"]))
     assert cfg.train.out_dir == "runs/demo" and cfg.data.tokenizer == "bpe" and cfg.model.n_layers == 4
@@ -58,10 +62,33 @@ def test_no_arguments_means_the_demo_preset():
 
 
 def test_shortcuts_map_onto_config_keys():
-    cfg = config_from_train_args(parse(["train", "--preset", "tiny", "--lr", "0.005", "--seq-len", "64",
-                                        "--batch-size", "2", "--grad-accum", "3", "--max-steps", "7",
-                                        "--total-tokens", "1000", "--seed", "5", "--out-dir", "x/y", "--compile",
-                                        "--train.grad_clip=0.5"]))
+    cfg = config_from_train_args(
+        parse(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--lr",
+                "0.005",
+                "--seq-len",
+                "64",
+                "--batch-size",
+                "2",
+                "--grad-accum",
+                "3",
+                "--max-steps",
+                "7",
+                "--total-tokens",
+                "1000",
+                "--seed",
+                "5",
+                "--out-dir",
+                "x/y",
+                "--compile",
+                "--train.grad_clip=0.5",
+            ]
+        )
+    )
     assert (cfg.optim.lr, cfg.train.seq_len, cfg.train.micro_batch_size) == (0.005, 64, 2)
     assert cfg.train.grad_accum == 3  # resolved against the data-parallel size where the batch plan is made
     assert (cfg.train.max_steps, cfg.train.total_tokens, cfg.train.seed) == (7, 1000, 5)
@@ -84,17 +111,21 @@ def test_overwrite_replaces_an_old_run(finished_run):
 # ---------------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2, nothing touched
 
+
 def test_unknown_preset(tmp_path, capsys):
     assert main(["train", "--preset", "tiny,nosuchpreset", f"--train.out_dir={tmp_path / 'run'}"]) == 2
     one_error_line(capsys, "nosuchpreset")
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("override, needles", [
-    ("--train.lr=0.1", ("train.lr", "optim.lr")),  # unknown key: suggests the closest one
-    ("--model.d_model=wide", ("model.d_model", "wide")),  # wrong type
-    ("--train.precision=fp12", ("train.precision", "fp12")),  # not a choice
-])
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("--train.lr=0.1", ("train.lr", "optim.lr")),  # unknown key: suggests the closest one
+        ("--model.d_model=wide", ("model.d_model", "wide")),  # wrong type
+        ("--train.precision=fp12", ("train.precision", "fp12")),  # not a choice
+    ],
+)
 def test_config_errors(tmp_path, capsys, override, needles):
     assert main([*cli_args(tmp_path / "run", 2), override]) == 2
     one_error_line(capsys, *needles)
@@ -150,13 +181,15 @@ def test_out_of_gpu_memory_names_the_knobs(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(Engine, "forward_backward", oom)
     assert main(cli_args(tmp_path / "run", 2)) == 2
-    one_error_line(capsys, "out of GPU memory", "train.micro_batch_size", "train.activation_checkpointing",
-                   "train.seq_len")
+    one_error_line(
+        capsys, "out of GPU memory", "train.micro_batch_size", "train.activation_checkpointing", "train.seq_len"
+    )
     assert [e["status"] for e in events(tmp_path / "run", "summary")] == ["failed"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the loop's and the config's bad inputs: one line, exit 2, no traceback, nothing touched
+
 
 def assert_one_line(capsys, code: int, *needles: str, expected_code: int = 2) -> str:
     captured = capsys.readouterr()
@@ -198,16 +231,23 @@ def test_bad_input_before_the_run(finished_run, tmp_path, capsys, extra, needles
 @pytest.mark.parametrize("preset", [",", " , ", ",,"])
 def test_preset_list_without_a_name(tmp_path, capsys, preset):
     out = tmp_path / "run"
-    assert_one_line(capsys, main(["train", "--preset", preset, f"--train.out_dir={out}"]), "names no preset",
-                    "--preset")
+    assert_one_line(
+        capsys, main(["train", "--preset", preset, f"--train.out_dir={out}"]), "names no preset", "--preset"
+    )
     assert not out.exists() and not (tmp_path / "runs").exists()  # the demo did not start either
 
 
-@pytest.mark.parametrize("error", [
-    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes. "
-                 "Error code 12 (Cannot allocate memory)"),
-    MemoryError(),
-], ids=["allocator", "memory-error"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes. "
+            "Error code 12 (Cannot allocate memory)"
+        ),
+        MemoryError(),
+    ],
+    ids=["allocator", "memory-error"],
+)
 def test_cpu_out_of_memory_names_micro_batch_and_seq_len(tmp_path, capsys, monkeypatch, error):
     from tokenmill.parallel.engine import Engine
 
@@ -215,8 +255,15 @@ def test_cpu_out_of_memory_names_micro_batch_and_seq_len(tmp_path, capsys, monke
         raise error
 
     monkeypatch.setattr(Engine, "forward_backward", oom)
-    assert_one_line(capsys, main(cli_args(tmp_path / "run", 2)), "out of CPU memory", "micro_batch_size=4",
-                    "seq_len=32", "train.micro_batch_size", "train.seq_len")
+    assert_one_line(
+        capsys,
+        main(cli_args(tmp_path / "run", 2)),
+        "out of CPU memory",
+        "micro_batch_size=4",
+        "seq_len=32",
+        "train.micro_batch_size",
+        "train.seq_len",
+    )
     assert [e["status"] for e in events(tmp_path / "run", "summary")] == ["failed"]
 
 
@@ -240,10 +287,13 @@ def test_real_cpu_out_of_memory_from_a_huge_seq_len(tmp_path):
     from train_helpers import subprocess_env
 
     args = [*cli_args(tmp_path / "run", 1), "--train.seq_len=1e9", "--model.max_seq_len=1e9"]
-    script = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
-              f"from tokenmill.cli import main\nsys.exit(main({args!r}))\n")
-    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300, check=False)
+    script = (
+        "import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+        f"from tokenmill.cli import main\nsys.exit(main({args!r}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     one_error_line_from(proc.stderr, "out of CPU memory", "seq_len=1000000000", "train.seq_len")
@@ -256,8 +306,13 @@ def test_metrics_folder_that_cannot_be_written(finished_run, tmp_path, capsys):
     out.mkdir()
     (out / "tb").write_text("not a folder\n")
     before = snapshot(tmp_path)
-    assert_one_line(capsys, main([*cli_args(out, 2), "--log.tensorboard=true"]), "cannot write metrics to",
-                    str(out / "tb"), "train.out_dir")
+    assert_one_line(
+        capsys,
+        main([*cli_args(out, 2), "--log.tensorboard=true"]),
+        "cannot write metrics to",
+        str(out / "tb"),
+        "train.out_dir",
+    )
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing that existed changed
 
@@ -283,5 +338,10 @@ def test_disk_full_while_logging_metrics(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(sinks_mod, "open", lambda *a, **k: FullDisk(open(*a, **k)), raising=False)  # noqa: SIM115
     run_dir = tmp_path / "run"
-    assert_one_line(capsys, main(cli_args(run_dir, 6)), "disk full while writing metrics to",
-                    str(run_dir / "metrics.jsonl"), "--resume")
+    assert_one_line(
+        capsys,
+        main(cli_args(run_dir, 6)),
+        "disk full while writing metrics to",
+        str(run_dir / "metrics.jsonl"),
+        "--resume",
+    )

@@ -15,8 +15,15 @@ V = 320  # the byte tokenizer's 259 ids rounded up to 64: ids 259..319 are never
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
-    base = {"n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "vocab_size": V, "max_seq_len": 48,
-            "ffn_hidden": 48}
+    base = {
+        "n_layers": 2,
+        "d_model": 32,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "vocab_size": V,
+        "max_seq_len": 48,
+        "ffn_hidden": 48,
+    }
     cfg = ModelConfig(**{**base, **overrides})
     cfg.validate()
     return cfg
@@ -27,8 +34,9 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
     return build_model(tiny_cfg(**overrides)).eval()
 
 
-def reference_greedy(model: Transformer, prompt: list[int], max_new_tokens: int, vocab_limit: int,
-                     eos_id: int) -> list[int]:
+def reference_greedy(
+    model: Transformer, prompt: list[int], max_new_tokens: int, vocab_limit: int, eos_id: int
+) -> list[int]:
     """Greedy decoding without a cache: the whole sequence through the plain forward for every token."""
     ids, out = list(prompt), []
     with torch.no_grad():

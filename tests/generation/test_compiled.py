@@ -27,5 +27,6 @@ def test_compiled_decode_never_recompiles_and_matches_eager(device):
         torch._dynamo.config.error_on_recompile = False
     eager = Generator(model, BYTE, max_batch_size=4)
     assert [c.token_ids for c in got] == [c.token_ids for c in eager.generate(prompts, params)]
-    assert [c.token_ids for c in mixed] == [c.token_ids for c in eager.generate(
-        ["q", "rs"], SamplingParams(max_new_tokens=33, temperature=0.9, seed=1))]
+    assert [c.token_ids for c in mixed] == [
+        c.token_ids for c in eager.generate(["q", "rs"], SamplingParams(max_new_tokens=33, temperature=0.9, seed=1))
+    ]

@@ -18,8 +18,15 @@ from tokenmill.config import load_config
 from tokenmill.errors import UserError
 from tokenmill.generation import Generator, SamplingParams
 
-OVERRIDES = ["data.tokenizer=byte", "model.vocab_size=320", "model.n_layers=2", "model.d_model=32",
-             "model.n_heads=2", "model.max_seq_len=32", "model.ffn_hidden=48"]
+OVERRIDES = [
+    "data.tokenizer=byte",
+    "model.vocab_size=320",
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.max_seq_len=32",
+    "model.ffn_hidden=48",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +40,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def engine_text(run_dir: Path, prompt: str, **settings) -> list[str]:
@@ -49,8 +59,20 @@ def test_cli_prints_prompt_and_completion(run_dir, capsys):
 
 
 def test_cli_stream_equals_the_printed_text(run_dir, capsys):
-    args = ["generate", str(run_dir / "checkpoints"), "--prompt", "ab", "--max-tokens", "12", "--seed", "3",
-            "--top-k", "20", "--top-p", "0.9"]
+    args = [
+        "generate",
+        str(run_dir / "checkpoints"),
+        "--prompt",
+        "ab",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "3",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert main([*args, "--stream"]) == 0
@@ -60,8 +82,25 @@ def test_cli_stream_equals_the_printed_text(run_dir, capsys):
 def test_cli_file_and_samples(run_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "x"}) + "\n\n" + json.dumps("yz") + "\n")
-    assert main(["generate", str(run_dir), "--file", str(prompts), "--n", "2", "--seed", "1", "--max-tokens",
-                 "6", "--stop", "q"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "--file",
+                str(prompts),
+                "--n",
+                "2",
+                "--seed",
+                "1",
+                "--max-tokens",
+                "6",
+                "--stop",
+                "q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     headers = [line for line in out.splitlines() if line.startswith("=== prompt")]
     assert len(headers) == 4 and headers[3].startswith("=== prompt 2, sample 2")

@@ -23,6 +23,7 @@ def byte_ids(text: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Batching
 
+
 @pytest.mark.parametrize("position", ["rope", "learned"])
 def test_batched_mixed_length_prompts_equal_one_by_one(position):
     model = tiny_model(position=position)
@@ -51,8 +52,9 @@ def test_more_requests_than_rows_join_as_rows_free_up():
 
 def test_logprobs_are_the_models_log_softmax():
     model = tiny_model()
-    [c] = Generator(model, BYTE).generate(["abc"], SamplingParams(max_new_tokens=4, temperature=0.7, seed=3,
-                                                                   logprobs=True))
+    [c] = Generator(model, BYTE).generate(
+        ["abc"], SamplingParams(max_new_tokens=4, temperature=0.7, seed=3, logprobs=True)
+    )
     ids = byte_ids("abc") + c.token_ids
     with torch.no_grad():
         logp = model(torch.tensor([ids]))[0].log_softmax(-1)
@@ -62,6 +64,7 @@ def test_logprobs_are_the_models_log_softmax():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Randomness
+
 
 def test_same_seed_same_text_and_batch_neighbours_do_not_matter():
     model = tiny_model()
@@ -96,6 +99,7 @@ def test_generation_leaves_the_global_rng_and_training_mode_alone():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Finishing
+
 
 def test_length_at_the_token_budget_and_at_the_context_limit():
     gen = Generator(ScriptedModel(byte_ids("abcdefghij" * 10), prompt_len=3, max_seq_len=20), BYTE)
@@ -142,13 +146,17 @@ def test_multibyte_characters_stream_intact():
 # ---------------------------------------------------------------------------------------------------------------
 # Requests, threads, bad input
 
+
 def test_requests_from_several_threads_share_a_worker():
     model = tiny_model()
     gen = Generator(model, BYTE, max_batch_size=3).start()
     results: dict[int, list[int]] = {}
     try:
+
         def ask(i: int) -> None:
-            results[i] = gen.submit(f"prompt {i}", SamplingParams(max_new_tokens=6, temperature=0)).completions()[0].token_ids
+            results[i] = (
+                gen.submit(f"prompt {i}", SamplingParams(max_new_tokens=6, temperature=0)).completions()[0].token_ids
+            )
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
         for t in threads:

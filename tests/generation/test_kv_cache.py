@@ -35,10 +35,11 @@ def cached_logits(model, idx: torch.Tensor, prompt_len: int) -> torch.Tensor:
     B, T = idx.shape
     cache = KVCache.allocate(model.cfg, B, T, "cpu", torch.float32)
     rows = slice(0, B)
-    steps = [model.next_logits(idx[:, :prompt_len], torch.arange(prompt_len).expand(B, -1),
-                               cache.view(rows, prompt_len))]
+    steps = [
+        model.next_logits(idx[:, :prompt_len], torch.arange(prompt_len).expand(B, -1), cache.view(rows, prompt_len))
+    ]
     for t in range(prompt_len, T):
-        steps.append(model.next_logits(idx[:, t:t + 1], torch.full((B, 1), t), cache.view(rows, t + 1)))
+        steps.append(model.next_logits(idx[:, t : t + 1], torch.full((B, 1), t), cache.view(rows, t + 1)))
     return torch.stack(steps, dim=1)
 
 
@@ -47,7 +48,7 @@ def test_per_step_logits_equal_the_full_forward(position, n_kv_heads, qk_norm, p
     model = tiny_model(position=position, n_kv_heads=n_kv_heads, qk_norm=qk_norm, max_seq_len=MAX)
     idx = tokens(MAX)
     with torch.no_grad():
-        full = model(idx)[:, prompt_len - 1:]  # logits after each prefix of length >= prompt_len
+        full = model(idx)[:, prompt_len - 1 :]  # logits after each prefix of length >= prompt_len
         cached = cached_logits(model, idx, prompt_len)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
 
@@ -79,8 +80,9 @@ def test_rows_at_different_positions_are_independent():
         # right-padded prefill: row 1's padding lands in slots it overwrites before it can see them
         padded = torch.cat([long[:, :9], torch.cat([short[:, :3], torch.zeros(1, 6, dtype=torch.long)], 1)])
         model.next_logits(padded, torch.arange(9).expand(2, -1), cache.view(slice(0, 2), 9), torch.tensor([8, 2]))
-        step = model.next_logits(torch.tensor([[long[0, 9]], [short[0, 3]]]), torch.tensor([[9], [3]]),
-                                 cache.view(slice(0, 2), 10))
+        step = model.next_logits(
+            torch.tensor([[long[0, 9]], [short[0, 3]]]), torch.tensor([[9], [3]]), cache.view(slice(0, 2), 10)
+        )
         torch.testing.assert_close(step[0], model(long)[0, -1], atol=1e-5, rtol=0)
         torch.testing.assert_close(step[1], model(short)[0, -1], atol=1e-5, rtol=0)
 

@@ -62,8 +62,12 @@ def test_ids_past_the_vocab_limit_are_never_chosen():
 
 def test_rows_with_different_settings_do_not_interact():
     alone = sampler([SamplingParams(seed=1)], seed=5)
-    mixed = BatchSampler([SamplingParams(temperature=0), SamplingParams(seed=1), SamplingParams(top_k=2)],
-                         [torch.Generator().manual_seed(s) for s in (9, 5, 7)], V, torch.device("cpu"))
+    mixed = BatchSampler(
+        [SamplingParams(temperature=0), SamplingParams(seed=1), SamplingParams(top_k=2)],
+        [torch.Generator().manual_seed(s) for s in (9, 5, 7)],
+        V,
+        torch.device("cpu"),
+    )
     for _ in range(20):
         assert int(mixed(torch.stack([LOGITS] * 3), None)[0][1]) == int(alone(LOGITS[None], None)[0][0])
 

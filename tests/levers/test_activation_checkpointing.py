@@ -44,8 +44,9 @@ def _loss_and_grads(model, x, seed=0):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("mode,every,expected", [("all", 1, [0, 1, 2, 3]), ("every_k", 2, [1, 3]),
-                                                 ("every_k", 3, [2]), ("none", 1, [])])
+@pytest.mark.parametrize(
+    "mode,every,expected", [("all", 1, [0, 1, 2, 3]), ("every_k", 2, [1, 3]), ("every_k", 3, [2]), ("none", 1, [])]
+)
 def test_same_loss_and_grads(mode, every, expected):
     torch.manual_seed(0)
     plain = _Toy()

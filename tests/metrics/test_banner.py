@@ -14,10 +14,24 @@ from tokenmill.model import param_counts
 from tokenmill.train.batching import plan_batches
 
 O1 = {
-    "model": {"params_total", "params_non_embedding", "params_trainable", "n_layers", "d_model", "n_heads",
-              "seq_len", "vocab_size"},
-    "training": {"micro_batch_size", "grad_accum", "global_batch_sequences", "tokens_per_step", "total_steps",
-                 "total_tokens"},
+    "model": {
+        "params_total",
+        "params_non_embedding",
+        "params_trainable",
+        "n_layers",
+        "d_model",
+        "n_heads",
+        "seq_len",
+        "vocab_size",
+    },
+    "training": {
+        "micro_batch_size",
+        "grad_accum",
+        "global_batch_sequences",
+        "tokens_per_step",
+        "total_steps",
+        "total_tokens",
+    },
     "hardware": {"device", "count", "memory_gib", "precision", "strategy"},
     "theoretical": {"peak_tflops", "flops_per_token", "attention_ffn_ratio", "expected_tokens_per_s_at_50_mfu"},
 }
@@ -43,7 +57,8 @@ def test_banner_dict_has_every_o1_field_and_consistent_numbers():
     flops = flops_breakdown(cfg.model, 64)
     assert info["theoretical"]["flops_per_token"] == flops["total"]
     assert info["theoretical"]["attention_ffn_ratio"] == pytest.approx(
-        (flops["attention_proj"] + flops["attention_scores"]) / flops["ffn"])
+        (flops["attention_proj"] + flops["attention_scores"]) / flops["ffn"]
+    )
     assert info["theoretical"]["peak_tflops"] is None  # CPU: no peak, so no expected tokens/s
     assert info["theoretical"]["expected_tokens_per_s_at_50_mfu"] is None
 
@@ -52,16 +67,16 @@ def test_banner_expected_throughput_with_a_peak_and_rendering():
     cfg = _cfg()
     plan = plan_batches(4, 64, 1, 0, 0, 10, 1)
     dist = type("D", (), {"device": "cpu", "world_size": 2})()
-    banner = build_banner(cfg, None, plan, dist, "bf16", resumed_from="runs/x/checkpoints/step_00000010",
-                          peak_tflops=100.0)
+    banner = build_banner(
+        cfg, None, plan, dist, "bf16", resumed_from="runs/x/checkpoints/step_00000010", peak_tflops=100.0
+    )
     theo = banner.as_dict()["theoretical"]
     assert theo["expected_tokens_per_s_at_50_mfu"] == pytest.approx(0.5 * 100e12 * 2 / theo["flops_per_token"])
     assert banner.as_dict()["hardware"]["strategy"] == cfg.parallel.strategy
     out = io.StringIO()
     banner.print(Console(file=out, width=160))
     text = out.getvalue()
-    for word in ("model", "training", "hardware", "theoretical", "params total", "tok/s at 50% MFU",
-                 "step_00000010"):
+    for word in ("model", "training", "hardware", "theoretical", "params total", "tok/s at 50% MFU", "step_00000010"):
         assert word in text
     assert render_banner(banner.as_dict()) is not None
 
@@ -69,9 +84,17 @@ def test_banner_expected_throughput_with_a_peak_and_rendering():
 def test_banner_shows_the_cadence_in_steps():
     from tokenmill.train.cadence import build_cadence
 
-    cfg = load_config(["tiny"], overrides=["model.vocab_size=256", "train.seq_len=64", "train.micro_batch_size=4",
-                                           "log.interval_steps=5", "eval.interval_tokens=2048",
-                                           "checkpoint.interval_steps=0"])
+    cfg = load_config(
+        ["tiny"],
+        overrides=[
+            "model.vocab_size=256",
+            "train.seq_len=64",
+            "train.micro_batch_size=4",
+            "log.interval_steps=5",
+            "eval.interval_tokens=2048",
+            "checkpoint.interval_steps=0",
+        ],
+    )
     plan = plan_batches(4, 64, 1, 0, 0, 100, 1)
     banner = build_banner(cfg, None, plan, precision="fp32", cadence=build_cadence(cfg, plan, n_params=1))
     training = banner.as_dict()["training"]

@@ -9,9 +9,20 @@ from tokenmill.model.config import ModelConfig
 
 
 def gpt2_small() -> ModelConfig:
-    return ModelConfig(n_layers=12, d_model=768, n_heads=12, vocab_size=50257, max_seq_len=1024, norm="layernorm",
-                       position="learned", ffn="mlp", activation="gelu_tanh", ffn_mult=4.0, bias=True,
-                       tie_embeddings=True)
+    return ModelConfig(
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        vocab_size=50257,
+        max_seq_len=1024,
+        norm="layernorm",
+        position="learned",
+        ffn="mlp",
+        activation="gelu_tanh",
+        ffn_mult=4.0,
+        bias=True,
+        tie_embeddings=True,
+    )
 
 
 def test_gpt2_small_flops_per_token_hand_count():
@@ -41,8 +52,17 @@ def test_breakdown_parts_sum_and_scale_with_seq_len():
 
 def test_gqa_swiglu_untied_head_dim():
     # 2 layers, d=64, 8 query heads of width 16 (head_dim != d / n_heads), 2 kv heads, swiglu 160, vocab 100.
-    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=8, n_kv_heads=2, head_dim=16, ffn="swiglu", ffn_hidden=160,
-                      vocab_size=100, tie_embeddings=False)
+    cfg = ModelConfig(
+        n_layers=2,
+        d_model=64,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn="swiglu",
+        ffn_hidden=160,
+        vocab_size=100,
+        tie_embeddings=False,
+    )
     q, kv, o = 64 * 8 * 16, 2 * 64 * 2 * 16, 8 * 16 * 64  # 8192, 4096, 8192
     ffn = 3 * 64 * 160  # gate, up, down = 30,720
     head = 64 * 100
@@ -70,29 +90,43 @@ def test_mfu_arithmetic():
         mfu(1.0, 1.0, 0.0)
 
 
-@pytest.mark.parametrize("device_name, key", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM"),
-    ("NVIDIA H100 PCIe", "H100 PCIe"),
-    ("NVIDIA H100 NVL", "H100 NVL"),
-    ("NVIDIA H200", "H200"),
-    ("NVIDIA B200", "B200"),
-    ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
-    ("NVIDIA A100-SXM4-80GB", "A100 80GB"),
-    ("NVIDIA A100 80GB PCIe", "A100 80GB"),
-    ("NVIDIA L40S", "L40S"),
-    ("NVIDIA L4", "L4"),
-    ("NVIDIA GeForce RTX 4090", "RTX 4090"),
-    ("Tesla V100-SXM2-32GB", "V100 SXM2"),
-    ("h100 sxm", "H100 SXM"),
-])
+@pytest.mark.parametrize(
+    "device_name, key",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA B200", "B200"),
+        ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
+        ("NVIDIA A100-SXM4-80GB", "A100 80GB"),
+        ("NVIDIA A100 80GB PCIe", "A100 80GB"),
+        ("NVIDIA L40S", "L40S"),
+        ("NVIDIA L4", "L4"),
+        ("NVIDIA GeForce RTX 4090", "RTX 4090"),
+        ("Tesla V100-SXM2-32GB", "V100 SXM2"),
+        ("h100 sxm", "H100 SXM"),
+    ],
+)
 def test_lookup_gpu_known(device_name, key):
     spec = lookup_gpu(device_name)
     assert spec is not None and spec.name == GPUS[key].name
     assert spec.bf16_tflops == GPUS[key].bf16_tflops
 
 
-@pytest.mark.parametrize("device_name", ["NVIDIA GB200", "NVIDIA H200 NVL", "NVIDIA L40", "AMD Instinct MI300X",
-                                         "NVIDIA GeForce RTX 4090 D", "Tesla V100-PCIE-32GB", "cpu", "Tesla T4"])
+@pytest.mark.parametrize(
+    "device_name",
+    [
+        "NVIDIA GB200",
+        "NVIDIA H200 NVL",
+        "NVIDIA L40",
+        "AMD Instinct MI300X",
+        "NVIDIA GeForce RTX 4090 D",
+        "Tesla V100-PCIE-32GB",
+        "cpu",
+        "Tesla T4",
+    ],
+)
 def test_lookup_gpu_unknown_is_none(device_name):
     assert lookup_gpu(device_name) is None
 

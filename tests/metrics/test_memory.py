@@ -20,8 +20,17 @@ from tokenmill.model.config import ModelConfig
 
 
 def gpt_block(**kw) -> ModelConfig:
-    base = dict(n_layers=2, d_model=64, n_heads=4, vocab_size=128, ffn="mlp", ffn_mult=4.0, norm="layernorm",
-                position="learned", bias=True)
+    base = dict(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        vocab_size=128,
+        ffn="mlp",
+        ffn_mult=4.0,
+        norm="layernorm",
+        position="learned",
+        bias=True,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -59,9 +68,11 @@ def saved_bytes(model: torch.nn.Module, idx: torch.Tensor, autocast: bool, loss:
             seen[storage.data_ptr()] = (storage.nbytes(), is_copy)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            model.loss(idx) if loss else model.hidden(idx)
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
+        model.loss(idx) if loss else model.hidden(idx)
     return sum(n for n, c in seen.values() if not c), sum(n for n, c in seen.values() if c)
 
 
@@ -106,8 +117,9 @@ def test_whole_loss_forward_matches_estimate(arch, mode):
     # Everything a loss forward saves: blocks, final norm, token ids, fp32 log-probs (the B S V 4 term), weight
     # copies. Within 0.5%: only per-sequence tensors (position ids, RoPE tables) are left out of the estimate.
     B, T = 2, 40
-    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=100, max_seq_len=T, tie_embeddings=False,
-                      **ARCHS[arch])
+    cfg = ModelConfig(
+        n_layers=2, d_model=64, n_heads=4, vocab_size=100, max_seq_len=T, tie_embeddings=False, **ARCHS[arch]
+    )
     model = build_model(cfg)
     acts, copies = saved_bytes(model, torch.randint(0, 100, (B, T + 1)), autocast=mode == "bf16-mixed", loss=True)
     est = activation_bytes(cfg, MODES[mode], B, T)

@@ -18,8 +18,17 @@ from tokenmill.model import build_model
 from tokenmill.train.batching import plan_batches
 from tokenmill.train.cadence import build_cadence
 
-SMALL = ["model.vocab_size=64", "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
-         "model.max_seq_len=16", "train.seq_len=16", "train.micro_batch_size=2", "log.progress_bar=false"]
+SMALL = [
+    "model.vocab_size=64",
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.max_seq_len=16",
+    "train.seq_len=16",
+    "train.micro_batch_size=2",
+    "log.progress_bar=false",
+]
 
 
 def setup(*overrides: str, steps: int = 4):
@@ -189,8 +198,13 @@ def test_progress_bar_only_on_a_terminal():
     assert tty.progress.progress.tasks[0].completed == 3
     tty.close()
     assert "3/3" in out.getvalue()
-    off = monitor_for(cfg, plan, precision="fp32", console=Console(file=io.StringIO(), force_terminal=True),
-                      dist=type("D", (), {"device": torch.device("cpu"), "world_size": 2, "is_main": False})())
+    off = monitor_for(
+        cfg,
+        plan,
+        precision="fp32",
+        console=Console(file=io.StringIO(), force_terminal=True),
+        dist=type("D", (), {"device": torch.device("cpu"), "world_size": 2, "is_main": False})(),
+    )
     assert off.progress.progress is None  # rank 1
 
 

@@ -60,7 +60,10 @@ def test_jsonl_resume_drops_events_after_the_checkpoint(tmp_path):
     resumed.close()
     events = read_jsonl(path)
     assert [(e["kind"], e["step"]) for e in events] == [("config", 0)] + [("train", s) for s in range(1, 5)] + [
-        ("checkpoint", 4), ("resume", 4), ("train", 5)]
+        ("checkpoint", 4),
+        ("resume", 4),
+        ("train", 5),
+    ]
 
 
 def test_tensorboard_events_are_written_and_readable(tmp_path):
@@ -136,8 +139,19 @@ def test_wandb_sink_reuses_run_id_on_resume(tmp_path, monkeypatch):
 def test_console_lines_are_compact_and_escape_markup():
     out = io.StringIO()
     sink = ConsoleSink(Console(file=out, width=200))
-    sink.log(120, {"loss": 3.21, "lr": 3e-4, "tokens_per_s": 12345.0, "mfu": None, "step_time_s": 0.085,
-                   "eta_s": 3720.0, "total_steps": 1000}, "train")
+    sink.log(
+        120,
+        {
+            "loss": 3.21,
+            "lr": 3e-4,
+            "tokens_per_s": 12345.0,
+            "mfu": None,
+            "step_time_s": 0.085,
+            "eta_s": 3720.0,
+            "total_steps": 1000,
+        },
+        "train",
+    )
     sink.log(120, {"samples": {"[bold]x": "y"}}, "sample")
     sink.log(120, {"model": {}}, "config")
     text = out.getvalue()
@@ -156,9 +170,14 @@ def test_warning_events_print_one_console_line_and_reach_the_jsonl(tmp_path):
     assert read_jsonl(tmp_path / "metrics.jsonl", "warning")[0]["message"].endswith("[no eval split]")
 
 
-@pytest.mark.parametrize("code, needle", [(28, "disk full while writing metrics to"),  # ENOSPC
-                                          (30, "cannot write metrics to"),  # EROFS
-                                          (13, "cannot write metrics to")])  # EACCES
+@pytest.mark.parametrize(
+    "code, needle",
+    [
+        (28, "disk full while writing metrics to"),  # ENOSPC
+        (30, "cannot write metrics to"),  # EROFS
+        (13, "cannot write metrics to"),
+    ],
+)  # EACCES
 def test_write_errors_become_one_line_and_the_failing_sink_is_dropped(tmp_path, code, needle):
     import errno
 

@@ -51,7 +51,7 @@ def packed(seed: int = 0, lengths=(5, 3, 8), rows: int = 2):
     idx = torch.randint(0, V, (rows, T), generator=g)
     doc_ids = torch.empty(rows, T, dtype=torch.long)
     for r in range(rows):
-        order = lengths[r % len(lengths):] + lengths[: r % len(lengths)]
+        order = lengths[r % len(lengths) :] + lengths[: r % len(lengths)]
         doc_ids[r] = torch.repeat_interleave(torch.arange(len(order)), torch.tensor(order))
     return idx, doc_ids
 
@@ -62,6 +62,7 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backend parity through the whole model
+
 
 @pytest.mark.parametrize("with_docs", [False, True])
 @pytest.mark.parametrize("n_kv_heads", [0, 2])
@@ -135,6 +136,7 @@ def test_flex_backward_agrees_with_sdpa_on_gpu(with_docs, dtype):
 # ---------------------------------------------------------------------------------------------------------------
 # Document masking: a packed row equals its documents run alone
 
+
 @pytest.mark.parametrize("position", ["rope", "learned", "none"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager", "flex"])
 def test_packed_documents_equal_documents_alone(attention, position):
@@ -181,6 +183,7 @@ def test_packed_loss_equals_sum_of_document_losses():
 # ---------------------------------------------------------------------------------------------------------------
 # Backend level: the same q, k, v through each backend's attend()
 
+
 def _qkv(B=2, H=4, Hkv=2, T=16, hd=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, h, T, hd, generator=g) for h in (H, Hkv, Hkv)]
@@ -209,11 +212,9 @@ def test_attend_level_parity(with_docs):
 
 def test_document_causal_mask():
     doc_ids = torch.tensor([[0, 0, 1, 1, 1]])
-    expected = torch.tensor([[1, 0, 0, 0, 0],
-                             [1, 1, 0, 0, 0],
-                             [0, 0, 1, 0, 0],
-                             [0, 0, 1, 1, 0],
-                             [0, 0, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool
+    )
     assert torch.equal(document_causal_mask(doc_ids)[0, 0], expected)
 
 
@@ -260,6 +261,7 @@ def test_bf16_autocast_keeps_qkv_dtypes_consistent(attention, with_docs):
 # ---------------------------------------------------------------------------------------------------------------
 # KV-cache entry points: the new keys land at their positions, queries see the cache bottom-right aligned
 
+
 def _cached_case(B=2, H=4, Hkv=2, T=3, span=9, hd=8, seed=0):
     """A cache with stale values in every slot, T new tokens per row at different positions per row."""
     g = torch.Generator().manual_seed(seed)
@@ -280,7 +282,7 @@ def _reference_cached(q, k_new, v_new, positions, keys, values):
         keys[b][:, positions[b]] = k_new[b]
         values[b][:, positions[b]] = v_new[b]
         mask = torch.arange(keys.shape[2])[None, :] <= positions[b][:, None]  # (T, span)
-        out[b] = eager.attend(q[b:b + 1], keys[b:b + 1], values[b:b + 1], mask, 0.0)[0]
+        out[b] = eager.attend(q[b : b + 1], keys[b : b + 1], values[b : b + 1], mask, 0.0)[0]
     return out, keys, values
 
 
@@ -293,8 +295,9 @@ def test_attend_cached_matches_the_reference(attention, n_kv_heads, T):
     expected, expected_keys, expected_values = _reference_cached(q, k_new, v_new, positions, keys, values)
     backend = ATTENTION[attention]()
     slots = positions[:, None, :, None].expand(-1, n_kv_heads, -1, q.shape[-1])
-    out = backend.attend_cached(q, k_new, v_new, LayerKV(keys, values, slots),
-                                backend.prepare_cached(positions, keys.shape[2]))
+    out = backend.attend_cached(
+        q, k_new, v_new, LayerKV(keys, values, slots), backend.prepare_cached(positions, keys.shape[2])
+    )
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
 
@@ -327,14 +330,18 @@ def test_flash_attn_refuses_shapes_and_inputs_it_cannot_run():
 def test_flash_attn_cached_decode_agrees_with_sdpa(n_kv_heads, T):
     from tokenmill.model.kv_cache import LayerKV
 
-    case = [t.cuda().to(torch.bfloat16) if t.is_floating_point() else t.cuda()
-            for t in _cached_case(Hkv=n_kv_heads, T=T, hd=64)]
+    case = [
+        t.cuda().to(torch.bfloat16) if t.is_floating_point() else t.cuda()
+        for t in _cached_case(Hkv=n_kv_heads, T=T, hd=64)
+    ]
     q, k_new, v_new, positions, keys, values = case
     out = {}
     for name in ("sdpa", "flash_attn"):
         backend = ATTENTION[name]()
         kv = LayerKV(keys.clone(), values.clone(), positions[:, None, :, None].expand(-1, n_kv_heads, -1, 64))
-        out[name] = (backend.attend_cached(q, k_new, v_new, kv, backend.prepare_cached(positions, keys.shape[2])),
-                     kv.keys)
+        out[name] = (
+            backend.attend_cached(q, k_new, v_new, kv, backend.prepare_cached(positions, keys.shape[2])),
+            kv.keys,
+        )
     torch.testing.assert_close(out["flash_attn"][0].float(), out["sdpa"][0].float(), atol=2e-2, rtol=2e-2)
     assert torch.equal(out["flash_attn"][1], out["sdpa"][1])

@@ -32,8 +32,9 @@ def test_loss_is_cross_entropy_of_logits_t_against_token_t_plus_1():
     model = make()
     window = windows()
     logits = model(window[:, :-1])  # (B, T, V)
-    by_hand = torch.stack([F.cross_entropy(logits[:, t], window[:, t + 1], reduction="none")
-                           for t in range(window.shape[1] - 1)])  # (T, B)
+    by_hand = torch.stack(
+        [F.cross_entropy(logits[:, t], window[:, t + 1], reduction="none") for t in range(window.shape[1] - 1)]
+    )  # (T, B)
     torch.testing.assert_close(model.loss(window), by_hand.mean(), atol=1e-6, rtol=1e-6)
     # and not against the same position (the seed 000 bug)
     unshifted = F.cross_entropy(logits.flatten(0, 1), window[:, :-1].flatten())
@@ -101,8 +102,7 @@ def test_reduction_sum_is_mean_times_token_count():
     model = make()
     window = windows()
     n_tokens = window[:, 1:].numel()
-    torch.testing.assert_close(model.loss(window, reduction="sum"), model.loss(window) * n_tokens,
-                               atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(model.loss(window, reduction="sum"), model.loss(window) * n_tokens, atol=1e-4, rtol=1e-6)
 
 
 def test_bad_reduction_is_a_user_error():
@@ -132,8 +132,9 @@ def test_chunked_with_doc_ids_equals_plain():
     window = windows(B=2, T=10)
     doc_ids = torch.tensor([[0] * 4 + [1] * 7, [0] * 11])
     model = make()
-    torch.testing.assert_close(model.loss(window, doc_ids, chunk_size=3), model.loss(window, doc_ids),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        model.loss(window, doc_ids, chunk_size=3), model.loss(window, doc_ids), atol=1e-6, rtol=1e-6
+    )
 
 
 def test_chunked_never_builds_full_logits(monkeypatch):

@@ -207,7 +207,7 @@ def test_build_model_materialises_everything():
 
 def test_init_is_reproducible():
     a, b, c = make(seed=3), make(seed=3), make(seed=4)
-    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (name, pa), pb, _pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.tok_emb.weight, c.tok_emb.weight)
 
@@ -217,8 +217,19 @@ def _std(t: torch.Tensor) -> float:
 
 
 def test_normal_init_table():
-    model = make(n_layers=8, d_model=256, n_heads=4, n_kv_heads=0, ffn_hidden=1024, bias=True, norm="layernorm",
-                 tie_embeddings=False, vocab_size=1024, init="normal", init_std=0.02)
+    model = make(
+        n_layers=8,
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=0,
+        ffn_hidden=1024,
+        bias=True,
+        norm="layernorm",
+        tie_embeddings=False,
+        vocab_size=1024,
+        init="normal",
+        init_std=0.02,
+    )
     block = model.blocks[3]
     residual = 0.02 / math.sqrt(2 * 8)
     for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.ffn.gate_proj, block.ffn.up_proj):
@@ -233,8 +244,16 @@ def test_normal_init_table():
 
 
 def test_fan_in_init_table():
-    model = make(n_layers=8, d_model=256, n_heads=4, n_kv_heads=0, ffn_hidden=1024, tie_embeddings=False,
-                 vocab_size=1024, init="fan_in")
+    model = make(
+        n_layers=8,
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=0,
+        ffn_hidden=1024,
+        tie_embeddings=False,
+        vocab_size=1024,
+        init="fan_in",
+    )
     block = model.blocks[0]
     assert _std(block.attn.q_proj.weight) == pytest.approx(1 / math.sqrt(256), rel=0.05)
     assert _std(block.ffn.up_proj.weight) == pytest.approx(1 / math.sqrt(256), rel=0.05)
@@ -245,8 +264,16 @@ def test_fan_in_init_table():
 
 def test_deepnet_init_and_residual_scale():
     L = 8
-    model = make(n_layers=L, d_model=256, n_heads=4, n_kv_heads=0, ffn_hidden=1024, vocab_size=1024, init="deepnet",
-                 norm_position="post")
+    model = make(
+        n_layers=L,
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=0,
+        ffn_hidden=1024,
+        vocab_size=1024,
+        init="deepnet",
+        norm_position="post",
+    )
     alpha, beta = (2 * L) ** 0.25, (8 * L) ** -0.25
     assert deepnet_alpha(L) == pytest.approx(alpha) and deepnet_beta(L) == pytest.approx(beta)
     block = model.blocks[5]
@@ -322,8 +349,10 @@ def test_rope_matches_complex_rotation_and_is_relative():
     pos = torch.arange(6)
     out = apply_rope(x, *rope.tables(pos))
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd))
-    z = torch.complex(x[..., : hd // 2], x[..., hd // 2:]) * torch.polar(torch.ones(6, hd // 2),
-                                                                          pos[:, None] * inv_freq)[None, :, None]
+    z = (
+        torch.complex(x[..., : hd // 2], x[..., hd // 2 :])
+        * torch.polar(torch.ones(6, hd // 2), pos[:, None] * inv_freq)[None, :, None]
+    )
     torch.testing.assert_close(out, torch.cat([z.real, z.imag], dim=-1), atol=1e-5, rtol=1e-5)
     # q.k after rotation depends only on the position difference
     q, k = torch.randn(1, 1, 1, hd), torch.randn(1, 1, 1, hd)

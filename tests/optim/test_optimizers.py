@@ -85,11 +85,19 @@ CPU_OPTIMIZERS = ["adamw", "adafactor", "muon"]
 
 # --- parameter roles and decay groups --------------------------------------------------------------------------
 
+
 def test_roles_of_a_tiny_model():
     assert parameter_roles(tiny()) == {
-        "tok_emb.weight": "embedding", "pos_emb.weight": "embedding", "ln.weight": "norm", "ln.bias": "norm",
-        "up.weight": "matrix", "up.bias": "bias", "down.weight": "matrix", "norm.gain": "norm",
-        "head.weight": "head"}
+        "tok_emb.weight": "embedding",
+        "pos_emb.weight": "embedding",
+        "ln.weight": "norm",
+        "ln.bias": "norm",
+        "up.weight": "matrix",
+        "up.bias": "bias",
+        "down.weight": "matrix",
+        "norm.gain": "norm",
+        "head.weight": "head",
+    }
 
 
 def test_default_decay_groups():
@@ -97,7 +105,8 @@ def test_default_decay_groups():
     assert groups["decay"]["names"] == ["up.weight", "down.weight", "head.weight"]
     assert groups["decay"]["weight_decay"] == 0.1
     assert sorted(groups["no_decay"]["names"]) == sorted(
-        ["tok_emb.weight", "pos_emb.weight", "ln.weight", "ln.bias", "up.bias", "norm.gain"])
+        ["tok_emb.weight", "pos_emb.weight", "ln.weight", "ln.bias", "up.bias", "norm.gain"]
+    )
     assert groups["no_decay"]["weight_decay"] == 0.0
 
 
@@ -119,8 +128,10 @@ NORMS_BIASES = {"ln.weight", "ln.bias", "up.bias", "norm.gain"}
 @pytest.mark.parametrize("norms_biases", [False, True])
 def test_decay_switches_pick_exactly_their_tensors(embeddings, norms_biases):
     model = tiny()
-    groups = {g["group"]: g for g in build_param_groups(model, 0.1, decay_embeddings=embeddings,
-                                                          decay_norms_biases=norms_biases)}
+    groups = {
+        g["group"]: g
+        for g in build_param_groups(model, 0.1, decay_embeddings=embeddings, decay_norms_biases=norms_biases)
+    }
     expected = MATRICES | (EMBEDDINGS if embeddings else set()) | (NORMS_BIASES if norms_biases else set())
     assert set(groups["decay"]["names"]) == expected
     assert set(groups.get("no_decay", {"names": []})["names"]) == (MATRICES | EMBEDDINGS | NORMS_BIASES) - expected
@@ -130,12 +141,15 @@ def test_decay_switches_pick_exactly_their_tensors(embeddings, norms_biases):
     assert "no_decay" not in groups or groups["no_decay"]["weight_decay"] == 0.0
 
 
-@pytest.mark.parametrize("keys, decayed", [
-    ({}, MATRICES),
-    ({"decay_embeddings": True}, MATRICES | EMBEDDINGS),
-    ({"decay_norms_biases": True}, MATRICES | NORMS_BIASES),
-    ({"decay_norms_biases_embeddings": True}, MATRICES | EMBEDDINGS | NORMS_BIASES),  # the old key still works
-])
+@pytest.mark.parametrize(
+    "keys, decayed",
+    [
+        ({}, MATRICES),
+        ({"decay_embeddings": True}, MATRICES | EMBEDDINGS),
+        ({"decay_norms_biases": True}, MATRICES | NORMS_BIASES),
+        ({"decay_norms_biases_embeddings": True}, MATRICES | EMBEDDINGS | NORMS_BIASES),  # the old key still works
+    ],
+)
 @pytest.mark.parametrize("name", CPU_OPTIMIZERS)
 def test_every_optimizer_follows_the_decay_keys(keys, decayed, name):
     from tokenmill.optim.config import OptimConfig
@@ -183,6 +197,7 @@ def test_frozen_parameters_are_left_out():
 
 
 # --- every optimizer trains --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", CPU_OPTIMIZERS)
 @pytest.mark.parametrize("tied", [False, True])
@@ -236,6 +251,7 @@ def test_scaled_lr():
 
 
 # --- state round-trip ----------------------------------------------------------------------------------------------
+
 
 def _roundtrip(state: dict) -> dict:
     buf = io.BytesIO()
@@ -294,6 +310,7 @@ def test_bf16_adafactor_differs_without_its_rounding_state():
 
 # --- AdamW fused vs foreach -------------------------------------------------------------------------------------
 
+
 def test_fused_adamw_matches_foreach():
     fused, plain = tiny(), tiny()
     opt_f = build_optimizer(fused, OptimConfig(name="adamw", lr=1e-2, fused=True))
@@ -308,9 +325,10 @@ def test_fused_adamw_matches_foreach():
 
 # --- bf16 stochastic rounding -------------------------------------------------------------------------------------
 
+
 def test_stochastic_rounding_is_unbiased():
-    gap = 2.0 ** -7  # bf16 spacing in [1, 2)
-    for value in (1.0 + 0.3 * gap, -(1.5 + 0.8 * gap), 1e-3 * (1 + 0.55 * 2 ** -7)):
+    gap = 2.0**-7  # bf16 spacing in [1, 2)
+    for value in (1.0 + 0.3 * gap, -(1.5 + 0.8 * gap), 1e-3 * (1 + 0.55 * 2**-7)):
         x = torch.full((200_000,), value, dtype=torch.float32)
         r = stochastic_round_to_bf16(x, torch.Generator().manual_seed(0))
         assert r.dtype == torch.bfloat16
@@ -350,6 +368,7 @@ def test_adafactor_seed_config_reproduces():
 
 # --- Muon -------------------------------------------------------------------------------------------------------------
 
+
 def test_newton_schulz_singular_values_near_one():
     torch.manual_seed(0)
     g = torch.randn(32, 64) @ torch.diag(torch.logspace(-2, 1, 64))  # condition number ~1000
@@ -380,9 +399,17 @@ def test_muon_groups_by_kind():
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this torch has no torch.optim.Muon")
 def test_fallback_muon_matches_torch_muon():
     a, b = tiny(), tiny()
-    groups = lambda m: [{"params": [m.up.weight, m.down.weight], "kind": "muon", "lr": 0.02, "weight_decay": 0.01},
-                        {"params": [p for n, p in m.named_parameters() if n not in ("up.weight", "down.weight")],
-                         "kind": "adamw", "lr": 1e-2}]
+
+    def groups(m):
+        return [
+            {"params": [m.up.weight, m.down.weight], "kind": "muon", "lr": 0.02, "weight_decay": 0.01},
+            {
+                "params": [p for n, p in m.named_parameters() if n not in ("up.weight", "down.weight")],
+                "kind": "adamw",
+                "lr": 1e-2,
+            },
+        ]
+
     opt_a = MuonWithAdamW(groups(a), muon_cls=torch.optim.Muon)
     opt_b = MuonWithAdamW(groups(b), muon_cls=FallbackMuon)
     train(a, opt_a, 5)
@@ -397,6 +424,7 @@ def test_muon_rejects_groups_without_kind():
 
 
 # --- 8-bit AdamW and bad names -------------------------------------------------------------------------------------
+
 
 def test_adamw8bit_without_bitsandbytes_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
@@ -421,12 +449,23 @@ def test_bad_optim_values():
 
 # --- the real model ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_roles_and_muon_on_the_transformer(tied):
     from tokenmill.model import ModelConfig, build_model
 
-    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, vocab_size=64, max_seq_len=16,
-                      tie_embeddings=tied, bias=True, position="learned", norm="layernorm")
+    cfg = ModelConfig(
+        n_layers=1,
+        d_model=32,
+        n_heads=2,
+        n_kv_heads=1,
+        vocab_size=64,
+        max_seq_len=16,
+        tie_embeddings=tied,
+        bias=True,
+        position="learned",
+        norm="layernorm",
+    )
     model = build_model(cfg)
     roles = parameter_roles(model)
     assert roles["tok_emb.weight"] == roles["pos_emb.weight"] == "embedding"

@@ -32,7 +32,7 @@ def test_no_warmup_starts_at_the_peak(name):
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_multiplier_stays_in_unit_interval(name):
-    values = [lr_at(name, s, total=200, warmup=20, min_lr_ratio=0.05, anneal_steps=30) for s in range(0, 260)]
+    values = [lr_at(name, s, total=200, warmup=20, min_lr_ratio=0.05, anneal_steps=30) for s in range(260)]
     assert all(0.0 <= v <= 1.0 for v in values)
 
 

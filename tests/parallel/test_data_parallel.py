@@ -31,8 +31,24 @@ def sources(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("data")
     docs = write_jsonl(root / "docs.jsonl", make_docs(300, max_words=60))
-    assert main(["prepare", str(docs), "--tokenizer", "byte", "--out", str(root / "shards"), "--workers", "1",
-                 "--no-progress", "--eval-fraction", "0.1"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                str(docs),
+                "--tokenizer",
+                "byte",
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+                "--no-progress",
+                "--eval-fraction",
+                "0.1",
+            ]
+        )
+        == 0
+    )
     return {"text": str(docs), "shards": str(root / "shards")}
 
 

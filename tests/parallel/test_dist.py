@@ -44,8 +44,17 @@ def _two_rank_body() -> dict:
     name = tdist.broadcast_object(f"from-{info.rank}")
     flag = tdist.any_rank(info.rank == 1)
     tdist.barrier()
-    out = {"rank": info.rank, "world": info.world_size, "backend": info.backend, "main": info.is_main,
-           "sum": t.item(), "max": m.item(), "avg": a.item(), "name": name, "flag": flag}
+    out = {
+        "rank": info.rank,
+        "world": info.world_size,
+        "backend": info.backend,
+        "main": info.is_main,
+        "sum": t.item(),
+        "max": m.item(),
+        "avg": a.item(),
+        "name": name,
+        "flag": flag,
+    }
     tdist.destroy_distributed()
     return out
 

@@ -13,8 +13,12 @@ STEPS = 5
 def _worker(strategy: str, pp: int, schedule: str, micro_batch: int) -> dict:
     cfg = tiny_config(strategy, pp, schedule, micro_batch)
     out = run_loop(cfg, STEPS)
-    return {"losses": out["losses"], "norms": out["norms"], "params": full_params(out["engine"]),
-            "dp": out["engine"].dp_size}
+    return {
+        "losses": out["losses"],
+        "norms": out["norms"],
+        "params": full_params(out["engine"]),
+        "dp": out["engine"].dp_size,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +74,16 @@ def _sync_and_metrics_body() -> dict:
     with no_sync_context(ddp, sync=True):
         ddp(x).sum().backward()
     synced = ddp.module.weight.grad.clone()
-    metrics = reduce_metrics({"tokens_per_s": 100.0 * (dist.rank + 1), "step_time_s": 1.0 + dist.rank,
-                              "loss": float(dist.rank)}, dist)
-    return {"local": local, "synced": synced, "metrics": metrics,
-            "tokens": float(global_token_count(10 + dist.rank, dist)),
-            "denominator": float(loss_denominator(10 + dist.rank, dist))}
+    metrics = reduce_metrics(
+        {"tokens_per_s": 100.0 * (dist.rank + 1), "step_time_s": 1.0 + dist.rank, "loss": float(dist.rank)}, dist
+    )
+    return {
+        "local": local,
+        "synced": synced,
+        "metrics": metrics,
+        "tokens": float(global_token_count(10 + dist.rank, dist)),
+        "denominator": float(loss_denominator(10 + dist.rank, dist)),
+    }
 
 
 def test_no_sync_and_global_metrics():
@@ -99,8 +108,11 @@ def _eval_worker(strategy: str, pp: int, init: str) -> dict:
         eval_sum = float(engine.model.loss(window, reduction="sum"))
         engine.model.train()
     inf = engine.inference_model()  # a collective when sharded
-    return {"eval": eval_sum, "inference": None if inf is None else {k: v.clone() for k, v in inf.state_dict().items()},
-            "losses": out["losses"]}
+    return {
+        "eval": eval_sum,
+        "inference": None if inf is None else {k: v.clone() for k, v in inf.state_dict().items()},
+        "losses": out["losses"],
+    }
 
 
 @pytest.mark.parametrize("strategy,pp", [("fsdp", 1), ("single", 2)])
@@ -141,12 +153,12 @@ def _fsdp_options_worker(options: dict) -> list[float]:
 
 def test_fsdp_options(reference):
     # ZeRO-2 style (keep gathered parameters) and CPU offload (a no-op on CPU devices) change no numbers
-    exact, _ = run_ranks(_fsdp_options_worker, 2, {"fsdp_reshard_after_forward": False, "fsdp_cpu_offload": True},
-                         timeout=90)
+    exact, _ = run_ranks(
+        _fsdp_options_worker, 2, {"fsdp_reshard_after_forward": False, "fsdp_cpu_offload": True}, timeout=90
+    )
     assert exact == pytest.approx(reference["losses"], abs=1e-5)
     # bf16 compute and gradient reduction: within bf16 noise of fp32, and not bit-identical (the policy is on)
-    bf16, _ = run_ranks(_fsdp_options_worker, 2, {"fsdp_param_dtype": "bf16", "fsdp_reduce_dtype": "bf16"},
-                        timeout=90)
+    bf16, _ = run_ranks(_fsdp_options_worker, 2, {"fsdp_param_dtype": "bf16", "fsdp_reduce_dtype": "bf16"}, timeout=90)
     assert bf16 == pytest.approx(reference["losses"], abs=1e-2)
     assert bf16 != pytest.approx(reference["losses"], abs=1e-6)
 
@@ -190,8 +202,11 @@ def _masked_step(strategy: str, pp: int) -> dict:
     engine = Engine(build_meta(cfg.model), cfg, dist, Precision("fp32", dist.device))
     tokens, targets = masked_batches()
     rank = engine.dp_rank if engine.dp_size > 1 else None  # one data-parallel rank takes every batch
-    mine = [{"tokens": tokens[r, m], "targets": targets[r, m]} for r in ([rank] if rank is not None else range(2))
-            for m in range(MICRO)]
+    mine = [
+        {"tokens": tokens[r, m], "targets": targets[r, m]}
+        for r in ([rank] if rank is not None else range(2))
+        for m in range(MICRO)
+    ]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     denominator = engine.loss_denominator(mine)
     total = torch.zeros(())
@@ -201,8 +216,12 @@ def _masked_step(strategy: str, pp: int) -> dict:
     for name, p in engine.model.named_parameters():
         grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP: a collective
         grads[name] = grad.detach().clone()
-    return {"loss": float(all_reduce(total, "avg")), "grads": grads, "denominator": float(denominator),
-            "dp": engine.dp_size}
+    return {
+        "loss": float(all_reduce(total, "avg")),
+        "grads": grads,
+        "denominator": float(denominator),
+        "dp": engine.dp_size,
+    }
 
 
 def masked_reference() -> dict:
@@ -224,10 +243,18 @@ def masked_reference() -> dict:
     valid = (targets != IGNORE_INDEX).sum()
     loss = nats / valid
     loss.backward()
-    per_rank_means = [F.cross_entropy(model(tokens[r].flatten(0, 1)[:, :-1]).flatten(0, 1), targets[r].flatten(),
-                                      ignore_index=IGNORE_INDEX).item() for r in range(2)]
-    return {"loss": loss.item(), "valid": int(valid), "naive": sum(per_rank_means) / 2,
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+    per_rank_means = [
+        F.cross_entropy(
+            model(tokens[r].flatten(0, 1)[:, :-1]).flatten(0, 1), targets[r].flatten(), ignore_index=IGNORE_INDEX
+        ).item()
+        for r in range(2)
+    ]
+    return {
+        "loss": loss.item(),
+        "valid": int(valid),
+        "naive": sum(per_rank_means) / 2,
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+    }
 
 
 @pytest.mark.parametrize("strategy,pp", [("ddp", 1), ("fsdp", 1), ("single", 2)])
@@ -260,6 +287,7 @@ def test_masked_targets_single_process_accumulation():
 # ---------------------------------------------------------------------------------------------------------
 # the loss_fn slot and the pipeline's accumulation
 
+
 def test_custom_loss_fn_is_what_the_step_back_propagates():
     from tokenmill.levers.loss import plain_loss
     from tokenmill.model import build_meta
@@ -290,8 +318,13 @@ def test_custom_loss_fn_with_pipeline_stages_is_refused():
 
     cfg = tiny_config("single", pp=2)
     with pytest.raises(UserError, match="custom loss function needs parallel.pp=1"):
-        Engine(build_meta(cfg.model), cfg, init_distributed(cfg.parallel, "cpu"), Precision("fp32", "cpu"),
-               loss_fn=plain_loss)
+        Engine(
+            build_meta(cfg.model),
+            cfg,
+            init_distributed(cfg.parallel, "cpu"),
+            Precision("fp32", "cpu"),
+            loss_fn=plain_loss,
+        )
 
 
 def _pp_grad_accum_run(out_dir: str, grad_accum: int, steps: int) -> dict:
@@ -307,8 +340,21 @@ def _pp_grad_accum_run(out_dir: str, grad_accum: int, steps: int) -> dict:
         return real(self, *args, **kwargs)
 
     Engine.forward_backward = counting
-    code = main([*cli_args(out_dir, steps, "parallel.pp=2", "model.tie_embeddings=false", "eval.max_batches=1",
-                           "eval.sample_prompts=[]", "parallel.timeout_s=60"), "--grad-accum", str(grad_accum)])
+    code = main(
+        [
+            *cli_args(
+                out_dir,
+                steps,
+                "parallel.pp=2",
+                "model.tie_embeddings=false",
+                "eval.max_batches=1",
+                "eval.sample_prompts=[]",
+                "parallel.timeout_s=60",
+            ),
+            "--grad-accum",
+            str(grad_accum),
+        ]
+    )
     return {"code": code, "calls": calls}
 
 

@@ -28,19 +28,53 @@ def shards(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("shards")
     src = write_jsonl(root / "docs.jsonl", make_docs(400, max_words=80))
-    assert main(["prepare", str(src), "--tokenizer", "byte", "--out", str(root / "data"), "--workers", "1",
-                 "--no-progress", "--eval-fraction", "0.1"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                str(src),
+                "--tokenizer",
+                "byte",
+                "--out",
+                str(root / "data"),
+                "--workers",
+                "1",
+                "--no-progress",
+                "--eval-fraction",
+                "0.1",
+            ]
+        )
+        == 0
+    )
     return root / "data"
 
 
 def run_args(shards: Path, out: Path, *extra: str) -> list[str]:
     overrides = [
-        "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "model.tie_embeddings=false",
-        "data.tokenizer=byte", f"data.sources=[{shards}]", "train.seq_len=16", "train.micro_batch_size=2",
-        "train.global_batch_tokens=64", f"train.max_steps={STEPS}", "train.precision=fp32", "train.device=cpu",
-        "eval.interval_steps=0", "eval.max_batches=1", "eval.sample_tokens=2", "eval.sample_prompts=[a]",
-        "schedule.warmup_steps=1", "optim.lr=1e-2", "log.interval_steps=1", "log.progress_bar=false",
-        "checkpoint.interval_steps=2", "parallel.timeout_s=60", f"train.out_dir={out}",
+        "model.n_layers=2",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.max_seq_len=32",
+        "model.tie_embeddings=false",
+        "data.tokenizer=byte",
+        f"data.sources=[{shards}]",
+        "train.seq_len=16",
+        "train.micro_batch_size=2",
+        "train.global_batch_tokens=64",
+        f"train.max_steps={STEPS}",
+        "train.precision=fp32",
+        "train.device=cpu",
+        "eval.interval_steps=0",
+        "eval.max_batches=1",
+        "eval.sample_tokens=2",
+        "eval.sample_prompts=[a]",
+        "schedule.warmup_steps=1",
+        "optim.lr=1e-2",
+        "log.interval_steps=1",
+        "log.progress_bar=false",
+        "checkpoint.interval_steps=2",
+        "parallel.timeout_s=60",
+        f"train.out_dir={out}",
     ]
     return ["train", "--preset", "tiny", *("--" + o for o in overrides), *extra]
 
@@ -52,8 +86,13 @@ def losses(out: Path) -> dict[int, float]:
 def single(shards: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     from train_helpers import subprocess_env
 
-    return subprocess.run([sys.executable, "-m", "tokenmill", *run_args(shards, out, *extra)], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "tokenmill", *run_args(shards, out, *extra)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> None:
@@ -70,9 +109,16 @@ def reference(shards, tmp_path_factory) -> dict[int, float]:
     return ref
 
 
-@pytest.mark.parametrize("extra", [["--parallel.strategy=ddp"], ["--parallel.strategy=zero1"],
-                                   ["--parallel.strategy=fsdp"], ["--parallel.pp=2", "--parallel.pp_schedule=1F1B"]],
-                         ids=["ddp", "zero1", "fsdp", "pp2-1F1B"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--parallel.strategy=ddp"],
+        ["--parallel.strategy=zero1"],
+        ["--parallel.strategy=fsdp"],
+        ["--parallel.pp=2", "--parallel.pp_schedule=1F1B"],
+    ],
+    ids=["ddp", "zero1", "fsdp", "pp2-1F1B"],
+)
 def test_torchrun_matches_single_process(shards, reference, tmp_path, extra):
     ok(torchrun(["-m", "tokenmill", *run_args(shards, tmp_path, *extra)]))
     got = losses(tmp_path)
@@ -86,8 +132,15 @@ def test_torchrun_matches_single_process(shards, reference, tmp_path, extra):
 def test_fsdp_checkpoint_resumes_in_one_process(shards, reference, tmp_path):
     """Save sharded on 2 ranks (async: written while training goes on), resume single-process from the
     mid-run checkpoint: the same later losses."""
-    ok(torchrun(["-m", "tokenmill", *run_args(shards, tmp_path / "two", "--parallel.strategy=fsdp",
-                                                 "--checkpoint.async_save=true")]))
+    ok(
+        torchrun(
+            [
+                "-m",
+                "tokenmill",
+                *run_args(shards, tmp_path / "two", "--parallel.strategy=fsdp", "--checkpoint.async_save=true"),
+            ]
+        )
+    )
     mid = tmp_path / "two" / "checkpoints" / "step_00000002"
     ok(single(shards, tmp_path / "one", f"--resume={mid}"))
     got = losses(tmp_path / "one")
@@ -100,11 +153,30 @@ def test_two_nodes_with_c10d_rendezvous(shards, tmp_path):
     from train_helpers import subprocess_env
 
     port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=tokenmill-test", "-m", "tokenmill",
-           *run_args(shards, tmp_path, "--parallel.strategy=fsdp")]
-    nodes = [subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=tokenmill-test",
+        "-m",
+        "tokenmill",
+        *run_args(shards, tmp_path, "--parallel.strategy=fsdp"),
+    ]
+    nodes = [
+        subprocess.Popen(
+            cmd,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
     try:
         outs = [n.communicate(timeout=240)[0] for n in nodes]
     finally:
@@ -118,7 +190,7 @@ def test_two_nodes_with_c10d_rendezvous(shards, tmp_path):
     assert read_jsonl(tmp_path / "metrics.jsonl", "startup")[0]["training"]["data_parallel"] == 2
 
 
-FAULTY = '''
+FAULTY = """
 import os, sys
 import torch
 torch.set_num_threads(1)
@@ -137,7 +209,7 @@ def faulty(self, *args, **kwargs):
 engine.Engine.forward_backward = faulty
 from tokenmill.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 def test_rank_failure_ends_the_job(shards, tmp_path):
@@ -156,8 +228,12 @@ def test_elastic_restart_resumes_from_last_checkpoint(shards, reference, tmp_pat
     script.write_text(FAULTY)
     # the restarted workers must not read the dead ones' addresses from torchrun's shared store
     # (pytorch/pytorch#135712; docs/scaling.md and deploy/ set the same variable)
-    proc = torchrun([str(script), *run_args(shards, tmp_path / "run", "--parallel.strategy=fsdp", "--resume")],
-                    extra=["--max-restarts=1"], timeout=150, env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    proc = torchrun(
+        [str(script), *run_args(shards, tmp_path / "run", "--parallel.strategy=fsdp", "--resume")],
+        extra=["--max-restarts=1"],
+        timeout=150,
+        env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+    )
     ok(proc)
     assert "injected fault on rank 1 at step 3" in proc.stdout + proc.stderr  # the first attempt did fail
     events = read_jsonl(tmp_path / "run" / "metrics.jsonl")

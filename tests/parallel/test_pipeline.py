@@ -68,11 +68,14 @@ def test_stages_chained_equal_the_model():
 def test_configs_stages_cannot_run():
     cfg = tiny_config(pp=2)
     pl.check_pipeline_config(cfg)  # untied, causal: fine
-    tied = types.SimpleNamespace(parallel=cfg.parallel, model=types.SimpleNamespace(tie_embeddings=True), train=cfg.train)
+    tied = types.SimpleNamespace(
+        parallel=cfg.parallel, model=types.SimpleNamespace(tie_embeddings=True), train=cfg.train
+    )
     with pytest.raises(UserError, match="tie_embeddings=false"):
         pl.check_pipeline_config(tied)
-    docs = types.SimpleNamespace(parallel=cfg.parallel, model=cfg.model,
-                                 train=types.SimpleNamespace(document_masking=True))
+    docs = types.SimpleNamespace(
+        parallel=cfg.parallel, model=cfg.model, train=types.SimpleNamespace(document_masking=True)
+    )
     with pytest.raises(UserError, match="document_masking"):
         pl.check_pipeline_config(docs)
 

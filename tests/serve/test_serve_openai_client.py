@@ -112,9 +112,8 @@ def test_echo_prepends_the_prompt(base_server):
 
 
 def test_greedy_text_equals_the_engine(base_server, base_run):
-    from tokenmill.generation.engine import Generator, SamplingParams
-
     import tokenmill
+    from tokenmill.generation.engine import Generator, SamplingParams
 
     served = complete(base_server, prompt=PROMPT, max_tokens=16, temperature=0).choices[0]
     engine = Generator(tokenmill.load_model(base_run), tokenmill.load_tokenizer(base_run))

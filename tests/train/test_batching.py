@@ -7,8 +7,15 @@ from tokenmill.train.batching import plan_batches
 
 
 def test_accumulation_is_derived_from_global_batch():
-    plan = plan_batches(micro_batch_size=4, seq_len=256, world_size=2, global_batch_tokens=8192,
-                        total_tokens=81920, max_steps=0, n_params=10)
+    plan = plan_batches(
+        micro_batch_size=4,
+        seq_len=256,
+        world_size=2,
+        global_batch_tokens=8192,
+        total_tokens=81920,
+        max_steps=0,
+        n_params=10,
+    )
     assert plan.grad_accum == 4
     assert plan.tokens_per_step == 8192
     assert plan.total_steps == 10

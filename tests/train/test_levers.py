@@ -17,7 +17,6 @@ STEPS = 5
 PLAIN = ("model.dropout=0.0", "train.precision=fp32", "optim.fused=true")
 
 
-
 class Run:
     """One tiny run: losses, (step, loss, grad norm, lr) per step, final weights, and the live engine/optimizer."""
 
@@ -65,8 +64,9 @@ def assert_trains_like(run: Run, ref: Run, rtol: float, atol: float) -> None:
     assert len(run.curve) == len(ref.curve) == STEPS
     assert [c[0] for c in run.curve] == [c[0] for c in ref.curve]
     torch.testing.assert_close(torch.tensor(run.losses), torch.tensor(ref.losses), rtol=rtol, atol=atol)
-    torch.testing.assert_close(torch.tensor([c[2] for c in run.curve]), torch.tensor([c[2] for c in ref.curve]),
-                               rtol=rtol, atol=atol)
+    torch.testing.assert_close(
+        torch.tensor([c[2] for c in run.curve]), torch.tensor([c[2] for c in ref.curve]), rtol=rtol, atol=atol
+    )
     assert [c[3] for c in run.curve] == [c[3] for c in ref.curve]
     assert set(run.weights) == set(ref.weights)
     for key in ref.weights:
@@ -109,8 +109,9 @@ def test_bf16_autocast_tracks_fp32(tmp_path, monkeypatch, plain):
     assert run.losses != plain.losses  # autocast was really on
     assert all(w.dtype == torch.float32 for w in run.weights.values())  # fp32 master weights
     torch.testing.assert_close(torch.tensor(run.losses), torch.tensor(plain.losses), rtol=1e-2, atol=0)
-    torch.testing.assert_close(torch.tensor([c[2] for c in run.curve]), torch.tensor([c[2] for c in plain.curve]),
-                               rtol=3e-2, atol=0)
+    torch.testing.assert_close(
+        torch.tensor([c[2] for c in run.curve]), torch.tensor([c[2] for c in plain.curve]), rtol=3e-2, atol=0
+    )
     for key, ref in plain.weights.items():  # Adam's sign-like steps on tiny gradients differ: compare in norm
         drift = (run.weights[key] - ref).norm() / ref.norm()
         assert drift < 5e-2, (key, float(drift))

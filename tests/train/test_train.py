@@ -31,7 +31,6 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_cpu_fp32.json"
 TOKENS_PER_STEP = 4 * 32  # tiny run: micro-batch 4 x seq_len 32, no accumulation
 
 
-
 def vocab_of(run_dir: Path) -> int:
     return events(run_dir, "startup")[0]["model"]["vocab_size"]
 
@@ -49,10 +48,18 @@ def test_loss_falls_on_a_tiny_stdlib_run(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # metrics: JSONL and TensorBoard
 
+
 def test_jsonl_holds_every_o2_field_and_event_kind_and_tensorboard_is_readable(tmp_path):
     steps = 4
-    cfg = tiny_config(tmp_path / "run", steps, "eval.interval_steps=2", "checkpoint.interval_steps=2",
-                      "log.tensorboard=true", "log.per_layer_grad_norms=true", "log.per_layer_interval=1")
+    cfg = tiny_config(
+        tmp_path / "run",
+        steps,
+        "eval.interval_steps=2",
+        "checkpoint.interval_steps=2",
+        "log.tensorboard=true",
+        "log.per_layer_grad_norms=true",
+        "log.per_layer_interval=1",
+    )
     result = train(cfg)
     run_dir = result.run_dir
     kinds = {e["kind"] for e in events(run_dir)}
@@ -70,8 +77,18 @@ def test_jsonl_holds_every_o2_field_and_event_kind_and_tensorboard_is_readable(t
     for e in train_events:
         missing = [f for f in STEP_METRICS if f not in e]
         assert not missing, f"step {e['step']} lacks {missing}"
-        for field in ("loss", "ppl", "lr", "step_time_s", "tokens_per_s", "tflops", "grad_norm", "grad_mean",
-                      "grad_std", "eta_s"):
+        for field in (
+            "loss",
+            "ppl",
+            "lr",
+            "step_time_s",
+            "tokens_per_s",
+            "tflops",
+            "grad_norm",
+            "grad_mean",
+            "grad_std",
+            "eta_s",
+        ):
             assert isinstance(e[field], float) and math.isfinite(e[field]), (field, e[field])
         assert e["mfu"] is None and e["mem_allocated_gib"] is None  # a CPU has no peak table entry or CUDA
         assert e["tokens_seen"] == e["step"] * TOKENS_PER_STEP
@@ -86,8 +103,11 @@ def test_jsonl_holds_every_o2_field_and_event_kind_and_tensorboard_is_readable(t
     assert [(e["step"], e["reason"]) for e in saved] == [(2, "interval"), (4, "final")]
     assert all(Path(e["path"]).is_dir() for e in saved)
     summary = events(run_dir, "summary")[-1]
-    assert (summary["status"], summary["steps"], summary["tokens_seen"]) == ("completed", steps,
-                                                                             steps * TOKENS_PER_STEP)
+    assert (summary["status"], summary["steps"], summary["tokens_seen"]) == (
+        "completed",
+        steps,
+        steps * TOKENS_PER_STEP,
+    )
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -112,8 +132,10 @@ def test_gradient_accumulation_equals_one_big_micro_batch(tmp_path):
 
     # lr 3e-3, not the tiny run's 1e-2: Adam divides by sqrt(v), which magnifies the summation-order noise of
     # near-zero gradients; at 1e-2 one weight in 10^5 drifts 1.1e-6 after 5 steps, at 3e-3 the worst is 3e-7
-    steps, same = 5, ("model.dropout=0.0", "train.precision=fp32", f"train.global_batch_tokens={TOKENS_PER_STEP}",
-                      "optim.lr=3e-3")
+    steps, same = (
+        5,
+        ("model.dropout=0.0", "train.precision=fp32", f"train.global_batch_tokens={TOKENS_PER_STEP}", "optim.lr=3e-3"),
+    )
     big = tiny_config(tmp_path / "big", steps, *same, "train.micro_batch_size=4")
     small = tiny_config(tmp_path / "small", steps, *same, "train.micro_batch_size=2")
 
@@ -150,14 +172,16 @@ def test_eval_measures_the_loss_training_optimises(tmp_path, monkeypatch, maskin
         return real_loss(self, tokens, doc_ids, **kwargs)
 
     monkeypatch.setattr(transformer.Transformer, "loss", loss)
-    train(tiny_config(tmp_path / "run", 2, f"train.document_masking={str(masking).lower()}",
-                      "train.loss_chunk_size=16"))
+    train(
+        tiny_config(tmp_path / "run", 2, f"train.document_masking={str(masking).lower()}", "train.loss_chunk_size=16")
+    )
     assert {mode for mode, _, _ in calls} == {True, False}  # train steps and eval batches both seen
     assert {(docs, chunk) for _, docs, chunk in calls} == {(masking, 16)}, calls
 
 
 # ---------------------------------------------------------------------------------------------------------
 # stability: non-finite steps and divergence (faults injected at chosen micro-steps)
+
 
 class Faults:
     """Replaces Engine.forward_backward: at chosen micro-steps (1-based) every gradient becomes NaN (and the
@@ -229,9 +253,13 @@ def test_nonfinite_stop_policy_keeps_a_checkpoint_and_exits_4(tmp_path, monkeypa
     assert events(run_dir, "summary")[-1]["status"] == "completed"
 
 
-DETECTOR = ("stability.divergence_threshold=1.0", "stability.divergence_fast_alpha=0.1",
-            "stability.divergence_slow_alpha=0.01", "stability.divergence_warmup_steps=3",
-            "checkpoint.interval_steps=2")
+DETECTOR = (
+    "stability.divergence_threshold=1.0",
+    "stability.divergence_fast_alpha=0.1",
+    "stability.divergence_slow_alpha=0.01",
+    "stability.divergence_warmup_steps=3",
+    "checkpoint.interval_steps=2",
+)
 
 
 def test_sustained_loss_rise_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -260,6 +288,7 @@ def test_one_isolated_spike_does_not_stop_the_run(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------
 # golden curve
+
 
 def test_golden_loss_curve(tmp_path):
     """The first 20 steps of a fixed tiny fp32 CPU run (tests/train/golden/tiny_cpu_fp32.json) within 1e-4 relative.

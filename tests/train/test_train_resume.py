@@ -37,7 +37,6 @@ K = 8  # the kill tests: checkpoint every K steps of a 2K-step run
 KILL = ("model.dropout=0.1", f"checkpoint.interval_steps={K}")
 
 
-
 def sigterm_at_call(monkeypatch, call: int) -> None:
     """Send this process SIGTERM during the `call`-th micro-step of the next train() (a stop request)."""
     real = Engine.forward_backward
@@ -132,8 +131,9 @@ def test_sigkill_at_random_moment_then_resume_equals_straight_run(tmp_path, stra
     time.sleep(delay)
     child.send_signal(signal.SIGKILL)
     child.communicate(timeout=60)
-    assert child.returncode == -signal.SIGKILL, f"child ended by itself (rc {child.returncode}) before the kill " \
-                                                f"at +{delay:.3f} s"
+    assert child.returncode == -signal.SIGKILL, (
+        f"child ended by itself (rc {child.returncode}) before the kill at +{delay:.3f} s"
+    )
 
     assert main([*args, "--resume"]) == 0
     assert logged_curve(run_dir) == logged_curve(straight_2k.run_dir), f"killed at +{delay:.3f} s"

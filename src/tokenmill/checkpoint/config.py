@@ -10,8 +10,9 @@ from tokenmill.config.fields import opt, require_positive
 @dataclass
 class CheckpointConfig:
     interval_steps: int = opt(0, "save every N steps (scaled by train.step_cadence); 0 = only at the end")
-    interval_tokens: int = opt(0, "save every N training tokens (scaled by train.step_cadence); when > 0 it replaces "
-                                  "interval_steps")
+    interval_tokens: int = opt(
+        0, "save every N training tokens (scaled by train.step_cadence); when > 0 it replaces interval_steps"
+    )
     keep_last: int = opt(3, "keep the newest K periodic checkpoints")
     keep_best: int = opt(1, "keep the K best checkpoints by eval loss")
     async_save: bool = opt(False, "distributed runs: overlap the save with training")

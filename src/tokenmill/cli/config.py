@@ -9,8 +9,9 @@ from tokenmill.config import Config, load_config, preset_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["show", "presets"], help="show: print the resolved config; "
-                                                                   "presets: list shipped presets")
+    parser.add_argument(
+        "action", choices=["show", "presets"], help="show: print the resolved config; presets: list shipped presets"
+    )
     add_config_arguments(parser)
 
 

@@ -14,11 +14,21 @@ from tokenmill.metrics.estimate import DEFAULT_GPU, estimate, resolve_gpu
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--gpu", default=DEFAULT_GPU, metavar="NAME",
-                        help=f"GPU for the memory plan and timing (default {DEFAULT_GPU}): "
-                             + ", ".join(flops.GPUS) + ", or a torch.cuda.get_device_name() string")
-    parser.add_argument("--micro-batch", type=int, default=None, metavar="B",
-                        help="sequences per micro-batch for the activation plan (default train.micro_batch_size)")
+    parser.add_argument(
+        "--gpu",
+        default=DEFAULT_GPU,
+        metavar="NAME",
+        help=f"GPU for the memory plan and timing (default {DEFAULT_GPU}): "
+        + ", ".join(flops.GPUS)
+        + ", or a torch.cuda.get_device_name() string",
+    )
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        metavar="B",
+        help="sequences per micro-batch for the activation plan (default train.micro_batch_size)",
+    )
     parser.add_argument("--n-gpus", type=int, default=1, metavar="N", help="GPUs sharing the token budget (time)")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
@@ -52,8 +62,11 @@ def print_report(report: dict[str, Any], file: Any = None) -> None:
     console = Console(file=file or sys.stdout, width=110, highlight=False)
     m, p, f, g = report["model"], report["parameters"], report["flops"], report["gpu"]
 
-    t = _table(console, f"Model ({m['n_layers']}L, d={m['d_model']}, {m['n_heads']} heads / {m['n_kv_heads']} kv, "
-                        f"{m['ffn']} {m['ffn_hidden']}, vocab {m['vocab_size']})")
+    t = _table(
+        console,
+        f"Model ({m['n_layers']}L, d={m['d_model']}, {m['n_heads']} heads / {m['n_kv_heads']} kv, "
+        f"{m['ffn']} {m['ffn_hidden']}, vocab {m['vocab_size']})",
+    )
     t.add_column("parameters")
     t.add_column("count", justify="right")
     for key in ("total", "non_embedding", "embedding", "trainable", "matmul"):
@@ -72,25 +85,38 @@ def print_report(report: dict[str, Any], file: Any = None) -> None:
     console.print(t)
 
     mem = report["memory"]
-    t = _table(console, f"Memory per GPU, micro-batch {mem['micro_batch']} x {mem['seq_len']} tokens, AdamW "
-                        f"(AC = activation checkpointing of every block)")
+    t = _table(
+        console,
+        f"Memory per GPU, micro-batch {mem['micro_batch']} x {mem['seq_len']} tokens, AdamW "
+        f"(AC = activation checkpointing of every block)",
+    )
     t.add_column("")
     for mode in mem["plan"]:
         t.add_column(mode, justify="right")
-    rows = [("weights", lambda d: d["weights"]), ("gradients", lambda d: d["gradients"]),
-            ("optimizer (2 fp32 states)", lambda d: d["optimizer"]), ("static total", lambda d: d["static_total"]),
-            ("activations, no AC", lambda d: d["activations"]["none"]["total"]),
-            ("  of which logits + loss", lambda d: d["activations"]["none"]["logits"]
-             + d["activations"]["none"]["loss_backward"]),
-            ("activations, AC", lambda d: d["activations"]["all"]["total"]),
-            ("peak, no AC", lambda d: d["peak_total"]["none"]), ("peak, AC", lambda d: d["peak_total"]["all"])]
+    rows = [
+        ("weights", lambda d: d["weights"]),
+        ("gradients", lambda d: d["gradients"]),
+        ("optimizer (2 fp32 states)", lambda d: d["optimizer"]),
+        ("static total", lambda d: d["static_total"]),
+        ("activations, no AC", lambda d: d["activations"]["none"]["total"]),
+        (
+            "  of which logits + loss",
+            lambda d: d["activations"]["none"]["logits"] + d["activations"]["none"]["loss_backward"],
+        ),
+        ("activations, AC", lambda d: d["activations"]["all"]["total"]),
+        ("peak, no AC", lambda d: d["peak_total"]["none"]),
+        ("peak, AC", lambda d: d["peak_total"]["all"]),
+    ]
     for label, get in rows:
         t.add_row(label, *(_gib(get(d)) for d in mem["plan"].values()))
     console.print(t)
 
     fit = report["max_micro_batch"]
-    t = _table(console, f"Largest micro-batch on {g['name']} ({g['memory_gib']:g} GiB; usable "
-                        f"{_gib(mem['usable_bytes'])}: {mem['safety']})")
+    t = _table(
+        console,
+        f"Largest micro-batch on {g['name']} ({g['memory_gib']:g} GiB; usable "
+        f"{_gib(mem['usable_bytes'])}: {mem['safety']})",
+    )
     t.add_column("")
     for mode in fit:
         t.add_column(mode, justify="right")
@@ -100,8 +126,9 @@ def print_report(report: dict[str, Any], file: Any = None) -> None:
 
     b = report["budget"]
     gpus = f"{b['n_gpus']} x {g['name']}" if b["n_gpus"] > 1 else g["name"]
-    t = _table(console, f"Time to {b['tokens']:,} tokens ({b['source']}) on {gpus}, bf16 peak {b['peak_tflops']:g} "
-                        f"TFLOPS")
+    t = _table(
+        console, f"Time to {b['tokens']:,} tokens ({b['source']}) on {gpus}, bf16 peak {b['peak_tflops']:g} TFLOPS"
+    )
     t.add_column("MFU")
     t.add_column("time", justify="right")
     t.add_column("tokens/s", justify="right")

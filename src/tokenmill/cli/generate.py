@@ -22,39 +22,82 @@ from tokenmill.errors import UserError
 
 def _number(kind: type, flag: str) -> Callable[[str], float | int]:
     """An argparse type that reports a malformed number as one UserError line (argparse would print usage)."""
+
     def convert(text: str) -> float | int:
         try:
             return kind(text)
         except ValueError:
             raise UserError(f"{flag} {text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
     return convert
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="RUN|CHECKPOINT", help="run folder or checkpoint folder")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="prompt text (repeatable)")
-    parser.add_argument("--file", metavar="PROMPTS", help="prompts, one per line (.jsonl: JSON strings or objects "
-                                                          "with a 'prompt' key)")
-    parser.add_argument("--max-tokens", type=_number(int, "--max-tokens"), default=128, metavar="N",
-                        help="tokens to generate at most per sample (default: 128)")
-    parser.add_argument("--temperature", type=_number(float, "--temperature"), default=0.8, metavar="T",
-                        help="sampling temperature; 0 = greedy (default: 0.8)")
-    parser.add_argument("--top-k", type=_number(int, "--top-k"), default=0, metavar="K",
-                        help="sample among the K most likely tokens; 0 = all (default: 0)")
-    parser.add_argument("--top-p", type=_number(float, "--top-p"), default=1.0, metavar="P",
-                        help="nucleus sampling threshold in (0, 1] (default: 1 = off)")
-    parser.add_argument("--min-p", type=_number(float, "--min-p"), default=0.0, metavar="P",
-                        help="drop tokens below P x the top probability (default: 0 = off)")
-    parser.add_argument("--repetition-penalty", type=_number(float, "--repetition-penalty"), default=1.0,
-                        metavar="R", help="penalty > 1 on tokens already present (default: 1 = off)")
-    parser.add_argument("--seed", type=_number(int, "--seed"), default=None, metavar="S",
-                        help="same seed, same text (default: random)")
-    parser.add_argument("--stop", action="append", default=[], metavar="STR",
-                        help="stop before this string (repeatable); EOS always stops")
+    parser.add_argument(
+        "--file", metavar="PROMPTS", help="prompts, one per line (.jsonl: JSON strings or objects with a 'prompt' key)"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=_number(int, "--max-tokens"),
+        default=128,
+        metavar="N",
+        help="tokens to generate at most per sample (default: 128)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=_number(float, "--temperature"),
+        default=0.8,
+        metavar="T",
+        help="sampling temperature; 0 = greedy (default: 0.8)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=_number(int, "--top-k"),
+        default=0,
+        metavar="K",
+        help="sample among the K most likely tokens; 0 = all (default: 0)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=_number(float, "--top-p"),
+        default=1.0,
+        metavar="P",
+        help="nucleus sampling threshold in (0, 1] (default: 1 = off)",
+    )
+    parser.add_argument(
+        "--min-p",
+        type=_number(float, "--min-p"),
+        default=0.0,
+        metavar="P",
+        help="drop tokens below P x the top probability (default: 0 = off)",
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=_number(float, "--repetition-penalty"),
+        default=1.0,
+        metavar="R",
+        help="penalty > 1 on tokens already present (default: 1 = off)",
+    )
+    parser.add_argument(
+        "--seed", type=_number(int, "--seed"), default=None, metavar="S", help="same seed, same text (default: random)"
+    )
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="stop before this string (repeatable); EOS always stops",
+    )
     parser.add_argument("--n", type=_number(int, "--n"), default=1, metavar="N", help="samples per prompt")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
-    parser.add_argument("--which", default="latest", metavar="latest|best",
-                        help="checkpoint of a run folder: latest valid or best eval loss (default: latest)")
+    parser.add_argument(
+        "--which",
+        default="latest",
+        metavar="latest|best",
+        help="checkpoint of a run folder: latest valid or best eval loss (default: latest)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
@@ -95,9 +138,17 @@ def run(args: argparse.Namespace) -> int:
     from tokenmill.generation.api import default_device
     from tokenmill.generation.params import SamplingParams
 
-    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            stop=tuple(args.stop), seed=args.seed, n=args.n)
+    params = SamplingParams(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop),
+        seed=args.seed,
+        n=args.n,
+    )
     if not Path(args.checkpoint).exists():
         raise UserError(f"{args.checkpoint} does not exist: give a run folder or a checkpoint folder")
 
@@ -115,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"prompt {number}: {err}" if len(prompts) > 1 else str(err)) from None
     started, produced = time.perf_counter(), 0
     if args.stream:
-        for prompt, prompt_ids in zip(prompts, ids):
+        for prompt, prompt_ids in zip(prompts, ids, strict=False):
             sys.stdout.write(prompt)
             for delta in generator.stream(prompt_ids, params):
                 sys.stdout.write(delta.text)

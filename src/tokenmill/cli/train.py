@@ -29,13 +29,23 @@ SHORTCUTS: dict[str, str] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     for flag, key in SHORTCUTS.items():
-        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, metavar="V",
-                            help=f"shortcut for --{key}")
+        parser.add_argument(
+            "--" + flag.replace("_", "-"), dest=flag, default=None, metavar="V", help=f"shortcut for --{key}"
+        )
     parser.add_argument("--compile", action="store_true", default=None, help="shortcut for --train.compile=true")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                        help="continue from the latest valid checkpoint in out_dir, or from PATH")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start fresh in an out_dir that holds another run's checkpoints (deletes them)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="continue from the latest valid checkpoint in out_dir, or from PATH",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start fresh in an out_dir that holds another run's checkpoints (deletes them)",
+    )
 
 
 def config_from_train_args(args: argparse.Namespace) -> Config:
@@ -44,8 +54,10 @@ def config_from_train_args(args: argparse.Namespace) -> Config:
     if not presets and args.config_file is None:
         presets = [DEMO_PRESET]
     if args.grad_accum is not None and str(args.grad_accum).strip().lstrip("+").isdigit() and int(args.grad_accum) < 1:
-        raise ConfigError(f"--grad-accum {args.grad_accum} is not allowed: give the micro-steps per optimizer step "
-                          f"(>= 1); leave it out to derive them from train.global_batch_tokens")
+        raise ConfigError(
+            f"--grad-accum {args.grad_accum} is not allowed: give the micro-steps per optimizer step "
+            f"(>= 1); leave it out to derive them from train.global_batch_tokens"
+        )
     shortcuts = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
     if args.compile:
         shortcuts.append("train.compile=true")

@@ -9,8 +9,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LOADING = ("all_keys", "apply_override", "build_section", "coerce", "config_from_dict", "deep_merge", "field_help",
-            "load_config", "load_file", "load_preset", "parse_override", "preset_names", "split_overrides")
+_LOADING = (
+    "all_keys",
+    "apply_override",
+    "build_section",
+    "coerce",
+    "config_from_dict",
+    "deep_merge",
+    "field_help",
+    "load_config",
+    "load_file",
+    "load_preset",
+    "parse_override",
+    "preset_names",
+    "split_overrides",
+)
 _LAZY = {"Config": "run", **dict.fromkeys(_LOADING, "loading")}
 __all__ = sorted(_LAZY)
 

@@ -37,6 +37,7 @@ MOVED_KEYS: dict[str, str] = {
 # ---------------------------------------------------------------------------------------------------
 # Presets
 
+
 def preset_names() -> list[str]:
     """Every preset shipped in the package (YAML files under tokenmill/presets)."""
     folder = resources.files("tokenmill.config") / "presets"
@@ -102,8 +103,10 @@ def _expand_extends(data: dict[str, Any], seen: tuple[str, ...], base_dir: Path 
         parents = [parents]
     where = seen[-1] if seen else "config"
     if not isinstance(parents, list) or not all(isinstance(p, str) and p.strip() for p in parents):
-        raise ConfigError(f"{where}: extends={parents!r} is not allowed: name a preset, a YAML file, or a list of "
-                          f"them (e.g. extends: [tiny, base.yaml])")
+        raise ConfigError(
+            f"{where}: extends={parents!r} is not allowed: name a preset, a YAML file, or a list of "
+            f"them (e.g. extends: [tiny, base.yaml])"
+        )
     merged: dict[str, Any] = {}
     for parent in parents:
         if _is_file_reference(parent):
@@ -132,6 +135,7 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------
 # Typed construction from mappings
+
 
 def _field_map(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
@@ -256,6 +260,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # ---------------------------------------------------------------------------------------------------
 # Overrides
 
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`--a.b=1`, `a.b=1` -> ("a.b", 1); the value is parsed as YAML (lists, numbers, booleans)."""
     body = text[2:] if text.startswith("--") else text
@@ -276,8 +281,10 @@ def apply_override(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]
     if key not in known:
         prefix_ok = any(k.startswith(key + ".") for k in known)
         if prefix_ok:
-            raise ConfigError(f"override '{key}' names a section, not a key; set one of its keys, e.g. "
-                              f"{next(k for k in known if k.startswith(key + '.'))}=...")
+            raise ConfigError(
+                f"override '{key}' names a section, not a key; set one of its keys, e.g. "
+                f"{next(k for k in known if k.startswith(key + '.'))}=..."
+            )
         raise _unknown_key(key, known)
     parts = key.split(".")
     out = deep_merge(data, {})
@@ -289,8 +296,9 @@ def apply_override(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]
     return out
 
 
-def load_config(presets: list[str] | None = None, file: str | Path | None = None,
-                overrides: list[str] | None = None) -> Config:
+def load_config(
+    presets: list[str] | None = None, file: str | Path | None = None, overrides: list[str] | None = None
+) -> Config:
     """Resolve presets, a config file and dotted overrides into one validated Config."""
     data: dict[str, Any] = {}
     for name in presets or []:
@@ -316,8 +324,10 @@ def split_overrides(extras: list[str]) -> list[str]:
             out.append(f"{body}={extras[i + 1]}")
             i += 1
         else:
-            raise ConfigError(f"unrecognised argument '{word}': overrides look like --section.key=value "
-                              f"(see `tokenmill config show` for every key)")
+            raise ConfigError(
+                f"unrecognised argument '{word}': overrides look like --section.key=value "
+                f"(see `tokenmill config show` for every key)"
+            )
         i += 1
     return out
 

@@ -6,8 +6,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"Generator": "engine", "Request": "engine", "SamplingParams": "params", "Completion": "params",
-         "StreamDelta": "params", "generate": "api"}
+_LAZY = {
+    "Generator": "engine",
+    "Request": "engine",
+    "SamplingParams": "params",
+    "Completion": "params",
+    "StreamDelta": "params",
+    "generate": "api",
+}
 __all__ = ["Completion", "Generator", "Request", "SamplingParams", "StreamDelta", "generate"]
 
 

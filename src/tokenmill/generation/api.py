@@ -1,8 +1,8 @@
 """`tokenmill.generate`: completions from a saved run, a checkpoint or a model in memory, in one call.
 
-    import tokenmill
-    completions = tokenmill.generate("runs/demo", ["def ", "import "], max_new_tokens=40, seed=0)
-    print(completions[0].text)
+import tokenmill
+completions = tokenmill.generate("runs/demo", ["def ", "import "], max_new_tokens=40, seed=0)
+print(completions[0].text)
 """
 
 from __future__ import annotations
@@ -31,9 +31,16 @@ def sampling_params(**settings: Any) -> SamplingParams:
     return SamplingParams(**settings)
 
 
-def generate(source: str | Path | Any, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
-             tokenizer: Any = None, which: str = "latest", device: str | None = None, max_batch_size: int = 8,
-             **settings: Any) -> list[Completion]:
+def generate(
+    source: str | Path | Any,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    *,
+    tokenizer: Any = None,
+    which: str = "latest",
+    device: str | None = None,
+    max_batch_size: int = 8,
+    **settings: Any,
+) -> list[Completion]:
     """Completions of `prompts` (one text, texts, or token-id lists), ordered by prompt then sample.
 
     `source` is a run folder or checkpoint folder (its model and tokenizer are loaded; `which` picks the

@@ -178,8 +178,14 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 class Generator:
     """Batched KV-cache generation for one model and tokenizer (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, device: str | torch.device | None = None,
-                 max_batch_size: int = 8, compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: str | torch.device | None = None,
+        max_batch_size: int = 8,
+        compile: bool = False,
+    ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise UserError(f"max_batch_size={max_batch_size!r} is not allowed: give an integer >= 1")
         if device is not None:
@@ -236,9 +242,11 @@ class Generator:
         if bad:
             raise UserError(f"prompt token id {bad[0]} is outside the model's vocabulary 0..{self.cfg.vocab_size - 1}")
         if len(ids) >= self.cfg.max_seq_len:
-            raise UserError(f"prompt of {len(ids)} tokens leaves no room in the model's context of "
-                            f"model.max_seq_len={self.cfg.max_seq_len} tokens: shorten it to at most "
-                            f"{self.cfg.max_seq_len - 1} tokens")
+            raise UserError(
+                f"prompt of {len(ids)} tokens leaves no room in the model's context of "
+                f"model.max_seq_len={self.cfg.max_seq_len} tokens: shorten it to at most "
+                f"{self.cfg.max_seq_len - 1} tokens"
+            )
         return ids
 
     def start(self) -> Generator:
@@ -324,8 +332,10 @@ class Generator:
         first = len(self._rows)
         prompts = [request.prompt_ids for request, _, _ in groups]
         T = max(len(p) for p in prompts)
-        self._reserve(first + sum(take for _, _, take in groups),
-                      max(len(r.prompt_ids) + r.params.max_new_tokens for r, _, _ in groups))
+        self._reserve(
+            first + sum(take for _, _, take in groups),
+            max(len(r.prompt_ids) + r.params.max_new_tokens for r, _, _ in groups),
+        )
         # one prefill row per prompt, right-padded: positions are 0..T-1 in every row, padding sits past the
         # prompt in slots the row's own tokens overwrite before any query can see them
         idx = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=self.device)
@@ -341,14 +351,16 @@ class Generator:
                 heads.append(g)
                 rows.append(self._new_row(request, start + j))
         if src:
-            self._cache.copy_rows(self._cache, torch.tensor(src, device=self.device),
-                                  torch.tensor(dst, device=self.device), T)
+            self._cache.copy_rows(
+                self._cache, torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device), T
+            )
         self._rows.extend(rows)
         self._sampler = None
         if any(r.request.params.repetition_penalty != 1.0 for r in rows):
             self._mark_prompts_seen(rows, first)
-        sampler = BatchSampler([r.request.params for r in rows], [r.generator for r in rows], self.vocab_limit,
-                               self.device)
+        sampler = BatchSampler(
+            [r.request.params for r in rows], [r.generator for r in rows], self.vocab_limit, self.device
+        )
         self._accept(rows, first, logits[torch.tensor(heads, device=self.device)], sampler)
 
     def _decode(self) -> None:
@@ -365,19 +377,20 @@ class Generator:
             span = max(r.position for r in rows) + 1  # attend over the filled slots only
             logits = self.model.next_logits(tokens, positions, self._cache.view(slice(0, n), span))
         if self._sampler is None:
-            self._sampler = BatchSampler([r.request.params for r in rows], [r.generator for r in rows],
-                                         self.vocab_limit, self.device)
+            self._sampler = BatchSampler(
+                [r.request.params for r in rows], [r.generator for r in rows], self.vocab_limit, self.device
+            )
         self._accept(rows, 0, logits, self._sampler)
 
     def _accept(self, rows: list[_Row], first: int, logits: torch.Tensor, sampler: BatchSampler) -> None:
         """Sample a token for each of `rows` (cache rows first, first+1, ...) and report it."""
-        seen = None if self._seen is None else self._seen[first:first + len(rows)]
+        seen = None if self._seen is None else self._seen[first : first + len(rows)]
         tokens, logprobs = sampler(logits, seen)
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         token_list = tokens.tolist()  # host sync: stop checks and streaming need the ids
         logprob_list = logprobs.tolist() if logprobs is not None else [None] * len(rows)
-        for row, token, logprob in zip(rows, token_list, logprob_list):
+        for row, token, logprob in zip(rows, token_list, logprob_list, strict=False):
             self._advance(row, token, logprob)
 
     def _advance(self, row: _Row, token: int, logprob: float | None) -> None:
@@ -392,15 +405,26 @@ class Generator:
             text = row.text.add(token)
             if row.text.stopped:
                 row.finish_reason = "stop"
-            elif (len(row.token_ids) >= params.max_new_tokens
-                  or row.prompt_len + len(row.token_ids) >= self.cfg.max_seq_len):
+            elif (
+                len(row.token_ids) >= params.max_new_tokens
+                or row.prompt_len + len(row.token_ids) >= self.cfg.max_seq_len
+            ):
                 text, row.finish_reason = text + row.text.flush(), "length"
         request = row.request
-        request._deliver(StreamDelta(text, [token], row.finish_reason, row.sample_index,
-                                     [logprob] if params.logprobs else None))
+        request._deliver(
+            StreamDelta(text, [token], row.finish_reason, row.sample_index, [logprob] if params.logprobs else None)
+        )
         if row.finish_reason is not None:
-            request._complete(Completion(request.prompt_index, row.sample_index, row.token_ids, row.text.text,
-                                         row.finish_reason, row.logprobs if params.logprobs else None))
+            request._complete(
+                Completion(
+                    request.prompt_index,
+                    row.sample_index,
+                    row.token_ids,
+                    row.text.text,
+                    row.finish_reason,
+                    row.logprobs if params.logprobs else None,
+                )
+            )
 
     def _retire(self) -> None:
         """Drop finished and cancelled rows; move the last active rows into the freed ones."""
@@ -421,7 +445,7 @@ class Generator:
             if self._seen is not None:
                 self._seen[dst] = self._seen[src]
         survivors = rows[:keep]
-        for hole, mover in zip(holes, movers):
+        for hole, mover in zip(holes, movers, strict=False):
             survivors[hole] = rows[mover]
         self._rows = survivors
         self._sampler = None
@@ -439,13 +463,12 @@ class Generator:
             self._cache = cache.resized(rows, max(capacity, cache.span))
         if self._seen is not None and self._seen.shape[0] < rows:
             seen = torch.zeros(rows, self._seen.shape[1], dtype=torch.bool, device=self.device)
-            seen[:self._seen.shape[0]] = self._seen
+            seen[: self._seen.shape[0]] = self._seen
             self._seen = seen
 
     def _mark_prompts_seen(self, rows: list[_Row], first: int) -> None:
         if self._seen is None:
-            self._seen = torch.zeros(self._cache.batch_size, self.cfg.vocab_size, dtype=torch.bool,
-                                     device=self.device)
+            self._seen = torch.zeros(self._cache.batch_size, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
         for i, row in enumerate(rows, start=first):
             self._seen[i] = False
             self._seen[i, torch.tensor(row.request.prompt_ids, device=self.device)] = True

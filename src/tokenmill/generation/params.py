@@ -41,18 +41,26 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
-        _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
-                 self.max_new_tokens, "give an integer >= 1")
+        _require(
+            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+            "max_new_tokens",
+            self.max_new_tokens,
+            "give an integer >= 1",
+        )
         _require(self.temperature >= 0, "temperature", self.temperature, "give a number >= 0 (0 = greedy)")
-        _require(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k,
-                 "give an integer >= 0 (0 = no top-k)")
+        _require(
+            isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "give an integer >= 0 (0 = no top-k)"
+        )
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "give a number in (0, 1] (1 = no top-p)")
         _require(0 <= self.min_p <= 1, "min_p", self.min_p, "give a number in [0, 1] (0 = no min-p)")
-        _require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty,
-                 "give a number > 0 (1 = no penalty)")
+        _require(
+            self.repetition_penalty > 0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "give a number > 0 (1 = no penalty)",
+        )
         _require(isinstance(self.n, int) and self.n >= 1, "n", self.n, "give an integer >= 1")
-        _require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
-                 "give non-empty strings")
+        _require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "give non-empty strings")
         _require(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "give an integer or None")
 
     @property

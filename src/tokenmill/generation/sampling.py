@@ -17,8 +17,9 @@ from tokenmill.generation.params import SamplingParams
 class BatchSampler:
     """Chooses one token per row from (n, V) logits; rows are given in the order of the logits."""
 
-    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator], vocab_limit: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, params: list[SamplingParams], generators: list[torch.Generator], vocab_limit: int, device: torch.device
+    ) -> None:
         """`vocab_limit`: ids >= it are never chosen (embedding rows past the tokenizer's vocabulary)."""
         self.vocab_limit = vocab_limit
         self.generators = generators
@@ -29,8 +30,9 @@ class BatchSampler:
         def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)[:, None]  # (n, 1)
 
-        self.penalty = column([p.repetition_penalty for p in params]) if any(
-            p.repetition_penalty != 1.0 for p in params) else None
+        self.penalty = (
+            column([p.repetition_penalty for p in params]) if any(p.repetition_penalty != 1.0 for p in params) else None
+        )
         sampled = [params[i] for i in self.sampled]
         self.greedy_rows = column([float(p.greedy) for p in params], torch.bool)
         self.temperature = column([p.temperature or 1.0 for p in sampled])
@@ -45,7 +47,7 @@ class BatchSampler:
         logprobs = logits.log_softmax(dim=-1) if self.want_logprobs else None
         if self.vocab_limit < logits.shape[-1]:
             logits = logits.clone()
-            logits[:, self.vocab_limit:] = float("-inf")
+            logits[:, self.vocab_limit :] = float("-inf")
         if self.penalty is not None and seen is not None:
             # CTRL (arXiv:1909.05858) as Hugging Face applies it: divide positive logits, multiply negative ones
             penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
@@ -74,6 +76,7 @@ class BatchSampler:
             probs = probs.masked_fill(drop.scatter(1, order, drop), 0.0)
         if self.min_p is not None:
             probs = probs.masked_fill(probs < self.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-        noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=self.generators[i])
-                             for i in self.sampled])  # (m, V), each row from its own generator
+        noise = torch.stack(
+            [torch.empty_like(probs[0]).exponential_(generator=self.generators[i]) for i in self.sampled]
+        )  # (m, V), each row from its own generator
         return (probs / noise).argmax(dim=-1)

@@ -35,7 +35,7 @@ class TextStream:
     @property
     def text(self) -> str:
         """Everything returned so far."""
-        return self.decoded[:self.emitted]
+        return self.decoded[: self.emitted]
 
     def add(self, token_id: int) -> str:
         """Take one generated token; return the new text that can be shown ('' while a character is incomplete
@@ -43,10 +43,10 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token_id)
-        prefix_text = self.decode(self.ids[self.prefix_offset:self.read_offset])
-        new_text = self.decode(self.ids[self.prefix_offset:])
+        prefix_text = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self.decode(self.ids[self.prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):
-            self.decoded += new_text[len(prefix_text):]
+            self.decoded += new_text[len(prefix_text) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._release(final=False)
 
@@ -54,8 +54,8 @@ class TextStream:
         """No more tokens: return the held-back text and any incomplete character (as U+FFFD)."""
         if self.stopped:
             return ""
-        prefix_text = self.decode(self.ids[self.prefix_offset:self.read_offset])
-        self.decoded += self.decode(self.ids[self.prefix_offset:])[len(prefix_text):]
+        prefix_text = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        self.decoded += self.decode(self.ids[self.prefix_offset :])[len(prefix_text) :]
         self.read_offset = len(self.ids)
         return self._release(final=True)
 
@@ -70,7 +70,7 @@ class TextStream:
                 self.stopped = True
             elif not final:
                 end -= self._held_back()
-        out = self.decoded[self.emitted:end]
+        out = self.decoded[self.emitted : end]
         self.emitted = max(self.emitted, end)
         if self.stopped:
             self.decoded = self.decoded[:end]

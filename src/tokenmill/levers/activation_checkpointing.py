@@ -42,8 +42,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "all", every: i
     `model.blocks`), so a pipeline stage holding blocks 4..7 checkpoints the same blocks as the full model.
     """
     if mode not in AC_MODES:
-        raise ConfigError(f"train.activation_checkpointing={mode!r} is not allowed: choose one of "
-                          + ", ".join(sorted(AC_MODES)))
+        raise ConfigError(
+            f"train.activation_checkpointing={mode!r} is not allowed: choose one of " + ", ".join(sorted(AC_MODES))
+        )
     if mode == "every_k" and every < 1:
         raise ConfigError(f"train.ac_every={every} is not allowed: must be >= 1")
     choose = AC_MODES[mode]
@@ -51,8 +52,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "all", every: i
     for name, block in list(blocks.named_children()):
         if is_checkpointed(block) or not choose(int(name), every):
             continue
-        wrapped = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                                     preserve_rng_state=True)
+        wrapped = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=True)
         blocks.register_module(name, wrapped)
     return model
 

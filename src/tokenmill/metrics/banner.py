@@ -17,12 +17,22 @@ GIB = 2**30
 BANNER_MFU = 0.5  # the "expected tokens/s" line assumes this model FLOPs utilisation
 SECTIONS = ("model", "training", "hardware", "theoretical")
 # Console labels for keys too long for an 80-column table (the JSONL keeps the keys).
-LABELS = {"params_non_embedding": "params non-emb", "params_trainable": "params trainable",
-          "params_total": "params total", "global_batch_sequences": "global batch seqs",
-          "activation_checkpointing": "act. checkpointing", "expected_tokens_per_s_at_50_mfu": "tok/s at 50% MFU",
-          "attention_ffn_ratio": "attention/FFN", "tokens_per_param": "tokens/param",
-          "pipeline_stages": "pipeline stages", "micro_batch_size": "micro-batch", "memory_gib": "memory",
-          "log_every_steps": "log every", "eval_every_steps": "eval every", "checkpoint_every_steps": "save every"}
+LABELS = {
+    "params_non_embedding": "params non-emb",
+    "params_trainable": "params trainable",
+    "params_total": "params total",
+    "global_batch_sequences": "global batch seqs",
+    "activation_checkpointing": "act. checkpointing",
+    "expected_tokens_per_s_at_50_mfu": "tok/s at 50% MFU",
+    "attention_ffn_ratio": "attention/FFN",
+    "tokens_per_param": "tokens/param",
+    "pipeline_stages": "pipeline stages",
+    "micro_batch_size": "micro-batch",
+    "memory_gib": "memory",
+    "log_every_steps": "log every",
+    "eval_every_steps": "eval every",
+    "checkpoint_every_steps": "save every",
+}
 
 
 @dataclass
@@ -54,8 +64,17 @@ def _device_info(device: torch.device) -> tuple[str, float | None]:
     return f"{name} ({torch.get_num_threads()} threads)", ram
 
 
-def build_banner(cfg: Any, counts: dict[str, int] | None, plan: Any, dist: Any = None, precision: str | None = None,
-                 resumed_from: Any = None, *, cadence: Any = None, peak_tflops: float | None | str = "auto") -> Banner:
+def build_banner(
+    cfg: Any,
+    counts: dict[str, int] | None,
+    plan: Any,
+    dist: Any = None,
+    precision: str | None = None,
+    resumed_from: Any = None,
+    *,
+    cadence: Any = None,
+    peak_tflops: float | None | str = "auto",
+) -> Banner:
     """Collect the start-up numbers. `counts` is tokenmill.model.param_counts(cfg.model); `plan` the BatchPlan;
     `cadence` (the loop's Cadence) adds the log / eval / checkpoint intervals in steps (0 = only at the end).
 
@@ -80,36 +99,61 @@ def build_banner(cfg: Any, counts: dict[str, int] | None, plan: Any, dist: Any =
     expected = BANNER_MFU * peak_tflops * 1e12 * n_devices / flops["total"] if peak_tflops else None
     info = {
         "model": {
-            "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
-            "params_trainable": counts["trainable"], "n_layers": m.n_layers, "d_model": m.d_model,
-            "n_heads": m.n_heads, "n_kv_heads": m.kv_heads(), "head_dim": m.resolved_head_dim(),
-            "seq_len": plan.seq_len, "vocab_size": m.vocab_size, "ffn": m.ffn, "ffn_hidden": m.ffn_width(),
-            "position": m.position, "norm": m.norm, "attention": m.attention, "tie_embeddings": m.tie_embeddings,
+            "params_total": counts["total"],
+            "params_non_embedding": counts["non_embedding"],
+            "params_trainable": counts["trainable"],
+            "n_layers": m.n_layers,
+            "d_model": m.d_model,
+            "n_heads": m.n_heads,
+            "n_kv_heads": m.kv_heads(),
+            "head_dim": m.resolved_head_dim(),
+            "seq_len": plan.seq_len,
+            "vocab_size": m.vocab_size,
+            "ffn": m.ffn,
+            "ffn_hidden": m.ffn_width(),
+            "position": m.position,
+            "norm": m.norm,
+            "attention": m.attention,
+            "tie_embeddings": m.tie_embeddings,
         },
         "training": {
-            "micro_batch_size": plan.micro_batch_size, "grad_accum": plan.grad_accum,
-            "data_parallel": plan.world_size, "global_batch_sequences": plan.global_batch_sequences,
-            "tokens_per_step": plan.tokens_per_step, "total_steps": plan.total_steps,
-            "total_tokens": plan.total_tokens, "tokens_per_param": plan.total_tokens / max(counts["total"], 1),
+            "micro_batch_size": plan.micro_batch_size,
+            "grad_accum": plan.grad_accum,
+            "data_parallel": plan.world_size,
+            "global_batch_sequences": plan.global_batch_sequences,
+            "tokens_per_step": plan.tokens_per_step,
+            "total_steps": plan.total_steps,
+            "total_tokens": plan.total_tokens,
+            "tokens_per_param": plan.total_tokens / max(counts["total"], 1),
             "resumed_from": str(resumed_from) if resumed_from is not None else None,
         },
         "hardware": {
-            "device": device.type, "device_name": device_name, "count": n_devices, "memory_gib": memory,
-            "precision": precision, "strategy": cfg.parallel.strategy if n_devices > 1 else "single",
-            "pipeline_stages": cfg.parallel.pp, "compile": cfg.train.compile,
+            "device": device.type,
+            "device_name": device_name,
+            "count": n_devices,
+            "memory_gib": memory,
+            "precision": precision,
+            "strategy": cfg.parallel.strategy if n_devices > 1 else "single",
+            "pipeline_stages": cfg.parallel.pp,
+            "compile": cfg.train.compile,
             "activation_checkpointing": cfg.train.activation_checkpointing,
         },
         "theoretical": {
-            "peak_tflops": peak_tflops, "flops_per_token": flops["total"],
+            "peak_tflops": peak_tflops,
+            "flops_per_token": flops["total"],
             "attention_ffn_ratio": (flops["attention_proj"] + flops["attention_scores"]) / flops["ffn"]
-            if flops["ffn"] else None,
+            if flops["ffn"]
+            else None,
             "expected_tokens_per_s_at_50_mfu": expected,
             "total_flops": flops["total"] * plan.total_tokens,
         },
     }
     if cadence is not None:
-        info["training"].update(log_every_steps=cadence.log_every, eval_every_steps=cadence.eval_every,
-                                checkpoint_every_steps=cadence.checkpoint_every)
+        info["training"].update(
+            log_every_steps=cadence.log_every,
+            eval_every_steps=cadence.eval_every,
+            checkpoint_every_steps=cadence.checkpoint_every,
+        )
     return Banner(info)
 
 
@@ -144,7 +188,7 @@ def render_banner(info: dict[str, dict[str, Any]]) -> Any:
         table.add_row(f"[bold cyan]{section}[/]", "", "", "", end_section=False)
         for i in range(0, len(values), 2):
             row: list[str] = []
-            for key, value in values[i:i + 2]:
+            for key, value in values[i : i + 2]:
                 row += [f"[dim]{LABELS.get(key, key.replace('_', ' '))}[/]", _fmt(key, value)]
             table.add_row(*row, end_section=i + 2 >= len(values))
     return table

@@ -20,8 +20,10 @@ CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal ~20 to
 def resolve_gpu(name: str) -> flops.GPUSpec:
     spec = flops.lookup_gpu(name)
     if spec is None:
-        raise UserError(f"unknown GPU '{name}': use one of {', '.join(flops.GPUS)} "
-                        "(or a torch.cuda.get_device_name() string of one of them)")
+        raise UserError(
+            f"unknown GPU '{name}': use one of {', '.join(flops.GPUS)} "
+            "(or a torch.cuda.get_device_name() string of one of them)"
+        )
     return spec
 
 
@@ -39,12 +41,12 @@ def resolve_vocab(cfg: Any) -> tuple[Any, str]:
         try:
             size = load_tokenizer(cfg.data.tokenizer).vocab_size
         except UserError as err:
-            raise UserError(f"model.vocab_size=0 needs the tokenizer's size, which could not be read ({err}); "
-                            f"set model.vocab_size") from None
+            raise UserError(
+                f"model.vocab_size=0 needs the tokenizer's size, which could not be read ({err}); set model.vocab_size"
+            ) from None
         where = f"tokenizer {cfg.data.tokenizer!r} vocab {size}"
     vocab = -(-size // mult) * mult  # the trainer's rule (train.resolve_model_vocab)
-    note = (f"model.vocab_size=0: {where} rounded up to a multiple of model.vocab_multiple_of={mult} "
-            f"= {vocab}")
+    note = f"model.vocab_size=0: {where} rounded up to a multiple of model.vocab_multiple_of={mult} = {vocab}"
     return dataclasses.replace(model, vocab_size=vocab), note
 
 
@@ -76,19 +78,27 @@ def estimate(cfg: Any, gpu: flops.GPUSpec, micro_batch: int | None = None, n_gpu
     fit: dict[str, Any] = {}
     for mode_name, mode in memory.MODES.items():
         static = memory.static_bytes(total, mode)
-        acts = {label: memory.activation_bytes(model, mode, batch, seq_len, ac, cfg.train.loss_chunk_size)
-                for label, ac in (("none", False), ("all", True))}
-        plan[mode_name] = {**{k: v for k, v in static.items() if k != "total"}, "static_total": static["total"],
-                           "activations": acts,
-                           "peak_total": {k: static["total"] + a["total"] for k, a in acts.items()}}
-        fit[mode_name] = {label: memory.max_micro_batch(model, mode, total, seq_len, gpu.memory_gib, ac,
-                                                        cfg.train.loss_chunk_size)
-                          for label, ac in (("none", False), ("all", True))}
+        acts = {
+            label: memory.activation_bytes(model, mode, batch, seq_len, ac, cfg.train.loss_chunk_size)
+            for label, ac in (("none", False), ("all", True))
+        }
+        plan[mode_name] = {
+            **{k: v for k, v in static.items() if k != "total"},
+            "static_total": static["total"],
+            "activations": acts,
+            "peak_total": {k: static["total"] + a["total"] for k, a in acts.items()},
+        }
+        fit[mode_name] = {
+            label: memory.max_micro_batch(model, mode, total, seq_len, gpu.memory_gib, ac, cfg.train.loss_chunk_size)
+            for label, ac in (("none", False), ("all", True))
+        }
 
     acts = plan["bf16-mixed"]["activations"]["none"]
     if cfg.train.loss_chunk_size == 0 and acts["logits"] + acts["loss_backward"] > 0.25 * acts["total"]:
-        notes.append("the fp32 logits and their gradients are over a quarter of the activations: "
-                     "train.loss_chunk_size=4096 computes the loss in chunks and removes most of them")
+        notes.append(
+            "the fp32 logits and their gradients are over a quarter of the activations: "
+            "train.loss_chunk_size=4096 computes the loss in chunks and removes most of them"
+        )
     if cfg.train.total_tokens:
         budget, budget_source = cfg.train.total_tokens, "train.total_tokens"
     else:
@@ -96,24 +106,45 @@ def estimate(cfg: Any, gpu: flops.GPUSpec, micro_batch: int | None = None, n_gpu
     times = {f"{m:.0%}": budget * per_token / (m * gpu.bf16_tflops * 1e12 * n_gpus) for m in MFU_TARGETS}
 
     return {
-        "model": {"n_layers": model.n_layers, "d_model": model.d_model, "n_heads": model.n_heads,
-                  "n_kv_heads": model.kv_heads(), "head_dim": model.resolved_head_dim(), "ffn": model.ffn,
-                  "ffn_hidden": model.ffn_width(), "vocab_size": model.vocab_size,
-                  "tie_embeddings": model.tie_embeddings, "seq_len": seq_len},
+        "model": {
+            "n_layers": model.n_layers,
+            "d_model": model.d_model,
+            "n_heads": model.n_heads,
+            "n_kv_heads": model.kv_heads(),
+            "head_dim": model.resolved_head_dim(),
+            "ffn": model.ffn,
+            "ffn_hidden": model.ffn_width(),
+            "vocab_size": model.vocab_size,
+            "tie_embeddings": model.tie_embeddings,
+            "seq_len": seq_len,
+        },
         "parameters": counts,
-        "flops": {"seq_len": seq_len, "per_token": per_token,
-                  "per_token_causal": flops.flops_per_token(model, seq_len, causal=True),
-                  "six_n": 6.0 * counts["matmul"], "breakdown": parts,
-                  "attention_ffn_ratio": attention / parts["ffn"] if parts["ffn"] else None,
-                  "attention_scores_share": parts["attention_scores"] / per_token,
-                  "formula": "6 N_matmul + 12 L n_heads d_head S (PaLM app. B; non-causal)"},
+        "flops": {
+            "seq_len": seq_len,
+            "per_token": per_token,
+            "per_token_causal": flops.flops_per_token(model, seq_len, causal=True),
+            "six_n": 6.0 * counts["matmul"],
+            "breakdown": parts,
+            "attention_ffn_ratio": attention / parts["ffn"] if parts["ffn"] else None,
+            "attention_scores_share": parts["attention_scores"] / per_token,
+            "formula": "6 N_matmul + 12 L n_heads d_head S (PaLM app. B; non-causal)",
+        },
         "gpu": dataclasses.asdict(gpu),
-        "memory": {"micro_batch": batch, "seq_len": seq_len, "plan": plan,
-                   "usable_bytes": memory.usable_bytes(gpu.memory_gib),
-                   "safety": f"{memory.RESERVED_GIB:g} GiB reserved for the CUDA context, then "
-                             f"{memory.SAFETY_FRACTION:.0%} of the rest kept free"},
+        "memory": {
+            "micro_batch": batch,
+            "seq_len": seq_len,
+            "plan": plan,
+            "usable_bytes": memory.usable_bytes(gpu.memory_gib),
+            "safety": f"{memory.RESERVED_GIB:g} GiB reserved for the CUDA context, then "
+            f"{memory.SAFETY_FRACTION:.0%} of the rest kept free",
+        },
         "max_micro_batch": fit,
-        "budget": {"tokens": budget, "source": budget_source, "n_gpus": n_gpus,
-                   "peak_tflops": gpu.bf16_tflops, "time_s": times},
+        "budget": {
+            "tokens": budget,
+            "source": budget_source,
+            "n_gpus": n_gpus,
+            "peak_tflops": gpu.bf16_tflops,
+            "time_s": times,
+        },
         "notes": notes,
     }

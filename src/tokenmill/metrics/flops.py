@@ -43,30 +43,101 @@ _DS = "NVIDIA datasheet"
 _TT = "torchtitan tools/utils.py get_peak_flops"
 
 GPUS: dict[str, GPUSpec] = {
-    "B200": GPUSpec("B200", 2250, 2250, 75, 180,
-                    f"{_DS} HGX B200 (per-GPU = 8-GPU figure / 8, sparse / 2); {_TT} (2.25e15)",
-                    tf32_tflops=1100, fp8_tflops=4500, note="HGX B200 at 1,000 W; GB200 (1,200 W) is faster"),
-    "H200": GPUSpec("H200", 989, 989, 67, 141, f"{_DS} H200 SXM (1,979 sparse / 2); {_TT} (989e12)",
-                    tf32_tflops=494, fp8_tflops=1979, note="SXM; same GH100 tensor cores as H100 SXM"),
-    "H100 SXM": GPUSpec("H100 SXM", 989, 989, 67, 80, f"{_DS} H100 SXM (1,979 sparse / 2); {_TT} (989e12)",
-                        tf32_tflops=494, fp8_tflops=1979),
-    "H100 PCIe": GPUSpec("H100 PCIe", 756, 756, 51, 80, f"{_DS} H100 PCIe (1,513 sparse / 2); {_TT} (756e12)",
-                         tf32_tflops=378, fp8_tflops=1513),
-    "H100 NVL": GPUSpec("H100 NVL", 835, 835, 60, 94, f"{_DS} H100 NVL (1,671 sparse / 2); {_TT} (835e12)",
-                        tf32_tflops=418, fp8_tflops=1671),
-    "A100 40GB": GPUSpec("A100 40GB", 312, 312, 19.5, 40, f"{_DS} A100 (624 sparse / 2); {_TT} (312e12)",
-                         tf32_tflops=156, note="SXM4 and PCIe share the tensor-core peak"),
-    "A100 80GB": GPUSpec("A100 80GB", 312, 312, 19.5, 80, f"{_DS} A100 (624 sparse / 2); {_TT} (312e12)",
-                         tf32_tflops=156, note="SXM4 and PCIe share the tensor-core peak"),
+    "B200": GPUSpec(
+        "B200",
+        2250,
+        2250,
+        75,
+        180,
+        f"{_DS} HGX B200 (per-GPU = 8-GPU figure / 8, sparse / 2); {_TT} (2.25e15)",
+        tf32_tflops=1100,
+        fp8_tflops=4500,
+        note="HGX B200 at 1,000 W; GB200 (1,200 W) is faster",
+    ),
+    "H200": GPUSpec(
+        "H200",
+        989,
+        989,
+        67,
+        141,
+        f"{_DS} H200 SXM (1,979 sparse / 2); {_TT} (989e12)",
+        tf32_tflops=494,
+        fp8_tflops=1979,
+        note="SXM; same GH100 tensor cores as H100 SXM",
+    ),
+    "H100 SXM": GPUSpec(
+        "H100 SXM",
+        989,
+        989,
+        67,
+        80,
+        f"{_DS} H100 SXM (1,979 sparse / 2); {_TT} (989e12)",
+        tf32_tflops=494,
+        fp8_tflops=1979,
+    ),
+    "H100 PCIe": GPUSpec(
+        "H100 PCIe",
+        756,
+        756,
+        51,
+        80,
+        f"{_DS} H100 PCIe (1,513 sparse / 2); {_TT} (756e12)",
+        tf32_tflops=378,
+        fp8_tflops=1513,
+    ),
+    "H100 NVL": GPUSpec(
+        "H100 NVL",
+        835,
+        835,
+        60,
+        94,
+        f"{_DS} H100 NVL (1,671 sparse / 2); {_TT} (835e12)",
+        tf32_tflops=418,
+        fp8_tflops=1671,
+    ),
+    "A100 40GB": GPUSpec(
+        "A100 40GB",
+        312,
+        312,
+        19.5,
+        40,
+        f"{_DS} A100 (624 sparse / 2); {_TT} (312e12)",
+        tf32_tflops=156,
+        note="SXM4 and PCIe share the tensor-core peak",
+    ),
+    "A100 80GB": GPUSpec(
+        "A100 80GB",
+        312,
+        312,
+        19.5,
+        80,
+        f"{_DS} A100 (624 sparse / 2); {_TT} (312e12)",
+        tf32_tflops=156,
+        note="SXM4 and PCIe share the tensor-core peak",
+    ),
     "L40S": GPUSpec("L40S", 362, 362, 91.6, 48, f"{_DS} L40S (733 sparse / 2)", tf32_tflops=183, fp8_tflops=733),
     "L4": GPUSpec("L4", 121, 121, 30.3, 24, f"{_DS} L4 (242 sparse / 2)", tf32_tflops=60, fp8_tflops=242),
-    "RTX 4090": GPUSpec("RTX 4090", 165.2, 165.2, 82.6, 24,
-                        "NVIDIA Ada GPU architecture whitepaper, GeForce RTX 4090 (FP32-accumulate column)",
-                        tf32_tflops=82.6, fp8_tflops=330.3,
-                        note="GeForce: FP16-accumulate is 2x, but PyTorch matmuls accumulate in FP32"),
-    "V100 SXM2": GPUSpec("V100 SXM2", 125, 125, 15.7, 32, f"{_DS} Tesla V100 SXM2 (tensor FP16 125)",
-                         note="no BF16 tensor cores: bf16_tflops is the FP16 tensor peak (train in fp16); "
-                              "memory 16 or 32 GiB, read from the device name"),
+    "RTX 4090": GPUSpec(
+        "RTX 4090",
+        165.2,
+        165.2,
+        82.6,
+        24,
+        "NVIDIA Ada GPU architecture whitepaper, GeForce RTX 4090 (FP32-accumulate column)",
+        tf32_tflops=82.6,
+        fp8_tflops=330.3,
+        note="GeForce: FP16-accumulate is 2x, but PyTorch matmuls accumulate in FP32",
+    ),
+    "V100 SXM2": GPUSpec(
+        "V100 SXM2",
+        125,
+        125,
+        15.7,
+        32,
+        f"{_DS} Tesla V100 SXM2 (tensor FP16 125)",
+        note="no BF16 tensor cores: bf16_tflops is the FP16 tensor peak (train in fp16); "
+        "memory 16 or 32 GiB, read from the device name",
+    ),
 }
 
 # (pattern over torch.cuda.get_device_name(), GPUS key), most specific first. Variants with other peaks
@@ -136,8 +207,12 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int, causal: bool = False) -> dic
     scores = 12.0 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim() * seq_len
     if causal:
         scores /= 2
-    out = {"attention_proj": 6.0 * n["attention"], "attention_scores": scores,
-           "ffn": 6.0 * n["ffn"], "head": 6.0 * n["head"]}
+    out = {
+        "attention_proj": 6.0 * n["attention"],
+        "attention_scores": scores,
+        "ffn": 6.0 * n["ffn"],
+        "head": 6.0 * n["head"],
+    }
     out["total"] = sum(out.values())
     return out
 

@@ -70,8 +70,11 @@ MODES: dict[str, MemoryMode] = {
 
 def static_bytes(n_params: int, mode: MemoryMode, optimizer_bytes: int = ADAMW_STATE_BYTES) -> dict[str, int]:
     """Weights, gradients and optimizer state: exactly parameters x bytes per parameter."""
-    out = {"weights": n_params * mode.weight, "gradients": n_params * mode.grad,
-           "optimizer": n_params * optimizer_bytes}
+    out = {
+        "weights": n_params * mode.weight,
+        "gradients": n_params * mode.grad,
+        "optimizer": n_params * optimizer_bytes,
+    }
     out["total"] = out["weights"] + out["gradients"] + out["optimizer"]
     return out
 
@@ -114,8 +117,14 @@ def block_bytes_per_token(cfg: ModelConfig, mode: MemoryMode, seq_len: int) -> i
     return attn + ffn + masks
 
 
-def activation_bytes(cfg: ModelConfig, mode: MemoryMode, micro_batch: int, seq_len: int,
-                     checkpointing: bool = False, loss_chunk_size: int = 0) -> dict[str, int]:
+def activation_bytes(
+    cfg: ModelConfig,
+    mode: MemoryMode,
+    micro_batch: int,
+    seq_len: int,
+    checkpointing: bool = False,
+    loss_chunk_size: int = 0,
+) -> dict[str, int]:
     """Activation memory at the peak (start of backward) for one micro-batch of `micro_batch` sequences."""
     tokens = micro_batch * seq_len
     per_block = block_bytes_per_token(cfg, mode, seq_len)
@@ -145,8 +154,16 @@ def usable_bytes(memory_gib: float) -> int:
     return int((memory_gib - RESERVED_GIB) * (1 - SAFETY_FRACTION) * GIB)
 
 
-def max_micro_batch(cfg: ModelConfig, mode: MemoryMode, n_params: int, seq_len: int, memory_gib: float,
-                    checkpointing: bool = False, loss_chunk_size: int = 0, limit: int = 1 << 16) -> int:
+def max_micro_batch(
+    cfg: ModelConfig,
+    mode: MemoryMode,
+    n_params: int,
+    seq_len: int,
+    memory_gib: float,
+    checkpointing: bool = False,
+    loss_chunk_size: int = 0,
+    limit: int = 1 << 16,
+) -> int:
     """Largest micro-batch (sequences) whose static + activation bytes fit `usable_bytes`; 0 if none."""
     budget = usable_bytes(memory_gib) - static_bytes(n_params, mode)["total"]
 

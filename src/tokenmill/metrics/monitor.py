@@ -37,8 +37,23 @@ if TYPE_CHECKING:
 
 # Every per-log-step metric; each train event carries all of them (None where not
 # measurable: MFU and CUDA memory on a CPU, MFU on a GPU missing from the peak table).
-STEP_METRICS = ("loss", "ppl", "lr", "step_time_s", "tokens_per_s", "mfu", "tflops", "mem_allocated_gib",
-             "mem_peak_gib", "mem_reserved_gib", "grad_norm", "grad_mean", "grad_std", "tokens_seen", "eta_s")
+STEP_METRICS = (
+    "loss",
+    "ppl",
+    "lr",
+    "step_time_s",
+    "tokens_per_s",
+    "mfu",
+    "tflops",
+    "mem_allocated_gib",
+    "mem_peak_gib",
+    "mem_reserved_gib",
+    "grad_norm",
+    "grad_mean",
+    "grad_std",
+    "tokens_seen",
+    "eta_s",
+)
 GIB = 2**30
 ETA_SMOOTHING = 0.3  # weight of the newest interval in the step-time average behind the ETA
 MAX_PPL_LOSS = 50.0  # exp() beyond this overflows to inf without telling anything useful
@@ -111,9 +126,15 @@ class ProgressBar:
         console = console or get_console()
         if not console.is_terminal:
             return
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
-                                 transient=False)
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
         self.task = self.progress.add_task("train", total=total, completed=start, info="")
         self.progress.start()
 
@@ -139,10 +160,21 @@ class StepMonitor:
     the GPU table (tests; unusual hardware); `flops_per_token` overrides metrics.flops.
     """
 
-    def __init__(self, cfg: Any, plan: Any, cadence: Cadence, counts: Mapping[str, int] | None = None,
-                 dist: Any = None, sinks: Any = None, start_step: int = 0, *, precision: str | None = None,
-                 peak_tflops: float | None | str = "auto", flops_per_token: float | None = None,
-                 console: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        plan: Any,
+        cadence: Cadence,
+        counts: Mapping[str, int] | None = None,
+        dist: Any = None,
+        sinks: Any = None,
+        start_step: int = 0,
+        *,
+        precision: str | None = None,
+        peak_tflops: float | None | str = "auto",
+        flops_per_token: float | None = None,
+        console: Any = None,
+    ) -> None:
         self.sinks = sinks
         self.counts = dict(counts or {})
         self.device = torch.device(getattr(dist, "device", "cpu"))
@@ -160,8 +192,9 @@ class StepMonitor:
             flops_per_token = fpt(cfg.model, cfg.train.seq_len)
         self.flops_per_token = flops_per_token
         self.completed = start_step  # optimizer steps done
-        self.progress = ProgressBar(self.total_steps, start_step,
-                                    cfg.log.progress_bar and getattr(dist, "is_main", True), console)
+        self.progress = ProgressBar(
+            self.total_steps, start_step, cfg.log.progress_bar and getattr(dist, "is_main", True), console
+        )
         # interval state (reset at each log step)
         self._window_start: float | None = None
         self._busy = 0.0
@@ -256,8 +289,15 @@ class StepMonitor:
         self.progress.advance()
 
     # ---- the log step ----------------------------------------------------------------------------------
-    def log_step(self, step: int, loss: float | torch.Tensor, grad_norm: float | torch.Tensor | None = None,
-                 lr: float | None = None, tokens_seen: int | None = None, **extra: Any) -> dict[str, Any]:
+    def log_step(
+        self,
+        step: int,
+        loss: float | torch.Tensor,
+        grad_norm: float | torch.Tensor | None = None,
+        lr: float | None = None,
+        tokens_seen: int | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """Assemble the STEP_METRICS for `step`, send them to the sinks ("train") and return them.
 
         `grad_norm` is the pre-clip global norm (clip_grad_norm_'s return value); extra keyword values
@@ -269,8 +309,9 @@ class StepMonitor:
             device_values += [grad["stats"][0], grad["stats"][1]]
             device_values += list(grad.get("groups", {}).values()) + list(updates.values())
         on_device = [v.detach().float().reshape(()) for v in device_values if isinstance(v, torch.Tensor)]
-        host = iter(torch.stack([v.to(on_device[0].device) for v in on_device]).tolist()
-                    if on_device else [])  # the one host-device sync of a log step
+        host = iter(
+            torch.stack([v.to(on_device[0].device) for v in on_device]).tolist() if on_device else []
+        )  # the one host-device sync of a log step
         loss_v = next(host) if isinstance(device_values[0], torch.Tensor) else _maybe_float(loss)
         norm_v = next(host) if isinstance(device_values[1], torch.Tensor) else _maybe_float(grad_norm)
 
@@ -307,10 +348,16 @@ class StepMonitor:
             elapsed = max(self._busy, 1e-9)
             step_time = elapsed / self._iterations
             tokens_per_s = self.tokens_per_step / step_time  # global: all ranks
-            self._step_time_avg = step_time if self._step_time_avg is None else (
-                ETA_SMOOTHING * step_time + (1 - ETA_SMOOTHING) * self._step_time_avg)
-            out.update(step_time_s=step_time, tokens_per_s=tokens_per_s,
-                       eta_s=max(self.total_steps - step, 0) * self._step_time_avg)
+            self._step_time_avg = (
+                step_time
+                if self._step_time_avg is None
+                else (ETA_SMOOTHING * step_time + (1 - ETA_SMOOTHING) * self._step_time_avg)
+            )
+            out.update(
+                step_time_s=step_time,
+                tokens_per_s=tokens_per_s,
+                eta_s=max(self.total_steps - step, 0) * self._step_time_avg,
+            )
             if self.flops_per_token:
                 out["tflops"] = tokens_per_s * self.flops_per_token / self.world_size / 1e12  # per device
                 if self.peak_tflops:

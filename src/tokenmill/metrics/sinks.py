@@ -32,8 +32,21 @@ from tokenmill.errors import UserError
 if TYPE_CHECKING:
     from tokenmill.metrics.config import LogConfig
 
-KINDS = ("config", "startup", "resume", "train", "eval", "sample", "checkpoint", "nonfinite", "diverged", "warning",
-         "summary", "eval_tasks", "eval_source")
+KINDS = (
+    "config",
+    "startup",
+    "resume",
+    "train",
+    "eval",
+    "sample",
+    "checkpoint",
+    "nonfinite",
+    "diverged",
+    "warning",
+    "summary",
+    "eval_tasks",
+    "eval_source",
+)
 # events of these kinds logged after the resumed checkpoint's step are dropped when a run resumes
 STEP_KINDS = ("train", "eval", "sample", "checkpoint", "nonfinite", "diverged", "eval_tasks")
 # kinds whose numbers TensorBoard and W&B plot (eval_tasks: lm-eval scores "task/metric"; eval_source: loss/bpb)
@@ -43,8 +56,17 @@ TB_DIR = "tb"
 WANDB_ID_FILE = "wandb_id.txt"
 # What the sinks write under a run's out_dir (train/run_dir.py removes exactly these on --overwrite): JSONL
 # (and its rewrite in progress), TensorBoard event files, W&B's run folders, logs and pointer, and the W&B id.
-OUTPUTS = (JSONL_NAME, f".tmp-{JSONL_NAME}", f"{TB_DIR}/events.out.tfevents.*", "wandb/run-*", "wandb/offline-run-*",
-           "wandb/latest-run", "wandb/debug.log", "wandb/debug-internal.log", WANDB_ID_FILE)
+OUTPUTS = (
+    JSONL_NAME,
+    f".tmp-{JSONL_NAME}",
+    f"{TB_DIR}/events.out.tfevents.*",
+    "wandb/run-*",
+    "wandb/offline-run-*",
+    "wandb/latest-run",
+    "wandb/debug.log",
+    "wandb/debug-internal.log",
+    WANDB_ID_FILE,
+)
 
 _CONSOLE: Any = None
 
@@ -66,10 +88,13 @@ def writing(path: str | Path) -> Iterator[None]:
         yield
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"disk full while writing metrics to {path}: free space, then continue with --resume "
-                            f"(checkpoints already written are intact)") from err
-        raise UserError(f"cannot write metrics to {path}: {err.strerror or err}; make train.out_dir writable or "
-                        f"choose another one") from err
+            raise UserError(
+                f"disk full while writing metrics to {path}: free space, then continue with --resume "
+                f"(checkpoints already written are intact)"
+            ) from err
+        raise UserError(
+            f"cannot write metrics to {path}: {err.strerror or err}; make train.out_dir writable or choose another one"
+        ) from err
 
 
 class Sink(Protocol):
@@ -148,6 +173,7 @@ class MultiSink:
 # ---------------------------------------------------------------------------------------------------
 # Console
 
+
 def human(value: float, digits: int = 3) -> str:
     """1234567 -> '1.23M'."""
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -214,8 +240,10 @@ class ConsoleSink:
             for prompt, text in samples(m).items():
                 self.console.print(f"[dim]sample[/] step {step} | {escape(repr(prompt))} -> {escape(repr(text))}")
         elif kind == "checkpoint":
-            self.console.print(f"[green]checkpoint[/] step {step} -> {m.get('path')}"
-                               + (f" ({m['reason']})" if m.get("reason") else ""))
+            self.console.print(
+                f"[green]checkpoint[/] step {step} -> {m.get('path')}"
+                + (f" ({m['reason']})" if m.get("reason") else "")
+            )
         elif kind == "resume":
             self.console.print(f"[yellow]resumed[/] from {m.get('path')} at step {step}")
         elif kind in ("nonfinite", "diverged"):
@@ -237,6 +265,7 @@ class ConsoleSink:
 
 # ---------------------------------------------------------------------------------------------------
 # JSONL
+
 
 class JsonlSink:
     """One JSON object per event, `{"kind", "step", "time", ...metrics}`, flushed per line (survives a kill)."""
@@ -292,6 +321,7 @@ def read_jsonl(path: str | Path, kind: str | None = None) -> list[dict[str, Any]
 # ---------------------------------------------------------------------------------------------------
 # TensorBoard
 
+
 class TensorBoardSink:
     """Scalars under train/ and eval/, text for config, start-up info, samples and the summary."""
 
@@ -338,6 +368,7 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 # Weights & Biases
 
+
 def wandb_run_id(run_dir: Path, resume: bool) -> str:
     """The W&B run id of this run folder: reused when resuming (one W&B run across restarts), new otherwise."""
     path = run_dir / WANDB_ID_FILE
@@ -352,18 +383,24 @@ def wandb_run_id(run_dir: Path, resume: bool) -> str:
 class WandbSink:
     """Logs to Weights & Biases online or offline; a resumed run continues the same W&B run id."""
 
-    def __init__(self, run_dir: str | Path, project: str, mode: str, config: Any = None,
-                 resume: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, project: str, mode: str, config: Any = None, resume: bool = False) -> None:
         try:
             import wandb  # lazy: optional dependency
         except ImportError as err:
-            raise UserError(f"log.wandb={mode} needs the wandb package: pip install 'tokenmill[wandb]' "
-                            f"(or set log.wandb=off)") from err
+            raise UserError(
+                f"log.wandb={mode} needs the wandb package: pip install 'tokenmill[wandb]' (or set log.wandb=off)"
+            ) from err
         self.wandb = wandb
         run_dir = Path(run_dir)
         self.run_id = wandb_run_id(run_dir, resume)
-        self.run = wandb.init(project=project, dir=str(run_dir), id=self.run_id, resume="allow", mode=mode,
-                              config=to_jsonable(config.to_dict() if hasattr(config, "to_dict") else config or {}))
+        self.run = wandb.init(
+            project=project,
+            dir=str(run_dir),
+            id=self.run_id,
+            resume="allow",
+            mode=mode,
+            config=to_jsonable(config.to_dict() if hasattr(config, "to_dict") else config or {}),
+        )
 
     def log(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
         if kind in (*PLOTTED_KINDS, "nonfinite"):
@@ -381,8 +418,16 @@ class WandbSink:
 
 # ---------------------------------------------------------------------------------------------------
 
-def build_sinks(log_cfg: LogConfig, run_dir: str | Path, rank: int = 0, *, config: Any = None,
-                resume_step: int | None = None, console: bool = True) -> MultiSink:
+
+def build_sinks(
+    log_cfg: LogConfig,
+    run_dir: str | Path,
+    rank: int = 0,
+    *,
+    config: Any = None,
+    resume_step: int | None = None,
+    console: bool = True,
+) -> MultiSink:
     """The sinks `log_cfg` (the `log` section) asks for; no-ops off rank 0.
 
     `resume_step` (the step of the checkpoint being resumed, else None) keeps the JSONL, TensorBoard and
@@ -400,8 +445,9 @@ def build_sinks(log_cfg: LogConfig, run_dir: str | Path, rank: int = 0, *, confi
         if log_cfg.tensorboard:
             sinks.append(TensorBoardSink(run_dir / TB_DIR, None if resume_step is None else resume_step + 1))
         if log_cfg.wandb != "off":
-            sinks.append(WandbSink(run_dir, log_cfg.wandb_project, log_cfg.wandb, config,
-                                   resume=resume_step is not None))
+            sinks.append(
+                WandbSink(run_dir, log_cfg.wandb_project, log_cfg.wandb, config, resume=resume_step is not None)
+            )
     except BaseException:
         for sink in sinks:  # close the ones already open; the first error is the one to report
             with contextlib.suppress(UserError, OSError):

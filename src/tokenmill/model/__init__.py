@@ -8,8 +8,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"build_meta": "build", "build_model": "build", "param_counts": "build", "ModelConfig": "config",
-         "Block": "transformer", "Transformer": "transformer"}
+_LAZY = {
+    "build_meta": "build",
+    "build_model": "build",
+    "param_counts": "build",
+    "ModelConfig": "config",
+    "Block": "transformer",
+    "Transformer": "transformer",
+}
 __all__ = sorted(_LAZY)
 
 

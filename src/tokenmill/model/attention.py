@@ -66,7 +66,7 @@ class AttentionBackend(ABC):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, dropout_p: float) -> torch.Tensor:
         """q (B, H, T, hd), k/v (B, H_kv, Tk, hd) -> (B, H, T, hd)."""
 
-    def check(self, cfg: ModelConfig) -> None:
+    def check(self, cfg: ModelConfig) -> None:  # noqa: B027 (an optional hook: most backends run every shape)
         """Refuse, when the model is built, a shape this backend cannot run (every shape, by default)."""
 
     def prepare_cached(self, positions: torch.Tensor, span: int) -> Any:
@@ -94,8 +94,9 @@ class SDPABackend(AttentionBackend):
             # enable_gqa is not supported by every masked kernel (SDPA would fall back to math); expand kv heads
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
+        )
 
     def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV, mask: Any) -> torch.Tensor:
         keys, values = kv.update(k, v)  # (B, H_kv, span, hd)
@@ -173,8 +174,9 @@ class FlexBackend(AttentionBackend):
             return kv_idx <= positions[b, q_idx]  # the rule of kv_cache.cached_causal_mask
 
         B, T = positions.shape
-        return create_block_mask(cached_causal, B, None, T, span, device=positions.device,
-                                 _compile=positions.device.type == "cuda")
+        return create_block_mask(
+            cached_causal, B, None, T, span, device=positions.device, _compile=positions.device.type == "cuda"
+        )
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, dropout_p: float) -> torch.Tensor:
         from torch.nn.attention.flex_attention import flex_attention
@@ -212,22 +214,28 @@ class FlashAttnBackend(AttentionBackend):
         try:
             import flash_attn  # noqa: F401
         except ImportError as err:
-            raise UserError("model.attention=flash_attn needs the flash-attn package (pip install flash-attn "
-                            "--no-build-isolation, CUDA only); or use model.attention=sdpa or flex") from err
+            raise UserError(
+                "model.attention=flash_attn needs the flash-attn package (pip install flash-attn "
+                "--no-build-isolation, CUDA only); or use model.attention=sdpa or flex"
+            ) from err
 
     def check(self, cfg: ModelConfig) -> None:
         hd = cfg.resolved_head_dim()
         if hd > FLASH_MAX_HEAD_DIM or hd % 8:
-            raise UserError(f"model.attention=flash_attn runs head dims that are multiples of 8 up to "
-                            f"{FLASH_MAX_HEAD_DIM}, not {hd}: change model.head_dim or use model.attention=sdpa")
+            raise UserError(
+                f"model.attention=flash_attn runs head dims that are multiples of 8 up to "
+                f"{FLASH_MAX_HEAD_DIM}, not {hd}: change model.head_dim or use model.attention=sdpa"
+            )
 
     @staticmethod
     def check_inputs(q: torch.Tensor) -> None:
         """flash-attn kernels exist for CUDA fp16/bf16 only; say so instead of failing inside the extension."""
         if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-            raise UserError(f"model.attention=flash_attn runs on CUDA in fp16/bf16, not on {q.device.type} in "
-                            f"{str(q.dtype).removeprefix('torch.')}: use bf16 precision (or weights) on a GPU, "
-                            f"or model.attention=sdpa")
+            raise UserError(
+                f"model.attention=flash_attn runs on CUDA in fp16/bf16, not on {q.device.type} in "
+                f"{str(q.dtype).removeprefix('torch.')}: use bf16 precision (or weights) on a GPU, "
+                f"or model.attention=sdpa"
+            )
 
     def prepare(self, doc_ids: torch.Tensor | None, T: int, device: torch.device) -> Any:
         return None if doc_ids is None else cu_seqlens_from_doc_ids(doc_ids)
@@ -298,8 +306,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: Any,
-                kv: LayerKV | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: Any, kv: LayerKV | None = None
+    ) -> torch.Tensor:
         """(B, T, d) -> (B, T, d). With `kv`, the T tokens' keys/values go into the cache and the queries see
         every cached position up to their own (`mask` then comes from `backend.prepare_cached`)."""
         B, T, _ = x.shape

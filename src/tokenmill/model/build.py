@@ -11,8 +11,10 @@ from tokenmill.model.transformer import Transformer
 
 def _check_vocab(cfg: ModelConfig) -> None:
     if cfg.vocab_size <= 0:
-        raise UserError(f"model.vocab_size={cfg.vocab_size} means 'from the tokenizer', which build_model cannot "
-                        f"know: set model.vocab_size or let the trainer resolve it from the tokenizer")
+        raise UserError(
+            f"model.vocab_size={cfg.vocab_size} means 'from the tokenizer', which build_model cannot "
+            f"know: set model.vocab_size or let the trainer resolve it from the tokenizer"
+        )
 
 
 def build_meta(cfg: ModelConfig) -> Transformer:

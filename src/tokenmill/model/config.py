@@ -35,8 +35,11 @@ class ModelConfig:
     position: str = opt("rope", "position encoding (POSITIONS): learned, rope, none")
     rope_theta: float = opt(10000.0, "RoPE base frequency")
     ffn: str = opt("swiglu", "feed-forward type (FFNS): mlp or swiglu")
-    activation: str = opt("silu", "activation of the mlp FFN (ACTIVATIONS): gelu, gelu_tanh, silu, relu, leaky_relu; "
-                                 "swiglu always gates with silu")
+    activation: str = opt(
+        "silu",
+        "activation of the mlp FFN (ACTIVATIONS): gelu, gelu_tanh, silu, relu, leaky_relu; "
+        "swiglu always gates with silu",
+    )
     ffn_mult: float = opt(4.0, "mlp hidden = ffn_mult x d_model (swiglu: 2/3 of that, rounded)")
     ffn_hidden: int = opt(0, "explicit FFN hidden width; 0 = derived from ffn_mult and multiple_of")
     multiple_of: int = opt(256, "round a derived swiglu hidden width up to this multiple")
@@ -45,8 +48,11 @@ class ModelConfig:
     dropout: float = opt(0.0, "dropout on embeddings, attention probabilities and residual branches (train mode)")
     qk_norm: bool = opt(False, "per-head RMSNorm on queries and keys")
     attention: str = opt("sdpa", "attention backend (ATTENTION): sdpa, eager, flex, flash_attn")
-    init: str = opt("normal", "init scheme (INITS): normal (std init_std), fan_in (1/sqrt(fan_in)), deepnet "
-                               "(DeepNorm; needs norm_position=post)")
+    init: str = opt(
+        "normal",
+        "init scheme (INITS): normal (std init_std), fan_in (1/sqrt(fan_in)), deepnet "
+        "(DeepNorm; needs norm_position=post)",
+    )
     init_std: float = opt(0.02, "std of the normal init for linears and embeddings")
 
     def kv_heads(self) -> int:
@@ -70,13 +76,25 @@ class ModelConfig:
         require_positive(self, "model", "n_layers", "d_model", "n_heads", "max_seq_len", "norm_eps", "rope_theta")
         require_positive(self, "model", "n_kv_heads", "head_dim", "vocab_size", "ffn_hidden", allow_zero=True)
         require_positive(self, "model", "vocab_multiple_of", "multiple_of", "ffn_mult", "init_std")
-        require(self.d_model % self.n_heads == 0 or self.head_dim > 0, "model.n_heads", self.n_heads,
-                f"must divide model.d_model={self.d_model} (or set model.head_dim)")
-        require(self.n_heads % self.kv_heads() == 0, "model.n_kv_heads", self.n_kv_heads,
-                f"model.n_heads={self.n_heads} must be a multiple of it")
+        require(
+            self.d_model % self.n_heads == 0 or self.head_dim > 0,
+            "model.n_heads",
+            self.n_heads,
+            f"must divide model.d_model={self.d_model} (or set model.head_dim)",
+        )
+        require(
+            self.n_heads % self.kv_heads() == 0,
+            "model.n_kv_heads",
+            self.n_kv_heads,
+            f"model.n_heads={self.n_heads} must be a multiple of it",
+        )
         require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
-        require(self.position != "rope" or self.resolved_head_dim() % 2 == 0, "model.head_dim",
-                self.resolved_head_dim(), "rope needs an even head dimension")
+        require(
+            self.position != "rope" or self.resolved_head_dim() % 2 == 0,
+            "model.head_dim",
+            self.resolved_head_dim(),
+            "rope needs an even head dimension",
+        )
         require_choice("model.norm", self.norm, NORM_NAMES)
         require_choice("model.norm_position", self.norm_position, NORM_POSITION_NAMES)
         require_choice("model.position", self.position, POSITION_NAMES)
@@ -86,7 +104,15 @@ class ModelConfig:
         require_choice("model.init", self.init, INIT_NAMES)
         # DeepNorm scales the residual stream by (2N)^(1/4) before a norm; under pre-norm the stream would grow
         # as alpha^(2N) instead (arXiv:2203.00555 defines it for post-norm only).
-        require(self.init != "deepnet" or self.norm_position == "post", "model.init", self.init,
-                "deepnet (DeepNorm) is a post-norm scheme: also set model.norm_position=post")
-        require(self.attention != "flex" or self.dropout == 0.0, "model.dropout", self.dropout,
-                "model.attention=flex has no attention dropout: set model.dropout=0 or use sdpa")
+        require(
+            self.init != "deepnet" or self.norm_position == "post",
+            "model.init",
+            self.init,
+            "deepnet (DeepNorm) is a post-norm scheme: also set model.norm_position=post",
+        )
+        require(
+            self.attention != "flex" or self.dropout == 0.0,
+            "model.dropout",
+            self.dropout,
+            "model.attention=flex has no attention dropout: set model.dropout=0 or use sdpa",
+        )

@@ -67,7 +67,7 @@ class DeepNetInit(NormalInit):
 
     def linear_std(self, role: str, fan_in: int, fan_out: int, cfg: ModelConfig) -> float:
         if role == "head":
-            return cfg.d_model ** -0.5
+            return cfg.d_model**-0.5
         gain = deepnet_beta(cfg.n_layers) if role in self.BETA_ROLES else 1.0
         return gain * math.sqrt(2.0 / (fan_in + fan_out))  # torch.nn.init.xavier_normal_
 

@@ -48,8 +48,9 @@ class KVCache:
         self.values = values
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, batch_size: int, capacity: int, device: str | torch.device,
-                 dtype: torch.dtype) -> KVCache:
+    def allocate(
+        cls, cfg: ModelConfig, batch_size: int, capacity: int, device: str | torch.device, dtype: torch.dtype
+    ) -> KVCache:
         """Zeroed buffers for `batch_size` rows of `capacity` positions (at most cfg.max_seq_len)."""
         capacity = min(capacity, cfg.max_seq_len)
         shape = (batch_size, cfg.kv_heads(), capacity, cfg.resolved_head_dim())
@@ -87,7 +88,7 @@ class KVCache:
 
         `source` may be this cache; the rows read are gathered before any is written.
         """
-        for mine, theirs in zip((*self.keys, *self.values), (*source.keys, *source.values)):
+        for mine, theirs in zip((*self.keys, *self.values), (*source.keys, *source.values), strict=False):
             mine[dst, :, :length] = theirs[src, :, :length]
 
     def resized(self, batch_size: int, capacity: int) -> KVCache:
@@ -98,7 +99,7 @@ class KVCache:
             new = torch.zeros((batch_size, t.shape[1], capacity, t.shape[3]), dtype=t.dtype, device=t.device)
             new[:rows, :, :slots] = t[:rows, :, :slots]
             out.append(new)
-        return KVCache(out[:len(self.keys)], out[len(self.keys):])
+        return KVCache(out[: len(self.keys)], out[len(self.keys) :])
 
 
 def cached_causal_mask(positions: torch.Tensor, span: int) -> torch.Tensor:

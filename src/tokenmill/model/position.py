@@ -58,8 +58,9 @@ class RotaryEmbedding(nn.Module):
     def reset_cache(self) -> None:
         # inv_freq_i = theta^(-2i/d), angle(p, i) = p * inv_freq_i (RoFormer eq. 15), computed in fp32.
         device = self.cos.device
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32)
-                                         / self.head_dim))
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+        )
         angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float32), inv_freq)
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())

@@ -79,8 +79,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: BlockContext, kv: LayerKV | None = None) -> torch.Tensor:
         """(B, T, d) -> (B, T, d); `kv` is this layer's KV cache during generation."""
-        x = self.step(x, lambda h: self.resid_drop(self.attn(h, ctx.rope, ctx.mask, kv)), self.attn_norm,
-                      self.residual_alpha)
+        x = self.step(
+            x, lambda h: self.resid_drop(self.attn(h, ctx.rope, ctx.mask, kv)), self.attn_norm, self.residual_alpha
+        )
         return self.step(x, lambda h: self.resid_drop(self.ffn(h)), self.ffn_norm, self.residual_alpha)
 
 
@@ -90,16 +91,17 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
-            raise UserError(f"model.vocab_size={cfg.vocab_size}: the model needs a concrete vocab size; set "
-                            f"model.vocab_size or let the trainer resolve it from the tokenizer")
+            raise UserError(
+                f"model.vocab_size={cfg.vocab_size}: the model needs a concrete vocab size; set "
+                f"model.vocab_size or let the trainer resolve it from the tokenizer"
+            )
         self.cfg = cfg
         kind = POSITIONS[cfg.position]
         backend = build_attention_backend(cfg)
         alpha = INITS[cfg.init]().residual_alpha(cfg)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if kind.table else None
-        self.rope = (RotaryEmbedding(cfg.resolved_head_dim(), cfg.max_seq_len, cfg.rope_theta)
-                     if kind.rotary else None)
+        self.rope = RotaryEmbedding(cfg.resolved_head_dim(), cfg.max_seq_len, cfg.rope_theta) if kind.rotary else None
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, backend, alpha) for _ in range(cfg.n_layers))
         final = NORM_POSITIONS[cfg.norm_position].final_norm
@@ -149,13 +151,23 @@ class Transformer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------
 
-    def hidden(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-               cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Final hidden states (B, T, d) after the last norm, before the head."""
         return self.norm(self.trunk(idx, doc_ids, positions, cache))
 
-    def trunk(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-              cache: KVCache | None = None) -> torch.Tensor:
+    def trunk(
+        self,
+        idx: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Residual stream (B, T, d) after the last block, before the final norm.
 
         Training and scoring pass token ids (and doc_ids for packed rows); positions are then derived. Generation
@@ -164,8 +176,10 @@ class Transformer(nn.Module):
         """
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
-            raise UserError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
-                            f"shorten it or raise model.max_seq_len")
+            raise UserError(
+                f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                f"shorten it or raise model.max_seq_len"
+            )
         if doc_ids is not None and doc_ids.shape != idx.shape:
             raise UserError(f"doc_ids shape {tuple(doc_ids.shape)} must equal the token shape {tuple(idx.shape)}")
         if cache is not None and (positions is None or positions.shape != idx.shape or doc_ids is not None):
@@ -193,32 +207,44 @@ class Transformer(nn.Module):
         """(V, d) matrix of the output head: the token embedding when tied."""
         return self.tok_emb.weight if self.head is None else self.head.weight
 
-    def forward(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None, last_only: bool = False,
-                positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        last_only: bool = False,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only (generation: the head runs on one row)."""
         x = self.trunk(idx, doc_ids, positions, cache)
         if last_only:
             x = x[:, -1:]  # final norm and head on one position only
         return F.linear(self.norm(x), self.output_weight())
 
-    def next_logits(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                    last: torch.Tensor | None = None) -> torch.Tensor:
+    def next_logits(
+        self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Generation step: cache the (B, T) tokens at their positions, return (B, V) next-token logits.
 
         The logits are those of each row's token at index `last[b]` of T (right-padded prefill of prompts of
         different lengths), or of the final token; the head runs on those B rows only.
         """
         x = self.trunk(idx, None, positions, cache)  # (B, T, d)
-        if last is None:
-            x = x[:, -1]
-        else:
-            x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, d)
+        # (B, d): each row's last position, or the given one per row
+        x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         return F.linear(self.norm(x), self.output_weight())
 
     # -- loss -------------------------------------------------------------------------------------------
 
-    def loss(self, window: torch.Tensor, doc_ids: torch.Tensor | None = None, ignore_index: int = -100,
-             chunk_size: int = 0, reduction: str = "mean", targets: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        window: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        chunk_size: int = 0,
+        reduction: str = "mean",
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Next-token cross-entropy of a (B, T+1) window: inputs window[:, :-1], targets window[:, 1:].
 
         `targets` (B, T) replaces window[:, 1:], e.g. with ignore_index at masked prompt or padding positions.
@@ -234,13 +260,15 @@ class Transformer(nn.Module):
         weight = self.output_weight()
         flat_h, flat_t = h.flatten(0, 1), targets.flatten()  # (B*T, d), (B*T,)
         if chunk_size <= 0:
-            return F.cross_entropy(F.linear(flat_h, weight).float(), flat_t, ignore_index=ignore_index,
-                                   reduction=reduction)
+            return F.cross_entropy(
+                F.linear(flat_h, weight).float(), flat_t, ignore_index=ignore_index, reduction=reduction
+            )
         total = flat_h.new_zeros((), dtype=torch.float32)
         for start in range(0, flat_h.shape[0], chunk_size):
             stop = start + chunk_size
-            total = total + checkpoint(_chunk_loss_sum, flat_h[start:stop], weight, flat_t[start:stop], ignore_index,
-                                       use_reentrant=False)
+            total = total + checkpoint(
+                _chunk_loss_sum, flat_h[start:stop], weight, flat_t[start:stop], ignore_index, use_reentrant=False
+            )
         if reduction == "sum":
             return total
         return total / (flat_t != ignore_index).sum()

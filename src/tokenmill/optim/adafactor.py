@@ -77,8 +77,10 @@ class StochasticAdafactor(torch.optim.Adafactor):
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
-        out["stochastic_rounding"] = {"seed": self.seed,
-                                      "generators": {k: g.get_state() for k, g in self._generators.items()}}
+        out["stochastic_rounding"] = {
+            "seed": self.seed,
+            "generators": {k: g.get_state() for k, g in self._generators.items()},
+        }
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -36,8 +36,12 @@ class OptimConfig:
         require_positive(self, "optim", "lr", "eps", "muon_lr")
         require_positive(self, "optim", "weight_decay", "muon_weight_decay", allow_zero=True)
         require(0 <= self.muon_momentum < 1, "optim.muon_momentum", self.muon_momentum, "must be in [0, 1)")
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
-                "two numbers in [0, 1), e.g. [0.9, 0.95]")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            self.betas,
+            "two numbers in [0, 1), e.g. [0.9, 0.95]",
+        )
 
 
 @dataclass
@@ -55,5 +59,6 @@ class ScheduleConfig:
         require_positive(self, "schedule", "warmup_steps", "min_cooldown_tokens", "anneal_steps", allow_zero=True)
         require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         require(0 < self.decay_ratio <= 1, "schedule.decay_ratio", self.decay_ratio, "must be in (0, 1]")
-        require(0 <= self.constant_lr_ratio <= 1, "schedule.constant_lr_ratio", self.constant_lr_ratio,
-                "must be in [0, 1]")
+        require(
+            0 <= self.constant_lr_ratio <= 1, "schedule.constant_lr_ratio", self.constant_lr_ratio, "must be in [0, 1]"
+        )

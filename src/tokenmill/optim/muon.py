@@ -27,8 +27,12 @@ NS_STEPS = 5
 NS_EPS = 1e-7
 
 
-def newton_schulz(grad: torch.Tensor, steps: int = NS_STEPS,
-                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = NS_EPS) -> torch.Tensor:
+def newton_schulz(
+    grad: torch.Tensor,
+    steps: int = NS_STEPS,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = NS_EPS,
+) -> torch.Tensor:
     """Approximately orthogonalise a 2-D matrix: U S V^T -> U S' V^T with S' roughly in [0.5, 1.5].
 
     X <- a X + (b A + c A^2) X with A = X X^T, after scaling X to Frobenius norm <= 1 (so every singular
@@ -50,11 +54,28 @@ def newton_schulz(grad: torch.Tensor, steps: int = NS_STEPS,
 class FallbackMuon(torch.optim.Optimizer):
     """Muon for torch versions without `torch.optim.Muon`; same group keys and state (`momentum_buffer`)."""
 
-    def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                 eps: float = NS_EPS, ns_steps: int = NS_STEPS, adjust_lr_fn: str | None = None) -> None:
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = NS_EPS,
+        ns_steps: int = NS_STEPS,
+        adjust_lr_fn: str | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -76,8 +97,11 @@ class FallbackMuon(torch.optim.Optimizer):
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 update = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"])
                 rows, cols = p.shape[:2]
-                scale = 0.2 * math.sqrt(max(rows, cols)) if group["adjust_lr_fn"] == "match_rms_adamw" \
+                scale = (
+                    0.2 * math.sqrt(max(rows, cols))
+                    if group["adjust_lr_fn"] == "match_rms_adamw"
                     else math.sqrt(max(1, rows / cols))
+                )
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-lr * scale)
         return loss
@@ -94,8 +118,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
     `groups` are ordinary param-group dicts, each with a `kind`; Muon groups may hold only 2-D parameters.
     """
 
-    def __init__(self, groups: list[dict[str, Any]], muon_cls: type[torch.optim.Optimizer] | None = None,
-                 adamw_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        groups: list[dict[str, Any]],
+        muon_cls: type[torch.optim.Optimizer] | None = None,
+        adamw_options: dict[str, Any] | None = None,
+    ) -> None:
         muon_groups = [g for g in groups if g.get("kind") == "muon"]
         adamw_groups = [g for g in groups if g.get("kind") == "adamw"]
         if len(muon_groups) + len(adamw_groups) != len(groups):
@@ -108,8 +136,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._inner = inner
         self._link()
 
-    def _build_inner(self, muon_groups: list[dict[str, Any]],
-                     adamw_groups: list[dict[str, Any]]) -> list[torch.optim.Optimizer]:
+    def _build_inner(
+        self, muon_groups: list[dict[str, Any]], adamw_groups: list[dict[str, Any]]
+    ) -> list[torch.optim.Optimizer]:
         inner: list[torch.optim.Optimizer] = []
         if muon_groups:
             inner.append(self._muon_cls(muon_groups))

@@ -95,8 +95,11 @@ def build_muon(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: float) -
     for (kind, decay), (names, ps) in sorted(buckets.items(), key=lambda kv: (kv[0][0] != "adamw", not kv[0][1])):
         group: dict[str, Any] = {"params": ps, "names": names, "kind": kind, "group": "decay" if decay else "no_decay"}
         if kind == "muon":
-            group.update(lr=cfg.muon_lr * lr_scale, momentum=cfg.muon_momentum,
-                         weight_decay=cfg.muon_weight_decay if decay else 0.0)
+            group.update(
+                lr=cfg.muon_lr * lr_scale,
+                momentum=cfg.muon_momentum,
+                weight_decay=cfg.muon_weight_decay if decay else 0.0,
+            )
         else:
             group.update(weight_decay=cfg.weight_decay if decay else 0.0, **adamw)
         groups.append(group)
@@ -113,8 +116,9 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig, float, float], torch.opt
 }
 
 
-def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, lr: float | None = None,
-                    lr_scale: float = 1.0) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, optim_cfg: OptimConfig, lr: float | None = None, lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
     """Build the optimizer named by `optim_cfg.name` for `model` (plain or wrapped).
 
     `lr` replaces `optim.lr` (e.g. with `scaled_lr(...)`); `lr_scale` multiplies every group's LR, Muon's

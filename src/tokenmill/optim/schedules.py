@@ -148,11 +148,13 @@ class ScheduledLR(torch.optim.lr_scheduler.LRScheduler):
     the base LRs and re-applies the LR to the optimizer's groups.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, schedule_cfg: ScheduleConfig, total_steps: int,
-                 tokens_per_step: int) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, schedule_cfg: ScheduleConfig, total_steps: int, tokens_per_step: int
+    ) -> None:
         if schedule_cfg.name not in SCHEDULES:
-            raise UserError(f"schedule.name={schedule_cfg.name!r} is not a schedule: choose one of "
-                            + ", ".join(SCHEDULES))
+            raise UserError(
+                f"schedule.name={schedule_cfg.name!r} is not a schedule: choose one of " + ", ".join(SCHEDULES)
+            )
         if total_steps <= 0:
             raise UserError(f"the LR schedule needs total_steps > 0, got {total_steps}")
         self.cfg = schedule_cfg
@@ -169,8 +171,14 @@ class ScheduledLR(torch.optim.lr_scheduler.LRScheduler):
         return [base * m for base in self.base_lrs]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "base_lrs": list(self.base_lrs),
-                "_last_lr": list(self._last_lr), "name": self.cfg.name, "total_steps": self.total_steps}
+        return {
+            "last_epoch": self.last_epoch,
+            "_step_count": self._step_count,
+            "base_lrs": list(self.base_lrs),
+            "_last_lr": list(self._last_lr),
+            "name": self.cfg.name,
+            "total_steps": self.total_steps,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_epoch = int(state_dict["last_epoch"])
@@ -181,7 +189,8 @@ class ScheduledLR(torch.optim.lr_scheduler.LRScheduler):
             group["lr"] = lr
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule_cfg: ScheduleConfig, total_steps: int,
-                    tokens_per_step: int) -> ScheduledLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule_cfg: ScheduleConfig, total_steps: int, tokens_per_step: int
+) -> ScheduledLR:
     """The LR scheduler for a run: call `.step()` once after each optimizer step."""
     return ScheduledLR(optimizer, schedule_cfg, total_steps, tokens_per_step)

@@ -27,8 +27,11 @@ class ParallelConfig:
     fsdp_reduce_dtype: str = opt("fp32", "FSDP gradient reduce dtype: fp32 or bf16")
     fsdp_cpu_offload: bool = opt(False, "keep FSDP parameters and optimizer state on the CPU")
     timeout_s: int = opt(600, "collective timeout: a stuck rank fails the job after this many seconds")
-    init: str = opt("full", "full: each rank initialises the whole model, then shards/splits it (same weights as one "
-                    "process); sharded: each rank initialises only its shards/stages (models too big for one device)")
+    init: str = opt(
+        "full",
+        "full: each rank initialises the whole model, then shards/splits it (same weights as one "
+        "process); sharded: each rank initialises only its shards/stages (models too big for one device)",
+    )
 
     def validate(self) -> None:
         require_choice("parallel.strategy", self.strategy, STRATEGIES)

@@ -37,6 +37,7 @@ def is_fsdp(model: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # DDP
 
+
 def apply_ddp(model: nn.Module, dist: DistInfo, bucket_cap_mb: int = 25) -> nn.Module:
     """Wrap in DistributedDataParallel (gradients all-reduced and averaged over ranks during backward).
 
@@ -46,8 +47,9 @@ def apply_ddp(model: nn.Module, dist: DistInfo, bucket_cap_mb: int = 25) -> nn.M
     if not dist.distributed:
         return model
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb,
-                                               gradient_as_bucket_view=True)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True
+    )
 
 
 def allreduce_grads(params: list[nn.Parameter], group: Any, world: int) -> None:
@@ -75,8 +77,8 @@ def allreduce_grads(params: list[nn.Parameter], group: Any, world: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 # ZeRO-1
 
-def apply_zero1(optimizer: torch.optim.Optimizer, dist: DistInfo,
-                process_group: Any = None) -> torch.optim.Optimizer:
+
+def apply_zero1(optimizer: torch.optim.Optimizer, dist: DistInfo, process_group: Any = None) -> torch.optim.Optimizer:
     """Re-create `optimizer` as a ZeroRedundancyOptimizer: each rank keeps the state of ~1/world of the
     parameters (greedy by size), steps them, and broadcasts the updated values (Rajbhandari et al. 2020,
     ZeRO stage 1, arXiv:1910.02054). Gradients are still all-reduced by DDP.
@@ -94,11 +96,14 @@ def apply_zero1(optimizer: torch.optim.Optimizer, dist: DistInfo,
     try:
         # Each rank's local optimizer is `cls(its partition of every group, **defaults)`; `defaults` can hold
         # derived keys the constructor does not take (AdamW's decoupled_weight_decay), so keep only those it does.
-        zero = ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=process_group,
-                                       **_constructor_kwargs(cls, optimizer.defaults))
+        zero = ZeroRedundancyOptimizer(
+            groups, optimizer_class=cls, process_group=process_group, **_constructor_kwargs(cls, optimizer.defaults)
+        )
     except TypeError as err:
-        raise UserError(f"parallel.strategy=zero1 cannot wrap the {cls.__name__} optimizer ({err}); "
-                        f"use parallel.strategy=ddp or fsdp with this optimizer") from err
+        raise UserError(
+            f"parallel.strategy=zero1 cannot wrap the {cls.__name__} optimizer ({err}); "
+            f"use parallel.strategy=ddp or fsdp with this optimizer"
+        ) from err
     return zero
 
 
@@ -131,6 +136,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, dist: DistInfo) -> di
 # ---------------------------------------------------------------------------------------------------
 # FSDP2
 
+
 def apply_fsdp(model: nn.Module, parallel_cfg: Any, mesh: Any = None) -> nn.Module:
     """`fully_shard` each block, then the root (embedding, final norm, head) - FSDP2.
 
@@ -142,8 +148,9 @@ def apply_fsdp(model: nn.Module, parallel_cfg: Any, mesh: Any = None) -> nn.Modu
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=FSDP_DTYPES[parallel_cfg.fsdp_param_dtype],
-                              reduce_dtype=FSDP_DTYPES[parallel_cfg.fsdp_reduce_dtype])
+    mp = MixedPrecisionPolicy(
+        param_dtype=FSDP_DTYPES[parallel_cfg.fsdp_param_dtype], reduce_dtype=FSDP_DTYPES[parallel_cfg.fsdp_reduce_dtype]
+    )
     # On a CPU device the shards already live in host memory: offloading is a no-op (and would pin memory,
     # which needs an accelerator).
     on_accelerator = mesh is not None and mesh.device_type != "cpu"
@@ -157,8 +164,12 @@ def apply_fsdp(model: nn.Module, parallel_cfg: Any, mesh: Any = None) -> nn.Modu
     return model
 
 
-def materialize(model: nn.Module, device: torch.device, full_state: dict[str, torch.Tensor] | None = None,
-                broadcast_from_rank0: bool = False) -> nn.Module:
+def materialize(
+    model: nn.Module,
+    device: torch.device,
+    full_state: dict[str, torch.Tensor] | None = None,
+    broadcast_from_rank0: bool = False,
+) -> nn.Module:
     """Allocate a model built on `meta` (sharded or not) on `device` and initialise it.
 
     `init_weights()` runs first on every rank (it also fills non-persistent buffers such as the RoPE cache);
@@ -179,6 +190,7 @@ def materialize(model: nn.Module, device: torch.device, full_state: dict[str, to
 
 # ---------------------------------------------------------------------------------------------------
 # Gradient sync on accumulation micro-steps
+
 
 @contextlib.contextmanager
 def no_sync_context(model: nn.Module, sync: bool) -> Iterator[None]:

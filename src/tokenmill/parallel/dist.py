@@ -64,8 +64,10 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
     except RuntimeError as err:
         raise UserError(f"train.device={device!r} is not a device: choose auto, cpu, cuda or cuda:N") from err
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"train.device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
-                        f"use train.device=cuda (one per local rank) or a smaller index")
+        raise UserError(
+            f"train.device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+            f"use train.device=cuda (one per local rank) or a smaller index"
+        )
     return resolved
 
 
@@ -86,9 +88,12 @@ def init_distributed(parallel_cfg: Any, device: str = "auto") -> DistInfo:
     # NCCL only moves CUDA tensors; gloo runs everywhere (CPU tests, laptops).
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if rank == 0 and stale_store_risk():
-        warnings.warn("torchrun --max-restarts with its shared rendezvous store can hand restarted workers the "
-                      "addresses of the dead ones (pytorch/pytorch#135712); export "
-                      "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (deploy/ scripts do)", stacklevel=2)
+        warnings.warn(
+            "torchrun --max-restarts with its shared rendezvous store can hand restarted workers the "
+            "addresses of the dead ones (pytorch/pytorch#135712); export "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (deploy/ scripts do)",
+            stacklevel=2,
+        )
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=int(getattr(parallel_cfg, "timeout_s", 600)))
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
@@ -103,8 +108,10 @@ def init_distributed(parallel_cfg: Any, device: str = "auto") -> DistInfo:
 
 def stale_store_risk() -> bool:
     """True when torchrun may restart workers (--max-restarts > 0) while sharing its TCPStore with them."""
-    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0)
+    return (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+    )
 
 
 def is_distributed() -> bool:
@@ -131,8 +138,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType | str = "sum",
-               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def all_reduce(
+    tensor: torch.Tensor, op: dist.ReduceOp.RedOpType | str = "sum", group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """In-place all-reduce (op: 'sum', 'max', 'min', 'avg' or a ReduceOp); returns the tensor. No-op alone.
 
     'avg' is done as sum / world size because gloo has no AVG op.

@@ -34,8 +34,9 @@ METRIC_REDUCTIONS: dict[str, str] = {
 }
 
 
-def global_token_count(local_tokens: int | torch.Tensor, dist: DistInfo,
-                       group: tdist.ProcessGroup | None = None) -> torch.Tensor:
+def global_token_count(
+    local_tokens: int | torch.Tensor, dist: DistInfo, group: tdist.ProcessGroup | None = None
+) -> torch.Tensor:
     """Sum of a per-rank token count over the data-parallel ranks (a float64 tensor on this rank's device).
 
     With padding / ignore_index the counts differ per rank, so they must be summed, not assumed.
@@ -45,8 +46,12 @@ def global_token_count(local_tokens: int | torch.Tensor, dist: DistInfo,
     return all_reduce(t, "sum", group=group)
 
 
-def loss_denominator(local_tokens: int | torch.Tensor, dist: DistInfo, dp_size: int | None = None,
-                     group: tdist.ProcessGroup | None = None) -> torch.Tensor:
+def loss_denominator(
+    local_tokens: int | torch.Tensor,
+    dist: DistInfo,
+    dp_size: int | None = None,
+    group: tdist.ProcessGroup | None = None,
+) -> torch.Tensor:
     """What each rank divides its summed token loss by: global tokens / data-parallel size.
 
     DDP and FSDP average gradients over the `dp_size` ranks, so dividing by (global / dp_size) makes the
@@ -57,9 +62,13 @@ def loss_denominator(local_tokens: int | torch.Tensor, dist: DistInfo, dp_size: 
     return global_token_count(local_tokens, dist, group=group) / dp
 
 
-def clip_grad_norm_(parameters: torch.nn.Module | Iterable[torch.nn.Parameter], max_norm: float,
-                    norm_type: float = 2.0, pp_group: tdist.ProcessGroup | None = None,
-                    foreach: bool | None = None) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: torch.nn.Module | Iterable[torch.nn.Parameter],
+    max_norm: float,
+    norm_type: float = 2.0,
+    pp_group: tdist.ProcessGroup | None = None,
+    foreach: bool | None = None,
+) -> torch.Tensor:
     """Clip gradients by the norm over the *whole* model; returns the pre-clip total norm (a tensor).
 
     1. local norm of this rank's gradients (DTensor gradients give a DTensor norm with a pending
@@ -89,8 +98,9 @@ def clip_grad_norm_(parameters: torch.nn.Module | Iterable[torch.nn.Parameter], 
     return total
 
 
-def reduce_metrics(metrics: Mapping[str, float], dist: DistInfo,
-                   reductions: Mapping[str, str] = METRIC_REDUCTIONS) -> dict[str, float]:
+def reduce_metrics(
+    metrics: Mapping[str, float], dist: DistInfo, reductions: Mapping[str, str] = METRIC_REDUCTIONS
+) -> dict[str, float]:
     """Combine per-rank scalar metrics: throughputs summed, times and memory maxed, the rest averaged.
 
     One all-reduce per reduction kind (a collective: every rank must call it with the same keys).

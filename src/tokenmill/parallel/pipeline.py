@@ -60,7 +60,8 @@ def check_microbatches(micro_batch_size: int, pp: int, schedule: str, scale: int
         raise UserError(
             f"train.micro_batch_size={micro_batch_size} is not a multiple of the {n} pipeline microbatches "
             f"(parallel.pp={pp} x {spr} stages per rank for {schedule} x parallel.pp_microbatch_scale={scale}); "
-            f"set train.micro_batch_size to a multiple of {n} or lower parallel.pp_microbatch_scale")
+            f"set train.micro_batch_size to a multiple of {n} or lower parallel.pp_microbatch_scale"
+        )
     return n
 
 
@@ -77,8 +78,10 @@ def stage_ids_for_rank(pp_rank: int, pp: int, schedule: str) -> list[int]:
 def split_layers(n_layers: int, n_stages: int) -> list[list[int]]:
     """Block indices of each stage: as even as possible, earlier stages take the remainder."""
     if n_layers < n_stages:
-        raise UserError(f"model.n_layers={n_layers} is fewer than the {n_stages} pipeline stages; use more layers, "
-                        f"a lower parallel.pp, or a schedule with 1 stage per rank (GPipe, 1F1B)")
+        raise UserError(
+            f"model.n_layers={n_layers} is fewer than the {n_stages} pipeline stages; use more layers, "
+            f"a lower parallel.pp, or a schedule with 1 stage per rank (GPipe, 1F1B)"
+        )
     base, extra = divmod(n_layers, n_stages)
     out, start = [], 0
     for s in range(n_stages):
@@ -118,8 +121,9 @@ class StageModule(nn.Module):
             if self.pos_emb is not None:
                 h = h + self.pos_emb(pos)
             x = self.emb_drop(h)
-        ctx = BlockContext(rope=self.rope.tables(pos) if self.rope is not None else None,
-                           mask=self.backend.prepare(None, T, x.device))
+        ctx = BlockContext(
+            rope=self.rope.tables(pos) if self.rope is not None else None, mask=self.backend.prepare(None, T, x.device)
+        )
         for block in self.blocks.values():
             x = block(x, ctx)
         if self.last:
@@ -132,11 +136,15 @@ def check_pipeline_config(cfg: Any) -> None:
     if cfg.parallel.pp <= 1:
         return
     if cfg.model.tie_embeddings:
-        raise UserError("parallel.pp > 1 needs model.tie_embeddings=false: the embedding (first stage) and the "
-                        "output head (last stage) live on different ranks")
+        raise UserError(
+            "parallel.pp > 1 needs model.tie_embeddings=false: the embedding (first stage) and the "
+            "output head (last stage) live on different ranks"
+        )
     if getattr(cfg.train, "document_masking", False):
-        raise UserError("train.document_masking is not supported with parallel.pp > 1 (only hidden states cross "
-                        "pipeline stages, so attention is causal); set train.document_masking=false")
+        raise UserError(
+            "train.document_masking is not supported with parallel.pp > 1 (only hidden states cross "
+            "pipeline stages, so attention is causal); set train.document_masking=false"
+        )
 
 
 @dataclass
@@ -159,13 +167,25 @@ def split_model(model: nn.Module, pp: int, pp_rank: int, schedule: str) -> Pipel
     layers = split_layers(len(model.blocks), n_stages)
     ids = stage_ids_for_rank(pp_rank, pp, schedule)
     stages = [StageModule(model, layers[s], first=s == 0, last=s == n_stages - 1) for s in ids]
-    return PipelineParts(stages=stages, stage_ids=ids, n_stages=n_stages, n_microbatches=0,
-                         schedule_name=schedule, has_first=0 in ids, has_last=n_stages - 1 in ids)
+    return PipelineParts(
+        stages=stages,
+        stage_ids=ids,
+        n_stages=n_stages,
+        n_microbatches=0,
+        schedule_name=schedule,
+        has_first=0 in ids,
+        has_last=n_stages - 1 in ids,
+    )
 
 
-def build_schedule(parts: PipelineParts, n_micro: int, device: torch.device, pp_group: Any,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                   modules: list[nn.Module] | None = None) -> Any:
+def build_schedule(
+    parts: PipelineParts,
+    n_micro: int,
+    device: torch.device,
+    pp_group: Any,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    modules: list[nn.Module] | None = None,
+) -> Any:
     """PipelineStage objects for this rank's (possibly wrapped) stage modules and the named schedule.
 
     `loss_fn` returns the *summed* token loss scaled by the trainer's denominator, so gradients are not
@@ -175,8 +195,10 @@ def build_schedule(parts: PipelineParts, n_micro: int, device: torch.device, pp_
 
     cls_name, spr = schedule_info(parts.schedule_name)
     modules = modules or parts.stages
-    pstages = [PipelineStage(m, s, parts.n_stages, device, group=pp_group)
-               for m, s in zip(modules, parts.stage_ids, strict=True)]
+    pstages = [
+        PipelineStage(m, s, parts.n_stages, device, group=pp_group)
+        for m, s in zip(modules, parts.stage_ids, strict=True)
+    ]
     cls = getattr(schedules, cls_name)
     parts.n_microbatches = n_micro
     if spr == 1:

@@ -31,8 +31,16 @@ class BatchPlan:
         return self.micro_batch_size * self.grad_accum * self.world_size
 
 
-def plan_batches(micro_batch_size: int, seq_len: int, world_size: int, global_batch_tokens: int,
-                 total_tokens: int, max_steps: int, n_params: int, grad_accum: int = 0) -> BatchPlan:
+def plan_batches(
+    micro_batch_size: int,
+    seq_len: int,
+    world_size: int,
+    global_batch_tokens: int,
+    total_tokens: int,
+    max_steps: int,
+    n_params: int,
+    grad_accum: int = 0,
+) -> BatchPlan:
     """Accumulation = global batch / (micro-batch x seq_len x world size), refusing numbers that don't divide.
 
     `world_size` is the data-parallel size (pipeline stages of one replica share a batch). An explicit
@@ -43,12 +51,15 @@ def plan_batches(micro_batch_size: int, seq_len: int, world_size: int, global_ba
     """
     per_pass = micro_batch_size * seq_len * world_size
     if grad_accum < 0:
-        raise ConfigError(f"train.grad_accum={grad_accum} is not allowed: must be >= 1 (or 0 = derived from "
-                          f"train.global_batch_tokens)")
+        raise ConfigError(
+            f"train.grad_accum={grad_accum} is not allowed: must be >= 1 (or 0 = derived from "
+            f"train.global_batch_tokens)"
+        )
     if grad_accum and global_batch_tokens and global_batch_tokens != per_pass * grad_accum:
         raise ConfigError(
             f"train.grad_accum={grad_accum} gives {per_pass * grad_accum} tokens per step (micro_batch_size x seq_len "
-            f"x data-parallel size x grad_accum), but train.global_batch_tokens={global_batch_tokens}: set only one")
+            f"x data-parallel size x grad_accum), but train.global_batch_tokens={global_batch_tokens}: set only one"
+        )
     if grad_accum:
         accum = grad_accum
     elif global_batch_tokens == 0:
@@ -58,7 +69,8 @@ def plan_batches(micro_batch_size: int, seq_len: int, world_size: int, global_ba
         raise ConfigError(
             f"train.global_batch_tokens={global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
             f"world_size = {micro_batch_size} x {seq_len} x {world_size} = {per_pass}; use e.g. {lower} or "
-            f"{lower + per_pass}, or change train.micro_batch_size / train.seq_len")
+            f"{lower + per_pass}, or change train.micro_batch_size / train.seq_len"
+        )
     else:
         accum = global_batch_tokens // per_pass
     tokens_per_step = per_pass * accum

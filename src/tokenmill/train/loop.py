@@ -32,8 +32,15 @@ from tokenmill.metrics.sinks import build_sinks, get_console
 from tokenmill.model import build_meta, param_counts
 from tokenmill.optim.optimizers import build_optimizer, scaled_lr
 from tokenmill.optim.schedules import build_scheduler
-from tokenmill.parallel.dist import (DistInfo, all_reduce, any_rank, barrier, destroy_distributed, init_distributed,
-                                     max_over_ranks)
+from tokenmill.parallel.dist import (
+    DistInfo,
+    all_reduce,
+    any_rank,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    max_over_ranks,
+)
 from tokenmill.parallel.engine import build_engine
 from tokenmill.train.batching import BatchPlan, plan_batches
 from tokenmill.train.cadence import build_cadence
@@ -48,7 +55,9 @@ EXIT_OK, EXIT_DIVERGED, EXIT_NONFINITE, EXIT_ABORTED = 0, 3, 4, 5
 
 @dataclass
 class TrainResult:
-    status: str  # completed | stopped | aborted | diverged | nonfinite (failed / interrupted only reach the summary event)
+    status: (
+        str  # completed | stopped | aborted | diverged | nonfinite (failed / interrupted only reach the summary event)
+    )
     exit_code: int
     state: TrainState
     losses: list[float] = field(default_factory=list)  # this process's step losses, in order
@@ -110,9 +119,16 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     started_at = time.time()  # job-control requests older than this were meant for an earlier process
     run_dir = Path(cfg.train.out_dir)
     # batch arithmetic that does not divide fails here, before any file is touched or a tokenizer trained
-    plan_batches(cfg.train.micro_batch_size, cfg.train.seq_len, max(1, dist.world_size // cfg.parallel.pp),
-                 cfg.train.global_batch_tokens, cfg.train.total_tokens, cfg.train.max_steps, n_params=1,
-                 grad_accum=cfg.train.grad_accum)
+    plan_batches(
+        cfg.train.micro_batch_size,
+        cfg.train.seq_len,
+        max(1, dist.world_size // cfg.parallel.pp),
+        cfg.train.global_batch_tokens,
+        cfg.train.total_tokens,
+        cfg.train.max_steps,
+        n_params=1,
+        grad_accum=cfg.train.grad_accum,
+    )
     run = prepare_run_dir(run_dir, resume, overwrite, is_main=dist.is_main)  # checks; changes files at commit()
     resume_path = run.resume_from
     get_console()  # imports rich, whose import draws from Python's RNG (rich.style): do it before seeding
@@ -129,8 +145,10 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     cfg = resolve_model_vocab(cfg, tokenizer)
 
     if cfg.train.seq_len > cfg.model.max_seq_len:
-        raise UserError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
-                        f"lower train.seq_len or raise model.max_seq_len")
+        raise UserError(
+            f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+            f"lower train.seq_len or raise model.max_seq_len"
+        )
     counts = param_counts(cfg.model)
     # built on meta; the engine materialises it after wrapping (each FSDP rank allocates only its shards)
     engine = build_engine(build_meta(cfg.model), cfg, dist, precision)  # pipeline -> AC -> compile -> FSDP2/DDP
@@ -138,23 +156,46 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         from tokenmill.train.init_from import load_initial_weights
 
         load_initial_weights(engine, cfg, tokenizer)
-    plan: BatchPlan = plan_batches(cfg.train.micro_batch_size, cfg.train.seq_len, engine.dp_size,
-                                   cfg.train.global_batch_tokens, cfg.train.total_tokens, cfg.train.max_steps,
-                                   counts["total"], grad_accum=cfg.train.grad_accum)
+    plan: BatchPlan = plan_batches(
+        cfg.train.micro_batch_size,
+        cfg.train.seq_len,
+        engine.dp_size,
+        cfg.train.global_batch_tokens,
+        cfg.train.total_tokens,
+        cfg.train.max_steps,
+        counts["total"],
+        grad_accum=cfg.train.grad_accum,
+    )
     lr_scale = scaled_lr(1.0, plan.global_batch_sequences, cfg.optim.lr_sqrt_batch_scaling)  # every group, Muon's too
     optimizer = engine.build_optimizer(lambda m: build_optimizer(m, cfg.optim, lr_scale=lr_scale))
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, plan.tokens_per_step)
     scaler = precision.make_scaler()
     train_loader = build_loader(cfg, tokenizer, "train", engine.dp_rank, engine.dp_size)
     stability = cfg.stability
-    detector = DivergenceDetector(stability.divergence_threshold, stability.divergence_fast_alpha,
-                                  stability.divergence_slow_alpha, stability.divergence_warmup_steps)
+    detector = DivergenceDetector(
+        stability.divergence_threshold,
+        stability.divergence_fast_alpha,
+        stability.divergence_slow_alpha,
+        stability.divergence_warmup_steps,
+    )
     state = TrainState()
-    parts = {"model": ModelState(engine.model, sharded=engine.sharded),
-             "optimizer": OptimizerState(optimizer, engine.optimizer_state_dict), "scheduler": scheduler,
-             "loader": train_loader, "train": state, "detector": detector, "scaler": scaler}
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint, parts, run_config=cfg, dist=dist,
-                                tokenizer_json=tokenizer.backend.to_str() if tokenizer.backend is not None else None)
+    parts = {
+        "model": ModelState(engine.model, sharded=engine.sharded),
+        "optimizer": OptimizerState(optimizer, engine.optimizer_state_dict),
+        "scheduler": scheduler,
+        "loader": train_loader,
+        "train": state,
+        "detector": detector,
+        "scaler": scaler,
+    }
+    checkpointer = Checkpointer(
+        run_dir,
+        cfg.checkpoint,
+        parts,
+        run_config=cfg,
+        dist=dist,
+        tokenizer_json=tokenizer.backend.to_str() if tokenizer.backend is not None else None,
+    )
     cadence = build_cadence(cfg, plan, counts["total"])  # log / eval / checkpoint steps, for loop and monitor
 
     # ---- resume -------------------------------------------------------------------------------------------
@@ -164,8 +205,9 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     if dist.is_main:
         run.commit()  # set-up succeeded: only now replace a previous run's outputs (--overwrite)
     # built after resume: sinks rewind past events a killed run logged after its checkpoint (and reuse its W&B run)
-    sinks = build_sinks(cfg.log, run_dir, dist.rank, config=cfg.to_dict(),
-                        resume_step=state.step if resume_path is not None else None)
+    sinks = build_sinks(
+        cfg.log, run_dir, dist.rank, config=cfg.to_dict(), resume_step=state.step if resume_path is not None else None
+    )
     if dist.is_main:  # the heartbeat `tokenmill control list|status` reads
         sinks.sinks.append(StatusSink(run_dir, started_at, plan.total_steps))
     sinks.log(state.step, cfg.to_dict(), kind="config")  # the resolved config (vocab filled in)
@@ -187,8 +229,11 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     eval_problem = check_eval_split(cfg, tokenizer, engine.dp_rank, engine.dp_size)
     skip_eval = any_rank(eval_problem is not None, device)
     if skip_eval:
-        sinks.log(state.step, {"message": f"evaluation is skipped: {eval_problem or 'another rank has no eval data'}"},
-                  kind="warning")
+        sinks.log(
+            state.step,
+            {"message": f"evaluation is skipped: {eval_problem or 'another rank has no eval data'}"},
+            kind="warning",
+        )
 
     def evaluate_now() -> dict[str, float] | None:
         """Eval on every rank and log it; None when skipped or failed (a failure is logged as a warning)."""
@@ -201,8 +246,11 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         try:
             result = run_eval(engine, cfg, tokenizer)
         except Exception as err:  # an eval only observes the run: report it and go on
-            sinks.log(state.step, {"message": f"evaluation failed ({type(err).__name__}: {err}); training goes on"},
-                      kind="warning")
+            sinks.log(
+                state.step,
+                {"message": f"evaluation failed ({type(err).__name__}: {err}); training goes on"},
+                kind="warning",
+            )
             return None
         if result:
             state.best_eval_loss = min(state.best_eval_loss, result["loss"])
@@ -263,8 +311,14 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
 
             # log
             if cadence.is_log_step(state.step):
-                monitor.log_step(state.step, loss_value, grad_norm, scheduler.get_last_lr()[0],
-                                 state.tokens_seen, skipped=state.skipped_steps)
+                monitor.log_step(
+                    state.step,
+                    loss_value,
+                    grad_norm,
+                    scheduler.get_last_lr()[0],
+                    state.tokens_seen,
+                    skipped=state.skipped_steps,
+                )
 
             # eval
             evaluated: dict[str, float] | None = None
@@ -299,8 +353,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
                 try:
                     write_samples(engine.inference_model(), cfg, tokenizer, dist, sinks, state.step)  # gathers shards
                 except Exception as err:  # samples only illustrate the run: report and finish
-                    sinks.log(state.step, {"message": f"samples failed ({type(err).__name__}: {err})"},
-                              kind="warning")
+                    sinks.log(state.step, {"message": f"samples failed ({type(err).__name__}: {err})"}, kind="warning")
     except KeyboardInterrupt:
         status = "interrupted"  # a third Ctrl-C (after any save in progress completed)
         raise
@@ -310,9 +363,18 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     finally:
         control.close()
         checkpointer.close()
-        sinks.log(state.step, {"status": status, "steps": state.step, "tokens_seen": state.tokens_seen,
-                               "skipped_steps": state.skipped_steps, "final_loss": losses[-1] if losses else None,
-                               "eval": last_eval}, kind="summary")
+        sinks.log(
+            state.step,
+            {
+                "status": status,
+                "steps": state.step,
+                "tokens_seen": state.tokens_seen,
+                "skipped_steps": state.skipped_steps,
+                "final_loss": losses[-1] if losses else None,
+                "eval": last_eval,
+            },
+            kind="summary",
+        )
         monitor.close()
         sinks.close()
     return TrainResult(status, exit_code, state, losses, last_eval, run_dir)

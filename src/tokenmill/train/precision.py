@@ -40,4 +40,3 @@ class Precision:
     def make_scaler(self) -> torch.amp.GradScaler:
         """fp16 needs loss scaling to keep small gradients representable; other dtypes get a disabled scaler."""
         return torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
-

@@ -42,4 +42,3 @@ class DivergenceDetector:
 
     def describe(self) -> str:
         return f"fast loss EMA {self.fast:.4f} exceeds slow EMA {self.slow:.4f} by more than {self.threshold}"
-

@@ -32,10 +32,17 @@ def main() -> int:
     if curve["status"] != "completed":
         print(f"golden run ended {curve['status']}; not writing", file=sys.stderr)
         return 1
-    record = {"regenerate": COMMAND, **curve,
-              "recorded": {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                           "python": platform.python_version(), "machine": platform.machine(),
-                           "processor": platform.processor() or None}}
+    record = {
+        "regenerate": COMMAND,
+        **curve,
+        "recorded": {
+            "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "processor": platform.processor() or None,
+        },
+    }
     GOLDEN.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {GOLDEN}: loss {curve['losses'][0]:.4f} -> {curve['losses'][-1]:.4f}")
     return 0
