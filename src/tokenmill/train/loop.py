@@ -21,6 +21,7 @@ from tokenmill.checkpoint.parts import ModelState, OptimizerState
 from tokenmill.checkpoint.values import capture_rng, restore_rng
 from tokenmill.config import Config
 from tokenmill.data.loader import build_loader
+from tokenmill.data.quality import loader_problem_lines
 from tokenmill.data.tokenizer import Tokenizer, build_tokenizer, check_vocab
 from tokenmill.errors import UserError
 from tokenmill.jobs.actions import Action
@@ -363,6 +364,13 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
     finally:
         control.close()
         checkpointer.close()
+        # documents that lost text (null/non-string fields, undecodable bytes) are counted by the loader, not fatal
+        try:
+            problems = loader_problem_lines(train_loader.stats())
+        except Exception as err:  # tear-down must not replace the run's own outcome
+            problems = [f"data quality counts unavailable ({type(err).__name__}: {err})"]
+        for line in problems:
+            sinks.log(state.step, {"message": line.removeprefix("warning: ").removeprefix("note: ")}, kind="warning")
         sinks.log(
             state.step,
             {
