@@ -227,7 +227,9 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}={value!r} is not allowed: expected a number (e.g. 3e-4)")
     if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads off/no/false (on/yes/true) as booleans: `train.fp8=off`
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{key}={value!r} is not allowed: expected a string")
     raise TypeError(f"unsupported config type {hint!r} for {key}")

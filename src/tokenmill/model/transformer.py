@@ -28,6 +28,8 @@ from tokenmill.model.norms import RMSNorm, build_norm
 from tokenmill.model.position import POSITIONS, RotaryEmbedding, position_ids
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
+# (h (N, d), head weight (V, d), targets (N,), ignore_index, reduction) -> loss: a fused head + cross-entropy
+HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, str], torch.Tensor]
 
 
 def _pre_norm_step(x: torch.Tensor, f: Sublayer, norm: nn.Module, alpha: float) -> torch.Tensor:
@@ -244,6 +246,7 @@ class Transformer(nn.Module):
         chunk_size: int = 0,
         reduction: str = "mean",
         targets: torch.Tensor | None = None,
+        head_loss: HeadLoss | None = None,
     ) -> torch.Tensor:
         """Next-token cross-entropy of a (B, T+1) window: inputs window[:, :-1], targets window[:, 1:].
 
@@ -251,7 +254,8 @@ class Transformer(nn.Module):
         reduction "mean" averages over targets != ignore_index; "sum" returns the summed token loss (the
         trainer divides by the global token count under gradient accumulation). chunk_size > 0 runs head +
         cross-entropy over chunks of chunk_size tokens, recomputing each chunk's logits in backward, so full
-        (B, T, V) fp32 logits never exist; values and gradients equal the plain path.
+        (B, T, V) fp32 logits never exist; values and gradients equal the plain path. `head_loss(h, weight,
+        targets, ignore_index, reduction)` replaces both with a fused head + loss kernel (tokenmill.levers.fused_loss).
         """
         if reduction not in ("mean", "sum"):
             raise UserError(f"loss reduction={reduction!r} is not allowed: choose mean or sum")
@@ -259,6 +263,8 @@ class Transformer(nn.Module):
         h = self.hidden(inputs, None if doc_ids is None else doc_ids[:, :-1])
         weight = self.output_weight()
         flat_h, flat_t = h.flatten(0, 1), targets.flatten()  # (B*T, d), (B*T,)
+        if head_loss is not None:
+            return head_loss(flat_h, weight, flat_t, ignore_index, reduction)
         if chunk_size <= 0:
             return F.cross_entropy(
                 F.linear(flat_h, weight).float(), flat_t, ignore_index=ignore_index, reduction=reduction

@@ -6,6 +6,9 @@ same as torchtitan's TP -> AC -> compile -> FSDP with TP absent and the pipeline
 `pipeline_llm` splits first, then parallelises each stage):
 
   1. pipeline split  - cut `model.blocks` into this rank's stage modules (parallel.pp > 1);
+     then FP8 (train.fp8) - swap the blocks' linear layers for torchao's Float8Linear, before AC, compile and
+     FSDP2 as torchtitan converts them; with tensorwise under FSDP2 the weights are all-gathered in FP8 and
+     their scales recomputed after each optimizer step (a step post-hook on the optimizer);
   2. activation checkpointing - wrap blocks, so the recomputed region is exactly one block;
   3. torch.compile per block (single, fsdp, pipeline) - in place (`Module.compile`), so the state-dict keys
      carry no `_orig_mod.`; compiled before FSDP so FSDP's hooks stay outside the graphs and each block's
@@ -21,13 +24,15 @@ The micro-step function is chosen once, when the engine is built (torchtitan's t
   - `_ddp_step`: DDP / ZeRO-1 synchronise only what runs through DDP's `forward`, so the loss runs inside a small
     `LossForward` module;
   - `_pipeline_step`: the schedule drives the stages; the last stage computes the summed cross-entropy.
-The loss itself is the `loss_fn` slot (tokenmill.levers.loss): plain or chunked, later fused kernels or a policy
-loss. Every micro-step divides its summed loss by the optimizer step's global count of valid targets
-(`loss_denominator`), so masked tokens weigh nothing and DDP/FSDP's gradient average is the per-token mean.
+The loss itself is the `loss_fn` slot: by default what `train.loss_impl` selects (tokenmill.levers.fused_loss: plain,
+chunked or a fused head + cross-entropy kernel), or a policy loss. Every micro-step divides its summed loss by the
+optimizer step's global count of valid targets (`loss_denominator`), so masked tokens weigh nothing and DDP/FSDP's
+gradient average is the per-token mean.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +40,10 @@ import torch
 from torch import nn
 
 from tokenmill.errors import UserError
+from tokenmill.levers import fp8
 from tokenmill.levers.activation_checkpointing import apply_activation_checkpointing
-from tokenmill.levers.loss import IGNORE_INDEX, Batch, LossFn, build_loss_fn, count_valid_targets
+from tokenmill.levers.fused_loss import select_loss_fn
+from tokenmill.levers.loss import IGNORE_INDEX, Batch, LossFn, count_valid_targets
 from tokenmill.parallel.data_parallel import (
     allreduce_grads,
     apply_ddp,
@@ -138,7 +145,7 @@ class Engine:
     Public attributes: `model` (the plain model - or, under pipeline parallelism, this rank's local view -
     that eval, monitors, the optimizer and checkpoints use), `dp_rank` / `dp_size` (what the data loader and
     batch plan use), `sharded` (checkpoint with DCP), `pipeline` (PipelineParts or None), `loss_fn`.
-    `loss_fn` defaults to the loss `train.loss_chunk_size` selects; pipeline stages always end in the plain
+    `loss_fn` defaults to the loss `train.loss_impl` selects; pipeline stages always end in the plain
     summed cross-entropy of their logits, so a custom one needs parallel.pp=1.
     """
 
@@ -157,7 +164,11 @@ class Engine:
                 "a custom loss function needs parallel.pp=1: pipeline stages end in the plain "
                 "cross-entropy of their logits"
             )
-        self.loss_fn: LossFn = loss_fn or build_loss_fn(cfg.train.loss_chunk_size)
+        for warning in fp8.check_fp8(cfg.train.fp8, dist.device, cfg.train.compile):
+            warnings.warn(warning, stacklevel=2)
+        self.loss_fn: LossFn = loss_fn or select_loss_fn(
+            cfg.train.loss_impl, dist.device, cfg.train.loss_chunk_size, pcfg.pp
+        )
         self.strategy = pcfg.strategy if dist.distributed else "single"
         self.mesh = build_mesh(dist, pcfg.pp)
         self.pp = pcfg.pp
@@ -232,6 +243,9 @@ class Engine:
             self.pipeline = split_model(model, self.pp, self.pp_rank, cfg.parallel.pp_schedule)
             self.pipeline.n_microbatches = n_micro
             modules = list(self.pipeline.stages)
+        # 1b. FP8 linear layers
+        for m in modules:
+            fp8.apply_fp8(m, tcfg.fp8, fsdp_all_gather=self.strategy == "fsdp")
         # 2. activation checkpointing
         for m in modules:
             apply_activation_checkpointing(m, tcfg.activation_checkpointing, tcfg.ac_every)
@@ -275,6 +289,8 @@ class Engine:
         optimizer = build(self.model)
         if self.strategy == "zero1" and self.dp_size > 1:
             optimizer = apply_zero1(optimizer, self.dist, process_group=self._dp_group)
+        if self.cfg.train.fp8 != "off" and fp8.uses_fp8_all_gather(self.model):
+            optimizer.register_step_post_hook(lambda *_: fp8.precompute_fp8_scales(self.model))
         return optimizer
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
@@ -398,10 +414,17 @@ class Engine:
         """A plain, whole model for generation on rank 0 (None on other ranks); a collective when sharded.
 
         FSDP shards and pipeline stages cannot run on one rank alone, so their full weights are gathered
-        to rank 0 and loaded into a fresh model there (host memory for one copy of the weights).
+        to rank 0 and loaded into a fresh model there (host memory for one copy of the weights). An FP8 model
+        is copied into a plain one too: generation's one-row matmuls do not fit FP8 GEMMs.
         """
         if not self.sharded:
-            return self.model
+            if self.cfg.train.fp8 == "off":
+                return self.model
+            from tokenmill.model import build_model
+
+            model = build_model(self.cfg.model, device=self.dist.device)
+            model.load_state_dict(self.model.state_dict())
+            return model
         import torch.distributed as tdist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -16,6 +16,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("skip", "stop")
 ACTIVATION_CHECKPOINTING = ("none", "all", "every_k")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# The keys of tokenmill.levers.fp8.FP8_RECIPES (plus "off") and tokenmill.levers.fused_loss.LOSS_IMPLS (plus
+# "auto"), the names validation accepts (tests/levers keeps them equal).
+FP8_MODE_NAMES = ("off", "tensorwise", "rowwise")
+LOSS_IMPL_NAMES = ("auto", "torch", "chunked", "liger", "cce")
 
 
 @dataclass
@@ -37,6 +41,15 @@ class TrainConfig:
     ac_every: int = opt(2, "with activation_checkpointing=every_k: checkpoint every k-th block")
     document_masking: bool = opt(False, "attention stays within each packed document (block-diagonal causal mask)")
     loss_chunk_size: int = opt(0, "tokens per chunk of the output-head + loss; 0 = one pass")
+    loss_impl: str = opt(
+        "auto",
+        "output head + cross-entropy: torch (one pass), chunked (loss_chunk_size), liger or cce (fused GPU "
+        "kernels, never full logits), auto (best available here)",
+    )
+    fp8: str = opt(
+        "off",
+        "FP8 matmuls in the blocks' linear layers (torchao float8, GPU with SM >= 8.9): off, tensorwise or rowwise",
+    )
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
     step_cadence: float = opt(1.0, "multiply every log/eval/checkpoint interval (steps or tokens) by this")
     out_dir: str = opt("runs/demo", "run folder: checkpoints, logs, tokenizer cache")
@@ -67,6 +80,15 @@ class TrainConfig:
         )
         require_choice("train.precision", self.precision, PRECISIONS)
         require_choice("train.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+        require_choice("train.loss_impl", self.loss_impl, LOSS_IMPL_NAMES)
+        require_choice("train.fp8", self.fp8, FP8_MODE_NAMES)
+        require(
+            not (self.loss_impl == "torch" and self.loss_chunk_size > 0),
+            "train.loss_chunk_size",
+            self.loss_chunk_size,
+            "chunks only the chunked loss: set train.loss_impl=chunked (or auto), or train.loss_chunk_size=0 for "
+            "loss_impl=torch",
+        )
         require(
             bool(self.out_dir.strip()),
             "train.out_dir",

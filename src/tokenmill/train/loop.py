@@ -27,6 +27,8 @@ from tokenmill.errors import UserError
 from tokenmill.jobs.actions import Action
 from tokenmill.jobs.control import JobControl
 from tokenmill.jobs.status import StatusSink
+from tokenmill.levers import fp8
+from tokenmill.levers.fused_loss import check_loss_impl
 from tokenmill.metrics.banner import build_banner
 from tokenmill.metrics.monitor import StepMonitor
 from tokenmill.metrics.sinks import build_sinks, get_console
@@ -130,6 +132,8 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         n_params=1,
         grad_accum=cfg.train.grad_accum,
     )
+    fp8.check_fp8(cfg.train.fp8, dist.device)  # levers this machine cannot run fail before a tokenizer is trained
+    check_loss_impl(cfg.train.loss_impl, dist.device, cfg.parallel.pp)
     run = prepare_run_dir(run_dir, resume, overwrite, is_main=dist.is_main)  # checks; changes files at commit()
     resume_path = run.resume_from
     get_console()  # imports rich, whose import draws from Python's RNG (rich.style): do it before seeding
