@@ -137,6 +137,7 @@ def build_banner(
             "pipeline_stages": cfg.parallel.pp,
             "compile": cfg.train.compile,
             "activation_checkpointing": cfg.train.activation_checkpointing,
+            "fp8": fp8_line(cfg.train.fp8),
         },
         "theoretical": {
             "peak_tflops": peak_tflops,
@@ -155,6 +156,15 @@ def build_banner(
             checkpoint_every_steps=cadence.checkpoint_every,
         )
     return Banner(info)
+
+
+def fp8_line(mode: str) -> str:
+    """`train.fp8` with the benefit to expect, as published (tokenmill has not measured it)."""
+    if mode == "off":
+        return "off"
+    from tokenmill.levers.fp8 import EXPECTED_BENEFIT
+
+    return f"{mode}: {EXPECTED_BENEFIT[mode]}"
 
 
 def _fmt(key: str, value: Any) -> str:

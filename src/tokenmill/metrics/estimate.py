@@ -2,6 +2,10 @@
 device), FLOPs per token, a per-GPU memory plan, the largest micro-batch that fits a named GPU and the
 time to the token budget at 40% and 50% MFU. Formulas and their sources live in
 `tokenmill.metrics.flops` (FLOPs, GPU peaks) and `tokenmill.metrics.memory` (bytes).
+
+The loss's memory depends on `train.loss_impl`: the plan uses the configured implementation, and for `auto` the
+portable one (chunked when train.loss_chunk_size > 0, else torch), so the plan does not depend on which kernel
+packages this machine has; `loss.by_impl` lists every implementation's loss memory at the planned micro-batch.
 """
 
 from __future__ import annotations
@@ -50,8 +54,19 @@ def resolve_vocab(cfg: Any) -> tuple[Any, str]:
     return dataclasses.replace(model, vocab_size=vocab), note
 
 
+def planned_loss_impl(cfg: Any) -> tuple[str, int]:
+    """(loss implementation, chunk size) the memory plan assumes: `auto` is planned as its portable choice."""
+    from tokenmill.levers.fused_loss import DEFAULT_CHUNK_TOKENS
+
+    chunk, impl = cfg.train.loss_chunk_size, cfg.train.loss_impl
+    if impl == "auto":
+        impl = "chunked" if chunk > 0 else "torch"
+    return impl, (chunk or DEFAULT_CHUNK_TOKENS) if impl == "chunked" else chunk
+
+
 def estimate(cfg: Any, gpu: flops.GPUSpec, micro_batch: int | None = None, n_gpus: int = 1) -> dict[str, Any]:
     """Everything `tokenmill estimate` prints, as plain numbers (bytes, FLOPs, seconds)."""
+    from tokenmill.levers.fused_loss import DEFAULT_CHUNK_TOKENS, LOSS_IMPLS
     from tokenmill.model import param_counts  # builds the real model on the meta device: exact counts
 
     if micro_batch is not None and micro_batch < 1:
@@ -74,12 +89,13 @@ def estimate(cfg: Any, gpu: flops.GPUSpec, micro_batch: int | None = None, n_gpu
         notes.append(f"optim.name={cfg.optim.name}: the optimizer state is planned as AdamW (2 fp32 states)")
     if model.attention == "sdpa":
         notes.append("attention memory assumes SDPA's flash/memory-efficient kernels (GPU); no score matrix")
+    loss_impl, chunk = planned_loss_impl(cfg)
     plan: dict[str, Any] = {}
     fit: dict[str, Any] = {}
     for mode_name, mode in memory.MODES.items():
         static = memory.static_bytes(total, mode)
         acts = {
-            label: memory.activation_bytes(model, mode, batch, seq_len, ac, cfg.train.loss_chunk_size)
+            label: memory.activation_bytes(model, mode, batch, seq_len, ac, chunk, loss_impl)
             for label, ac in (("none", False), ("all", True))
         }
         plan[mode_name] = {
@@ -89,15 +105,30 @@ def estimate(cfg: Any, gpu: flops.GPUSpec, micro_batch: int | None = None, n_gpu
             "peak_total": {k: static["total"] + a["total"] for k, a in acts.items()},
         }
         fit[mode_name] = {
-            label: memory.max_micro_batch(model, mode, total, seq_len, gpu.memory_gib, ac, cfg.train.loss_chunk_size)
+            label: memory.max_micro_batch(model, mode, total, seq_len, gpu.memory_gib, ac, chunk, loss_impl=loss_impl)
             for label, ac in (("none", False), ("all", True))
         }
 
+    bf16 = memory.MODES["bf16-mixed"]
+    loss_impls = {}
+    for name in LOSS_IMPLS:
+        loss_parts = memory.loss_bytes(model, bf16, batch * seq_len, name, chunk or DEFAULT_CHUNK_TOKENS)
+        loss_impls[name] = {**loss_parts, "total": loss_parts["logits"] + loss_parts["loss_backward"]}
+    notes.append(
+        f"loss memory (logits + loss gradients, bf16-mixed, micro-batch {batch}) by train.loss_impl: "
+        + ", ".join(f"{name} {v['total'] / memory.GIB:.2f} GiB" for name, v in loss_impls.items())
+        + f"; planned: {loss_impl} (train.loss_impl={cfg.train.loss_impl}"
+        + (
+            "; on a GPU with cut-cross-entropy or liger-kernel installed auto takes that kernel)"
+            if cfg.train.loss_impl == "auto"
+            else ")"
+        )
+    )
     acts = plan["bf16-mixed"]["activations"]["none"]
-    if cfg.train.loss_chunk_size == 0 and acts["logits"] + acts["loss_backward"] > 0.25 * acts["total"]:
+    if loss_impl == "torch" and acts["logits"] + acts["loss_backward"] > 0.25 * acts["total"]:
         notes.append(
             "the fp32 logits and their gradients are over a quarter of the activations: "
-            "train.loss_chunk_size=4096 computes the loss in chunks and removes most of them"
+            "train.loss_impl=chunked (or cce / liger on a GPU) removes most of them"
         )
     if cfg.train.total_tokens:
         budget, budget_source = cfg.train.total_tokens, "train.total_tokens"
@@ -139,6 +170,7 @@ def estimate(cfg: Any, gpu: flops.GPUSpec, micro_batch: int | None = None, n_gpu
             f"{memory.SAFETY_FRACTION:.0%} of the rest kept free",
         },
         "max_micro_batch": fit,
+        "loss": {"impl": loss_impl, "chunk_size": chunk, "by_impl": loss_impls},
         "budget": {
             "tokens": budget,
             "source": budget_source,

@@ -24,10 +24,16 @@ fp32 under autocast; d = d_model, q = n_heads x d_head, kv = n_kv_heads x d_head
 With A = R = 2, MHA, mlp 4d, layernorm and no autocast casts this is Korthikanti's 34 h (32 h + 2 h of
 dropout masks) plus stats; their 5 a s score term applies to `eager` only.
 
-Outside the blocks: final norm(1), the int64 token ids (16 bytes per token) and the loss: fp32
-log-probs, 4 V bytes per token, are saved for backward (the logits term B S V 4); at the start of
-backward the gradients of the log-probs and of the logits (2 x 4 V more) coexist with them. With
-`train.loss_chunk_size` these terms cover one chunk only (the model recomputes each chunk's logits).
+Outside the blocks: final norm(1), the int64 token ids (16 bytes per token) and the loss, by
+`train.loss_impl` (`loss_bytes`; N tokens, vocab V):
+  torch    fp32 log-probs, 4 N V, saved for backward (the logits term B S V 4); at the start of backward
+           the gradients of the log-probs and of the logits (2 x 4 N V more) coexist with them;
+  chunked  the same for one chunk of `train.loss_chunk_size` tokens (each chunk's logits are recomputed);
+  liger    (Liger-Kernel, arXiv:2410.10989) computes the gradients of h and W during forward, chunk by chunk:
+           they stay until backward (A N d + 4 V d, the weight gradient accumulated in fp32) and one chunk of
+           logits, sized by the kernel to about N d elements (chunk = next_pow2(N / ceil(V / d))), is live;
+  cce      (cut cross-entropy, arXiv:2411.09009) saves only the fp32 log-sum-exp (4 N); its blockwise
+           recomputation in backward lives in on-chip memory.
 Under autocast, matmuls also save bf16 copies of their weights (2 bytes per matmul weight; autocast
 caches one cast per weight per forward). Activation checkpointing of every block keeps only each
 block's input (R d) plus one block recomputed at a time (Korthikanti's full recomputation).
@@ -117,6 +123,27 @@ def block_bytes_per_token(cfg: ModelConfig, mode: MemoryMode, seq_len: int) -> i
     return attn + ffn + masks
 
 
+def loss_bytes(
+    cfg: ModelConfig, mode: MemoryMode, tokens: int, loss_impl: str = "torch", loss_chunk_size: int = 0
+) -> dict[str, int]:
+    """Bytes the output head + loss keep at the start of backward for `tokens` tokens (module docstring).
+
+    "logits": what forward saves or keeps live for the loss; "loss_backward": gradients that exist before
+    the backward of the blocks begins. `loss_chunk_size` is the chunk of loss_impl=chunked.
+    """
+    v, d = cfg.vocab_size, cfg.d_model
+    if loss_impl in ("torch", "chunked"):
+        n = min(loss_chunk_size, tokens) if loss_impl == "chunked" and loss_chunk_size > 0 else tokens
+        return {"logits": n * v * 4, "loss_backward": n * v * 4 * 2}
+    if loss_impl == "liger":
+        chunks = -(-v // d)  # Liger's inc_factor: ceil(V / d)
+        chunk = min(1 << max(0, (-(-tokens // chunks) - 1).bit_length()), tokens)  # next power of two, at most N
+        return {"logits": chunk * v * mode.activation, "loss_backward": tokens * d * mode.activation + v * d * 4}
+    if loss_impl == "cce":
+        return {"logits": tokens * 4, "loss_backward": 0}
+    raise ValueError(f"unknown loss implementation {loss_impl!r}")
+
+
 def activation_bytes(
     cfg: ModelConfig,
     mode: MemoryMode,
@@ -124,8 +151,12 @@ def activation_bytes(
     seq_len: int,
     checkpointing: bool = False,
     loss_chunk_size: int = 0,
+    loss_impl: str | None = None,
 ) -> dict[str, int]:
-    """Activation memory at the peak (start of backward) for one micro-batch of `micro_batch` sequences."""
+    """Activation memory at the peak (start of backward) for one micro-batch of `micro_batch` sequences.
+
+    `loss_impl` None means the model's own loss: chunked when `loss_chunk_size` > 0, else torch.
+    """
     tokens = micro_batch * seq_len
     per_block = block_bytes_per_token(cfg, mode, seq_len)
     n = matmul_params(cfg)
@@ -136,13 +167,13 @@ def activation_bytes(
     else:
         blocks = tokens * cfg.n_layers * per_block
         copies = mode.weight_copy * (n["attention"] + n["ffn"] + n["head"])
-    loss_tokens = min(loss_chunk_size, tokens) if loss_chunk_size > 0 else tokens
+    if loss_impl is None:
+        loss_impl = "chunked" if loss_chunk_size > 0 else "torch"
     out = {
         "blocks": blocks,
         "final_norm": tokens * norm_bytes_per_token(cfg, mode, 1),
         "token_ids": tokens * 16,  # int64 inputs (embedding backward) and targets (cross-entropy backward)
-        "logits": loss_tokens * cfg.vocab_size * 4,  # fp32 log-probs saved by cross-entropy
-        "loss_backward": loss_tokens * cfg.vocab_size * 4 * 2,  # their gradient + the logits' gradient
+        **loss_bytes(cfg, mode, tokens, loss_impl, loss_chunk_size),
         "weight_copies": copies,
     }
     out["total"] = sum(out.values())
@@ -163,12 +194,13 @@ def max_micro_batch(
     checkpointing: bool = False,
     loss_chunk_size: int = 0,
     limit: int = 1 << 16,
+    loss_impl: str | None = None,
 ) -> int:
     """Largest micro-batch (sequences) whose static + activation bytes fit `usable_bytes`; 0 if none."""
     budget = usable_bytes(memory_gib) - static_bytes(n_params, mode)["total"]
 
     def fits(b: int) -> bool:
-        return activation_bytes(cfg, mode, b, seq_len, checkpointing, loss_chunk_size)["total"] <= budget
+        return activation_bytes(cfg, mode, b, seq_len, checkpointing, loss_chunk_size, loss_impl)["total"] <= budget
 
     if not fits(1):
         return 0
