@@ -90,8 +90,7 @@ def run_eval(engine: Engine, cfg: Config, tokenizer: Tokenizer) -> dict[str, flo
     """Evaluate on the held-out split (a fresh loader each time: every eval sees the same batches)."""
     from tokenmill.data.loader import build_loader
 
-    whole = cfg.eval.max_batches == 0  # one pass over the eval set: the loader must end
-    loader = build_loader(cfg, tokenizer, "eval", engine.dp_rank, engine.dp_size, epochs=1 if whole else None)
+    loader = build_loader(cfg, tokenizer, "eval", engine.dp_rank, engine.dp_size)  # finite: max_batches=0 ends
     started = time.perf_counter()
     try:
         result = evaluate(
