@@ -41,8 +41,10 @@ class LayerKV:
         in place on the cache; a scatter_ into a graph input is functionalised and the whole buffer copied back
         every step, which made the compiled decode step slower than eager.
         """
-        self.keys[self.rows, :, self.positions] = k.transpose(1, 2).to(self.keys.dtype)
-        self.values[self.rows, :, self.positions] = v.transpose(1, 2).to(self.values.dtype)
+        if k.dtype != self.keys.dtype:  # index_put needs equal dtypes (bf16 autocast over an fp32 cache)
+            k, v = k.to(self.keys.dtype), v.to(self.values.dtype)
+        self.keys[self.rows, :, self.positions] = k.transpose(1, 2)
+        self.values[self.rows, :, self.positions] = v.transpose(1, 2)
         return self.keys, self.values
 
 
