@@ -1,6 +1,6 @@
 """Decode speed of the generation engine: KV cache vs full recompute vs transformers' `generate`. Prints a table.
 
-    OMP_NUM_THREADS=1 python benchmarks/decode.py [--models tiny,gpt2-124m] [--batches 1,8] [--new-tokens 256]
+    OMP_NUM_THREADS=1 python benchmarks/decode.py [--models tiny,gpt2-124m] [--batches 1,8] [--rounds 3]
 
 For each preset (random init, fp32, CPU) and batch size, every method generates `--new-tokens` tokens per row
 greedily after a `--prompt-tokens` prompt (random ids, the same for every method):
@@ -12,9 +12,10 @@ greedily after a `--prompt-tokens` prompt (random ids, the same for every method
   `--recompute-points` evenly spaced lengths and integrated (trapezoid rule) over all steps;
 - transformers: `generate(do_sample=False, min_new_tokens=N)` on the same weights (`tokenmill.interop.hf.to_hf`).
 EOS is disabled for every method (random weights emit it at random), so each row produces exactly N tokens.
-Tokens/s = rows x new tokens / seconds (prefill included, best of `--repeats`), where seconds are the
-process's CPU time: with one torch thread that is the work done, unaffected by other jobs on a shared machine
-(wall time there measures the neighbours).
+Tokens/s = rows x new tokens / seconds (prefill included), where seconds are the process's CPU time: with one
+torch thread that is the work done, less affected by other jobs on a shared machine (wall time there measures
+the neighbours). kv cache, transformers and kv compiled run back to back in each of `--rounds` rounds; the
+table shows the median round, and kv / transformers is the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import contextlib
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,25 +69,49 @@ def clock() -> float:
     return time.process_time()
 
 
-def best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return min(times)
+def cpu_seconds(fn: Callable[[], object]) -> float:
+    start = clock()
+    fn()
+    return clock() - start
 
 
-def time_kv_cache(model, prompts: torch.Tensor, new: int, repeats: int, compile_: bool = False) -> float:
+def kv_cache_runner(model, prompts: torch.Tensor, new: int, compile_: bool = False) -> Callable[[], object]:
+    """A warmed-up call generating `new` tokens per prompt with the engine (compiling first if asked)."""
     from tokenmill.generation import Generator, SamplingParams
 
     gen = Generator(model, NoEosTokenizer(model.cfg.vocab_size), max_batch_size=prompts.shape[0], compile=compile_)
     params = SamplingParams(max_new_tokens=new, temperature=0)
     ids = prompts.tolist()
-    warm = gen.generate(ids, params)  # warm-up (allocates the cache)
+    warm = gen.generate(ids, params)  # warm-up: allocates the cache (and compiles)
     if any(len(c.token_ids) != new for c in warm):
         raise SystemExit(f"the engine stopped early: {[len(c.token_ids) for c in warm]} tokens, wanted {new}")
-    return best_of(repeats, lambda: gen.generate(ids, params))
+    return lambda: gen.generate(ids, params)
+
+
+def transformers_runner(model, prompts: torch.Tensor, new: int) -> Callable[[], object]:
+    """A warmed-up call of transformers' greedy `generate` on the same weights, exactly `new` tokens."""
+    from tokenmill.interop.hf import to_hf
+
+    hf = to_hf(model)
+    kwargs = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new, "pad_token_id": 0, "eos_token_id": None}
+
+    @torch.inference_mode()
+    def run() -> torch.Tensor:
+        return hf.generate(prompts, **kwargs)
+
+    if run().shape[1] != prompts.shape[1] + new:  # warm-up
+        raise SystemExit("transformers stopped early")
+    return run
+
+
+def paired_rounds(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """CPU seconds of each runner in `rounds` rounds; within a round the runners go back to back, so a ratio
+    of two runners' times in one round compares them under the same machine load."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            times[name].append(cpu_seconds(run))
+    return times
 
 
 @torch.inference_mode()
@@ -108,17 +135,6 @@ def time_recompute(model, prompts: torch.Tensor, new: int, points: int) -> float
     return total + (step[0] + step[-1]) / 2  # the trapezoid covers new-1 intervals; add one step
 
 
-@torch.inference_mode()
-def time_transformers(model, prompts: torch.Tensor, new: int, repeats: int) -> float:
-    from tokenmill.interop.hf import to_hf
-
-    hf = to_hf(model)
-    kwargs = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new, "pad_token_id": 0, "eos_token_id": None}
-    if hf.generate(prompts, **kwargs).shape[1] != prompts.shape[1] + new:  # warm-up
-        raise SystemExit("transformers stopped early")
-    return best_of(repeats, lambda: hf.generate(prompts, **kwargs))
-
-
 def git_commit() -> str:
     try:
         return subprocess.run(
@@ -138,7 +154,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="paired rounds (kv, transformers, compiled)")
     parser.add_argument("--recompute-points", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-recompute", action="store_true")
@@ -170,20 +186,24 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             prompts = torch.randint(0, 256, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
             tokens = batch * args.new_tokens
-            kv = tokens / time_kv_cache(model, prompts, args.new_tokens, args.repeats)
-            compiled = (
-                "-"
-                if args.no_compile
-                else f"{tokens / time_kv_cache(model, prompts, args.new_tokens, args.repeats, compile_=True):.1f}"
-            )
-            hf = tokens / time_transformers(model, prompts, args.new_tokens, args.repeats)
+            runners = {
+                "kv": kv_cache_runner(model, prompts, args.new_tokens),
+                "hf": transformers_runner(model, prompts, args.new_tokens),
+            }
+            if not args.no_compile:
+                runners["compiled"] = kv_cache_runner(model, prompts, args.new_tokens, compile_=True)
+            times = paired_rounds(runners, args.rounds)
+            rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+            kv_vs_hf = statistics.median(h / k for k, h in zip(times["kv"], times["hf"], strict=True))
+            compiled = f"{rate['compiled']:.1f}" if "compiled" in rate else "-"
             if args.skip_recompute:
                 full, ratio = "-", "-"
             else:
                 full_rate = tokens / time_recompute(model, prompts, args.new_tokens, args.recompute_points)
-                full, ratio = f"{full_rate:.1f}", f"{kv / full_rate:.1f}x"
+                full, ratio = f"{full_rate:.1f}", f"{rate['kv'] / full_rate:.1f}x"
             print(
-                f"| {preset} | {batch} | {kv:.1f} | {compiled} | {full} | {hf:.1f} | {ratio} | {kv / hf:.2f}x |",
+                f"| {preset} | {batch} | {rate['kv']:.1f} | {compiled} | {full} | {rate['hf']:.1f} | {ratio} | "
+                f"{kv_vs_hf:.2f}x |",
                 flush=True,
             )
 

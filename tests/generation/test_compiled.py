@@ -8,6 +8,7 @@ import pytest
 import torch
 from gen_helpers import BYTE, tiny_model
 
+from tokenmill.errors import UserError
 from tokenmill.generation import Generator, SamplingParams
 
 
@@ -30,3 +31,8 @@ def test_compiled_decode_never_recompiles_and_matches_eager(device):
     assert [c.token_ids for c in mixed] == [
         c.token_ids for c in eager.generate(["q", "rs"], SamplingParams(max_new_tokens=33, temperature=0.9, seed=1))
     ]
+
+
+def test_compiled_flex_on_cpu_is_refused_in_one_line():
+    with pytest.raises(UserError, match="compile=True with model.attention=flex only runs on CUDA"):
+        Generator(tiny_model(attention="flex"), BYTE, compile=True)

@@ -113,3 +113,13 @@ def test_a_cached_forward_needs_positions():
     cache = KVCache.allocate(model.cfg, 1, 8, "cpu", torch.float32)
     with pytest.raises(UserError, match="positions"):
         model(tokens(4, B=1), cache=cache)
+
+
+def test_bf16_autocast_writes_into_an_fp32_cache():
+    model = tiny_model(max_seq_len=32)
+    idx = tokens(12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = cached_logits(model, idx, 5)
+    with torch.no_grad():
+        full = model(idx)[:, 4:]
+    torch.testing.assert_close(cached.float(), full, atol=5e-2, rtol=5e-2)

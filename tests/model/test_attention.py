@@ -294,9 +294,9 @@ def test_attend_cached_matches_the_reference(attention, n_kv_heads, T):
     q, k_new, v_new, positions, keys, values = _cached_case(Hkv=n_kv_heads, T=T)
     expected, expected_keys, expected_values = _reference_cached(q, k_new, v_new, positions, keys, values)
     backend = ATTENTION[attention]()
-    slots = positions[:, None, :, None].expand(-1, n_kv_heads, -1, q.shape[-1])
+    rows = torch.arange(q.shape[0])[:, None]
     out = backend.attend_cached(
-        q, k_new, v_new, LayerKV(keys, values, slots), backend.prepare_cached(positions, keys.shape[2])
+        q, k_new, v_new, LayerKV(keys, values, rows, positions), backend.prepare_cached(positions, keys.shape[2])
     )
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
@@ -338,7 +338,7 @@ def test_flash_attn_cached_decode_agrees_with_sdpa(n_kv_heads, T):
     out = {}
     for name in ("sdpa", "flash_attn"):
         backend = ATTENTION[name]()
-        kv = LayerKV(keys.clone(), values.clone(), positions[:, None, :, None].expand(-1, n_kv_heads, -1, 64))
+        kv = LayerKV(keys.clone(), values.clone(), torch.arange(q.shape[0], device="cuda")[:, None], positions)
         out[name] = (
             backend.attend_cached(q, k_new, v_new, kv, backend.prepare_cached(positions, keys.shape[2])),
             kv.keys,

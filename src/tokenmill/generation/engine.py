@@ -207,6 +207,12 @@ class Generator:
         self._worker: threading.Thread | None = None
         self._closing = False
         self._compiled: Any = None
+        if compile and self.cfg.attention == "flex" and self.device.type != "cuda":
+            # Inductor's C++ code generation fails on FlexAttention's cached mask (torch 2.13, CPU)
+            raise UserError(
+                "compile=True with model.attention=flex only runs on CUDA: on CPU use compile=False "
+                "or model.attention=sdpa"
+            )
         if compile:
             self._cache = KVCache.allocate(self.cfg, max_batch_size, self.cfg.max_seq_len, self.device, self.dtype)
             on_gpu = self.device.type == "cuda"

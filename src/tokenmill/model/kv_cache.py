@@ -31,12 +31,20 @@ class LayerKV:
 
     keys: torch.Tensor
     values: torch.Tensor
-    slots: torch.Tensor  # (B, H_kv, T, hd) int64: the slot of each new key/value element (= its position)
+    rows: torch.Tensor  # (B, 1) row index of each new token
+    positions: torch.Tensor  # (B, T) position (= slot) of each new token
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new (B, H_kv, T, hd) keys/values at their positions; return the whole (B, H_kv, span, hd)."""
-        self.keys.scatter_(2, self.slots, k.to(self.keys.dtype))
-        self.values.scatter_(2, self.slots, v.to(self.values.dtype))
+        """Write the new (B, H_kv, T, hd) keys/values at their positions; return the whole (B, H_kv, span, hd).
+
+        One index_put per tensor (indexed dims go first: the value is (B, T, H_kv, hd)). Inductor does index_put
+        in place on the cache; a scatter_ into a graph input is functionalised and the whole buffer copied back
+        every step, which made the compiled decode step slower than eager.
+        """
+        if k.dtype != self.keys.dtype:  # index_put needs equal dtypes (bf16 autocast over an fp32 cache)
+            k, v = k.to(self.keys.dtype), v.to(self.values.dtype)
+        self.keys[self.rows, :, self.positions] = k.transpose(1, 2)
+        self.values[self.rows, :, self.positions] = v.transpose(1, 2)
         return self.keys, self.values
 
 
@@ -75,13 +83,9 @@ class KVCache:
         """Rows `rows` and slots 0 .. span-1, sharing storage (writes land in this cache)."""
         return KVCache([k[rows, :, :span] for k in self.keys], [v[rows, :, :span] for v in self.values])
 
-    def slots(self, positions: torch.Tensor) -> torch.Tensor:
-        """(B, T) positions -> the (B, H_kv, T, hd) scatter index every layer's `LayerKV` writes with."""
-        _, heads, _, hd = self.keys[0].shape
-        return positions[:, None, :, None].expand(-1, heads, -1, hd)
-
-    def layer(self, i: int, slots: torch.Tensor) -> LayerKV:
-        return LayerKV(self.keys[i], self.values[i], slots)
+    def layer(self, i: int, rows: torch.Tensor, positions: torch.Tensor) -> LayerKV:
+        """Layer i's cache for a forward writing (B, T) `positions` of rows (B, 1) `rows` (0 .. B-1 of this view)."""
+        return LayerKV(self.keys[i], self.values[i], rows, positions)
 
     def copy_rows(self, source: KVCache, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Row dst[j] slots [0, length) := source's row src[j] (one prefill feeding n samples; moving rows).

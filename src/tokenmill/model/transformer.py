@@ -200,9 +200,9 @@ class Transformer(nn.Module):
                 x = block(x, ctx)
             return x
         ctx = BlockContext(rope=rope, mask=self.backend.prepare_cached(positions, cache.span))
-        slots = cache.slots(positions)  # one scatter index for every layer
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # (B, 1), shared by every layer
         for i, block in enumerate(self.blocks):
-            x = block(x, ctx, cache.layer(i, slots))
+            x = block(x, ctx, cache.layer(i, rows, positions))
         return x
 
     def output_weight(self) -> torch.Tensor:
