@@ -29,6 +29,7 @@ STATE = "state.pt"  # every other part (weights_only-loadable values)
 CONFIG = "config.yaml"  # the resolved run config: rebuilds the model
 META = "meta.json"  # step, tokens seen, eval loss, versions, time; `sharded` says how the model was saved
 TOKENIZER = "tokenizer.json"  # the run's tokenizer (none for the byte tokenizer, which needs no file)
+CHAT_TEMPLATE = "chat_template.jinja"  # the chat template a fine-tuning run trained with (serve and export read it)
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded save's `*.distcp` files
 MANIFEST = "manifest.json"  # size and sha256 of every other file; written last
 

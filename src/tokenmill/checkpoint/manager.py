@@ -11,6 +11,7 @@ Layout of one checkpoint, `<out_dir>/checkpoints/step_00000100/`:
   state.pt           every other part, RNG states, step (weights_only-loadable; checkpoint/values.py)
   config.yaml        the resolved run config (rebuilds the model: tokenmill.load_model)
   tokenizer.json     the run's tokenizer, so the folder alone is enough to generate, export or serve
+  chat_template.jinja  the chat template of a fine-tuning run (data.format=prompt_completion), for serve/export
   meta.json          step, tokens seen, eval loss, sharded or not, versions, git commit, time
   manifest.json      size + sha256 of every file above; written last (checkpoint/folder.py)
 `<out_dir>/checkpoints/best.json` points at the best checkpoint by eval loss.
@@ -51,6 +52,7 @@ from tokenmill.checkpoint.find import (
     step_name,
 )
 from tokenmill.checkpoint.folder import (
+    CHAT_TEMPLATE,
     CONFIG,
     DELETE_PREFIX,
     MANIFEST,
@@ -153,7 +155,8 @@ class Checkpointer:
 
     `cfg` is the `checkpoint` config section. `run_config` (the resolved run config) is stored beside every
     checkpoint as config.yaml and names changed model settings when weights do not fit; `tokenizer_json`
-    (the text of the run's tokenizer.json) is stored as tokenizer.json. `dist` says which process this is.
+    (the text of the run's tokenizer.json) is stored as tokenizer.json, and `chat_template` (a Jinja chat
+    template) as chat_template.jinja. `dist` says which process this is.
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class Checkpointer:
         *,
         run_config: Any = None,
         tokenizer_json: str | None = None,
+        chat_template: str | None = None,
         dist: Any = None,
         per_rank: Collection[str] = PER_RANK_PARTS,
     ) -> None:
@@ -177,6 +181,7 @@ class Checkpointer:
         self.run_config = run_config
         self.config_text = _config_text(run_config)
         self.tokenizer_json = tokenizer_json
+        self.chat_template = chat_template
         self.rank = dist.rank if dist is not None else 0
         self.world_size = dist.world_size if dist is not None else 1
         self.distributed = dist is not None and dist.distributed
@@ -298,6 +303,8 @@ class Checkpointer:
                 written[CONFIG] = write_bytes(tmp / CONFIG, self.config_text.encode())
             if self.tokenizer_json is not None:
                 written[TOKENIZER] = write_bytes(tmp / TOKENIZER, self.tokenizer_json.encode())
+            if self.chat_template is not None:
+                written[CHAT_TEMPLATE] = write_bytes(tmp / CHAT_TEMPLATE, self.chat_template.encode())
             written[META] = write_json(tmp / META, pending.meta)
             write_manifest(tmp, pending.step, written)  # last: its presence marks the folder complete
         self._verified[final] = (final / MANIFEST).stat().st_mtime_ns

@@ -38,6 +38,7 @@ from torch import nn
 
 from tokenmill.checkpoint.find import read_meta
 from tokenmill.checkpoint.folder import (
+    CHAT_TEMPLATE,
     CONFIG,
     DCP_METADATA,
     MANIFEST,
@@ -442,7 +443,7 @@ def consolidate(folder: str | Path, out: str | Path, overwrite: bool = False) ->
         written = {
             WEIGHTS: write_file(tmp / WEIGHTS, lambda handle: write_safetensors(handle, tensors, {"format": "pt"}))
         }
-        for name in (CONFIG, TOKENIZER):
+        for name in (CONFIG, TOKENIZER, CHAT_TEMPLATE):
             if (folder / name).is_file():
                 written[name] = write_bytes(tmp / name, (folder / name).read_bytes())
         written[META] = write_json(tmp / META, meta)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenmill.config.fields import opt, require, require_positive
+from tokenmill.config.fields import opt, require, require_choice, require_positive
 
 DEFAULT_EVAL_FRACTION = 0.02  # held-out share of the training sources when no eval set is given
+FORMATS = ("text", "prompt_completion")  # the loaders of data/loader.py: pretraining documents, SFT examples
 
 
 @dataclass
@@ -23,6 +24,16 @@ class DataConfig:
         "org/name[@config]; weights = share of documents (docs/data.md)",
     )
     text_field: str = opt("text", "column holding the document text")
+    format: str = opt(
+        "text",
+        "text (pretraining documents) or prompt_completion (supervised fine-tuning: rows with prompt/completion "
+        "or messages, loss on the completions only; docs/data.md)",
+    )
+    chat_template: str = opt(
+        "default",
+        "prompt_completion: the chat template that renders messages rows and is saved with every checkpoint "
+        "for serve/export: default (built in), a .jinja file, or none",
+    )
     eval_sources: list[str] = opt(
         [],
         "a dedicated eval set, same syntax as data.sources (e.g. [val.jsonl]); read "
@@ -55,6 +66,7 @@ class DataConfig:
         return 0.0 if self.eval_sources else DEFAULT_EVAL_FRACTION
 
     def validate(self) -> None:
+        require_choice("data.format", self.format, FORMATS)
         require(len(self.sources) > 0, "data.sources", self.sources, "name at least one source, e.g. [stdlib]")
         if self.eval_fraction is not None:
             require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")

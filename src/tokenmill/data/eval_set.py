@@ -23,36 +23,40 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokenmill.data.formats import build_packer, format_identity, open_sources
 from tokenmill.data.mixture import Mixture, SourceCursor, parse_sources
-from tokenmill.data.packing import Packer, doc_ids_of
 from tokenmill.data.quality import add_counts
 from tokenmill.data.shards import SPLITS, is_shard_dir, open_shards, read_manifest
-from tokenmill.data.sources import Source, open_source
+from tokenmill.data.sources import Source
 from tokenmill.data.state import make_state, same_layout
 from tokenmill.errors import UserError
 
 READ_WINDOWS = 64  # shard windows read per call
 
 
+Window = dict[str, torch.Tensor]  # one row of a batch: "tokens", "doc_ids" and, for SFT, "targets"
+
+
 class TextWindows:
-    """The eval set of text sources as one window stream: documents in natural order, interleaved by weight."""
+    """The eval set of text sources (documents or SFT examples, as data.format says) as one window stream:
+    documents in natural order, interleaved by weight."""
 
     def __init__(
         self, sources: list[Source], weights: list[float], cfg: Any, tokenizer: Any, split: str, eval_fraction: float
     ) -> None:
         cursors = [SourceCursor(src, i, 0, 1, split, eval_fraction, None, epochs=1) for i, src in enumerate(sources)]
         self.mixture = Mixture(cursors, weights, cfg.train.seed, 0)
-        self.packer = Packer(tokenizer, cfg.train.seq_len + 1, bos_aligned=cfg.data.bos_aligned_eval)
-        self.eos = tokenizer.eos_id
+        self.packer = build_packer(
+            cfg.data.format, tokenizer, cfg.train.seq_len + 1, bos_aligned=cfg.data.bos_aligned_eval
+        )
 
     def _next_doc(self) -> str | None:
         item = self.mixture.next_doc()
         return None if item is None else item[1]
 
-    def windows(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def windows(self) -> Iterator[Window]:
         while (window := self.packer.next_window(self._next_doc)) is not None:
-            tokens = window.to(torch.int64)
-            yield tokens, doc_ids_of(tokens, self.eos)
+            yield {key: value[0] for key, value in self.packer.batch([window]).items()}
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {c.source.name: c.doc_counts().to_dict() for c in self.mixture.cursors}
@@ -69,11 +73,12 @@ class ShardWindows:
 
         self.readers = [WindowReader(open_shards(folder, split, tokenizer), seq_len + 1) for split in splits]
 
-    def windows(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def windows(self) -> Iterator[Window]:
         for reader in self.readers:
             for start in range(0, reader.n_windows, READ_WINDOWS):
                 tokens, doc_ids = reader.read(np.arange(start, min(start + READ_WINDOWS, reader.n_windows)))
-                yield from zip(torch.from_numpy(tokens), torch.from_numpy(doc_ids), strict=True)
+                for row, ids in zip(torch.from_numpy(tokens), torch.from_numpy(doc_ids), strict=True):
+                    yield {"tokens": row, "doc_ids": ids}
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {}  # counted by `prepare`, see the shard loader's stats
@@ -100,8 +105,8 @@ class EvalSetLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.close()
         source = self._windows = self.open_windows()
-        group: list[tuple[torch.Tensor, torch.Tensor]] = []
-        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        group: list[Window] = []
+        rows: list[Window] = []
         groups = 0
         try:
             for window in source.windows():
@@ -124,9 +129,9 @@ class EvalSetLoader:
         finally:
             self.close()
 
-    def _batch(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def _batch(self, rows: list[Window]) -> dict[str, torch.Tensor]:
         self.batches += 1
-        return {"tokens": torch.stack([r[0] for r in rows]), "doc_ids": torch.stack([r[1] for r in rows])}
+        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
 
     def stats(self) -> dict[str, Any]:
         """Batches handed out, and per source the documents that lost text (counted by the last pass)."""
@@ -172,11 +177,12 @@ def build_eval_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int) -> E
         "tokenizer": tokenizer.hash,
         "seq_len": int(cfg.train.seq_len),
         "bos_aligned": bool(data.bos_aligned_eval),
+        **format_identity(data),
     }
     shard_specs = [s for s in specs if is_shard_dir(s.location)]
     if not shard_specs:
         # opened once, here: a bad eval source fails at set-up, in one line; each pass opens new readers
-        sources = [open_source(s.location, data.text_field, data.stream_local_files) for s in specs]
+        sources = open_sources(data, tokenizer, specs)
 
         def open_windows() -> TextWindows:
             return TextWindows(sources, [s.weight for s in specs], cfg, tokenizer, split, fraction)

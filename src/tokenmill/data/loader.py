@@ -5,6 +5,7 @@ loader (`shard_loader.py`, pre-tokenized folders) and the eval-set loader (`eval
 conventions of `state.py` (format, kind, identity refused on change, layout resumed without repeats).
 
 Pipeline of one (rank, worker) slot:  sources -> Mixture -> Packer -> WindowBuffer -> batches of B windows.
+`data.format` picks the packer (formats.py): documents cut into windows, or whole SFT examples per window.
 
 Sharding: slot = rank * num_workers + worker, n_slots = world_size * num_workers; each source gives every
 slot a disjoint part of each epoch (sources.py, streams.py), and together the slots read every document.
@@ -30,12 +31,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from tokenmill.data.formats import build_packer, format_identity, open_sources
 from tokenmill.data.mixture import Mixture, SourceCursor, merge_cursors, parse_sources
-from tokenmill.data.packing import Packer, doc_ids_of
 from tokenmill.data.quality import add_counts
 from tokenmill.data.shards import is_shard_dir
 from tokenmill.data.shuffle import WindowBuffer
-from tokenmill.data.sources import Source, open_source
+from tokenmill.data.sources import Source
 from tokenmill.data.state import make_state, same_layout
 from tokenmill.data.tokenizer import Tokenizer
 from tokenmill.errors import UserError
@@ -47,7 +48,8 @@ SNAPSHOT_EVERY = 32  # batches between worker-state snapshots; resume replays at
 class BatchLoader(Protocol):
     """What the trainer needs from a data loader: batches, an exact resume point, shutdown, counters.
 
-    Iterating yields {"tokens": (B, T+1) int64, "doc_ids": (B, T+1) int64}. `stats()` holds at least
+    Iterating yields {"tokens": (B, T+1) int64, "doc_ids": (B, T+1) int64} and, when the data masks targets
+    (SFT), "targets": (B, T) int64 with IGNORE_INDEX where no loss is taken. `stats()` holds at least
     "batches" and "sources" ({source name: `quality.DocCounts` fields} of the documents this rank read; a
     shard loader reads no documents and reports what `prepare` counted under "prepared");
     `quality.loader_problem_lines(stats)` turns them into the lines to print.
@@ -89,10 +91,9 @@ class SlotPipeline:
             for i, src in enumerate(s.sources)
         ]
         self.mixture = Mixture(cursors, s.weights, s.seed, 2 * slot, state=(state or {}).get("mixture"))
-        self.packer = Packer(s.tokenizer, s.seq_len + 1)
-        self.shuffle = WindowBuffer(s.shuffle_buffer, s.seq_len + 1, s.seed, 2 * slot + 1)
+        self.packer = build_packer(s.data_format, s.tokenizer, s.seq_len + 1)
+        self.shuffle = WindowBuffer(s.shuffle_buffer, self.packer.row_shape, s.seed, 2 * slot + 1)
         self.batch_size = s.batch_size
-        self.eos = s.tokenizer.eos_id
         self.batches = 0
         if state:
             self.packer.load_state_dict(state["packer"])
@@ -117,12 +118,11 @@ class SlotPipeline:
         if not rows:
             return None
         self.batches += 1
-        tokens = torch.stack(rows).to(torch.int64)  # (B, T+1)
-        return {"tokens": tokens, "doc_ids": doc_ids_of(tokens, self.eos)}
+        return self.packer.batch(rows)
 
     def stats(self) -> dict[str, Any]:
         counts = {c.source.name: c.doc_counts().to_dict() for c in self.mixture.cursors}
-        return {"documents": self.packer.documents, "batches": self.batches, "sources": counts}
+        return {**self.packer.stats(), "batches": self.batches, "sources": counts}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -156,8 +156,10 @@ class TokenStream(IterableDataset):
         document_buffer: int,
         eval_fraction: float,
         epochs: int | None,
+        data_format: str = "text",
     ) -> None:
         self.sources, self.weights, self.tokenizer = sources, weights, tokenizer
+        self.data_format = data_format  # data.format: picks the packer
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.n_slots = world_size * max(1, num_workers)
@@ -285,11 +287,9 @@ class Loader:
         sources: dict[str, dict[str, int]] = {}
         for s in self._stats.values():
             sources = add_counts(sources, s["sources"])
-        return {
-            "documents": sum(s["documents"] for s in self._stats.values()),
-            "batches": sum(s["batches"] for s in self._stats.values()),
-            "sources": sources,
-        }
+        counters = {key for s in self._stats.values() for key, value in s.items() if isinstance(value, int)}
+        totals = {key: sum(s.get(key, 0) for s in self._stats.values()) for key in sorted(counters)}
+        return {"documents": 0, "batches": 0, **totals, "sources": sources}
 
     def cursor(self) -> list | None:
         """Furthest source positions of this rank's workers (all ranks under torch.distributed)."""
@@ -349,6 +349,11 @@ def build_loader(
     if any(is_shard_dir(s.location) for s in specs):
         if len(specs) > 1:
             raise UserError("a pre-tokenized shards folder must be the only data.sources entry")
+        if data.format != "text":
+            raise UserError(
+                f"data.format={data.format} reads jsonl/parquet rows, not a pre-tokenized shards folder; "
+                f"list the jsonl/parquet files in data.sources"
+            )
         from tokenmill.data.shards import build_shard_loader
 
         return build_shard_loader(
@@ -366,7 +371,7 @@ def build_loader(
     if workers > 0:
         # Workers are forked after the tokenizer may have run threads here; tokenize single-threaded per worker.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sources = [open_source(s.location, data.text_field, data.stream_local_files) for s in specs]
+    sources = open_sources(data, tokenizer, specs)
     holdout = data.holdout_fraction()
     stream = TokenStream(
         sources,
@@ -383,6 +388,7 @@ def build_loader(
         document_buffer=data.document_buffer,
         eval_fraction=holdout,
         epochs=epochs,
+        data_format=data.format,
     )
     identity = {
         "sources": [f"{s.location}:{s.weight:.6g}" for s in specs],
@@ -392,5 +398,6 @@ def build_loader(
         "seed": int(train.seed),
         "shuffle_documents": bool(data.shuffle_documents),
         "stream_local_files": bool(data.stream_local_files),
+        **format_identity(data),
     }
     return Loader(stream, identity)

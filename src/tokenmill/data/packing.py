@@ -52,6 +52,7 @@ class Packer:
     ) -> None:
         self.tok = tokenizer
         self.window = window
+        self.row_shape = (window,)
         self.bos_aligned = bos_aligned
         self.chunk_chars, self.chunk_docs = chunk_chars, chunk_docs
         self._ready = np.zeros((0, window), dtype=np.int32)  # complete windows not yet handed out
@@ -120,6 +121,14 @@ class Packer:
         row = torch.from_numpy(self._ready[self._next].copy())
         self._next += 1
         return row
+
+    def batch(self, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The micro-batch of B windows: tokens (B, T+1) and doc_ids (B, T+1), int64."""
+        tokens = torch.stack(rows).to(torch.int64)
+        return {"tokens": tokens, "doc_ids": doc_ids_of(tokens, self.tok.eos_id)}
+
+    def stats(self) -> dict[str, int]:
+        return {"documents": self.documents}
 
     def state_dict(self) -> dict[str, Any]:
         return {

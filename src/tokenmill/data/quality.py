@@ -68,5 +68,14 @@ def problem_lines(per_source: dict[str, dict[str, int]]) -> list[str]:
 
 
 def loader_problem_lines(stats: dict[str, Any]) -> list[str]:
-    """The problem lines of a loader's `stats()`: what it counted while reading, else what `prepare` recorded."""
-    return problem_lines(stats.get("sources") or stats.get("prepared") or {})
+    """The problem lines of a loader's `stats()`: what it counted while reading, else what `prepare` recorded;
+    for SFT data also the examples that did not fit a window."""
+    lines = problem_lines(stats.get("sources") or stats.get("prepared") or {})
+    truncated, dropped = stats.get("examples_truncated", 0), stats.get("examples_dropped", 0)
+    if truncated:
+        lines.append(
+            f"warning: {truncated:,} of {stats.get('documents', 0):,} SFT examples read were longer than "
+            f"train.seq_len + 1 tokens and were truncated ({dropped:,} of them dropped: their prompt filled the "
+            f"window); raise train.seq_len to keep them whole"
+        )
+    return lines

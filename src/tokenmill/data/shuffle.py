@@ -44,19 +44,20 @@ class RandomBuffer:
 
 
 class WindowBuffer(RandomBuffer):
-    """Token windows (int32 rows of equal length) between the packer and the batches."""
+    """Token windows (int32 rows of one shape: (window,), or (3, window) for SFT rows) between the packer and the
+    batches."""
 
-    def __init__(self, size: int, window: int, seed: int, stream: int) -> None:
+    def __init__(self, size: int, window: int | tuple[int, ...], seed: int, stream: int) -> None:
         super().__init__(size, seed, stream)
-        self.window = window
+        self.row_shape = (window,) if isinstance(window, int) else tuple(window)
 
     def state_dict(self) -> dict[str, Any]:
-        rows = torch.stack(self.items) if self.items else torch.zeros((0, self.window), dtype=torch.int32)
+        rows = torch.stack(self.items) if self.items else torch.zeros((0, *self.row_shape), dtype=torch.int32)
         return {"windows": rows, "draws": self.draws}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         windows = state["windows"]
-        if self.size == 0 or windows.shape[0] > self.size or tuple(windows.shape[1:]) != (self.window,):
+        if self.size == 0 or windows.shape[0] > self.size or tuple(windows.shape[1:]) != self.row_shape:
             raise ValueError("shuffle-buffer state does not match this loader")
         self.items = list(windows.to(torch.int32).unbind(0))
         self.draws = int(state["draws"])

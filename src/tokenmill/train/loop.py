@@ -20,6 +20,7 @@ from tokenmill.checkpoint.manager import Checkpointer
 from tokenmill.checkpoint.parts import ModelState, OptimizerState
 from tokenmill.checkpoint.values import capture_rng, restore_rng
 from tokenmill.config import Config
+from tokenmill.data.formats import chat_template_text
 from tokenmill.data.loader import build_loader
 from tokenmill.data.quality import loader_problem_lines
 from tokenmill.data.tokenizer import Tokenizer, build_tokenizer, check_vocab
@@ -50,6 +51,7 @@ from tokenmill.train.cadence import build_cadence
 from tokenmill.train.evaluation import check_eval_split, run_eval, write_samples
 from tokenmill.train.precision import Precision, resolve_precision
 from tokenmill.train.run_dir import prepare_run_dir
+from tokenmill.train.sft import resolve_sft_config
 from tokenmill.train.stability import DivergenceDetector
 from tokenmill.train.state import TrainState
 
@@ -120,6 +122,7 @@ def is_cpu_out_of_memory(err: BaseException) -> bool:
 def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bool) -> TrainResult:
     # ---- set up -------------------------------------------------------------------------------------------
     started_at = time.time()  # job-control requests older than this were meant for an earlier process
+    cfg = resolve_sft_config(cfg)  # data.format=prompt_completion: document masking, the fine-tuned tokenizer
     run_dir = Path(cfg.train.out_dir)
     # batch arithmetic that does not divide fails here, before any file is touched or a tokenizer trained
     plan_batches(
@@ -200,6 +203,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
         run_config=cfg,
         dist=dist,
         tokenizer_json=tokenizer.backend.to_str() if tokenizer.backend is not None else None,
+        chat_template=chat_template_text(cfg.data),
     )
     cadence = build_cadence(cfg, plan, counts["total"])  # log / eval / checkpoint steps, for loop and monitor
 
@@ -314,8 +318,11 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
                 status, exit_code = "diverged", EXIT_DIVERGED
                 break  # no save: the last periodic checkpoint is the last good one
 
-            # log
+            # log (SFT: the share of the step's target positions that carry loss, from the global denominator)
             if cadence.is_log_step(state.step):
+                masked = {}
+                if cfg.data.format != "text":
+                    masked["valid_token_share"] = float(denominator) * engine.dp_size / plan.tokens_per_step
                 monitor.log_step(
                     state.step,
                     loss_value,
@@ -323,6 +330,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
                     scheduler.get_last_lr()[0],
                     state.tokens_seen,
                     skipped=state.skipped_steps,
+                    **masked,
                 )
 
             # eval
