@@ -2,8 +2,9 @@
 
 The folder holds config.json, generation_config.json (bos/eos/pad ids, so HF `generate` stops at EOS),
 model.safetensors (sharded with model.safetensors.index.json above `max_shard_size`; a tied head stored once,
-as transformers' `save_pretrained` does), tokenizer.json + tokenizer_config.json (see hf_tokenizer.py) and a
-short README.md saying how the model was trained to see documents.
+as transformers' `save_pretrained` does), tokenizer.json + tokenizer_config.json (see hf_tokenizer.py; with the
+checkpoint's chat template, if a fine-tuning run recorded one, as its `chat_template`, where `apply_chat_template`
+reads it) and a short README.md saying how the model was trained to see documents.
 
 Nothing at `out` changes until the new folder is complete and verified: it is written beside `out` and renamed
 into place. Verification reloads the folder with transformers on the CPU and compares logits on a probe batch
@@ -15,6 +16,7 @@ and still catches a wrong RoPE layout, whose logits differ only slightly: torcht
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -123,11 +125,25 @@ def _write_folder(
     hf_model.save_pretrained(str(folder), max_shard_size=max_shard_size)
     del hf_model
     save_hf_tokenizer(tok, folder, model.cfg.max_seq_len)
+    add_chat_template(loaded.folder, folder)
     eos = backend_of(tok).id_to_token(tok.eos_id)
     card = MODEL_CARD.format(
         name=name, checkpoint=loaded.folder, hf_class=hf_class, dtype=dtype, eos=eos, eos_id=tok.eos_id
     )
     (folder / "README.md").write_text(card)
+
+
+def add_chat_template(checkpoint: Path, folder: Path) -> None:
+    """Copy the checkpoint's chat_template.jinja into the exported tokenizer_config.json (no template: no key)."""
+    from tokenmill.checkpoint.folder import CHAT_TEMPLATE
+
+    template = checkpoint / CHAT_TEMPLATE
+    if not template.is_file():
+        return
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = template.read_text(encoding="utf-8")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()
