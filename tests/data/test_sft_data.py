@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from sft_helpers import chat_rows, examples_of, qa_rows, sft_cfg, write_rows
-from tokenmill.data.chat_template import DEFAULT_TEMPLATE, ChatRenderer
+from tokenmill.data.chat_template import DEFAULT_TEMPLATE, ChatRenderer, Segment
 from tokenmill.data.loader import build_loader
 from tokenmill.data.quality import loader_problem_lines
 from tokenmill.data.sft import SftPacker
 from tokenmill.data.sft_source import example_document
-from tokenmill.data.chat_template import Segment
 from tokenmill.data.tokenizer import Tokenizer
 from tokenmill.errors import UserError
 
