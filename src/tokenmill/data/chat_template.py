@@ -25,7 +25,6 @@ from tokenmill.errors import UserError
 if TYPE_CHECKING:
     from tokenmill.data.tokenizer import Tokenizer
 
-TEMPLATE_FILE = "chat_template.jinja"  # the checkpoint file serve/export read
 NO_TEMPLATE = "none"
 DEFAULT_TEMPLATE_NAME = "default"
 

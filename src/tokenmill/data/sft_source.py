@@ -5,7 +5,8 @@ A row is either
     {"messages": [{"role": "user", "content": "..."}, ...]}       (rendered with the run's chat template)
 Other fields are ignored. Every row is checked when the source opens, before anything is trained or written:
 a missing field, a wrong type, an empty completion, a conversation without an assistant turn or one the
-template cannot render stops the run with one line naming the file, the row and the field.
+template cannot render stops the run with one line naming the file, the row and the field. The checked
+examples are held in memory (and kept for the next opening of unchanged files, e.g. the eval set at every eval).
 
 Each example becomes one document of an `IndexedSource` (sources.py): its segments, context or learned, as
 JSON text. The mixture, shuffling, hash hold-out and exact resume then work on examples exactly as they work on
@@ -15,6 +16,7 @@ pretraining documents, and the data-loader workers need no template (it was appl
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from tokenmill.errors import UserError
 
 SFT_FILE_KINDS = ("json", "parquet")
 PARQUET_BATCH_ROWS = 4096
+OPENED_KEEP = 4  # checked sources kept per process: every evaluation reopens the eval set
+_opened: dict[tuple, SftSource] = {}
 
 
 def example_document(segments: list[Segment], templated: bool) -> str:
@@ -157,6 +161,13 @@ def open_sft_source(location: str, renderer: ChatRenderer | None) -> SftSource:
             f"source {location}: data.format=prompt_completion reads .jsonl or .parquet files with prompt/completion "
             f"or messages fields, not .txt"
         )
+    key = (
+        str(location),
+        tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files),
+        None if renderer is None else (renderer.text, renderer.bos_token, renderer.eos_token),
+    )
+    if key in _opened:
+        return _opened[key]
     read_rows = _jsonl_rows if kind == "json" else _parquet_rows
     documents: list[str] = []
     for file in files:
@@ -166,4 +177,8 @@ def open_sft_source(location: str, renderer: ChatRenderer | None) -> SftSource:
             except RowError as err:
                 raise UserError(f"source {file} {where}: {err}") from None
             documents.append(example_document(segments, templated))
-    return SftSource(str(location), documents)
+    source = SftSource(str(location), documents)
+    while len(_opened) >= OPENED_KEEP:
+        _opened.pop(next(iter(_opened)))
+    _opened[key] = source
+    return source

@@ -17,12 +17,11 @@ special-token strings it contains mapped to their ids, as a Hugging Face tokeniz
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.data.chat_template import compile_template, encode_with_specials, special_token_ids
 from tokenmill.errors import UserError
 from tokenmill.serve.schema import APIError
 
@@ -74,7 +73,7 @@ def find_chat_template(checkpoint: Path, tokenizer: Tokenizer) -> ChatTemplate |
         if text is not None:
             eos = _token_text(config.get("eos_token")) or tokenizer.decode([tokenizer.eos_id])
             bos = _token_text(config.get("bos_token")) or tokenizer.decode([tokenizer.bos_id])
-            return ChatTemplate(text, str(origin), bos, eos, _compile(text, str(origin)))
+            return ChatTemplate(text, str(origin), bos, eos, compile_template(text, f"in {origin}"))
     return None
 
 
@@ -84,50 +83,9 @@ def end_of_turn_stops(template: ChatTemplate, tokenizer: Tokenizer) -> tuple[str
 
 
 def encode_chat_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of a rendered chat prompt, special-token strings (e.g. <|eos|>, <|im_start|>) as their own ids.
-
-    `Tokenizer.encode` treats such strings as plain text, which is right for documents and wrong for a
-    template that spells out its turn markers.
-    """
-    specials = special_token_ids(tokenizer)
-    if not specials:
-        return tokenizer.encode(text)
-    pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
-    ids: list[int] = []
-    for piece in re.split(pattern, text):
-        if piece in specials:
-            ids.append(specials[piece])
-        elif piece:
-            ids.extend(tokenizer.encode(piece))
-    return ids
-
-
-def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """String -> id of every special token of the tokenizer."""
-    if tokenizer.backend is None:
-        ids = [tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id]
-        return {tokenizer.decode([i]): i for i in ids if i is not None}
-    return {
-        token.content: index for index, token in tokenizer.backend.get_added_tokens_decoder().items() if token.special
-    }
-
-
-def _compile(text: str, origin: str) -> Any:
-    from jinja2 import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(text)
-    except TemplateError as err:
-        raise UserError(f"the chat template in {origin} is not valid Jinja: {err}") from None
+    """Token ids of a rendered chat prompt, special-token strings (e.g. <|eos|>, <|im_start|>) as their own ids,
+    exactly as a fine-tuning run tokenized the prompts it trained on (tokenmill.data.chat_template)."""
+    return encode_with_specials(tokenizer, text, special_token_ids(tokenizer))
 
 
 def _tokenizer_config(path: Path) -> dict[str, Any]:
