@@ -299,3 +299,14 @@ def test_bad_sft_input_is_one_line_exit_2_and_the_previous_run_is_kept(tmp_path,
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
     assert message.format(tmp=tmp_path) in err[0], err[0]
     assert tree(tmp_path) == before  # the previous run's checkpoint and logs are untouched
+
+
+def test_a_run_reports_truncated_examples_at_its_end(tmp_path):
+    rows = write_rows(tmp_path / "long.jsonl", qa_rows(40, max_words=12))  # 20..90 tokens
+    cfg = tiny_config(
+        tmp_path / "run", 2, "data.format=prompt_completion", f"data.sources=[{rows}]", "train.seq_len=31"
+    )
+    with pytest.warns(UserWarning, match="truncated to its first 32 tokens"):
+        assert train(cfg).status == "completed"
+    lines = [e["message"] for e in events(tmp_path / "run", "warning") if "SFT examples" in e["message"]]
+    assert len(lines) == 1 and "were longer than train.seq_len + 1 tokens and were truncated" in lines[0]
