@@ -322,6 +322,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
             if cadence.is_log_step(state.step):
                 masked = {}
                 if cfg.data.format != "text":
+                    # host sync, on log steps only: the denominator is the step's global valid count / dp size
                     masked["valid_token_share"] = float(denominator) * engine.dp_size / plan.tokens_per_step
                 monitor.log_step(
                     state.step,

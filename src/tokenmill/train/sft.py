@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from tokenmill.data.formats import SFT
 from tokenmill.errors import ConfigError
-
-SFT = "prompt_completion"
 
 
 def resolve_sft_config(cfg: Any) -> Any:
