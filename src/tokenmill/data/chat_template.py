@@ -90,21 +90,23 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     }
 
 
+def split_specials(text: str, specials: dict[str, int]) -> list[str | int]:
+    """`text` as plain-text pieces and special-token ids (e.g. "<|eos|>" -> its id), in order."""
+    if not specials:
+        return [text] if text else []
+    pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
+    return [specials.get(piece, piece) for piece in re.split(pattern, text) if piece]
+
+
 def encode_with_specials(tokenizer: Tokenizer, text: str, specials: dict[str, int]) -> list[int]:
     """Token ids of rendered template text, each special-token string (e.g. <|eos|>) as its own id.
 
     `Tokenizer.encode` treats such strings as plain text, which is right for documents and wrong for a
     template that spells out its turn markers.
     """
-    if not specials:
-        return tokenizer.encode(text)
-    pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
     ids: list[int] = []
-    for piece in re.split(pattern, text):
-        if piece in specials:
-            ids.append(specials[piece])
-        elif piece:
-            ids.extend(tokenizer.encode(piece))
+    for piece in split_specials(text, specials):
+        ids.extend([piece] if isinstance(piece, int) else tokenizer.encode(piece))
     return ids
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokenmill.data.chat_template import encode_with_specials, special_token_ids
+from tokenmill.data.chat_template import special_token_ids, split_specials
 from tokenmill.data.sft_source import parse_example
 from tokenmill.data.tokenizer import Tokenizer
 from tokenmill.errors import UserError
@@ -37,19 +37,44 @@ CHUNK_EXAMPLES = 256  # examples tokenized per pull
 MAX_DROPPED_IN_A_ROW = 1024  # then no example fits: stop instead of reading the data forever
 
 
-def encode_example(tokenizer: Tokenizer, document: str, specials: dict[str, int]) -> tuple[list[int], list[bool]]:
-    """(token ids, learned flag per token) of one example document, EOS appended unless the text ends with it."""
-    segments, templated = parse_example(document)
-    ids: list[int] = []
-    learned: list[bool] = []
-    for segment in segments:
-        piece = encode_with_specials(tokenizer, segment.text, specials) if templated else tokenizer.encode(segment.text)
-        ids += piece
-        learned += [segment.learned] * len(piece)
-    if not ids or ids[-1] != tokenizer.eos_id:
-        ids.append(tokenizer.eos_id)
-        learned.append(segments[-1].learned)
-    return ids, learned
+def encode_examples(
+    tokenizer: Tokenizer, documents: list[str], specials: dict[str, int]
+) -> list[tuple[list[int], list[bool]]]:
+    """(token ids, learned flag per token) of each example document, EOS appended unless its text ends with it.
+
+    All plain-text pieces of the chunk go through one `encode_batch` call: a call costs far more than a short
+    text does.
+    """
+    texts: list[str] = []
+    layouts = []  # per example, per segment: (learned, pieces: an index into `texts` or [special token id])
+    for document in documents:
+        segments, templated = parse_example(document)
+        layout = []
+        for segment in segments:
+            pieces: list[int | list[int]] = []
+            for piece in split_specials(segment.text, specials) if templated else [segment.text]:
+                if isinstance(piece, str):
+                    pieces.append(len(texts))
+                    texts.append(piece)
+                else:
+                    pieces.append([piece])
+            layout.append((segment.learned, pieces))
+        layouts.append(layout)
+    encoded = tokenizer.encode_batch(texts) if texts else []
+    examples = []
+    for layout in layouts:
+        ids: list[int] = []
+        learned: list[bool] = []
+        for is_learned, pieces in layout:
+            for piece in pieces:
+                piece_ids = encoded[piece] if isinstance(piece, int) else piece
+                ids += piece_ids
+                learned += [is_learned] * len(piece_ids)
+        if not ids or ids[-1] != tokenizer.eos_id:
+            ids.append(tokenizer.eos_id)
+            learned.append(layout[-1][0])
+        examples.append((ids, learned))
+    return examples
 
 
 class SftPacker:
@@ -83,8 +108,8 @@ class SftPacker:
         if not documents:
             return False
         self.documents += len(documents)
-        for document in documents:
-            self._add(*encode_example(self.tok, document, self._specials))
+        for ids, learned in encode_examples(self.tok, documents, self._specials):
+            self._add(ids, learned)
         return True
 
     def _add(self, ids: list[int], learned: list[bool]) -> None:
