@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "export": ("export", "write a checkpoint as a Hugging Face model folder (verified with transformers)", False),
     "import": ("hf_import", "turn a Hugging Face GPT-2/Llama/Qwen3 model into a tokenmill run folder", False),
     "eval": ("eval", "loss/perplexity/bits per byte over a data source, or lm-evaluation-harness tasks", False),
+    "rl": ("rl", "GRPO fine-tuning with verifiable rewards: tokenmill rl --from CHECKPOINT --task copy", True),
     "control": ("control", "running trainings: tokenmill control list|status|save|stop|abort", False),
 }
 

@@ -10,6 +10,7 @@ import yaml
 
 from tokenmill.checkpoint.config import CheckpointConfig
 from tokenmill.data.config import DataConfig
+from tokenmill.finetune.config import RLConfig
 from tokenmill.metrics.config import LogConfig
 from tokenmill.model.config import ModelConfig
 from tokenmill.optim.config import OptimConfig, ScheduleConfig
@@ -29,6 +30,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):

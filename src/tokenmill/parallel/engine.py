@@ -329,6 +329,9 @@ class Engine:
         out["targets"] = batch["targets"].to(device, non_blocking=True) if "targets" in batch else out["tokens"][:, 1:]
         if self.cfg.train.document_masking and "doc_ids" in batch:
             out["doc_ids"] = batch["doc_ids"].to(device, non_blocking=True)
+        for key, value in batch.items():  # what a custom loss_fn needs besides tokens (e.g. RL advantages)
+            if key not in out and key != "doc_ids":
+                out[key] = value.to(device, non_blocking=True)
         return out
 
     def _plain_step(
