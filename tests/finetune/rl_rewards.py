@@ -1,0 +1,8 @@
+"""A reward for tests that gives random-init samples different scores, so every step has a gradient."""
+
+from __future__ import annotations
+
+
+def first_byte(prompts: list[str], completions: list[str], **_: object) -> list[float]:
+    """The first character's code point modulo 256, / 255 (0 for an empty completion)."""
+    return [(ord(text[0]) % 256) / 255 if text else 0.0 for text in completions]
