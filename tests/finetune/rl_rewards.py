@@ -6,3 +6,11 @@ from __future__ import annotations
 def first_byte(prompts: list[str], completions: list[str], **_: object) -> list[float]:
     """The first character's code point modulo 256, / 255 (0 for an empty completion)."""
     return [(ord(text[0]) % 256) / 255 if text else 0.0 for text in completions]
+
+
+def raises(prompts: list[str], completions: list[str], **_: object) -> list[float]:
+    raise KeyError("score")
+
+
+def wrong_length(prompts: list[str], completions: list[str], **_: object) -> list[float]:
+    return [1.0]

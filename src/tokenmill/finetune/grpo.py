@@ -89,6 +89,19 @@ def check_task(task: Task, rewards: list[WeightedReward], group_size: int) -> No
         call_reward(reward, prompts, [example.answer] * group_size, fields)
 
 
+def check_prompt_lengths(task: Task, tokenizer: Any, max_new_tokens: int, max_seq_len: int) -> None:
+    """Every prompt plus a full completion must fit the model's context; found before anything is written."""
+    prompts = [e.prompt for e in (*task.train, *task.heldout)]
+    lengths = [len(ids) for ids in tokenizer.encode_batch(prompts)]
+    longest = max(range(len(prompts)), key=lengths.__getitem__)
+    if lengths[longest] + max_new_tokens > max_seq_len:
+        raise UserError(
+            f"task {task.name}: prompt {prompts[longest][:40]!r}... has {lengths[longest]} tokens, which with "
+            f"rl.max_new_tokens={max_new_tokens} exceeds model.max_seq_len={max_seq_len}; shorten the prompts "
+            f"or lower rl.max_new_tokens"
+        )
+
+
 def _grpo(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bool) -> GRPOResult:
     # ---- set up -------------------------------------------------------------------------------------------
     started_at = time.time()
@@ -110,6 +123,7 @@ def _grpo(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: boo
     from tokenmill.api import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.train.init_from)
+    check_prompt_lengths(task, tokenizer, rl.max_new_tokens, cfg.model.max_seq_len)
     run = prepare_run_dir(run_dir, resume, overwrite, is_main=dist.is_main)
     resume_path = run.resume_from
     get_console()  # imports rich, whose import draws from Python's RNG: do it before seeding
