@@ -63,11 +63,12 @@ def test_resumed_run_equals_the_uninterrupted_run_bitwise(source, tmp_path):
     assert all(torch.equal(whole["weights"][k], rest["weights"][k]) for k in whole["weights"])
 
 
-def test_two_gloo_ranks_equal_one_process(source, tmp_path):
-    extra = ("--rl.steps=3", "--rl.loss_norm=token")
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_gloo_ranks_equal_one_process(source, tmp_path, strategy):
+    extra = ("--rl.steps=3", "--rl.loss_norm=sequence")
     single = run_grpo(str(source), str(tmp_path / "one"), extra)
     ranks = run_ranks(
-        run_grpo, 2, str(source), str(tmp_path / "two"), (*extra, "--parallel.strategy=ddp"), None, timeout=240
+        run_grpo, 2, str(source), str(tmp_path / "two"), (*extra, f"--parallel.strategy={strategy}"), None, timeout=240
     )
     # same prompts and seeds: the same samples (the means differ only in summation order)
     assert ranks[0]["rewards"] == pytest.approx(single["rewards"], abs=1e-12)
