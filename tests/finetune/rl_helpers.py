@@ -36,7 +36,7 @@ RL_OVERRIDES = (
 )
 
 
-def make_checkpoint(run_dir: Path, *overrides: str, seed: int = 0) -> Path:
+def make_checkpoint(run_dir: Path, *overrides: str, seed: int = 0, chat_template: str | None = None) -> Path:
     """A run folder with one weights-only checkpoint of a random-init model (what `tokenmill rl --from` reads)."""
     import tokenmill
     from tokenmill.checkpoint.manager import Checkpointer
@@ -44,7 +44,8 @@ def make_checkpoint(run_dir: Path, *overrides: str, seed: int = 0) -> Path:
 
     cfg = load_config(["tiny"], overrides=[*MODEL_OVERRIDES, *overrides])
     torch.manual_seed(seed)
-    Checkpointer(run_dir, cfg.checkpoint, {"model": tokenmill.create_model(cfg)}, run_config=cfg).save(1)
+    model = tokenmill.create_model(cfg)
+    Checkpointer(run_dir, cfg.checkpoint, {"model": model}, run_config=cfg, chat_template=chat_template).save(1)
     return run_dir
 
 

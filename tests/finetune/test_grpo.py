@@ -52,6 +52,14 @@ def test_rl_command_logs_every_metric_and_writes_a_checkpoint_generate_reads(sou
     assert capsys.readouterr().out.startswith("abc|")
 
 
+def test_rl_checkpoint_keeps_the_chat_template_of_its_source(tmp_path):
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    source = make_checkpoint(tmp_path / "sft", chat_template=template)
+    out = tmp_path / "rl"
+    assert main(rl_args(source, out, "--rl.steps=1")) == 0
+    assert (out / "checkpoints" / "step_00000001" / "chat_template.jinja").read_text() == template
+
+
 def test_resumed_run_equals_the_uninterrupted_run_bitwise(source, tmp_path):
     extra = ("--checkpoint.interval_steps=2", "--rl.iterations_per_batch=2")
     whole = run_grpo(str(source), str(tmp_path / "whole"), ("--rl.steps=4", *extra))

@@ -89,6 +89,16 @@ def check_task(task: Task, rewards: list[WeightedReward], group_size: int) -> No
         call_reward(reward, prompts, [example.answer] * group_size, fields)
 
 
+def source_chat_template(init_from: str) -> str | None:
+    """The chat template the starting checkpoint was fine-tuned with (SFT), carried into every RL checkpoint so
+    serve and export keep formatting conversations the way the model learned."""
+    from tokenmill.checkpoint.find import find_checkpoint
+    from tokenmill.checkpoint.folder import CHAT_TEMPLATE
+
+    path = find_checkpoint(init_from) / CHAT_TEMPLATE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
 def check_prompt_lengths(task: Task, tokenizer: Any, max_new_tokens: int, max_seq_len: int) -> None:
     """Every prompt plus a full completion must fit the model's context; found before anything is written."""
     prompts = [e.prompt for e in (*task.train, *task.heldout)]
@@ -158,6 +168,7 @@ def _grpo(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: boo
         run_config=cfg,
         dist=dist,
         tokenizer_json=tokenizer.backend.to_str() if tokenizer.backend is not None else None,
+        chat_template=source_chat_template(cfg.train.init_from),
     )
 
     # ---- resume -------------------------------------------------------------------------------------------
