@@ -7,7 +7,7 @@ import pytest
 from rl_helpers import MODEL_OVERRIDES, make_checkpoint, run_grpo
 
 COPY_MODEL = ("model.d_model=128", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_hidden=256")  # 0.37M parameters
-SFT_STEPS, ADDITION_RL_STEPS, ADDITION_RL_LR = 300, 60, 1e-4
+SFT_STEPS, ADDITION_RL_STEPS, ADDITION_RL_LR = 150, 60, 1e-4
 
 
 @pytest.mark.slow
@@ -71,6 +71,9 @@ def test_addition_after_sft_warmup_rl_raises_heldout_exact_match(tmp_path):
             "--rl.task=addition",
             "--rl.rewards=[]",
             f"--rl.steps={ADDITION_RL_STEPS}",
+            "--rl.prompts_per_step=16",
+            "--rl.group_size=8",
+            "--rl.eval_prompts=64",
             "--rl.eval_interval_steps=0",
             "--rl.log_samples=0",
             f"--optim.lr={ADDITION_RL_LR}",
