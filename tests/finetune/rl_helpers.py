@@ -79,6 +79,8 @@ def rl_config(source: Path, out: Path, *extra: str, task: str = "copy") -> Any:
 def run_grpo(source: str, out: str, extra: tuple[str, ...], resume: Any = None) -> dict[str, Any]:
     """One GRPO run (on every rank when spawned); returns its step rewards, held-out evals and final weights."""
     from tokenmill.checkpoint.find import latest_checkpoint
+    from tokenmill.checkpoint.folder import WEIGHTS
+    from tokenmill.checkpoint.sharded import read_full_weights
     from tokenmill.checkpoint.weights import read_weights
     from tokenmill.finetune.grpo import grpo
 
@@ -89,5 +91,5 @@ def run_grpo(source: str, out: str, extra: tuple[str, ...], resume: Any = None) 
         "status": result.status,
         "rewards": result.rewards,
         "evals": result.evals,
-        "weights": read_weights(final),
+        "weights": read_weights(final) if (final / WEIGHTS).is_file() else read_full_weights(final),  # FSDP: shards
     }
