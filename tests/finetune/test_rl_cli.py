@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +112,21 @@ def test_write_sft_set_writes_prompt_completion_pairs(tmp_path, capsys):
     assert len(rows) == 50 and all(set(r) == {"prompt", "completion"} for r in rows)
     assert main(["rl", "--task", "addition", "--write-sft-set", str(path)]) == 2  # never overwrites
     assert len(path.read_text().splitlines()) == 50
+
+
+HELP_PROBE = """
+import runpy, sys
+sys.argv = ["tokenmill", "rl", "--help"]
+try:
+    runpy.run_module("tokenmill", run_name="__main__")
+except SystemExit:
+    pass
+print("TORCH" if any(m == "torch" or m.startswith("torch.") for m in sys.modules) else "LIGHT")
+"""
+
+
+def test_rl_help_documents_the_rl_section_without_importing_torch():
+    env = {**os.environ, "COLUMNS": "1000"}
+    proc = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.stdout.rstrip().endswith("LIGHT"), proc.stderr[-2000:]
+    assert "--rl.group_size" in proc.stdout and "--write-sft-set" in proc.stdout
