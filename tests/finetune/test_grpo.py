@@ -85,3 +85,15 @@ def test_two_gloo_ranks_equal_one_process(source, tmp_path, strategy):
         assert ranks[0]["evals"][step] == pytest.approx(metrics, abs=1e-12)
     for key, value in single["weights"].items():
         torch.testing.assert_close(ranks[0]["weights"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_control_stop_request_saves_and_ends_the_run_then_resume_finishes(source, tmp_path, monkeypatch):
+    out = tmp_path / "rl"
+    monkeypatch.setenv("RL_STOP_RUN", str(out))
+    stopping = ("--rl.steps=3", "--rl.rewards=[rl_rewards:stop_during_first_step,position_match]")
+    stopped = run_grpo(str(source), str(out), stopping)
+    assert stopped["status"] == "stopped" and len(stopped["rewards"]) == 1
+    saved = read_jsonl(out / "metrics.jsonl", "checkpoint")
+    assert [(e["step"], e["reason"]) for e in saved] == [(1, "stop")]
+    finished = run_grpo(str(source), str(out), ("--rl.steps=3", "--rl.rewards=[position_match]"), resume=True)
+    assert finished["status"] == "completed" and len(finished["rewards"]) == 2
