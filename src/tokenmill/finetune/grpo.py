@@ -28,7 +28,7 @@ from tokenmill.checkpoint.values import capture_rng, restore_rng
 from tokenmill.config import Config
 from tokenmill.errors import UserError
 from tokenmill.finetune.objective import PolicyLoss, group_advantages, token_logprobs, zero_std_groups
-from tokenmill.finetune.rewards import WeightedReward, build_rewards, call_reward, score
+from tokenmill.finetune.rewards import WeightedReward, build_rewards, call_reward, parse_reward, score
 from tokenmill.finetune.rollout import (
     Rollout,
     build_batches,
@@ -362,8 +362,6 @@ def _pad_id(tokenizer: Any) -> int:
 
 def _correct(task: Task, prompts: list[str], answers: Rollout, fields: dict[str, list]) -> list[float]:
     """The task's `correct` reward, when rl.rewards does not include it."""
-    from tokenmill.finetune.rewards import parse_reward
-
     return call_reward(parse_reward(task.correct), prompts, answers.texts, fields)
 
 
