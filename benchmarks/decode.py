@@ -2,27 +2,34 @@
 
     OMP_NUM_THREADS=1 python benchmarks/decode.py [--models tiny,gpt2-124m] [--batches 1,8] [--rounds 3]
 
-For each preset (random init, fp32, CPU) and batch size, every method generates `--new-tokens` tokens per row
-greedily after a `--prompt-tokens` prompt (random ids, the same for every method):
-- kv cache: `tokenmill.generation.Generator` (prefill, then one token per step; detokenizes as it goes);
-- kv compiled: the same with `compile=True` (static cache, decode step compiled by Inductor; compile time is
-  in the warm-up, not in the timing);
-- full recompute: the whole sequence through `model(ids, last_only=True)` for every new token, which is what
-  tokenmill's sampler did before the cache. Its step time grows with the length, so it is timed at
-  `--recompute-points` evenly spaced lengths and integrated (trapezoid rule) over all steps;
-- transformers: `generate(do_sample=False, min_new_tokens=N)` on the same weights (`tokenmill.interop.hf.to_hf`).
+For each device (the CPU, and a CUDA GPU when one is present), preset (random init, fp32) and batch size, every
+method generates `--new-tokens` tokens per row greedily after a `--prompt-tokens` prompt (random ids, the same
+for every method):
+- kv cache: `tokenmill.generation.Generator` (prefill, then one token per step; detokenizes as it goes), given
+  the model as `tokenmill generate` does (`exclusive=True`: on a CPU the weights are stored column-major);
+- kv compiled: the same with `compile=True` (static cache, decode step compiled by Inductor, CUDA graphs on a
+  GPU; compile time is in the warm-up, not in the timing);
+- full recompute: the whole sequence through `model(ids, last_only=True)` and an argmax for every new token,
+  which is what tokenmill's sampler did before the cache, on the model as built (contiguous weights). Its step
+  time grows with the length, so it is timed at `--recompute-points` evenly spaced lengths and integrated
+  (trapezoid rule) over all steps;
+- transformers: `generate(do_sample=False, min_new_tokens=N)` on the same weights (`tokenmill.interop.hf.to_hf`,
+  the exported model's classes and layout).
 EOS is disabled for every method (random weights emit it at random), so each row produces exactly N tokens.
-Tokens/s = rows x new tokens / seconds (prefill included), where seconds are the process's CPU time: with one
-torch thread that is the work done, less affected by other jobs on a shared machine (wall time there measures
-the neighbours). kv cache, transformers and kv compiled run back to back in each of `--rounds` rounds; the
-table shows the median round, and kv / transformers is the median of the per-round ratios.
+Tokens/s = rows x new tokens / seconds (prefill included). On the CPU, seconds are the process's CPU time: with
+one torch thread that is the work done, less affected by other jobs on a shared machine (wall time there
+measures the neighbours); on a GPU, wall time after a synchronize. All methods run back to back in each of
+`--rounds` rounds; the table shows the median round, and the ratios are medians of the per-round ratios (two
+methods in one round ran under the same machine load).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -64,22 +71,26 @@ def build(preset: str) -> torch.nn.Module:
     return tokenmill.create_model({**cfg.__dict__, **overrides}).eval()
 
 
-def clock() -> float:
-    """Process CPU seconds (see the module docstring: with one thread, free of other jobs' interference)."""
+def clock(device: torch.device) -> float:
+    """CPU: process CPU seconds (see the module docstring); GPU: wall seconds once queued work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
     return time.process_time()
 
 
-def cpu_seconds(fn: Callable[[], object]) -> float:
-    start = clock()
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    start = clock(device)
     fn()
-    return clock() - start
+    return clock(device) - start
 
 
 def kv_cache_runner(model, prompts: torch.Tensor, new: int, compile_: bool = False) -> Callable[[], object]:
     """A warmed-up call generating `new` tokens per prompt with the engine (compiling first if asked)."""
     from tokenmill.generation import Generator, SamplingParams
 
-    gen = Generator(model, NoEosTokenizer(model.cfg.vocab_size), max_batch_size=prompts.shape[0], compile=compile_)
+    tokenizer = NoEosTokenizer(model.cfg.vocab_size)
+    gen = Generator(model, tokenizer, max_batch_size=prompts.shape[0], compile=compile_, exclusive=True)
     params = SamplingParams(max_new_tokens=new, temperature=0)
     ids = prompts.tolist()
     warm = gen.generate(ids, params)  # warm-up: allocates the cache (and compiles)
@@ -93,6 +104,7 @@ def transformers_runner(model, prompts: torch.Tensor, new: int) -> Callable[[], 
     from tokenmill.interop.hf import to_hf
 
     hf = to_hf(model)
+    prompts = prompts.to(model.output_weight().device)
     kwargs = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new, "pad_token_id": 0, "eos_token_id": None}
 
     @torch.inference_mode()
@@ -104,35 +116,43 @@ def transformers_runner(model, prompts: torch.Tensor, new: int) -> Callable[[], 
     return run
 
 
-def paired_rounds(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """CPU seconds of each runner in `rounds` rounds; within a round the runners go back to back, so a ratio
-    of two runners' times in one round compares them under the same machine load."""
+def recompute_timer(model, prompts: torch.Tensor, new: int, points: int) -> Callable[[], float]:
+    """A function returning the seconds of `new` full-recompute steps, integrated from `points` timed lengths."""
+    device = model.output_weight().device
+    B, P = prompts.shape
+    lengths = [P + round(i * (new - 1) / (points - 1)) for i in range(points)]
+    inputs = [
+        torch.randint(0, model.cfg.vocab_size, (B, n), generator=torch.Generator().manual_seed(n)).to(device)
+        for n in lengths
+    ]
+
+    @torch.inference_mode()
+    def timed() -> float:
+        step = [seconds(lambda ids=ids: model(ids, last_only=True)[:, -1].argmax(-1), device) for ids in inputs]
+        # trapezoid over step index: step k runs on length P + k, k = 0 .. new-1; it covers new-1 intervals,
+        # and the one step more is the mean of the two ends
+        pairs = zip(itertools.pairwise(lengths), itertools.pairwise(step), strict=True)
+        total = sum((t0 + t1) / 2 * (l1 - l0) for (l0, l1), (t0, t1) in pairs)
+        return total + (step[0] + step[-1]) / 2
+
+    with torch.inference_mode():
+        model(inputs[0], last_only=True)  # warm-up
+    return timed
+
+
+def paired_rounds(
+    runners: dict[str, Callable[[], object]], rounds: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds of each runner in `rounds` rounds; within a round the runners go back to back, so a ratio of two
+    runners' times in one round compares them under the same machine load. A runner returning a float (the
+    recompute timer) reports its own seconds."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
-            times[name].append(cpu_seconds(run))
+            start = clock(device)
+            out = run()
+            times[name].append(out if isinstance(out, float) else clock(device) - start)
     return times
-
-
-@torch.inference_mode()
-def time_recompute(model, prompts: torch.Tensor, new: int, points: int) -> float:
-    """Seconds for `new` full-recompute steps, integrated from steps timed at `points` lengths."""
-    B, P = prompts.shape
-    lengths = [P + round(i * (new - 1) / (points - 1)) for i in range(points)]
-    model(prompts, last_only=True)  # warm-up
-    step = []
-    for length in lengths:
-        ids = torch.randint(0, model.cfg.vocab_size, (B, length), generator=torch.Generator().manual_seed(length))
-        start = clock()
-        model(ids, last_only=True)[:, -1].argmax(-1)
-        step.append(clock() - start)
-    # trapezoid over step index: step k runs on length P + k, k = 0 .. new-1
-    total = 0.0
-    for (l0, t0), (l1, t1) in zip(
-        zip(lengths, step, strict=False), zip(lengths[1:], step[1:], strict=False), strict=False
-    ):
-        total += (t0 + t1) / 2 * (l1 - l0)
-    return total + (step[0] + step[-1]) / 2  # the trapezoid covers new-1 intervals; add one step
 
 
 def git_commit() -> str:
@@ -148,64 +168,74 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        name = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    return name
+
+
+def median_ratio(times: dict[str, list[float]], slow: str, fast: str) -> str:
+    """How many times faster `fast` ran than `slow`: the median of the per-round ratios."""
+    if slow not in times or fast not in times:
+        return "-"
+    return f"{statistics.median(s / f for s, f in zip(times[slow], times[fast], strict=True)):.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,gpt2-124m")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3, help="paired rounds (kv, transformers, compiled)")
+    parser.add_argument("--rounds", type=int, default=3, help="paired rounds (kv, compiled, transformers, recompute)")
     parser.add_argument("--recompute-points", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--devices", default="auto", help="comma-separated cpu/cuda; auto = cpu, and cuda if present")
     parser.add_argument("--skip-recompute", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled decode column")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
+    devices = args.devices.split(",") if args.devices != "auto" else ["cpu"] + ["cuda"] * torch.cuda.is_available()
+    gpu = f" | {torch.cuda.get_device_name()}" if "cuda" in devices else ""
     print(
-        f"# {datetime.date.today()} | {cpu} | {os.cpu_count()} cores, {args.threads} torch thread(s) | "
+        f"# {datetime.date.today()} | {cpu_name()} | {os.cpu_count()} cores, {args.threads} torch thread(s){gpu} | "
         f"load {os.getloadavg()[0]:.1f} | torch {torch.__version__} | transformers {transformers.__version__} | "
         f"commit {git_commit()}"
     )
-    print(f"# {args.new_tokens} new tokens per row after a {args.prompt_tokens}-token prompt, greedy, fp32, CPU")
+    print(f"# {args.new_tokens} new tokens per row after a {args.prompt_tokens}-token prompt, greedy, fp32")
     print(
-        "| model | batch | kv cache tok/s | kv compiled tok/s | full recompute tok/s | transformers tok/s | "
-        "kv / recompute | kv / transformers |"
+        "| device | model | batch | kv cache tok/s | kv compiled tok/s | full recompute tok/s | transformers tok/s | "
+        "kv / recompute | kv / transformers | compiled / transformers |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for preset in args.models.split(","):
-        model = build(preset)
-        for batch in (int(b) for b in args.batches.split(",")):
-            prompts = torch.randint(0, 256, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
-            tokens = batch * args.new_tokens
-            runners = {
-                "kv": kv_cache_runner(model, prompts, args.new_tokens),
-                "hf": transformers_runner(model, prompts, args.new_tokens),
-            }
-            if not args.no_compile:
-                runners["compiled"] = kv_cache_runner(model, prompts, args.new_tokens, compile_=True)
-            times = paired_rounds(runners, args.rounds)
-            rate = {name: tokens / statistics.median(t) for name, t in times.items()}
-            kv_vs_hf = statistics.median(h / k for k, h in zip(times["kv"], times["hf"], strict=True))
-            compiled = f"{rate['compiled']:.1f}" if "compiled" in rate else "-"
-            if args.skip_recompute:
-                full, ratio = "-", "-"
-            else:
-                full_rate = tokens / time_recompute(model, prompts, args.new_tokens, args.recompute_points)
-                full, ratio = f"{full_rate:.1f}", f"{rate['kv'] / full_rate:.1f}x"
-            print(
-                f"| {preset} | {batch} | {rate['kv']:.1f} | {compiled} | {full} | {rate['hf']:.1f} | {ratio} | "
-                f"{kv_vs_hf:.2f}x |",
-                flush=True,
-            )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for device in (torch.device(d) for d in devices):
+        for preset in args.models.split(","):
+            model = build(preset).to(device)  # as built: contiguous weights, for transformers and recompute
+            for batch in (int(b) for b in args.batches.split(",")):
+                prompts = torch.randint(0, 256, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
+                runners = {
+                    "hf": transformers_runner(model, prompts, args.new_tokens),
+                    "kv": kv_cache_runner(copy.deepcopy(model), prompts, args.new_tokens),
+                }
+                if not args.no_compile:
+                    runners["compiled"] = kv_cache_runner(copy.deepcopy(model), prompts, args.new_tokens, compile_=True)
+                if not args.skip_recompute:
+                    runners["recompute"] = recompute_timer(model, prompts, args.new_tokens, args.recompute_points)
+                times = paired_rounds(runners, args.rounds, device)
+                rate = {name: f"{batch * args.new_tokens / statistics.median(t):.1f}" for name, t in times.items()}
+                print(
+                    f"| {device.type} | {preset} | {batch} | {rate['kv']} | {rate.get('compiled', '-')} | "
+                    f"{rate.get('recompute', '-')} | {rate['hf']} | {median_ratio(times, 'recompute', 'kv')} | "
+                    f"{median_ratio(times, 'hf', 'kv')} | {median_ratio(times, 'hf', 'compiled')} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

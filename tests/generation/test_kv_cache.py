@@ -13,7 +13,9 @@ from gen_helpers import BYTE, reference_greedy, tiny_model
 
 from tokenmill.errors import UserError
 from tokenmill.generation import Generator, SamplingParams
+from tokenmill.model.attention import SDPABackend
 from tokenmill.model.kv_cache import KVCache, cached_causal_mask
+from tokenmill.model.position import apply_rope, apply_rope_rolled, rolled_rope_tables
 
 MAX = 48
 GRID = list(itertools.product(["rope", "learned"], [0, 2], [False, True], [1, 7, MAX - 8]))
@@ -123,3 +125,23 @@ def test_bf16_autocast_writes_into_an_fp32_cache():
     with torch.no_grad():
         full = model(idx)[:, 4:]
     torch.testing.assert_close(cached.float(), full, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rolled_rope_of_the_cached_path_equals_the_training_rope_bit_for_bit(dtype):
+    model = tiny_model(position="rope")
+    positions = torch.tensor([[0, 5, 17], [3, 3, 40]])
+    x = torch.randn(2, 3, 4, model.cfg.resolved_head_dim()).to(dtype)  # (B, T, H, hd)
+    half = model.rope.tables(positions)
+    rolled = apply_rope_rolled(x, *rolled_rope_tables(*half))
+    assert rolled.dtype == dtype
+    torch.testing.assert_close(rolled, apply_rope(x, *half), atol=0, rtol=0)
+    assert not torch.equal(rolled, x)  # positions > 0 really rotate
+
+
+def test_sdpa_cached_mask_is_additive_with_the_bottom_right_rule():
+    positions = torch.tensor([[2, 3], [0, 1]])
+    mask = SDPABackend().prepare_cached(positions, span=4)
+    assert mask.dtype == torch.float32
+    assert torch.equal(mask == 0, cached_causal_mask(positions, span=4))
+    assert torch.isinf(mask[mask != 0]).all() and (mask[mask != 0] < 0).all()

@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.checkpoint, args.which)
     model = load_model(args.checkpoint, device=args.device or default_device(), which=args.which)
-    generator = Generator(model, tokenizer)
+    generator = Generator(model, tokenizer, exclusive=True)  # the model was loaded for this command only
     ids = []
     for number, prompt in enumerate(prompts, start=1):  # every prompt checked before any output
         try:

@@ -52,7 +52,8 @@ def generate(
     from tokenmill.generation.engine import Generator
 
     params = sampling_params(**settings)
-    if isinstance(source, (str, Path)):
+    loaded = isinstance(source, (str, Path))  # a model loaded here is the generator's alone
+    if loaded:
         model = load_model(source, device=device or default_device(), which=which)
         tokenizer = tokenizer or load_tokenizer(source, which)
     elif tokenizer is None:
@@ -61,4 +62,5 @@ def generate(
         model = source
     if isinstance(prompts, str):
         prompts = [prompts]
-    return Generator(model, tokenizer, device=device, max_batch_size=max_batch_size).generate(prompts, params)
+    generator = Generator(model, tokenizer, device=device, max_batch_size=max_batch_size, exclusive=loaded)
+    return generator.generate(prompts, params)

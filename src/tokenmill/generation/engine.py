@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from tokenmill.errors import UserError
+from tokenmill.generation.layout import apply_column_major
 from tokenmill.generation.params import Completion, SamplingParams, StreamDelta
 from tokenmill.generation.sampling import BatchSampler
 from tokenmill.generation.text import TextStream
@@ -185,7 +186,11 @@ class Generator:
         device: str | torch.device | None = None,
         max_batch_size: int = 8,
         compile: bool = False,
+        exclusive: bool = False,
     ) -> None:
+        """`exclusive`: nothing but this generator uses `model` (loaded just to generate). On a CPU its weights
+        are then stored in the layout that decodes fastest (generation/layout.py), which a model still being
+        trained or saved must not get."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise UserError(f"max_batch_size={max_batch_size!r} is not allowed: give an integer >= 1")
         if device is not None:
@@ -194,6 +199,8 @@ class Generator:
         self.tokenizer = tokenizer
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
+        if exclusive and self.device.type == "cpu":
+            apply_column_major(model)
         self.dtype = model.output_weight().dtype
         self.max_batch_size = max_batch_size
         self.vocab_limit = min(tokenizer.vocab_size, self.cfg.vocab_size)

@@ -44,7 +44,7 @@ from tokenmill.errors import UserError
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.kv_cache import LayerKV, cached_causal_mask
 from tokenmill.model.norms import RMSNorm
-from tokenmill.model.position import apply_rope
+from tokenmill.model.position import apply_rope, apply_rope_rolled
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,15 @@ class SDPABackend(AttentionBackend):
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
         )
 
+    def prepare_cached(self, positions: torch.Tensor, span: int) -> torch.Tensor:
+        # additive (0 / -inf) fp32 mask: SDPA turns a bool mask into this in every layer, here it is done once
+        visible = cached_causal_mask(positions, span)
+        return torch.zeros(visible.shape, device=positions.device).masked_fill_(~visible, float("-inf"))
+
     def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV, mask: Any) -> torch.Tensor:
         keys, values = kv.update(k, v)  # (B, H_kv, span, hd)
+        if mask.dtype != q.dtype:  # SDPA takes a float mask of the query's dtype (bf16 under autocast)
+            mask = mask.to(q.dtype)
         B, H, T, hd = q.shape
         groups = H // keys.shape[1]
         if groups == 1:
@@ -317,8 +324,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if rope is not None:  # a cached forward gets full-width tables (position.rolled_rope_tables)
+            rotate = apply_rope if kv is None else apply_rope_rolled
+            q, k = rotate(q, *rope), rotate(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         if kv is None:
             out = self.backend.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, hd)

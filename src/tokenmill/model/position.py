@@ -85,6 +85,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+def rolled_rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-width cos, sin (..., hd/2) -> the full-width ([cos, cos], [-sin, sin]) that `apply_rope_rolled` takes.
+
+    Built once per cached forward and shared by every layer, so each layer's rotation costs four ops instead of
+    eight (a one-token decode step is bound by per-op dispatch, not arithmetic).
+    """
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with full-width tables from `rolled_rope_tables`, bit for bit the same result.
+
+    x.roll(hd/2) is [x2, x1], so x * [cos, cos] + [x2, x1] * [-sin, sin] = [x1 cos - x2 sin, x2 cos + x1 sin]:
+    the same products and the same sums (a + (-b) equals a - b exactly in IEEE arithmetic).
+    """
+    xf = x if x.dtype == torch.float32 else x.float()
+    out = xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 @dataclass(frozen=True)
 class PositionKind:
     """What a position choice asks of the model: a learned table (`pos_emb`) and/or rotary q/k."""

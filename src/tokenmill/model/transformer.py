@@ -25,7 +25,7 @@ from tokenmill.model.ffn import FFNS
 from tokenmill.model.init import INITS
 from tokenmill.model.kv_cache import KVCache, LayerKV
 from tokenmill.model.norms import RMSNorm, build_norm
-from tokenmill.model.position import POSITIONS, RotaryEmbedding, position_ids
+from tokenmill.model.position import POSITIONS, RotaryEmbedding, position_ids, rolled_rope_tables
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
 # (h (N, d), head weight (V, d), targets (N,), ignore_index, reduction) -> loss: a fused head + cross-entropy
@@ -199,6 +199,7 @@ class Transformer(nn.Module):
             for block in self.blocks:
                 x = block(x, ctx)
             return x
+        rope = rolled_rope_tables(*rope) if rope is not None else None  # what Attention's cached path takes
         ctx = BlockContext(rope=rope, mask=self.backend.prepare_cached(positions, cache.span))
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # (B, 1), shared by every layer
         for i, block in enumerate(self.blocks):

@@ -82,7 +82,7 @@ def load_served_model(path: str | Path, device: str | None = None, max_batch: in
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(folder, device=device)
     tokenizer = load_tokenizer(folder)
-    generator = Generator(model, tokenizer, device=device, max_batch_size=max_batch)
+    generator = Generator(model, tokenizer, device=device, max_batch_size=max_batch, exclusive=True)
     return ServedModel(
         generator,
         tokenizer,
