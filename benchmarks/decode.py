@@ -186,7 +186,7 @@ def median_ratio(times: dict[str, list[float]], slow: str, fast: str) -> str:
     return f"{statistics.median(s / f for s, f in zip(times[slow], times[fast], strict=True)):.2f}x"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,gpt2-124m")
     parser.add_argument("--batches", default="1,8")
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--devices", default="auto", help="comma-separated cpu/cuda; auto = cpu, and cuda if present")
     parser.add_argument("--skip-recompute", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled decode column")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
 

@@ -1,0 +1,37 @@
+"""benchmarks/decode.py runs end to end on a tiny budget and prints one table row per model and batch, with every
+method's rate and the paired ratios (the speed goals themselves are read from its full run, never asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
+
+
+@pytest.fixture(scope="module")
+def decode_benchmark():
+    spec = importlib.util.spec_from_file_location("decode_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_the_decode_benchmark_prints_a_row_per_model_and_batch(decode_benchmark, capsys):
+    argv = ["--models", "tiny", "--batches", "1,2", "--new-tokens", "3", "--rounds", "1", "--recompute-points", "2"]
+    decode_benchmark.main([*argv, "--devices", "cpu", "--no-compile"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu |")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["tiny", "1"], ["tiny", "2"]]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        kv, compiled, recompute, hf = cells[3:7]
+        assert float(kv) > 0 and float(recompute) > 0 and float(hf) > 0 and compiled == "-"
+        assert all(re.fullmatch(r"\d+\.\d\dx", ratio) for ratio in cells[7:9]) and cells[9] == "-"
