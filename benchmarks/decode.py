@@ -19,8 +19,9 @@ EOS is disabled for every method (random weights emit it at random), so each row
 Tokens/s = rows x new tokens / seconds (prefill included). On the CPU, seconds are the process's CPU time: with
 one torch thread that is the work done, less affected by other jobs on a shared machine (wall time there
 measures the neighbours); on a GPU, wall time after a synchronize. All methods run back to back in each of
-`--rounds` rounds; the table shows the median round, and the ratios are medians of the per-round ratios (two
-methods in one round ran under the same machine load).
+`--rounds` rounds; the table shows the median round, the ratios are medians of the per-round ratios (two
+methods in one round ran under the same machine load), and `round spread` is the noise band: the largest
+slowest / fastest round - 1 of any method.
 """
 
 from __future__ import annotations
@@ -186,6 +187,11 @@ def median_ratio(times: dict[str, list[float]], slow: str, fast: str) -> str:
     return f"{statistics.median(s / f for s, f in zip(times[slow], times[fast], strict=True)):.2f}x"
 
 
+def spread(times: dict[str, list[float]]) -> float:
+    """The noise band: the largest relative spread (slowest / fastest round - 1) of any method."""
+    return max(max(t) / min(t) - 1 for t in times.values())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,gpt2-124m")
@@ -212,9 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {args.new_tokens} new tokens per row after a {args.prompt_tokens}-token prompt, greedy, fp32")
     print(
         "| device | model | batch | kv cache tok/s | kv compiled tok/s | full recompute tok/s | transformers tok/s | "
-        "kv / recompute | kv / transformers | compiled / transformers |"
+        "kv / recompute | kv / transformers | compiled / transformers | round spread |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for device in (torch.device(d) for d in devices):
         for preset in args.models.split(","):
             model = build(preset).to(device)  # as built: contiguous weights, for transformers and recompute
@@ -233,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"| {device.type} | {preset} | {batch} | {rate['kv']} | {rate.get('compiled', '-')} | "
                     f"{rate.get('recompute', '-')} | {rate['hf']} | {median_ratio(times, 'recompute', 'kv')} | "
-                    f"{median_ratio(times, 'hf', 'kv')} | {median_ratio(times, 'hf', 'compiled')} |",
+                    f"{median_ratio(times, 'hf', 'kv')} | {median_ratio(times, 'hf', 'compiled')} | "
+                    f"{spread(times):.0%} |",
                     flush=True,
                 )
 
