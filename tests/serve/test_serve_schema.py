@@ -144,7 +144,7 @@ def test_chat_template_file_named_templates_and_end_of_turn(tmp_path):
     template = find_chat_template(tmp_path, tokenizer)
     assert template.render([]) == "1" and end_of_turn_stops(template, tokenizer) == ("<|end|>",)
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('only user turns') }}")
-    with pytest.raises(APIError, match="only user turns"):
+    with pytest.raises(UserError, match="only user turns"):
         find_chat_template(tmp_path, tokenizer).render([{"role": "system", "content": "x"}])
     (tmp_path / "chat_template.jinja").write_text("{% for %}")
     with pytest.raises(UserError, match="not valid Jinja"):
@@ -153,5 +153,5 @@ def test_chat_template_file_named_templates_and_end_of_turn(tmp_path):
 
 def test_chat_template_is_sandboxed(tmp_path):
     (tmp_path / "chat_template.jinja").write_text("{{ messages.__class__.__mro__ }}")
-    with pytest.raises(APIError, match="refused"):
+    with pytest.raises(UserError, match="refused"):
         find_chat_template(tmp_path, Tokenizer.byte()).render([])

@@ -246,6 +246,32 @@ def test_init_from_then_sft_from_the_cli_records_the_chat_template(tmp_path):
     assert encode_chat_prompt(TOK, served.render(messages[:1])) == TOK.encode(trained_prompt.text)
 
 
+def test_generate_chat_answers_through_the_recorded_template(tmp_path, capsys):
+    pretrained = tmp_path / "pretrained"
+    assert main(cli_args(pretrained, 2)) == 0
+    run = tmp_path / "sft"
+    assert main(cli_args(run, 2, *sft_overrides(tmp_path), f"train.init_from={pretrained}")) == 0
+    capsys.readouterr()
+    question = "what is 2+2?"
+    greedy = ["--max-tokens", "5", "--temperature", "0"]
+    assert main(["generate", str(run), "--prompt", question, "--chat", *greedy]) == 0
+    answer = capsys.readouterr().out.rstrip("\n")
+
+    from tokenmill.api import load_model
+    from tokenmill.generation.engine import Generator
+    from tokenmill.generation.params import SamplingParams
+    from tokenmill.serve.chat import encode_chat_prompt, find_chat_template
+
+    folder = checkpoints(run)[-1]
+    prompt = encode_chat_prompt(TOK, find_chat_template(folder, TOK).render([{"role": "user", "content": question}]))
+    expected = Generator(load_model(folder), TOK).generate([prompt], SamplingParams(max_new_tokens=5, temperature=0))
+    assert answer == expected[0].text  # the template's prompt was fed, and only the answer printed
+
+    assert main(["generate", str(pretrained), "--prompt", question, "--chat", *greedy]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no chat template" in err[0]
+
+
 def test_export_writes_the_chat_template_into_tokenizer_config(tmp_path):
     transformers = pytest.importorskip("transformers")
     from tokenmill.interop.export import export_hf

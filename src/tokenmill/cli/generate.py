@@ -5,17 +5,21 @@
 
 Prompts come from --prompt (repeatable) or --file: one prompt per line, or in a `.jsonl` file one JSON string
 or {"prompt": ...} object per line. Each output is the prompt followed by its completion; with several, each
-gets a header line. The model and its tokenizer come from the checkpoint (or the run's latest/best one).
+gets a header line. With --chat each prompt is a user message put through the checkpoint's chat template (the one
+a fine-tuning run recorded, as `tokenmill serve` uses it) and only the answer is printed.
+The model and its tokenizer come from the checkpoint (or the run's latest/best one).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tokenmill.errors import UserError
 
@@ -93,6 +97,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=_number(int, "--n"), default=1, metavar="N", help="samples per prompt")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
     parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user message, formatted with the checkpoint's chat template (fine-tuned models)",
+    )
+    parser.add_argument(
         "--which",
         default="latest",
         metavar="latest|best",
@@ -152,18 +161,23 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).exists():
         raise UserError(f"{args.checkpoint} does not exist: give a run folder or a checkpoint folder")
 
-    from tokenmill.api import load_model, load_tokenizer
+    from tokenmill.api import find_checkpoint, load_model, load_tokenizer
     from tokenmill.generation.engine import Generator
 
     tokenizer = load_tokenizer(args.checkpoint, args.which)
+    encode = chat_encoder(find_checkpoint(args.checkpoint, args.which), tokenizer) if args.chat else None
+    if encode is not None:
+        params = dataclasses.replace(params, stop=params.stop + encode.stops)
     model = load_model(args.checkpoint, device=args.device or default_device(), which=args.which)
     generator = Generator(model, tokenizer, exclusive=True)  # the model was loaded for this command only
     ids = []
     for number, prompt in enumerate(prompts, start=1):  # every prompt checked before any output
         try:
-            ids.append(generator.prompt_ids(prompt))
+            ids.append(generator.prompt_ids(encode(prompt) if encode is not None else prompt))
         except UserError as err:
             raise UserError(f"prompt {number}: {err}" if len(prompts) > 1 else str(err)) from None
+    if encode is not None:  # print the answer only: the rendered template is not what the user typed
+        prompts = ["" for _ in prompts]
     started, produced = time.perf_counter(), 0
     if args.stream:
         for prompt, prompt_ids in zip(prompts, ids, strict=False):
@@ -183,3 +197,30 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     print(f"{produced} tokens in {seconds:.2f} s ({produced / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatEncoder:
+    """A user message -> prompt token ids through a checkpoint's chat template, and the stops ending a turn."""
+
+    template: Any
+    tokenizer: Any
+    stops: tuple[str, ...]
+
+    def __call__(self, message: str) -> list[int]:
+        from tokenmill.serve.chat import encode_chat_prompt
+
+        return encode_chat_prompt(self.tokenizer, self.template.render([{"role": "user", "content": message}]))
+
+
+def chat_encoder(checkpoint: Path, tokenizer: Any) -> ChatEncoder:
+    """The checkpoint's chat template (as `tokenmill serve` uses it); a base model has none: say so."""
+    from tokenmill.serve.chat import end_of_turn_stops, find_chat_template
+
+    template = find_chat_template(checkpoint, tokenizer)
+    if template is None:
+        raise UserError(
+            f"{checkpoint} has no chat template (a base model): drop --chat, or fine-tune it with "
+            "data.format=prompt_completion, which records one"
+        )
+    return ChatEncoder(template, tokenizer, end_of_turn_stops(template, tokenizer))

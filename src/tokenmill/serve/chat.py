@@ -11,7 +11,8 @@ template is a base model, and /v1/chat/completions answers 400 for it.
 Rendering follows transformers' `apply_chat_template` (src/transformers/utils/chat_template_utils.py): a
 sandboxed Jinja environment with trim_blocks/lstrip_blocks, `raise_exception`, `strftime_now`, and the variables
 `messages`, `add_generation_prompt=True`, `bos_token`, `eos_token`. The rendered text is tokenized with the
-special-token strings it contains mapped to their ids, as a Hugging Face tokenizer does.
+special-token strings it contains mapped to their ids, as a Hugging Face tokenizer does. Nothing here needs the
+server's packages, so `tokenmill generate --chat` uses the same code.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from tokenmill.data.chat_template import compile_template, encode_with_specials, special_token_ids
 from tokenmill.errors import UserError
-from tokenmill.serve.schema import APIError
 
 if TYPE_CHECKING:
     from tokenmill.data.tokenizer import Tokenizer
@@ -55,7 +55,7 @@ class ChatTemplate:
                 tools=None,
             )
         except TemplateError as err:  # includes raise_exception() from the template itself
-            raise APIError(400, f"the chat template refused these messages: {err}", "messages") from None
+            raise UserError(f"the chat template refused these messages: {err}") from None
 
 
 def find_chat_template(checkpoint: Path, tokenizer: Tokenizer) -> ChatTemplate | None:

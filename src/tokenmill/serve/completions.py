@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.errors import UserError
 from tokenmill.serve import schema
 from tokenmill.serve.chat import encode_chat_prompt, end_of_turn_stops
 from tokenmill.serve.metrics import RequestRecord
@@ -99,7 +100,10 @@ def plan_chat(request: schema.ChatRequest, served: ServedModel, settings: ServeS
             "top_logprobs",
         )
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in request.messages]
-    text = served.chat_template.render(messages)
+    try:
+        text = served.chat_template.render(messages)
+    except UserError as err:
+        raise APIError(400, str(err), "messages") from None
     ids = encode_chat_prompt(served.tokenizer, text)
     limits = served.limits(settings)
     budget = request.token_budget()
