@@ -34,6 +34,9 @@ class DataConfig:
         "prompt_completion: the chat template that renders messages rows and is saved with every checkpoint "
         "for serve/export: default (built in), a .jinja file, or none",
     )
+    stdlib_skip_generated: bool = opt(
+        False, "leave machine-generated files (codec maps, Unicode and number tables) out of stdlib (docs/data.md)"
+    )
     eval_sources: list[str] = opt(
         [],
         "a dedicated eval set, same syntax as data.sources (e.g. [val.jsonl]); read "

@@ -35,7 +35,8 @@ def chat_template_text(data: Any) -> str | None:
 def open_sources(data: Any, tokenizer: Tokenizer, specs: list[SourceSpec]) -> list[Source]:
     """The sources of `specs` as `data.format` reads them; SFT rows are all checked here (sft_source.py)."""
     if data.format != SFT:
-        return [open_source(s.location, data.text_field, data.stream_local_files) for s in specs]
+        skip_generated = data.stdlib_skip_generated
+        return [open_source(s.location, data.text_field, data.stream_local_files, skip_generated) for s in specs]
     text = chat_template_text(data)
     renderer = None if text is None else ChatRenderer(text, f"data.chat_template={data.chat_template}", tokenizer)
     return [open_sft_source(s.location, renderer) for s in specs]

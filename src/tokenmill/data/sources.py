@@ -17,6 +17,7 @@ Two kinds of source:
 
 from __future__ import annotations
 
+import functools
 import os
 import sysconfig
 from abc import ABC, abstractmethod
@@ -187,11 +188,15 @@ class IndexedSource(Source):
 
 
 class StdlibSource(IndexedSource):
-    """The running Python's standard library `.py` files, one document per file, sorted by path."""
+    """The running Python's standard library `.py` files, one document per file, sorted by path.
+
+    With `skip_generated`, machine-generated files (data/generated.py's content rule) are left out of the file
+    list itself, so document indices, the hash split and resume positions all refer to the kept files only.
+    """
 
     name = STDLIB
 
-    def __init__(self) -> None:
+    def __init__(self, skip_generated: bool = False) -> None:
         root = Path(sysconfig.get_paths()["stdlib"])
         files = []
         for folder, dirs, names in os.walk(root):
@@ -203,13 +208,28 @@ class StdlibSource(IndexedSource):
                 f"use a local data.sources path instead"
             )
         self.files = sorted(files)
+        if skip_generated:
+            generated = _generated_files(tuple(self.files))
+            self.files = [f for f in self.files if f not in generated]
         self.root = root
 
     def __len__(self) -> int:
         return len(self.files)
 
     def text(self, i: int) -> str:
-        return self.files[i].read_bytes().decode("utf-8", "replace")  # U+FFFD counted by DocReader._clean
+        return _read_py(self.files[i])  # U+FFFD counted by DocReader._clean
+
+
+def _read_py(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=4)
+def _generated_files(files: tuple[Path, ...]) -> frozenset[Path]:
+    """The machine-generated files among `files`; cached because a run opens its sources several times."""
+    from tokenmill.data.generated import is_generated
+
+    return frozenset(f for f in files if is_generated(_read_py(f)))
 
 
 class ArrowSource(IndexedSource):
@@ -276,15 +296,18 @@ def _indexed_local(path: Path, text_field: str) -> ArrowSource:
     return ArrowSource(str(path), ds, "text" if kind == "text" else text_field)
 
 
-def open_source(location: str, text_field: str = "text", stream_local: bool = False) -> Source:
+def open_source(
+    location: str, text_field: str = "text", stream_local: bool = False, skip_generated: bool = False
+) -> Source:
     """Resolve a data.sources location: stdlib, a Hub shortcut, a local path, or a Hub repo[@config].
 
-    `stream_local` reads local txt/jsonl/parquet files as a stream instead of converting them to Arrow.
+    `stream_local` reads local txt/jsonl/parquet files as a stream instead of converting them to Arrow;
+    `skip_generated` leaves machine-generated files out of `stdlib` (data.stdlib_skip_generated).
     """
     from tokenmill.data import streams  # streams.py builds on this module
 
     if location == STDLIB:
-        return StdlibSource()
+        return StdlibSource(skip_generated)
     if location in HUB_SHORTCUTS:
         hub = HUB_SHORTCUTS[location]
         field = text_field if text_field != "text" else hub.text_field

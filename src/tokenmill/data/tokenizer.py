@@ -297,12 +297,16 @@ def build_tokenizer(data_cfg: Any, cache_dir: str | os.PathLike) -> Tokenizer:
             str(shards) if (shards / "tokenizer.json").is_file() else read_manifest(shards)["tokenizer"]["spec"]
         )
     chars = getattr(data_cfg, "tokenizer_train_chars", 0)
-    key = _short_hash(json.dumps([spec.location, data_cfg.text_field, data_cfg.tokenizer_vocab_size, chars]))
+    skip_generated = getattr(data_cfg, "stdlib_skip_generated", False)
+    key_parts = [spec.location, data_cfg.text_field, data_cfg.tokenizer_vocab_size, chars]
+    key = _short_hash(json.dumps(key_parts + ["skip_generated"] if skip_generated else key_parts))
     folder = Path(cache_dir) / f"tokenizer-bpe{data_cfg.tokenizer_vocab_size}-{key}"
     if (folder / "tokenizer.json").is_file():
         return Tokenizer.from_file(folder)
     # the loader reads the same source the same way, so a local file is converted to Arrow once for both
-    source = open_source(spec.location, data_cfg.text_field, getattr(data_cfg, "stream_local_files", False))
+    source = open_source(
+        spec.location, data_cfg.text_field, getattr(data_cfg, "stream_local_files", False), skip_generated
+    )
     texts = source.iter_texts(max_chars=chars or None)
     return train_bpe(texts, data_cfg.tokenizer_vocab_size, folder, progress=True)
 
