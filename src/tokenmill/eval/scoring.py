@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenmill.model.transformer import head_logits
+
 
 @torch.no_grad()
 def target_logprobs(
@@ -24,7 +26,7 @@ def target_logprobs(
     model.eval()
     try:
         hidden = model.hidden(inputs)  # (B, T, d)
-        logits = F.linear(hidden[rows, positions], model.output_weight()).float()  # (n, V)
+        logits = head_logits(hidden[rows, positions], model.output_weight(), model.cfg.logit_softcap).float()  # (n, V)
     finally:
         model.train(was_training)
     target = torch.tensor(targets, dtype=torch.long, device=logits.device)

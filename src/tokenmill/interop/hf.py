@@ -28,7 +28,14 @@ HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "
 ARCHITECTURES = tuple(HF_CLASSES)
 
 # tokenmill activation -> GPT2Config.activation_function, and the HF names read back.
-_GPT2_ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "leaky_relu": "leaky_relu"}
+_GPT2_ACT_TO_HF = {
+    "gelu_tanh": "gelu_new",
+    "gelu": "gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "leaky_relu": "leaky_relu",
+    "relu2": "relu2",  # transformers' ReLUSquaredActivation
+}
 _GPT2_ACT_FROM_HF = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
@@ -38,6 +45,7 @@ _GPT2_ACT_FROM_HF = {
     "silu": "silu",
     "swish": "silu",
     "leaky_relu": "leaky_relu",
+    "relu2": "relu2",
 }
 
 
@@ -191,6 +199,7 @@ def check_exportable(cfg: ModelConfig) -> str:
         [
             (cfg.norm_position == "pre", "model.norm_position must be pre (HF blocks are pre-norm)"),
             (_residual_alpha(cfg) == 1.0, f"model.init={cfg.init} scales the residual stream, HF does not"),
+            (cfg.logit_softcap == 0, f"model.logit_softcap={cfg.logit_softcap}: {arch} has no logit soft-capping"),
             *_TO_HF[arch][0](cfg),
         ],
         arch,

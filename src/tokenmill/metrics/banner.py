@@ -15,7 +15,7 @@ import torch
 
 GIB = 2**30
 BANNER_MFU = 0.5  # the "expected tokens/s" line assumes this model FLOPs utilisation
-SECTIONS = ("model", "training", "hardware", "theoretical")
+SECTIONS = ("model", "training", "recipe", "hardware", "theoretical")
 # Console labels for keys too long for an 80-column table (the JSONL keeps the keys).
 LABELS = {
     "params_non_embedding": "params non-emb",
@@ -32,6 +32,7 @@ LABELS = {
     "log_every_steps": "log every",
     "eval_every_steps": "eval every",
     "checkpoint_every_steps": "save every",
+    "optimizer_groups": "groups",
 }
 
 
@@ -127,6 +128,7 @@ def build_banner(
             "tokens_per_param": plan.total_tokens / max(counts["total"], 1),
             "resumed_from": str(resumed_from) if resumed_from is not None else None,
         },
+        "recipe": recipe_lines(cfg, plan),
         "hardware": {
             "device": device.type,
             "device_name": device_name,
@@ -156,6 +158,18 @@ def build_banner(
             checkpoint_every_steps=cadence.checkpoint_every,
         )
     return Banner(info)
+
+
+def recipe_lines(cfg: Any, plan: Any) -> dict[str, str]:
+    """The effective recipe: each optimizer group with its LR (after sqrt batch scaling), and the LR schedule."""
+    from tokenmill.optim.optimizers import scaled_lr
+    from tokenmill.optim.recipe import describe_groups, describe_schedule
+
+    lr_scale = scaled_lr(1.0, plan.global_batch_sequences, cfg.optim.lr_sqrt_batch_scaling)
+    return {
+        "optimizer_groups": describe_groups(cfg.optim, cfg.model.d_model, cfg.model.tie_embeddings, lr_scale),
+        "schedule": describe_schedule(cfg.schedule, plan.total_steps, plan.tokens_per_step),
+    }
 
 
 def fp8_line(mode: str) -> str:

@@ -14,7 +14,7 @@ NORM_NAMES = ("layernorm", "layernorm_nobias", "rmsnorm")
 NORM_POSITION_NAMES = ("pre", "post")
 POSITION_NAMES = ("learned", "rope", "none")
 FFN_NAMES = ("mlp", "swiglu")
-ACTIVATION_NAMES = ("gelu", "gelu_tanh", "silu", "relu", "leaky_relu")
+ACTIVATION_NAMES = ("gelu", "gelu_tanh", "silu", "relu", "leaky_relu", "relu2")
 ATTENTION_NAMES = ("sdpa", "eager", "flex", "flash_attn")
 INIT_NAMES = ("normal", "fan_in", "deepnet")
 
@@ -37,7 +37,7 @@ class ModelConfig:
     ffn: str = opt("swiglu", "feed-forward type (FFNS): mlp or swiglu")
     activation: str = opt(
         "silu",
-        "activation of the mlp FFN (ACTIVATIONS): gelu, gelu_tanh, silu, relu, leaky_relu; "
+        "activation of the mlp FFN (ACTIVATIONS): gelu, gelu_tanh, silu, relu, leaky_relu, relu2 (relu squared); "
         "swiglu always gates with silu",
     )
     ffn_mult: float = opt(4.0, "mlp hidden = ffn_mult x d_model (swiglu: 2/3 of that, rounded)")
@@ -54,6 +54,8 @@ class ModelConfig:
         "(DeepNorm; needs norm_position=post)",
     )
     init_std: float = opt(0.02, "std of the normal init for linears and embeddings")
+    logit_softcap: float = opt(0.0, "cap logits smoothly at +-c: c * tanh(logits / c); 0 = off")
+    z_loss: float = opt(0.0, "training only: add z_loss x mean(logsumexp(logits)^2) to the loss; 0 = off")
 
     def kv_heads(self) -> int:
         """Key/value head count with the 0 = MHA default resolved."""
@@ -76,6 +78,7 @@ class ModelConfig:
         require_positive(self, "model", "n_layers", "d_model", "n_heads", "max_seq_len", "norm_eps", "rope_theta")
         require_positive(self, "model", "n_kv_heads", "head_dim", "vocab_size", "ffn_hidden", allow_zero=True)
         require_positive(self, "model", "vocab_multiple_of", "multiple_of", "ffn_mult", "init_std")
+        require_positive(self, "model", "logit_softcap", "z_loss", allow_zero=True)
         require(
             self.d_model % self.n_heads == 0 or self.head_dim > 0,
             "model.n_heads",

@@ -17,6 +17,12 @@ from torch import nn
 
 from tokenmill.model.config import ModelConfig
 
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (So et al. 2021, "Primer", arXiv:2109.08668): sparse like ReLU, smooth at 0; HF calls it relu2."""
+    return F.relu(x).square()
+
+
 # The keys are ACTIVATION_NAMES in model/config.py, the names config validation accepts (a test keeps them equal).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact erf GELU (Hendrycks & Gimpel 2016)
@@ -24,6 +30,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "relu": F.relu,
     "leaky_relu": F.leaky_relu,  # negative slope 0.01
+    "relu2": relu_squared,
 }
 
 

@@ -222,7 +222,7 @@ class Transformer(nn.Module):
         x = self.trunk(idx, doc_ids, positions, cache)
         if last_only:
             x = x[:, -1:]  # final norm and head on one position only
-        return F.linear(self.norm(x), self.output_weight())
+        return head_logits(self.norm(x), self.output_weight(), self.cfg.logit_softcap)
 
     def next_logits(
         self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor | None = None
@@ -235,7 +235,7 @@ class Transformer(nn.Module):
         x = self.trunk(idx, None, positions, cache)  # (B, T, d)
         # (B, d): each row's last position, or the given one per row
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
-        return F.linear(self.norm(x), self.output_weight())
+        return head_logits(self.norm(x), self.output_weight(), self.cfg.logit_softcap)
 
     # -- loss -------------------------------------------------------------------------------------------
 
@@ -257,6 +257,7 @@ class Transformer(nn.Module):
         cross-entropy over chunks of chunk_size tokens, recomputing each chunk's logits in backward, so full
         (B, T, V) fp32 logits never exist; values and gradients equal the plain path. `head_loss(h, weight,
         targets, ignore_index, reduction)` replaces both with a fused head + loss kernel (tokenmill.levers.fused_loss).
+        `model.logit_softcap` caps the logits and `model.z_loss` adds its term on every path but the fused one.
         """
         if reduction not in ("mean", "sum"):
             raise UserError(f"loss reduction={reduction!r} is not allowed: choose mean or sum")
@@ -264,23 +265,44 @@ class Transformer(nn.Module):
         h = self.hidden(inputs, None if doc_ids is None else doc_ids[:, :-1])
         weight = self.output_weight()
         flat_h, flat_t = h.flatten(0, 1), targets.flatten()  # (B*T, d), (B*T,)
+        softcap, z_loss = self.cfg.logit_softcap, self.cfg.z_loss
         if head_loss is not None:
+            if softcap or z_loss:
+                raise UserError(
+                    "a fused head + loss kernel has no logit soft-capping or z-loss: set train.loss_impl=chunked "
+                    "(or model.logit_softcap=0 and model.z_loss=0)"
+                )
             return head_loss(flat_h, weight, flat_t, ignore_index, reduction)
         if chunk_size <= 0:
-            return F.cross_entropy(
-                F.linear(flat_h, weight).float(), flat_t, ignore_index=ignore_index, reduction=reduction
-            )
-        total = flat_h.new_zeros((), dtype=torch.float32)
-        for start in range(0, flat_h.shape[0], chunk_size):
-            stop = start + chunk_size
-            total = total + checkpoint(
-                _chunk_loss_sum, flat_h[start:stop], weight, flat_t[start:stop], ignore_index, use_reentrant=False
-            )
+            total = _chunk_loss_sum(flat_h, weight, flat_t, ignore_index, softcap, z_loss)
+        else:
+            total = flat_h.new_zeros((), dtype=torch.float32)
+            for start in range(0, flat_h.shape[0], chunk_size):
+                stop = start + chunk_size
+                chunk = (flat_h[start:stop], weight, flat_t[start:stop], ignore_index, softcap, z_loss)
+                total = total + checkpoint(_chunk_loss_sum, *chunk, use_reentrant=False)
         if reduction == "sum":
             return total
         return total / (flat_t != ignore_index).sum()
 
 
-def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Summed cross-entropy of one chunk: (n, d) hidden -> (n, V) logits in fp32 -> scalar."""
-    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index, reduction="sum")
+def head_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float = 0.0) -> torch.Tensor:
+    """(..., d) hidden -> (..., V) logits, soft-capped to (-c, c) by c * tanh(logits / c) when c > 0
+    (Gemma 2 report, arXiv:2408.00118, section 2; modded-nanogpt caps its logits the same way)."""
+    logits = F.linear(h, weight)
+    return logits if softcap <= 0 else softcap * torch.tanh(logits / softcap)
+
+
+def _chunk_loss_sum(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: float, z_loss: float
+) -> torch.Tensor:
+    """Summed cross-entropy of one chunk: (n, d) hidden -> (n, V) logits in fp32 -> scalar.
+
+    z_loss > 0 adds z_loss x logsumexp(logits)^2 per valid target, which keeps the softmax normaliser near 1
+    (PaLM, Chowdhery et al. 2022, arXiv:2204.02311, section 5: weight 1e-4)."""
+    logits = head_logits(h, weight, softcap).float()  # (n, V)
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    if z_loss > 0:
+        valid = targets != ignore_index
+        loss = loss + z_loss * torch.logsumexp(logits[valid], dim=-1).square().sum()
+    return loss

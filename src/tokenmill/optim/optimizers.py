@@ -24,6 +24,8 @@ from tokenmill.optim.param_groups import (
     named_trainable,
     parameter_roles,
 )
+from tokenmill.optim.recipe import role_lrs
+from tokenmill.parallel.wrappers import unwrap
 
 
 def scaled_lr(lr: float, global_batch_sequences: int, enabled: bool) -> float:
@@ -37,6 +39,16 @@ def scaled_lr(lr: float, global_batch_sequences: int, enabled: bool) -> float:
     return lr * math.sqrt(global_batch_sequences)
 
 
+def model_width(model: nn.Module) -> int:
+    """Residual width d of a (possibly wrapped) model: its config's d_model, else its widest embedding's dim."""
+    plain = unwrap(model)
+    cfg = getattr(plain, "cfg", None)
+    if cfg is not None and hasattr(cfg, "d_model"):
+        return int(cfg.d_model)
+    dims = [m.embedding_dim for m in plain.modules() if isinstance(m, nn.Embedding)]
+    return max(dims) if dims else 0
+
+
 def _params_on_device_kind(model: nn.Module) -> set[str]:
     return {p.device.type for p in model.parameters()}
 
@@ -44,7 +56,8 @@ def _params_on_device_kind(model: nn.Module) -> set[str]:
 def build_adamw(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: float) -> torch.optim.Optimizer:
     """torch AdamW; fused kernel when asked and the device/dtype supports it (CUDA, and CPU in recent torch),
     else the multi-tensor (foreach) path. Both compute the same update (tested to 1e-6)."""
-    groups = build_param_groups(model, cfg.weight_decay, **decay_switches(cfg))
+    lrs = {role: value * lr_scale for role, value in role_lrs(cfg, lr, model_width(model)).items()}
+    groups = build_param_groups(model, cfg.weight_decay, role_lrs=lrs, lr=lr * lr_scale, **decay_switches(cfg))
     kwargs: dict[str, Any] = dict(lr=lr * lr_scale, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.fused:
         try:
@@ -77,31 +90,37 @@ def build_adamw8bit(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: flo
 
 def build_muon(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: float) -> torch.optim.Optimizer:
     """Muon (lr = optim.muon_lr) for hidden matrices, AdamW (lr = optim.lr) for embeddings, head, norms and
-    biases; one optimizer whose groups carry `kind`. AdamW groups come first, so `get_last_lr()[0]` is the
-    schedule applied to `optim.lr` as with every other optimizer."""
+    biases (each role at its `role_lrs` LR); one optimizer whose groups carry `kind` and `roles`. AdamW groups
+    come first, so `get_last_lr()[0]` follows an AdamW LR as with every other optimizer."""
     from tokenmill.optim.muon import MuonWithAdamW
 
     roles = parameter_roles(model)
     params = named_trainable(model)
-    adamw = dict(betas=tuple(cfg.betas), eps=cfg.eps, lr=lr * lr_scale)
-    buckets: dict[tuple[str, bool], tuple[list[str], list[nn.Parameter]]] = {}
+    lrs = role_lrs(cfg, lr, model_width(model))
+    adamw = dict(betas=tuple(cfg.betas), eps=cfg.eps)
+    # one group per (kind, decay, lr); a group's roles share its LR
+    buckets: dict[tuple[str, bool, float], tuple[list[str], list[nn.Parameter]]] = {}
     for name, p in params.items():
         kind = "muon" if roles[name] in MUON_ROLES and p.ndim == 2 else "adamw"
-        key = (kind, decays(roles[name], **decay_switches(cfg)))
-        buckets.setdefault(key, ([], []))
-        buckets[key][0].append(name)
-        buckets[key][1].append(p)
+        group_lr = cfg.muon_lr if kind == "muon" else lrs[roles[name]]
+        names, ps = buckets.setdefault((kind, decays(roles[name], **decay_switches(cfg)), group_lr), ([], []))
+        names.append(name)
+        ps.append(p)
     groups = []
-    for (kind, decay), (names, ps) in sorted(buckets.items(), key=lambda kv: (kv[0][0] != "adamw", not kv[0][1])):
+    # AdamW first, then decay before no_decay; within those, the order roles were first seen
+    for (kind, decay, group_lr), (names, ps) in sorted(
+        buckets.items(), key=lambda kv: (kv[0][0] != "adamw", not kv[0][1])
+    ):
         group: dict[str, Any] = {"params": ps, "names": names, "kind": kind, "group": "decay" if decay else "no_decay"}
+        group["roles"] = sorted({roles[n] for n in names})
         if kind == "muon":
             group.update(
-                lr=cfg.muon_lr * lr_scale,
+                lr=group_lr * lr_scale,
                 momentum=cfg.muon_momentum,
                 weight_decay=cfg.muon_weight_decay if decay else 0.0,
             )
         else:
-            group.update(weight_decay=cfg.weight_decay if decay else 0.0, **adamw)
+            group.update(lr=group_lr * lr_scale, weight_decay=cfg.weight_decay if decay else 0.0, **adamw)
         groups.append(group)
     fused = cfg.fused and all(p.device.type in ("cuda", "cpu") for p in params.values())
     return MuonWithAdamW(groups, adamw_options={"fused": True} if fused else {})

@@ -120,22 +120,32 @@ def build_param_groups(
     *,
     decay_embeddings: bool = False,
     decay_norms_biases: bool = False,
+    role_lrs: dict[str, float] | None = None,
     **group_options: Any,
 ) -> list[dict[str, Any]]:
-    """Two optimizer groups, `decay` then `no_decay`, each carrying its `names` (empty groups are dropped).
+    """Optimizer groups, `decay` then `no_decay`, each carrying its `names` (empty groups are dropped).
 
-    `group_options` (lr, betas, ...) are copied into both groups.
+    `group_options` (lr, betas, ...) are copied into every group. `role_lrs` (role -> lr) splits a group whose
+    roles have different LRs: one group per (decay, lr), each with its `roles`, in the order first seen.
     """
     roles = parameter_roles(model)
     params = named_trainable(model)
-    groups = {"decay": ([], []), "no_decay": ([], [])}
+    base_lr = group_options.get("lr")
+    groups: dict[tuple[str, Any], tuple[list[str], list[nn.Parameter]]] = {("decay", base_lr): ([], [])}
+    groups[("no_decay", base_lr)] = ([], [])
     for name, p in params.items():
         key = "decay" if decays(roles[name], decay_embeddings, decay_norms_biases) else "no_decay"
-        groups[key][0].append(name)
-        groups[key][1].append(p)
+        lr = (role_lrs or {}).get(roles[name], base_lr)
+        names, ps = groups.setdefault((key, lr), ([], []))
+        names.append(name)
+        ps.append(p)
     out = []
-    for key, (names, ps) in groups.items():
+    for (key, lr), (names, ps) in sorted(groups.items(), key=lambda kv: kv[0][0] != "decay"):
         if ps:
             wd = weight_decay if key == "decay" else 0.0
-            out.append({"params": ps, "names": names, "weight_decay": wd, "group": key, **group_options})
+            group = {"params": ps, "names": names, "weight_decay": wd, "group": key, **group_options}
+            if lr is not None:
+                group["lr"] = lr
+            group["roles"] = sorted({roles[n] for n in names})
+            out.append(group)
     return out

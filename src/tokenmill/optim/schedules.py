@@ -22,6 +22,7 @@ import torch
 
 from tokenmill.errors import UserError
 from tokenmill.optim.config import ScheduleConfig
+from tokenmill.optim.recipe import warmup_steps
 
 Schedule = Callable[[int, int, int, ScheduleConfig, int], float]
 
@@ -161,10 +162,11 @@ class ScheduledLR(torch.optim.lr_scheduler.LRScheduler):
         self.fn = SCHEDULES[schedule_cfg.name]
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
+        self.warmup_steps = warmup_steps(schedule_cfg, tokens_per_step)
         super().__init__(optimizer)
 
     def multiplier(self, step: int) -> float:
-        return self.fn(step, self.total_steps, self.cfg.warmup_steps, self.cfg, self.tokens_per_step)
+        return self.fn(step, self.total_steps, self.warmup_steps, self.cfg, self.tokens_per_step)
 
     def get_lr(self) -> list[float]:
         m = self.multiplier(self.last_epoch)

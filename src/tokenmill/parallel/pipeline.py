@@ -145,6 +145,11 @@ def check_pipeline_config(cfg: Any) -> None:
             "train.document_masking is not supported with parallel.pp > 1 (only hidden states cross "
             "pipeline stages, so attention is causal); set train.document_masking=false"
         )
+    if cfg.model.logit_softcap or cfg.model.z_loss:
+        raise UserError(
+            "model.logit_softcap and model.z_loss are not supported with parallel.pp > 1 (the last stage ends in "
+            "plain logits); set both to 0"
+        )
 
 
 @dataclass
