@@ -123,7 +123,7 @@ def build_muon(model: nn.Module, cfg: OptimConfig, lr: float, lr_scale: float) -
             group.update(lr=group_lr * lr_scale, weight_decay=cfg.weight_decay if decay else 0.0, **adamw)
         groups.append(group)
     fused = cfg.fused and all(p.device.type in ("cuda", "cpu") for p in params.values())
-    return MuonWithAdamW(groups, adamw_options={"fused": True} if fused else {})
+    return MuonWithAdamW(groups, adamw_options={"fused": True} if fused else {})  # picks the Muon for the device
 
 
 # The keys are OPTIMIZER_NAMES in optim/config.py, the names config validation accepts (a test keeps them equal).
