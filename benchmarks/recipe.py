@@ -91,23 +91,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary trained on the train split")
     p.add_argument("--eval-fraction", type=float, default=0.02, help="share of documents held out (by hash)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument(
+        "--tokenizer-docs", type=int, default=0, help="train the BPE on the first N train documents; 0 = all"
+    )
     p.add_argument("--workdir", default="", help="folder for the tokenizer and runs; default: a temporary one")
     p.add_argument("--out", default="recipe_bench.json", help="JSON results file")
     p.add_argument("--run-one", default="", help=argparse.SUPPRESS)  # internal: one run in a child process
     return p.parse_args(argv)
 
 
-def train_tokenizer(workdir: Path, vocab: int, eval_fraction: float) -> Path:
+def train_tokenizer(workdir: Path, vocab: int, eval_fraction: float, max_docs: int = 0) -> Path:
     """BPE on the train documents of the filtered stdlib (held-out documents never shape the vocabulary)."""
+    import itertools
+
     from tokenmill.data.mixture import is_eval_doc
     from tokenmill.data.sources import StdlibSource
     from tokenmill.data.tokenizer import train_bpe
 
-    folder = workdir / f"tokenizer-bpe{vocab}-holdout{eval_fraction}"
+    folder = workdir / (f"tokenizer-bpe{vocab}-holdout{eval_fraction}" + (f"-docs{max_docs}" if max_docs else ""))
     if not (folder / "tokenizer.json").is_file():
         source = StdlibSource(skip_generated=True)
         texts = (t for t in (source.text(i) for i in range(len(source))) if not is_eval_doc(t, eval_fraction))
-        train_bpe(texts, vocab, folder, progress=False)
+        train_bpe(itertools.islice(texts, max_docs or None), vocab, folder, progress=False)
     return folder / "tokenizer.json"
 
 
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        tokenizer = train_tokenizer(workdir, args.vocab, args.eval_fraction)
+        tokenizer = train_tokenizer(workdir, args.vocab, args.eval_fraction, args.tokenizer_docs)
         results = []
         for name in names:
             for seed in seeds:
