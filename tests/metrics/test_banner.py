@@ -102,3 +102,21 @@ def test_banner_shows_the_cadence_in_steps():
     out = io.StringIO()
     banner.print(Console(file=out, width=160))
     assert "eval every" in out.getvalue()
+
+
+def test_banner_prints_the_effective_recipe():
+    cfg = load_config(
+        ["tiny"],
+        overrides=["model.vocab_size=256", "model.tie_embeddings=false", "optim.head_lr=1e-3"]
+        + ["schedule.warmup_steps=5"],
+    )
+    plan = plan_batches(4, 64, 1, 0, 0, 100, 1)
+    banner = build_banner(cfg, None, plan, precision="fp32")
+    recipe = banner.as_dict()["recipe"]
+    groups = "Muon 0.02: matrices | AdamW 0.001: head | AdamW 0.003: embeddings, norms, biases"
+    assert recipe["optimizer_groups"] == groups
+    assert recipe["schedule"] == "wsd-linear: warmup 5 steps, peak to step 80, then linearly to 0.1x at 100"
+    out = io.StringIO()
+    banner.print(Console(file=out, width=200))
+    assert f"recipe groups: {recipe['optimizer_groups']}" in out.getvalue()
+    assert f"recipe schedule: {recipe['schedule']}" in out.getvalue()

@@ -15,7 +15,8 @@ import torch
 
 GIB = 2**30
 BANNER_MFU = 0.5  # the "expected tokens/s" line assumes this model FLOPs utilisation
-SECTIONS = ("model", "training", "recipe", "hardware", "theoretical")
+SECTIONS = ("model", "training", "hardware", "theoretical")
+WIDE_SECTIONS = ("recipe",)  # values too long for the two-pair rows: printed one per line below the table
 # Console labels for keys too long for an 80-column table (the JSONL keeps the keys).
 LABELS = {
     "params_non_embedding": "params non-emb",
@@ -44,7 +45,15 @@ class Banner:
         return self.info
 
     def renderable(self) -> Any:
-        return render_banner(self.info)
+        from rich.console import Group
+        from rich.text import Text
+
+        lines = [
+            Text.assemble((f" {section} {LABELS.get(key, key)}: ", "bold cyan"), str(value))
+            for section in WIDE_SECTIONS
+            for key, value in self.info.get(section, {}).items()
+        ]
+        return Group(render_banner(self.info), *lines)
 
     def print(self, console: Any = None) -> None:
         from tokenmill.metrics.sinks import get_console
