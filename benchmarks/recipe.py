@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         r["tokens_to_target"] = tokens_to_target(r["points"], target)
         r["wall_to_target_s"] = tokens_to_target(r["points"], target, "train_wall_s")
     print_table(results, target)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    here = Path(__file__).resolve().parent
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
+    commit = git.stdout.strip() or "unknown (not a git checkout)"
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "commit": commit,
