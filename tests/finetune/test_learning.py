@@ -56,6 +56,7 @@ def test_addition_after_sft_warmup_rl_raises_heldout_exact_match(tmp_path):
         "train.micro_batch_size=16",
         "train.precision=fp32",
         "train.device=cpu",
+        "optim.name=adamw",  # the LRs here and below were tuned for AdamW, not the Muon pretraining default
         "optim.lr=3e-3",
         "schedule.warmup_steps=10",
         "eval.interval_steps=0",
@@ -76,6 +77,7 @@ def test_addition_after_sft_warmup_rl_raises_heldout_exact_match(tmp_path):
             "--rl.eval_prompts=64",
             "--rl.eval_interval_steps=0",
             "--rl.log_samples=0",
+            "--optim.name=adamw",
             f"--optim.lr={ADDITION_RL_LR}",
         ),
     )
