@@ -45,7 +45,7 @@ def test_unknown_recipe_is_one_error_line(bench, capsys):
     assert len(err) == 1 and "nope" in err[0] and "baseline" in err[0]
 
 
-@pytest.mark.slow  # two 2-step runs in child processes, a small BPE and two held-out evaluations: ~40 s
+@pytest.mark.slow  # two 2-step runs in child processes, a small BPE and two held-out evaluations: ~70 s
 def test_smoke_run_writes_table_and_json(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--recipes", "baseline,recipe", "--tokens", "4096", "--points", "2", "--vocab", "300"]
