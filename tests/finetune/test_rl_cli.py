@@ -130,3 +130,17 @@ def test_rl_help_documents_the_rl_section_without_importing_torch():
     proc = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, timeout=120, env=env)
     assert proc.stdout.rstrip().endswith("LIGHT"), proc.stderr[-2000:]
     assert "--rl.group_size" in proc.stdout and "--write-sft-set" in proc.stdout
+
+
+def test_rl_fine_tunes_with_adamw_whatever_the_pretraining_optimizer(source, tmp_path):
+    """The checkpoint's own config says Muon (the pretraining default); RL's small LRs are AdamW's."""
+    import yaml
+
+    from tokenmill.checkpoint.find import find_checkpoint
+
+    assert yaml.safe_load((find_checkpoint(source) / "config.yaml").read_text())["optim"]["name"] == "muon"
+    out = tmp_path / "rl"
+    assert main(rl_args(source, out, "--rl.steps=1", "--rl.eval_interval_steps=0")) == 0
+    assert yaml.safe_load((find_checkpoint(out) / "config.yaml").read_text())["optim"]["name"] == "adamw"
+    assert main(rl_args(source, tmp_path / "rl2", "--rl.steps=1", "--optim.name=muon")) == 0  # an override wins
+    assert yaml.safe_load((find_checkpoint(tmp_path / "rl2") / "config.yaml").read_text())["optim"]["name"] == "muon"

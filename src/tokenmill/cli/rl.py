@@ -1,7 +1,7 @@
 """`tokenmill rl --from CHECKPOINT --task TASK [--section.key=value ...]`: GRPO with verifiable rewards.
 
-The run config is the checkpoint's own (model, tokenizer, parallel layout), with RL defaults on top (a constant
-learning rate of 1e-5 without weight decay, a new out_dir) and then your overrides. `--write-sft-set PATH` writes
+The run config is the checkpoint's own (model, tokenizer, parallel layout), with RL defaults on top (AdamW at a
+constant learning rate of 1e-5 without weight decay, a new out_dir) and then your overrides. `--write-sft-set PATH` writes
 the task's supervised warm-up set instead (a jsonl of prompt/completion pairs from its training prompts).
 """
 
@@ -40,11 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def rl_defaults(task: str, source: Path) -> dict[str, Any]:
-    """What RL changes in the checkpoint's config before the user's overrides (the pretraining schedule, peak
-    LR and weight decay belong to pretraining; RL starts from the checkpoint's weights in a new folder)."""
+    """What RL changes in the checkpoint's config before the user's overrides (the pretraining optimizer, schedule,
+    peak LR and weight decay belong to pretraining: small AdamW steps keep the policy near what it knows; RL starts
+    from the checkpoint's weights in a new folder)."""
     return {
         "train": {"init_from": str(source), "out_dir": f"runs/rl-{task}"},
-        "optim": {"lr": 1e-5, "weight_decay": 0.0},
+        "optim": {"name": "adamw", "lr": 1e-5, "weight_decay": 0.0},
         "schedule": {"name": "constant", "warmup_steps": 0},
         "rl": {"task": task},
     }
