@@ -1,8 +1,8 @@
 """`tokenmill rl --from CHECKPOINT --task TASK [--section.key=value ...]`: GRPO with verifiable rewards.
 
 The run config is the checkpoint's own (model, tokenizer, parallel layout), with RL defaults on top (AdamW at a
-constant learning rate of 1e-5 without weight decay, a new out_dir) and then your overrides. `--write-sft-set PATH` writes
-the task's supervised warm-up set instead (a jsonl of prompt/completion pairs from its training prompts).
+constant learning rate of 1e-5 without weight decay, a new out_dir) and then your overrides. `--write-sft-set PATH`
+writes the task's supervised warm-up set instead (a jsonl of prompt/completion pairs from its training prompts).
 """
 
 from __future__ import annotations
