@@ -13,9 +13,13 @@ Training never runs dry: each source cycles its epochs forever, so every rank yi
 as the trainer asks and uneven shards cannot hang a collective. A slot with no documents at all fails
 loudly at its first epoch instead of spinning.
 
+Threads: with `num_workers=0` a background thread makes the batches (prefetch.py), so tokenizing overlaps
+the training step; the batches are the same as without it.
+
 Resume: `Loader.state_dict()` holds torchdata's StatefulDataLoader state, which carries each worker's
 `TokenStream.state_dict()` (source positions and epochs, document buffers, mixture draws, packing buffer,
-window buffer and its RNG counter). Loading it into a loader with the same layout yields exactly the
+window buffer and its RNG counter), plus the batches the background thread made but the trainer has not
+taken yet, which a resumed loader hands out first. Loading it into a loader with the same layout yields exactly the
 batches the old loader would have. With another layout it starts every slot at the furthest source
 position any slot reached (`cursor`, merged over workers and, under torch.distributed, over ranks), so no
 document is repeated; documents and windows that were buffered are skipped.
@@ -33,6 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from tokenmill.data.formats import build_packer, format_identity, open_sources
 from tokenmill.data.mixture import Mixture, SourceCursor, merge_cursors, parse_sources
+from tokenmill.data.prefetch import Prefetcher
 from tokenmill.data.quality import add_counts
 from tokenmill.data.shards import is_shard_dir
 from tokenmill.data.shuffle import WindowBuffer
@@ -42,6 +47,7 @@ from tokenmill.data.tokenizer import Tokenizer
 from tokenmill.errors import UserError
 
 SNAPSHOT_EVERY = 32  # batches between worker-state snapshots; resume replays at most this many (exactly)
+PREFETCH_BATCHES = 4  # batches the background thread makes ahead without workers (prefetch_factor with them)
 
 
 @runtime_checkable
@@ -231,7 +237,8 @@ class Loader:
             "document_buffer": stream.document_buffer,
         }
         self._dl = self._dataloader()
-        self._it = None
+        self._it: Iterator | None = None
+        self._ahead: list[dict[str, Any]] = []  # batches made before a checkpoint, handed out first after resume
         self._cursors: dict[int, list] = {}
         self._stats: dict[int, dict[str, Any]] = {}
         self._floor: list | None = None  # cursor loaded from a checkpoint
@@ -257,11 +264,12 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._it is None:
-            self._it = iter(self._dl)
+            it = iter(self._dl)
+            self._it = Prefetcher(it, PREFETCH_BATCHES) if self.stream.num_workers == 0 else it
         it = self._it
         while True:
             try:
-                batch = next(it)
+                batch = self._ahead.pop(0) if self._ahead else next(it)
             except StopIteration:
                 return
             except UserError as err:
@@ -278,6 +286,8 @@ class Loader:
     def close(self) -> None:
         """Stop the dataloader workers now (they also stop when the loader is garbage-collected)."""
         it, self._it = self._it, None
+        if isinstance(it, Prefetcher):
+            it.close()
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
@@ -304,13 +314,23 @@ class Loader:
         return cursor
 
     def state_dict(self) -> dict[str, Any]:
-        return make_state("text", self.identity, self.layout, dataloader=self._dl.state_dict(), cursor=self.cursor())
+        it = self._it
+        if not isinstance(it, Prefetcher):
+            return self._state(list(self._ahead))
+        with it.paused() as made:  # the thread is between two batches: the dataloader state matches `made`
+            return self._state([*self._ahead, *(dict(batch) for batch in made)])
+
+    def _state(self, ahead: list[dict[str, Any]]) -> dict[str, Any]:
+        return make_state(
+            "text", self.identity, self.layout, dataloader=self._dl.state_dict(), cursor=self.cursor(), ahead=ahead
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         exact = same_layout(state, "text", self.identity, self.layout)
-        self._it = None
+        self.close()  # the thread stops before the dataloader it reads is replaced
         self._cursors, self._stats = {}, {}
         self._floor = state.get("cursor")
+        self._ahead = list(state.get("ahead", [])) if exact else []
         if exact:
             self._dl.load_state_dict(state["dataloader"])
             return

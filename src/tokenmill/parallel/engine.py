@@ -10,11 +10,13 @@ same as torchtitan's TP -> AC -> compile -> FSDP with TP absent and the pipeline
      FSDP2 as torchtitan converts them; with tensorwise under FSDP2 the weights are all-gathered in FP8 and
      their scales recomputed after each optimizer step (a step post-hook on the optimizer);
   2. activation checkpointing - wrap blocks, so the recomputed region is exactly one block;
-  3. torch.compile per block (single, fsdp, pipeline) - in place (`Module.compile`), so the state-dict keys
+  3. torch.compile, scope chosen by tokenmill.levers.compile (`train.compile_scope`): per block (FSDP2, pipeline
+     stages, activation checkpointing, FP8, fused losses) in place (`Module.compile`), so the state-dict keys
      carry no `_orig_mod.`; compiled before FSDP so FSDP's hooks stay outside the graphs and each block's
-     all-gather / reduce-scatter overlaps the neighbouring block's compute;
+     all-gather / reduce-scatter overlaps the neighbouring block's compute. Otherwise the whole loss function
+     becomes one graph after wrapping (a function, not the module, is compiled: the keys stay plain);
   4. FSDP2 `fully_shard` per block then the root, or DDP around the loss.
-  For DDP and ZeRO-1 the compile comes *after* wrapping instead, as the PyTorch DDP documentation recommends:
+  For DDP and ZeRO-1 the whole-model compile wraps the DDP module, as the PyTorch DDP documentation recommends:
   `torch.compile(DDP(m))` lets TorchDynamo's DDPOptimizer (torch/_dynamo/backends/distributed.py) split graphs
   at gradient-bucket boundaries so the all-reduce of one bucket overlaps the backward of the next.
 
@@ -42,7 +44,8 @@ from torch import nn
 from tokenmill.errors import UserError
 from tokenmill.levers import fp8
 from tokenmill.levers.activation_checkpointing import apply_activation_checkpointing
-from tokenmill.levers.fused_loss import select_loss_fn
+from tokenmill.levers.compile import compile_blocks, compile_loss, resolve_compile_scope
+from tokenmill.levers.fused_loss import resolve_loss_impl, select_loss_fn
 from tokenmill.levers.loss import IGNORE_INDEX, Batch, LossFn, count_valid_targets
 from tokenmill.parallel.data_parallel import (
     allreduce_grads,
@@ -169,6 +172,11 @@ class Engine:
         self.loss_fn: LossFn = loss_fn or select_loss_fn(
             cfg.train.loss_impl, dist.device, cfg.train.loss_chunk_size, pcfg.pp
         )
+        # the model's own torch / chunked loss (not a fused kernel or a caller's loss) may compile as one graph
+        self._plain_loss = loss_fn is None and resolve_loss_impl(
+            cfg.train.loss_impl, dist.device, cfg.train.loss_chunk_size, pcfg.pp
+        ) in ("torch", "chunked")
+        self._train_loss: LossFn = self.loss_fn  # what the plain micro-step calls: loss_fn, or it compiled whole
         self.strategy = pcfg.strategy if dist.distributed else "single"
         self.mesh = build_mesh(dist, pcfg.pp)
         self.pp = pcfg.pp
@@ -249,12 +257,20 @@ class Engine:
         # 2. activation checkpointing
         for m in modules:
             apply_activation_checkpointing(m, tcfg.activation_checkpointing, tcfg.ac_every)
-        # 3. compile per block (all but DDP/ZeRO-1 without pipeline, which compile after wrapping)
+        # 3. compile: each block here (before FSDP), or the whole step below (train.compile_scope)
         ddp_like = self.strategy in ("ddp", "zero1")
-        if tcfg.compile and not (ddp_like and self.pp == 1):
+        scope = resolve_compile_scope(
+            tcfg.compile,
+            tcfg.compile_scope,
+            strategy=self.strategy,
+            pp=self.pp,
+            activation_checkpointing=tcfg.activation_checkpointing,
+            fp8=tcfg.fp8,
+            plain_loss=self._plain_loss,
+        )
+        if scope.blocks:
             for m in modules:
-                for block in m.blocks.values() if isinstance(m.blocks, nn.ModuleDict) else m.blocks:
-                    block.compile()
+                compile_blocks(m.blocks.values() if isinstance(m.blocks, nn.ModuleDict) else m.blocks)
         # 4. data parallel over the "dp" mesh dimension
         dp_mesh = self.mesh["dp"] if self.mesh is not None else None
         if self.strategy == "fsdp":
@@ -279,7 +295,9 @@ class Engine:
             return LocalView(self.pipeline, self._pipeline_eval_loss)
         if ddp_like:
             ddp: nn.Module = apply_ddp(LossForward(model, self.loss_fn), dist)
-            self._ddp_module = torch.compile(ddp) if tcfg.compile else ddp
+            self._ddp_module = torch.compile(ddp) if scope.step else ddp
+        elif scope.step:
+            self._train_loss = compile_loss(self.loss_fn)
         return model
 
     # ---- optimizer -----------------------------------------------------------------------------------
@@ -344,7 +362,7 @@ class Engine:
         """One process, or FSDP2: `loss_fn` calls the model directly (FSDP skips its reduce-scatter unless `sync`)."""
         with no_sync_context(self.model, sync):
             with self.precision.autocast():
-                loss = self.loss_fn(self.model, batch) / denominator
+                loss = self._train_loss(self.model, batch) / denominator
             scaler.scale(loss).backward()
         return loss.detach()
 

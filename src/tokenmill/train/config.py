@@ -20,6 +20,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # "auto"), the names validation accepts (tests/levers keeps them equal).
 FP8_MODE_NAMES = ("off", "tensorwise", "rowwise")
 LOSS_IMPL_NAMES = ("auto", "torch", "chunked", "liger", "cce")
+COMPILE_SCOPE_NAMES = ("auto", "model", "blocks")  # the keys of tokenmill.levers.compile.COMPILE_SCOPES
 
 
 @dataclass
@@ -36,7 +37,12 @@ class TrainConfig:
     micro_batch_size: int = opt(8, "sequences per forward pass per rank")
     seq_len: int = opt(256, "tokens per training sequence (windows hold seq_len + 1 tokens)")
     precision: str = opt("auto", "fp32, bf16 (autocast, fp32 master weights), fp16 (grad scaler) or auto")
-    compile: bool = opt(False, "torch.compile each block (before FSDP; DDP and ZeRO-1 compile the wrapped model)")
+    compile: bool = opt(False, "torch.compile the training step (scope: train.compile_scope)")
+    compile_scope: str = opt(
+        "auto",
+        "with train.compile: model (one graph for the whole loss), blocks (one per block, before FSDP), or auto "
+        "(model unless FSDP, pipeline stages, activation checkpointing, FP8 or a fused loss kernel need blocks)",
+    )
     activation_checkpointing: str = opt("none", "none, all, or every_k (see ac_every)")
     ac_every: int = opt(2, "with activation_checkpointing=every_k: checkpoint every k-th block")
     document_masking: bool = opt(False, "attention stays within each packed document (block-diagonal causal mask)")
@@ -82,6 +88,7 @@ class TrainConfig:
         require_choice("train.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
         require_choice("train.loss_impl", self.loss_impl, LOSS_IMPL_NAMES)
         require_choice("train.fp8", self.fp8, FP8_MODE_NAMES)
+        require_choice("train.compile_scope", self.compile_scope, COMPILE_SCOPE_NAMES)
         require(
             not (self.loss_impl == "torch" and self.loss_chunk_size > 0),
             "train.loss_chunk_size",

@@ -382,6 +382,7 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
             problems = loader_problem_lines(train_loader.stats())
         except Exception as err:  # tear-down must not replace the run's own outcome
             problems = [f"data quality counts unavailable ({type(err).__name__}: {err})"]
+        train_loader.close()  # its background thread or workers stop with the run
         for line in problems:
             sinks.log(state.step, {"message": line.removeprefix("warning: ").removeprefix("note: ")}, kind="warning")
         sinks.log(
