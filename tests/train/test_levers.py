@@ -117,11 +117,18 @@ def test_bf16_autocast_tracks_fp32(tmp_path, monkeypatch, plain):
         assert drift < 5e-2, (key, float(drift))
 
 
-def test_torch_compile_equals_eager(tmp_path, monkeypatch):
-    """One tiny compiled run (one block: ~30 s of Inductor compile on a busy 2-core CPU; the cache is under tmp)."""
+@pytest.mark.parametrize("scope", ["auto", pytest.param("blocks", marks=pytest.mark.slow)])
+def test_torch_compile_equals_eager(tmp_path, monkeypatch, scope):
+    """One tiny compiled run (one block: ~30 s of Inductor compile on a busy 2-core CPU; the cache is under tmp).
+    `auto` compiles the whole loss as one graph in one process; `blocks` compiles each block in place."""
+    from torch._dynamo.utils import counters
+
     one_block = ("model.n_layers=1", "eval.sample_prompts=[]")
     eager = Run(tmp_path / "eager", monkeypatch, *one_block)
-    compiled = Run(tmp_path / "compiled", monkeypatch, *one_block, "train.compile=true")
-    assert all(b._compiled_call_impl is not None for b in compiled.blocks())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = Run(tmp_path / "compiled", monkeypatch, *one_block, "train.compile=true", f"train.compile_scope={scope}")
+    assert counters["stats"]["unique_graphs"] >= 1  # Dynamo compiled something
+    assert all((b._compiled_call_impl is not None) == (scope == "blocks") for b in compiled.blocks())
     assert not any(k.startswith("_orig_mod") or "._orig_mod." in k for k in compiled.weights)
     assert_trains_like(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -289,13 +289,14 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
             # check and clip: decided before the optimizer step, identically on every rank
             scaler.unscale_(optimizer)
             grad_norm = engine.clip_grad_norm(cfg.train.grad_clip)
-            loss_value = step_loss.item()  # host sync: the step decision and the detector need the value
-            nonfinite = not (math.isfinite(loss_value) and math.isfinite(float(grad_norm)))
+            # host sync, the step's only one on one process: the step decision and the detector need both values
+            loss_value, norm_value = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
+            nonfinite = not (math.isfinite(loss_value) and math.isfinite(norm_value))
             if any_rank(nonfinite, device):
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
                 state.skipped_steps += 1
-                sinks.log(state.step, {"loss": loss_value, "grad_norm": float(grad_norm)}, kind="nonfinite")
+                sinks.log(state.step, {"loss": loss_value, "grad_norm": norm_value}, kind="nonfinite")
                 if stability.nonfinite_policy == "stop":
                     save("nonfinite")
                     status, exit_code = "nonfinite", EXIT_NONFINITE
