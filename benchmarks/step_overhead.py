@@ -276,6 +276,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per setting")
     parser.add_argument("--settings", default="fp32,bf16,compile", help="comma list of fp32, bf16, compile")
+    parser.add_argument("--skip", action="append", default=[], help="leave out a run, e.g. bare (not nanogpt)")
     parser.add_argument("--tokenizer-chars", type=int, default=5_000_000, help="stdlib characters the BPE trains on")
     parser.add_argument("--override", action="append", default=[], help="config override for every tokenmill side")
     args = parser.parse_args()
@@ -312,7 +313,8 @@ def main() -> int:
     for name in args.settings.split(","):
         precision, compiled = SETTINGS[name]
         label = f"{precision}+compile" if compiled else precision
-        results = run_setting(args.rounds, variants(precision, compiled, tokenizer, args.override, args.steps))
+        runs = variants(precision, compiled, tokenizer, args.override, args.steps)
+        results = run_setting(args.rounds, {k: v for k, v in runs.items() if k == "nanogpt" or k not in args.skip})
         lines.extend(table_rows(label, results, tokens))
         print(f" {label} done", file=sys.stderr)
     print("\n".join(lines))

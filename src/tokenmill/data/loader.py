@@ -265,11 +265,13 @@ class Loader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._it is None:
             it = iter(self._dl)
-            self._it = Prefetcher(it, PREFETCH_BATCHES) if self.stream.num_workers == 0 else it
+            if self.stream.num_workers == 0:
+                it, self._ahead = Prefetcher(it, PREFETCH_BATCHES, ahead=self._ahead), []
+            self._it = it
         it = self._it
         while True:
             try:
-                batch = self._ahead.pop(0) if self._ahead else next(it)
+                batch = next(it)
             except StopIteration:
                 return
             except UserError as err:
@@ -318,7 +320,7 @@ class Loader:
         if not isinstance(it, Prefetcher):
             return self._state(list(self._ahead))
         with it.paused() as made:  # the thread is between two batches: the dataloader state matches `made`
-            return self._state([*self._ahead, *(dict(batch) for batch in made)])
+            return self._state([dict(batch) for batch in made])
 
     def _state(self, ahead: list[dict[str, Any]]) -> dict[str, Any]:
         return make_state(

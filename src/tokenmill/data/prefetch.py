@@ -7,7 +7,9 @@ run at once on separate cores. Everything the producer touches (sources, packer,
 RNG) belongs to the data pipeline alone, so the batches and their order are the same as without the thread.
 
 For an exact resume the loader reads its state while the producer is held between two batches
-(`paused()`), and saves the batches made but not yet handed out alongside it.
+(`paused()`), and saves the batches made but not yet handed out alongside it; a resumed Prefetcher hands those
+out first (`ahead`). `paused()` first lets the producer fill the look-ahead, so the saved state does not
+depend on thread timing: the same run always saves the same bytes.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ class _Shared:
     """What the producer thread and the consumer share (the thread holds no reference to the Prefetcher,
     so a dropped Prefetcher is collected and its `__del__` stops the thread)."""
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, ahead: list[Any]) -> None:
         self.depth = depth
-        self.items: deque[Any] = deque()
+        self.items: deque[Any] = deque(ahead)
         self.error: BaseException | None = None
         self.stop = False
         self.lock = threading.Lock()  # held by the producer while it makes one item
@@ -57,13 +59,14 @@ def _produce(iterator: Iterator[Any], shared: _Shared) -> None:
 
 
 class Prefetcher:
-    """An iterator over `iterator`'s items, made up to `depth` ahead on a daemon thread."""
+    """An iterator over `ahead` (items made before a resume), then `iterator`'s items, made up to `depth` ahead
+    on a daemon thread."""
 
-    def __init__(self, iterator: Iterator[Any], depth: int = 2) -> None:
+    def __init__(self, iterator: Iterator[Any], depth: int = 2, ahead: list[Any] | None = None) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, not {depth}")
         self._iterator = iterator
-        self._shared = _Shared(depth)
+        self._shared = _Shared(depth, list(ahead or []))
         self._thread = threading.Thread(target=_produce, args=(iterator, self._shared), daemon=True, name="prefetch")
         self._thread.start()
 
@@ -86,9 +89,13 @@ class Prefetcher:
 
     @contextmanager
     def paused(self) -> Iterator[list[Any]]:
-        """Hold the producer between two items; yields the items made but not handed out yet, in order."""
-        with self._shared.lock, self._shared.changed:
-            yield [item for item in self._shared.items if item is not _END]
+        """Wait until `depth` items are made (or the iterator ended), then hold the producer between two items;
+        yields the items made but not handed out yet, in order."""
+        shared = self._shared
+        with shared.changed:
+            shared.changed.wait_for(lambda: len(shared.items) >= shared.depth or _END in shared.items)
+        with shared.lock, shared.changed:
+            yield [item for item in shared.items if item is not _END]
 
     def close(self) -> None:
         """Stop the producer (it finishes the item it is making) and wait for it."""
