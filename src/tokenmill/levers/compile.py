@@ -7,12 +7,12 @@
 | blocks | each block in place (`Module.compile`), before FSDP          | FSDP2, pipeline stages, activation         |
 |        |                                                              | checkpointing, FP8, a fused or custom loss |
 
-One graph lets Inductor fuse across block boundaries and around the head and loss, and costs one fewer
-Python round trip per block: on a CPU it measured faster than per-block graphs (docs/performance.md,
-"Training step"). Per-block graphs are what FSDP2 needs (its all-gather hooks sit between blocks), what a
-pipeline stage holds, and what torchtitan applies with activation checkpointing and FP8; identical blocks
-share one compiled graph, so they also compile faster for deep models. Compiling in place keeps state-dict
-keys free of `_orig_mod.`; the whole-loss scope wraps a function, not the module, so it leaves them alone too.
+One graph lets Inductor fuse across block boundaries and around the head and loss, and saves a Python round
+trip per block, as nanoGPT's `torch.compile(model)` does. Per-block graphs are what FSDP2 needs (its
+all-gather hooks sit between blocks), what a pipeline stage holds, and what torchtitan applies with activation
+checkpointing and FP8; identical blocks share one compiled graph, so they also compile faster for deep models.
+Compiling in place keeps state-dict keys free of `_orig_mod.`; the whole-loss scope wraps a function, not the
+module, so it leaves them alone too.
 """
 
 from __future__ import annotations
