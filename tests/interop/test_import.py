@@ -122,17 +122,20 @@ def final_weights(run_dir):
     return tokenmill.load_model(run_dir).state_dict()
 
 
+ADAMW_AT_1E_9 = ("optim.name=adamw", "optim.lr=1e-9")  # a step that leaves the weights where they started
+
+
 def test_init_from_starts_at_the_imported_weights(imported_run, tmp_path):
     from tokenmill.train.loop import train
 
     run, model, corpus = imported_run
     start = train(
-        tiny_training(run, tmp_path / "cpt", corpus, f"train.init_from={run}", "train.max_steps=1", "optim.lr=1e-9")
+        tiny_training(run, tmp_path / "cpt", corpus, f"train.init_from={run}", "train.max_steps=1", *ADAMW_AT_1E_9)
     )
     assert start.state.step == 1  # counters start fresh: not the imported checkpoint's
     weights, imported = final_weights(tmp_path / "cpt"), model.state_dict()
     assert max((weights[k] - imported[k]).abs().max().item() for k in imported) < 1e-6
-    fresh = train(tiny_training(run, tmp_path / "fresh", corpus, "train.max_steps=1", "optim.lr=1e-9"))
+    fresh = train(tiny_training(run, tmp_path / "fresh", corpus, "train.max_steps=1", *ADAMW_AT_1E_9))
     assert fresh.status == "completed"
     assert max((final_weights(tmp_path / "fresh")[k] - imported[k]).abs().max().item() for k in imported) > 1e-2
 

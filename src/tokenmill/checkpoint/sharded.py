@@ -357,7 +357,9 @@ def load_full_state(
     for g in optim_sd["param_groups"]:
         params = [by_id[i] for i in g["params"] if by_id[i] in keep]
         if params:
-            groups.append({**{k: v for k, v in g.items() if k != "names"}, "params": params})
+            # `names` and `roles` describe the saving layout's groups (a pipeline stage holds fewer), and DCP
+            # flattens lists element-wise: a longer saved list would name entries this layout does not have
+            groups.append({**{k: v for k, v in g.items() if k not in ("names", "roles")}, "params": params})
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=opts)
 
 
