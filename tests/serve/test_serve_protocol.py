@@ -141,12 +141,15 @@ def test_failure_after_the_stream_started_is_sent_in_band(base_run):
     def inject(served):  # test-only fault: the real engine's third forward pass raises
         model = served.generator.model
         real = model.next_logits
+        eos = served.generator.tokenizer.eos_id
 
         def fail_on_third_step(*args, **kwargs):
             calls.append(1)
             if len(calls) == 3:
                 raise RuntimeError("injected failure")
-            return real(*args, **kwargs)
+            logits = real(*args, **kwargs)
+            logits[..., eos] = float("-inf")  # a sampled EOS would end the stream before the third step
+            return logits
 
         model.next_logits = fail_on_third_step
 
