@@ -78,6 +78,7 @@ RECIPES: dict[str, list[str]] = {
     "recipe+softcap": RECIPE + ["model.logit_softcap=30"],
     "recipe+zloss": RECIPE + ["model.z_loss=1e-4"],
     "recipe+embed-lr": RECIPE + ["optim.embedding_lr=1e-2"],
+    "recipe+fan-in": RECIPE + ["model.init=fan_in"],
 }
 
 

@@ -14,6 +14,7 @@ continues bit for bit on CPU. The output is a normal tokenmill checkpoint: gener
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -315,18 +316,19 @@ def _grpo(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: boo
                 save("interval")
 
             # job control: the strongest request on any rank
-            action = Action(max_over_ranks(control.requested(), device))
+            action = control.carry_out(
+                state.step,
+                functools.partial(max_over_ranks, device=device),
+                save,
+                saved,
+                lambda: checkpointer.last_path,
+            )
             if action == Action.ABORT:
-                control.done(action, state.step)
                 status, exit_code = "aborted", EXIT_ABORTED
                 break
-            if action != Action.NONE:
-                if not saved:
-                    save("manual" if action == Action.SAVE else "stop")
-                control.done(action, state.step, checkpointer.last_path)
-                if action == Action.STOP:
-                    status = "stopped"
-                    break
+            if action == Action.STOP:
+                status = "stopped"
+                break
 
         # ---- tear down ----------------------------------------------------------------------------------------
         if status == "completed":

@@ -16,7 +16,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,29 @@ class JobControl:
         if self.poller is not None:
             write_ack(self.run_dir, action, step, checkpoint, self.poller.taken)
             self.poller.taken = []
+
+    def carry_out(
+        self,
+        step: int,
+        agree: Callable[[int], int],
+        save: Callable[[str], object],
+        saved: bool,
+        last_checkpoint: Callable[[], str | Path | None],
+    ) -> Action:
+        """Answer the strongest request of any rank at this step boundary and return it for the loop to act on.
+
+        `agree` reduces this process's request with MAX over ranks (so every rank takes the same decision);
+        SAVE and STOP save first (reason "manual" / "stop") unless this step already saved; ABORT saves nothing.
+        The loop then breaks on STOP (status "stopped") and ABORT (status "aborted") and goes on otherwise.
+        """
+        action = Action(agree(int(self.requested())))
+        if action == Action.ABORT:
+            self.done(action, step)
+        elif action != Action.NONE:
+            if not saved:
+                save("manual" if action == Action.SAVE else "stop")
+            self.done(action, step, last_checkpoint())
+        return action
 
     @contextlib.contextmanager
     def protect(self) -> Iterator[None]:

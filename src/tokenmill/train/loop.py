@@ -9,6 +9,7 @@ so they never cost it a checkpoint.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -347,18 +348,19 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
                 save("interval", evaluated)
 
             # job control: one decision for every rank, the strongest request on any rank (abort > stop > save)
-            action = Action(max_over_ranks(control.requested(), device))
+            action = control.carry_out(
+                state.step,
+                functools.partial(max_over_ranks, device=device),
+                save,
+                saved,
+                lambda: checkpointer.last_path,
+            )
             if action == Action.ABORT:
-                control.done(action, state.step)
                 status, exit_code = "aborted", EXIT_ABORTED
                 break
-            if action != Action.NONE:
-                if not saved:
-                    save("manual" if action == Action.SAVE else "stop")
-                control.done(action, state.step, checkpointer.last_path)
-                if action == Action.STOP:
-                    status = "stopped"
-                    break
+            if action == Action.STOP:
+                status = "stopped"
+                break
 
         # ---- tear down --------------------------------------------------------------------------------------
         if status == "completed":
