@@ -69,15 +69,20 @@ def test_configs_stages_cannot_run():
     cfg = tiny_config(pp=2)
     pl.check_pipeline_config(cfg)  # untied, causal: fine
     tied = types.SimpleNamespace(
-        parallel=cfg.parallel, model=types.SimpleNamespace(tie_embeddings=True), train=cfg.train
+        parallel=cfg.parallel, model=types.SimpleNamespace(tie_embeddings=True), train=cfg.train, data=cfg.data
     )
     with pytest.raises(UserError, match="tie_embeddings=false"):
         pl.check_pipeline_config(tied)
     docs = types.SimpleNamespace(
-        parallel=cfg.parallel, model=cfg.model, train=types.SimpleNamespace(document_masking=True)
+        parallel=cfg.parallel, model=cfg.model, train=types.SimpleNamespace(document_masking=True), data=cfg.data
     )
     with pytest.raises(UserError, match="document_masking"):
         pl.check_pipeline_config(docs)
+    sft = types.SimpleNamespace(
+        parallel=cfg.parallel, model=cfg.model, train=cfg.train, data=types.SimpleNamespace(format="prompt_completion")
+    )
+    with pytest.raises(UserError, match="data.format=prompt_completion .*use parallel.pp=1"):
+        pl.check_pipeline_config(sft)
 
 
 def test_engine_layout_errors(monkeypatch):

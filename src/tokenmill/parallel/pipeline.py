@@ -140,6 +140,11 @@ def check_pipeline_config(cfg: Any) -> None:
             "parallel.pp > 1 needs model.tie_embeddings=false: the embedding (first stage) and the "
             "output head (last stage) live on different ranks"
         )
+    if cfg.data.format != "text":
+        raise UserError(
+            f"data.format={cfg.data.format} (fine-tuning) is not supported with parallel.pp > 1: each packed example "
+            "must attend only to itself and pipeline stages pass hidden states only; use parallel.pp=1 (FSDP or DDP)"
+        )
     if getattr(cfg.train, "document_masking", False):
         raise UserError(
             "train.document_masking is not supported with parallel.pp > 1 (only hidden states cross "
