@@ -7,6 +7,9 @@ Prompts come from --prompt (repeatable) or --file: one prompt per line, or in a 
 or {"prompt": ...} object per line. Each output is the prompt followed by its completion; with several, each
 gets a header line. With --chat each prompt is a user message put through the checkpoint's chat template (the one
 a fine-tuning run recorded, as `tokenmill serve` uses it) and only the answer is printed.
+Token healing is on (SamplingParams.heal_prompt): a prompt ending in a space or inside a word lets the model choose
+how its last token is split, so "def " continues with a word as in training; --no-heal feeds the prompt's tokens
+as they are. A chat prompt ends in the template's own tokens, which are never healed.
 The model and its tokenizer come from the checkpoint (or the run's latest/best one).
 """
 
@@ -97,6 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=_number(int, "--n"), default=1, metavar="N", help="samples per prompt")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
     parser.add_argument(
+        "--no-heal",
+        action="store_true",
+        help="no token healing: keep the prompt's last token instead of letting the first generated token re-split it",
+    )
+    parser.add_argument(
         "--chat",
         action="store_true",
         help="each prompt is a user message, formatted with the checkpoint's chat template (fine-tuned models)",
@@ -157,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
         seed=args.seed,
         n=args.n,
+        heal_prompt=not args.no_heal and not args.chat,  # a chat template's tokens are exactly as in training
     )
     if not Path(args.checkpoint).exists():
         raise UserError(f"{args.checkpoint} does not exist: give a run folder or a checkpoint folder")

@@ -46,7 +46,7 @@ def generate(
     `source` is a run folder or checkpoint folder (its model and tokenizer are loaded; `which` picks the
     latest or best checkpoint of a run), or a Transformer together with `tokenizer`. `settings` are
     SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed,
-    n, logprobs.
+    n, logprobs, heal_prompt (token healing, off unless asked for).
     """
     from tokenmill.api import load_model, load_tokenizer
     from tokenmill.generation.engine import Generator

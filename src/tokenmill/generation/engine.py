@@ -10,6 +10,8 @@ sample. Requests wait in a queue until a step boundary; `step()` then
   1. admits waiting requests into free rows: one prefill per prompt (right-padded with the other prompts
      admitted in the same step; each row's positions are its own, so padding changes nothing), copied into
      the rows of its n samples, each sampled from its first token on with its own generator (nanochat #38);
+     a healed prompt (SamplingParams.heal_prompt, generation/healing.py) is prefilled without its last token
+     and its first token is chosen among those that start with that token's text;
   2. decodes one token for every active row, each at its own position;
   3. retires finished rows, moving the last active row into each freed one, so active rows stay in front
      and finished ones cost nothing.
@@ -43,6 +45,7 @@ from typing import Any
 import torch
 
 from tokenmill.errors import UserError
+from tokenmill.generation.healing import Healing, PrefixIndex
 from tokenmill.generation.layout import apply_column_major
 from tokenmill.generation.params import Completion, SamplingParams, StreamDelta
 from tokenmill.generation.sampling import BatchSampler
@@ -65,9 +68,18 @@ def sample_seed(seed: int | None, sample_index: int) -> int:
 class Request:
     """One submitted prompt and its n samples. Iterate it for `StreamDelta`s, or call `completions()`."""
 
-    def __init__(self, engine: Generator, prompt_ids: list[int], params: SamplingParams, prompt_index: int) -> None:
+    def __init__(
+        self,
+        engine: Generator,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt_index: int,
+        healing: Healing | None = None,
+    ) -> None:
+        """`healing`: the prompt is prefilled without its last token and the first token is restricted."""
         self.engine = engine
-        self.prompt_ids = prompt_ids
+        self.healing = healing
+        self.prompt_ids = healing.prompt_ids if healing is not None else prompt_ids  # what is prefilled
         self.params = params
         self.prompt_index = prompt_index
         self.admitted = 0  # samples that got a row
@@ -214,6 +226,7 @@ class Generator:
         self._worker: threading.Thread | None = None
         self._closing = False
         self._compiled: Any = None
+        self._prefix_index: PrefixIndex | None = None  # token healing's index, built on first use
         if compile and self.cfg.attention == "flex" and self.device.type != "cuda":
             # Inductor's C++ code generation fails on FlexAttention's cached mask (torch 2.13, CPU)
             raise UserError(
@@ -302,7 +315,7 @@ class Generator:
 
     # -- scheduling --------------------------------------------------------------------------------------
     def _enqueue(self, ids: list[int], params: SamplingParams, prompt_index: int) -> Request:
-        request = Request(self, ids, params, prompt_index)
+        request = Request(self, ids, params, prompt_index, self._heal(ids) if params.heal_prompt else None)
         with self._wake:
             self._waiting.append(request)
             self._wake.notify()
@@ -374,7 +387,7 @@ class Generator:
         sampler = BatchSampler(
             [r.request.params for r in rows], [r.generator for r in rows], self.vocab_limit, self.device
         )
-        self._accept(rows, first, logits[torch.tensor(heads, device=self.device)], sampler)
+        self._accept(rows, first, logits[torch.tensor(heads, device=self.device)], sampler, self._first_choices(rows))
 
     def _decode(self) -> None:
         """Feed every active row's last token at its position; sample the next one."""
@@ -395,10 +408,18 @@ class Generator:
             )
         self._accept(rows, 0, logits, self._sampler)
 
-    def _accept(self, rows: list[_Row], first: int, logits: torch.Tensor, sampler: BatchSampler) -> None:
-        """Sample a token for each of `rows` (cache rows first, first+1, ...) and report it."""
+    def _accept(
+        self,
+        rows: list[_Row],
+        first: int,
+        logits: torch.Tensor,
+        sampler: BatchSampler,
+        allowed: torch.Tensor | None = None,
+    ) -> None:
+        """Sample a token for each of `rows` (cache rows first, first+1, ...) and report it; `allowed` (rows, V)
+        bool limits the choice (token healing's first token)."""
         seen = None if self._seen is None else self._seen[first : first + len(rows)]
-        tokens, logprobs = sampler(logits, seen)
+        tokens, logprobs = sampler(logits, seen, allowed)
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         token_list = tokens.tolist()  # host sync: stop checks and streaming need the ids
@@ -479,6 +500,23 @@ class Generator:
             seen[: self._seen.shape[0]] = self._seen
             self._seen = seen
 
+    def _heal(self, ids: list[int]) -> Healing | None:
+        """Token healing of one prompt (generation/healing.py); the vocabulary is indexed once per generator."""
+        if self._prefix_index is None:
+            self._prefix_index = PrefixIndex(self.tokenizer, self.vocab_limit)
+        return self._prefix_index.heal(ids)
+
+    def _first_choices(self, rows: list[_Row]) -> torch.Tensor | None:
+        """(rows, V) bool: the tokens each new row may start with (all, unless its prompt was healed)."""
+        if all(r.request.healing is None for r in rows):
+            return None
+        allowed = torch.ones(len(rows), self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+        for i, row in enumerate(rows):
+            if row.request.healing is not None:
+                allowed[i] = False
+                allowed[i, torch.tensor(row.request.healing.allowed_ids, device=self.device)] = True
+        return allowed
+
     def _mark_prompts_seen(self, rows: list[_Row], first: int) -> None:
         if self._seen is None:
             self._seen = torch.zeros(self._cache.batch_size, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
@@ -489,7 +527,9 @@ class Generator:
     def _new_row(self, request: Request, sample_index: int) -> _Row:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(sample_seed(request.params.seed, sample_index))
-        return _Row(request, sample_index, generator, TextStream(self.tokenizer.decode, request.params.stop))
+        shown = request.healing.removed_text if request.healing is not None else ""  # already in the prompt
+        text = TextStream(self.tokenizer.decode, request.params.stop, shown)
+        return _Row(request, sample_index, generator, text)
 
     def _fail(self, err: BaseException) -> None:
         """A step raised: every running and waiting request gets the error; the engine starts empty again."""

@@ -24,6 +24,13 @@ class SamplingParams:
 
     Filters apply in this order (as Hugging Face `generate` does): repetition penalty, temperature, top-k,
     top-p, min-p. temperature=0 is greedy decoding (the penalty still applies; the other filters do not).
+
+    heal_prompt (token healing, generation/healing.py): the prompt's last token is removed when other tokens'
+    texts extend its text, and the first generated token must start with that text, so a prompt ending in a
+    space ("def ") continues with a word token (" foo") as in training instead of after a bare " " token. The
+    completion's text leaves out the removed text (prompt + text reads as the prompt followed by new text); its
+    first token id includes it and counts towards max_new_tokens. Off here and in the server, on in
+    `tokenmill generate` and in training samples.
     """
 
     max_new_tokens: int = 64  # tokens to generate at most (also capped by the model's context)
@@ -36,6 +43,7 @@ class SamplingParams:
     seed: int | None = None  # same seed, same prompt, same settings -> same text; None = fresh randomness
     n: int = 1  # samples per prompt; they share one prefill and are sampled independently from the first token
     logprobs: bool = False  # return the log-probability of each sampled token
+    heal_prompt: bool = False  # token healing: let the first token re-split the prompt's last token (see above)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,6 +70,7 @@ class SamplingParams:
         _require(isinstance(self.n, int) and self.n >= 1, "n", self.n, "give an integer >= 1")
         _require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "give non-empty strings")
         _require(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "give an integer or None")
+        _require(isinstance(self.heal_prompt, bool), "heal_prompt", self.heal_prompt, "give True or False")
 
     @property
     def greedy(self) -> bool:
@@ -73,7 +82,8 @@ class Completion:
     """One finished sample.
 
     token_ids holds every sampled token, including the EOS or the tokens that completed a stop string (what
-    the model produced, for RL); text is their decoded text without EOS and cut before the stop string.
+    the model produced, for RL); text is their decoded text without EOS and cut before the stop string. With
+    heal_prompt, the first token's text begins with the text removed from the prompt, which `text` leaves out.
     logprobs (when asked for) are per token of token_ids, under the model's own distribution (the raw logits,
     before temperature, penalty and filters), as OpenAI's and vLLM's APIs report them.
     """

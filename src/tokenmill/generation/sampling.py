@@ -41,13 +41,18 @@ class BatchSampler:
         self.min_p = column([p.min_p for p in sampled]) if any(p.min_p > 0 for p in sampled) else None
         self.sampled_index = torch.tensor(self.sampled, dtype=torch.long, device=device)
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(n, V) logits, (n, V) bool tokens-seen (for the repetition penalty) -> (n,) ids, (n,) logprobs or None."""
+    def __call__(
+        self, logits: torch.Tensor, seen: torch.Tensor | None, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n, V) logits, (n, V) bool tokens-seen (for the repetition penalty), (n, V) bool tokens each row may
+        choose (None = any) -> (n,) ids, (n,) logprobs or None."""
         logits = logits.float()
         logprobs = logits.log_softmax(dim=-1) if self.want_logprobs else None
         if self.vocab_limit < logits.shape[-1]:
             logits = logits.clone()
             logits[:, self.vocab_limit :] = float("-inf")
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         if self.penalty is not None and seen is not None:
             # CTRL (arXiv:1909.05858) as Hugging Face applies it: divide positive logits, multiply negative ones
             penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)

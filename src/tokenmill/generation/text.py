@@ -21,7 +21,9 @@ class TextStream:
     """Text of one sample: `add(token)` returns the text now safe to show; `stopped` turns True when a stop
     string appears (the text then ends just before it); `flush()` returns what was held back at the end."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = (), shown: str = "") -> None:
+        """`shown`: text the tokens begin with that the reader already has (the prompt's end under token
+        healing); it is neither returned nor matched against stop strings."""
         self.decode = decode
         self.stop = tuple(stop)
         self.longest_stop = max((len(s) for s in self.stop), default=0)
@@ -29,13 +31,14 @@ class TextStream:
         self.prefix_offset = 0  # decode window start: text before it is final
         self.read_offset = 0  # tokens up to here are in `decoded`
         self.decoded = ""  # text of every token up to read_offset (complete characters only)
-        self.emitted = 0  # characters of `decoded` already returned
+        self.skip = len(shown)
+        self.emitted = self.skip  # characters of `decoded` already returned (or shown before)
         self.stopped = False
 
     @property
     def text(self) -> str:
         """Everything returned so far."""
-        return self.decoded[: self.emitted]
+        return self.decoded[self.skip : self.emitted]
 
     def add(self, token_id: int) -> str:
         """Take one generated token; return the new text that can be shown ('' while a character is incomplete

@@ -146,7 +146,10 @@ def write_samples(
     prompts = list(cfg.eval.sample_prompts) if cfg.eval.sample_tokens > 0 else []
     if not prompts:
         return {}
-    params = SamplingParams(max_new_tokens=cfg.eval.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed)
+    # token healing: the default prompts end in a space, which a BPE model has rarely seen before a word
+    params = SamplingParams(
+        max_new_tokens=cfg.eval.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed, heal_prompt=True
+    )
     completions = Generator(model, tokenizer).generate(prompts, params)
     samples: dict[str, Any] = {prompts[c.prompt_index]: prompts[c.prompt_index] + c.text for c in completions}
     sinks.log(step, {"samples": samples}, kind="sample")
