@@ -4,6 +4,7 @@ space; prompts it cannot help are generated exactly as without it; streaming, st
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -211,3 +212,40 @@ def test_cli_heals_by_default_and_not_with_no_heal(bpe_run, capsys):
     assert capsys.readouterr().out == expected[True] + "\n"
     assert main([*args, "--no-heal"]) == 0
     assert capsys.readouterr().out == expected[False] + "\n"
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ({"prompt": "a", "token_healing": "yes"}, "valid boolean"),
+        ({"prompt": "a", "token_healing": 1}, "valid boolean"),
+        ({"prompt": "a", "token_healing": True, "logprobs": 1}, "token_healing with logprobs"),
+    ],
+)
+def test_server_rejects_a_bad_token_healing_field(body, words):
+    from tokenmill.serve.schema import APIError, CompletionRequest, parse_request
+
+    with pytest.raises(APIError) as caught:
+        parse_request(json.dumps(body).encode(), CompletionRequest)
+    assert caught.value.status == 400 and caught.value.param == "token_healing" and words in caught.value.message
+
+
+def test_server_heals_only_when_asked(bpe_run):
+    pytest.importorskip("fastapi", reason="fastapi is in the serve extra")
+    from fastapi.testclient import TestClient
+
+    from tokenmill.serve.app import create_app
+    from tokenmill.serve.config import ServeSettings
+    from tokenmill.serve.loading import load_served_model
+
+    gen = Generator(tokenmill.load_model(bpe_run), tokenmill.load_tokenizer(bpe_run))
+    expected = {
+        heal: gen.generate(["def "], SamplingParams(max_new_tokens=6, temperature=0, heal_prompt=heal))[0].text
+        for heal in (True, False)
+    }
+    app = create_app(load_served_model(bpe_run, device="cpu"), ServeSettings(model_name="m"))
+    body = {"prompt": "def ", "max_tokens": 6, "temperature": 0}
+    with TestClient(app) as client:
+        plain = client.post("/v1/completions", json=body).json()
+        healed = client.post("/v1/completions", json={**body, "token_healing": True}).json()
+    assert (healed["choices"][0]["text"], plain["choices"][0]["text"]) == (expected[True], expected[False])

@@ -46,6 +46,7 @@ class ServedModel:
                 seed=request.seed,
                 n=request.n,
                 logprobs=logprobs,
+                heal_prompt=getattr(request, "token_healing", False),  # a /v1/completions extension
             )
         except UserError as err:  # the schema checks the same ranges; this keeps any drift a 400, not a 500
             raise APIError(400, str(err)) from None

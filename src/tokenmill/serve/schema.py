@@ -111,10 +111,14 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1)
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
+    token_healing: bool = False  # extension: the first token may re-split the prompt's last token (SamplingParams)
 
     def check(self) -> None:
         self.check_common()
         self.prompts()
+        if self.token_healing and self.logprobs is not None:
+            # a healed first token begins inside the prompt, which text_offset cannot express
+            raise APIError(400, "token_healing with logprobs is not supported: drop one of the two", "token_healing")
         if self.best_of not in (None, self.n):
             raise APIError(400, "best_of must equal n (ranking extra samples is not supported)", "best_of")
         if self.logit_bias:
