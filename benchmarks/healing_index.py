@@ -34,6 +34,7 @@ def synthetic_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
         vocab.setdefault(space + word if rng.random() < 1 / 3 else word, len(vocab))
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return Tokenizer.from_backend(backend, f"synthetic-{vocab_size}")
 

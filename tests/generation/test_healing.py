@@ -16,7 +16,7 @@ import tokenmill
 from tokenmill.checkpoint.manager import Checkpointer
 from tokenmill.cli import main
 from tokenmill.config import load_config
-from tokenmill.data.tokenizer import Tokenizer, train_bpe
+from tokenmill.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_bpe
 from tokenmill.generation import Generator, SamplingParams
 from tokenmill.generation.healing import PrefixIndex
 from tokenmill.train.evaluation import write_samples
@@ -115,6 +115,25 @@ def test_prompts_healing_cannot_help_are_generated_unchanged(bpe, generator):
             off.logprobs,
             off.finish_reason,
         )
+
+
+def test_a_tokenizer_whose_tokens_lose_their_space_alone_is_never_healed():
+    """SentencePiece's Metaspace decoder reads "▁def" alone as "def": token texts cannot be matched to the prompt."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    sentencepiece = SentencePieceBPETokenizer(unk_token="<unk>")
+    sentencepiece.train_from_iterator([CODE] * 20, 120, special_tokens=[*SPECIAL_TOKENS, "<unk>"], show_progress=False)
+    tokenizer = Tokenizer.from_backend(sentencepiece._tokenizer, "sentencepiece")
+    prompt = tokenizer.encode("x = def")
+    assert texts(tokenizer, prompt)[-1] == "def" and tokenizer.decode(prompt) == "x = def"
+    index = PrefixIndex(tokenizer, tokenizer.vocab_size)
+    assert index.extensions("") == [] and index.heal(prompt) is None
+    generator = Generator(tiny_model(vocab_size=model_vocab(tokenizer), max_seq_len=64), tokenizer)
+    on, off = (
+        generator.generate([prompt], SamplingParams(max_new_tokens=6, seed=2, heal_prompt=heal))[0]
+        for heal in (True, False)
+    )
+    assert (on.token_ids, on.text) == (off.token_ids, off.text)
 
 
 def test_streamed_deltas_add_up_to_the_healed_text(bpe, generator):

@@ -9,7 +9,10 @@ prefilled, and the first generated token must be one whose text starts with the 
 (https://github.com/huggingface/transformers/pull/30081).
 
 A prompt is left as it is when it has a single token, when its last token is a special token, decodes to nothing
-or to an incomplete UTF-8 character on its own, or when no other token's text extends the last token's text.
+or to an incomplete UTF-8 character on its own, or when no other token's text extends the last token's text. So
+is every prompt when the tokenizer's text is not the concatenation of its tokens' texts (SentencePiece's Metaspace
+decoder drops the space of a text's first token, so " foo" alone reads "foo"): a token's own text is all the
+index and the completion's text can go by.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.generation.text import REPLACEMENT
+
+# code and prose with the spaces, indents and newlines a prompt ends in; ASCII, so every token decodes alone
+PROBE = "def f(x):\n    return x + 1  # see the docs\n\nThe end. "
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,12 @@ def special_ids(tokenizer: Any) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def decodes_token_by_token(tokenizer: Any) -> bool:
+    """Whether a text decodes to its tokens' own texts, joined (true of byte-level BPE and the byte tokenizer)."""
+    ids = tokenizer.encode(PROBE)
+    return tokenizer.decode(ids) == "".join(tokenizer.decode([i]) for i in ids)
+
+
 class PrefixIndex:
     """The decoded text of every ordinary token, sorted, so the tokens whose text starts with a string are one
     contiguous slice found by two binary searches (O(log V) per prompt; building it decodes each token once)."""
@@ -45,7 +57,7 @@ class PrefixIndex:
     def __init__(self, tokenizer: Any, vocab_limit: int) -> None:
         """`vocab_limit`: ids at and above it are never sampled, so they are left out."""
         specials = special_ids(tokenizer)
-        ids = [i for i in range(vocab_limit) if i not in specials]
+        ids = [i for i in range(vocab_limit) if i not in specials] if decodes_token_by_token(tokenizer) else []
         texts = [tokenizer.decode([i]) for i in ids]
         self.text_of = dict(zip(ids, texts, strict=True))
         pairs = sorted(zip(texts, ids, strict=True))
