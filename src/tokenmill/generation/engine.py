@@ -45,8 +45,8 @@ from typing import Any
 import torch
 
 from tokenmill.errors import UserError
+from tokenmill.generation.decode_step import build_decode_step
 from tokenmill.generation.healing import Healing, PrefixIndex
-from tokenmill.generation.layout import apply_column_major
 from tokenmill.generation.params import Completion, SamplingParams, StreamDelta
 from tokenmill.generation.sampling import BatchSampler
 from tokenmill.generation.text import TextStream
@@ -211,8 +211,8 @@ class Generator:
         self.tokenizer = tokenizer
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
-        if exclusive and self.device.type == "cpu":
-            apply_column_major(model)
+        # the fused one-token step (generation/decode_step.py), for models it covers; None: the model decodes
+        self._fast_step = build_decode_step(model) if exclusive and self.device.type == "cpu" else None
         self.dtype = model.output_weight().dtype
         self.max_batch_size = max_batch_size
         self.vocab_limit = min(tokenizer.vocab_size, self.cfg.vocab_size)
@@ -401,7 +401,11 @@ class Generator:
             logits = logits[:n].clone()  # CUDA-graph outputs are overwritten by the next replay
         else:
             span = max(r.position for r in rows) + 1  # attend over the filled slots only
-            logits = self.model.next_logits(tokens, positions, self._cache.view(slice(0, n), span))
+            cache = self._cache.view(slice(0, n), span)
+            if self._fast_step is not None:
+                logits = self._fast_step(tokens, [r.position for r in rows], cache)
+            else:
+                logits = self.model.next_logits(tokens, positions, cache)
         if self._sampler is None:
             self._sampler = BatchSampler(
                 [r.request.params for r in rows], [r.generator for r in rows], self.vocab_limit, self.device

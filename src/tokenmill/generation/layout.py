@@ -10,6 +10,8 @@ weights stay the same, only their strides change, so every result is the same up
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -35,3 +37,24 @@ def apply_column_major(model: nn.Module) -> int:
             weight.data = weight.data.t().contiguous().t()  # (out, in) with strides (1, out)
             changed += 1
     return changed
+
+
+@torch.no_grad()
+def fuse_linears(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Store linears that read the same input (q/k/v, gate/up) as one matrix, so a decode step multiplies once.
+
+    Returns the (in, sum of out) row-major matrix holding every W.T side by side, and the joined bias (None when
+    the linears have none). Each weight (and bias) becomes a view into them with its own values and shape, stored
+    column-major like `apply_column_major`'s, so the model's own forward still computes the same results.
+    """
+    weight_t = torch.cat([linear.weight.t() for linear in linears], dim=1).contiguous()  # (in, out_total)
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([linear.bias for linear in linears]) if has_bias else None
+    start = 0
+    for linear in linears:
+        stop = start + linear.out_features
+        linear.weight.data = weight_t[:, start:stop].t()  # (out, in) with strides (1, out_total)
+        if bias is not None:
+            linear.bias.data = bias[start:stop]
+        start = stop
+    return weight_t, bias

@@ -1,0 +1,181 @@
+"""A one-token decode step with few ops, for a CPU model the generator has to itself.
+
+At batch 1 a decode step of a small model is a few dozen matrix-vector products plus, through the model's own
+modules, ~250 small ops; on a CPU each op costs 5-20 us of dispatch, more than its arithmetic, so the small ops
+cost as much as the products (docs/performance.md, "Generation"). This step computes what
+`Transformer.next_logits` computes for one new token per row, from the same parameters, with fewer ops:
+- q/k/v and gate/up are one matrix product each (`layout.fuse_linears` stores them side by side, the model's
+  parameters become views into that storage) and the residual adds run inside `addmm_`;
+- RoPE rotates q and k of all heads together with full-width tables (roll, mul, addcmul);
+- when every row is at the same position, which is every step of a batch of equal-length prompts, the cache
+  writes are slice copies and attention needs no mask (every filled slot is visible to every row);
+- the residual stream is a (B, d) matrix throughout, so no op reshapes it.
+Results equal the model's up to the order of floating-point sums (tests/generation/test_decode_step.py).
+Models it does not cover (post-norm, QK-norm, residual scaling, non-fp32 weights) return None from
+`build_decode_step` and decode through the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.generation.layout import apply_column_major, fuse_linears
+from tokenmill.model.ffn import ACTIVATIONS, SwiGLU
+from tokenmill.model.kv_cache import KVCache
+from tokenmill.model.norms import RMSNorm
+from tokenmill.model.transformer import Transformer
+
+Norm = Callable[[torch.Tensor], torch.Tensor]  # (B, d) -> (B, d)
+
+
+def _norm_fn(norm: nn.Module) -> Norm:
+    """The module's normalisation as one function of (B, d) rows."""
+    if isinstance(norm, RMSNorm):
+        weight, eps, shape = norm.weight, norm.eps, (norm.weight.shape[0],)
+        return lambda x: F.rms_norm(x, shape, weight, eps)
+    return lambda x: F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(B, in) @ (in, out) [+ bias] in one op."""
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+
+
+def _add_projection(x: torch.Tensor, h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """x += h @ weight_t (+ bias), in place: the residual add inside the matrix product."""
+    x.addmm_(h, weight_t)
+    if bias is not None:
+        x.add_(bias)
+
+
+@dataclass
+class _Layer:
+    """One block's decode weights: fused (in, out) row-major matrices and the two norms."""
+
+    attn_norm: Norm
+    qkv_t: torch.Tensor  # (d, (H + 2 H_kv) hd)
+    qkv_bias: torch.Tensor | None
+    o_t: torch.Tensor  # (H hd, d)
+    o_bias: torch.Tensor | None
+    ffn_norm: Norm
+    up_t: torch.Tensor  # (d, 2 hidden) gate then up for swiglu, (d, hidden) for mlp
+    up_bias: torch.Tensor | None
+    down_t: torch.Tensor  # (hidden, d)
+    down_bias: torch.Tensor | None
+    gated: bool
+
+
+def supported(model: nn.Module) -> bool:
+    """Whether `FusedDecodeStep` computes this model's step (otherwise the model's own forward does)."""
+    if not isinstance(model, Transformer):
+        return False
+    cfg = model.cfg
+    return (
+        cfg.norm_position == "pre"
+        and not cfg.qk_norm
+        and all(block.residual_alpha == 1.0 for block in model.blocks)
+        and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    )
+
+
+class FusedDecodeStep:
+    """`next_logits` for one new token per row; built by `build_decode_step`, which lays out the weights."""
+
+    def __init__(self, model: Transformer) -> None:
+        cfg = model.cfg
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads(), cfg.resolved_head_dim()
+        self.softcap = cfg.logit_softcap
+        self.layers = [self._layer(block) for block in model.blocks]
+        apply_column_major(model)  # o, down and the head: their transposes become row-major
+        for layer, block in zip(self.layers, model.blocks, strict=True):
+            layer.o_t, layer.down_t = block.attn.o_proj.weight.t(), block.ffn.down_proj.weight.t()
+        self.tok_emb = model.tok_emb.weight
+        self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight
+        self.final_norm = None if isinstance(model.norm, nn.Identity) else _norm_fn(model.norm)
+        self.head_t = model.output_weight().t()  # (d, V)
+        self.act = ACTIVATIONS[cfg.activation]
+        self.cos = self.sin = None
+        if model.rope is not None:  # full-width tables: ([cos, cos], [-sin, sin]) per position, (max_seq_len, hd)
+            cos, sin = model.rope.cos, model.rope.sin
+            self.cos, self.sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+    @staticmethod
+    def _layer(block: nn.Module) -> _Layer:
+        attn, ffn = block.attn, block.ffn
+        qkv_t, qkv_bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        gated = isinstance(ffn, SwiGLU)
+        up_t, up_bias = fuse_linears([ffn.gate_proj, ffn.up_proj] if gated else [ffn.up_proj])
+        return _Layer(
+            attn_norm=_norm_fn(block.attn_norm),
+            qkv_t=qkv_t,
+            qkv_bias=qkv_bias,
+            o_t=attn.o_proj.weight,  # replaced by its row-major transpose once the layout is applied
+            o_bias=attn.o_proj.bias,
+            ffn_norm=_norm_fn(block.ffn_norm),
+            up_t=up_t,
+            up_bias=up_bias,
+            down_t=ffn.down_proj.weight,
+            down_bias=ffn.down_proj.bias,
+            gated=gated,
+        )
+
+    def __call__(self, tokens: torch.Tensor, positions: list[int], cache: KVCache) -> torch.Tensor:
+        """(B, 1) tokens at the rows' `positions` -> (B, V) next-token logits; keys/values go into `cache`
+        (rows 0..B-1, slots 0..max(positions))."""
+        B, H, H_kv, hd = len(positions), self.n_heads, self.n_kv_heads, self.head_dim
+        x = F.embedding(tokens.view(B), self.tok_emb)  # (B, d)
+        if all(p == positions[0] for p in positions):
+            where, mask = positions[0], None  # every filled slot is visible to every row
+        else:
+            where = torch.tensor(positions)
+            visible = torch.arange(cache.span)[None] <= where[:, None]  # kv_cache.cached_causal_mask for T = 1
+            mask = torch.zeros(B, 1, 1, cache.span).masked_fill_(~visible[:, None, None], float("-inf"))
+            rows = torch.arange(B)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[where]
+        if self.cos is not None:
+            cos, sin = self.cos[where], self.sin[where]  # (hd,) or (B, hd)
+            if mask is not None:
+                cos, sin = cos[:, None], sin[:, None]  # (B, 1, hd): broadcast over heads
+        for i, layer in enumerate(self.layers):
+            qkv = _project(layer.attn_norm(x), layer.qkv_t, layer.qkv_bias)  # (B, (H + 2 H_kv) hd)
+            qk = qkv[:, : (H + H_kv) * hd].view(B, H + H_kv, hd)
+            if self.cos is not None:
+                qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)  # position.apply_rope_rolled
+            k, v = qk[:, H:], qkv[:, (H + H_kv) * hd :].view(B, H_kv, hd)
+            keys, values = cache.keys[i], cache.values[i]  # (B, H_kv, span, hd)
+            if mask is None:
+                keys[:, :, where].copy_(k)
+                values[:, :, where].copy_(v)
+            else:
+                keys[rows, :, where] = k
+                values[rows, :, where] = v
+            # the g = H / H_kv query heads of kv head j are heads j*g .. j*g+g-1 (Attention's GQA order)
+            q = qk[:, :H].view(B, H_kv, H // H_kv, hd)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H_kv, g, hd)
+            _add_projection(x, out.reshape(B, H * hd), layer.o_t, layer.o_bias)
+            up = _project(layer.ffn_norm(x), layer.up_t, layer.up_bias)
+            if layer.gated:
+                hidden = up.shape[1] // 2
+                act = F.silu(up[:, :hidden]).mul_(up[:, hidden:])
+            else:
+                act = self.act(up)
+            _add_projection(x, act, layer.down_t, layer.down_bias)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        logits = torch.mm(x, self.head_t)  # (B, V)
+        return logits if self.softcap <= 0 else self.softcap * torch.tanh(logits / self.softcap)
+
+
+def build_decode_step(model: nn.Module) -> FusedDecodeStep | None:
+    """Lay out an exclusive CPU model's weights for decoding and return its fused step (None: not covered, and the
+    weights then only get the column-major layout)."""
+    if not supported(model):
+        apply_column_major(model)
+        return None
+    return FusedDecodeStep(model)
