@@ -135,12 +135,15 @@ class FusedDecodeStep:
             self._buffers_by_batch[batch_size] = _Buffers.allocate(self, batch_size)
         return self._buffers_by_batch[batch_size]
 
-    def __call__(self, tokens: torch.Tensor, positions: list[int], cache: KVCache) -> torch.Tensor:
-        """(B, 1) tokens at the rows' `positions` -> (B, V) next-token logits; keys/values go into `cache`
-        (rows 0..B-1, slots 0..max(positions))."""
+    def __call__(self, tokens: list[int], positions: list[int], cache: KVCache) -> torch.Tensor:
+        """Each row's next token at its position -> (B, V) next-token logits; keys/values go into `cache` (rows
+        0..B-1, slots 0..max(positions)). Python lists: building index tensors costs more than the lookups."""
         B = len(positions)
         buf = self._buffers(B)
-        x = F.embedding(tokens.view(B), self.tok_emb)  # (B, d)
+        if B == 1:  # a copy: the residual stream is updated in place
+            x = self.tok_emb[tokens[0] : tokens[0] + 1].clone()  # (1, d)
+        else:
+            x = F.embedding(torch.tensor(tokens), self.tok_emb)  # (B, d)
         if all(p == positions[0] for p in positions):
             where, mask = positions[0], None  # every filled slot is visible to every row
         else:

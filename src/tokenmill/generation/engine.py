@@ -391,26 +391,29 @@ class Generator:
 
     def _decode(self) -> None:
         """Feed every active row's last token at its position; sample the next one."""
-        rows, n = self._rows, len(self._rows)
-        tokens = torch.tensor([[r.token_ids[-1]] for r in rows], device=self.device)  # (n, 1)
-        positions = torch.tensor([[r.position] for r in rows], device=self.device)  # (n, 1)
-        if self._compiled is not None:
-            full = self._cache.batch_size  # static shapes: all rows, all slots; rows past n are idle
-            pad = torch.zeros(full - n, 1, dtype=torch.long, device=self.device)
-            logits = self._compiled(self.model, torch.cat([tokens, pad]), torch.cat([positions, pad]), self._cache)
-            logits = logits[:n].clone()  # CUDA-graph outputs are overwritten by the next replay
-        else:
-            span = max(r.position for r in rows) + 1  # attend over the filled slots only
-            cache = self._cache.view(slice(0, n), span)
-            if self._fast_step is not None:
-                logits = self._fast_step(tokens, [r.position for r in rows], cache)
-            else:
-                logits = self.model.next_logits(tokens, positions, cache)
+        rows = self._rows
+        logits = self._next_logits(rows)
         if self._sampler is None:
             self._sampler = BatchSampler(
                 [r.request.params for r in rows], [r.generator for r in rows], self.vocab_limit, self.device
             )
         self._accept(rows, 0, logits, self._sampler)
+
+    def _next_logits(self, rows: list[_Row]) -> torch.Tensor:
+        """(n, V) logits after each row's last token, fed at its position (its keys/values go into the cache)."""
+        n = len(rows)
+        token_ids, positions = [r.token_ids[-1] for r in rows], [r.position for r in rows]
+        if self._compiled is not None:
+            full = self._cache.batch_size  # static shapes: all rows, all slots; rows past n are idle
+            pad = [0] * (full - n)
+            tokens = torch.tensor(token_ids + pad, device=self.device)[:, None]  # (full, 1)
+            where = torch.tensor(positions + pad, device=self.device)[:, None]
+            return self._compiled(self.model, tokens, where, self._cache)[:n].clone()  # CUDA graphs reuse outputs
+        cache = self._cache.view(slice(0, n), max(positions) + 1)  # attend over the filled slots only
+        if self._fast_step is not None:
+            return self._fast_step(token_ids, positions, cache)
+        tokens = torch.tensor(token_ids, device=self.device)[:, None]  # (n, 1)
+        return self.model.next_logits(tokens, torch.tensor(positions, device=self.device)[:, None], cache)
 
     def _accept(
         self,
