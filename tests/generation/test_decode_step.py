@@ -1,0 +1,90 @@
+"""The fused one-token decode step (generation/decode_step.py) computes what the model's cached forward computes,
+from the same parameters, for every model shape it accepts; the others decode through the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gen_helpers import BYTE, V, tiny_model
+
+from tokenmill.generation import Generator, SamplingParams
+from tokenmill.generation.decode_step import build_decode_step
+from tokenmill.generation.layout import fuse_linears
+from tokenmill.model.kv_cache import KVCache
+
+SHAPES = {
+    "llama": {},
+    "gpt2": {"position": "learned", "norm": "layernorm", "ffn": "mlp", "activation": "gelu_tanh", "bias": True},
+    "untied-softcap": {"tie_embeddings": False, "logit_softcap": 5.0},
+    "mha-nope-nobias-ln": {"n_kv_heads": 4, "position": "none", "norm": "layernorm_nobias"},
+    "relu2-mlp": {"ffn": "mlp", "activation": "relu2"},
+}
+
+
+def _cached_logits(step, model, cache, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    """Next-token logits of one token per row through `step` (or the model's cached forward when step is None)."""
+    view = cache.view(slice(0, len(tokens)), max(positions) + 1)
+    with torch.inference_mode():
+        if step is not None:
+            return step(tokens, positions, view)
+        return model.next_logits(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], view)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("positions", [[5], [7, 7, 7], [3, 9, 6]], ids=["batch1", "same-position", "ragged"])
+def test_fused_step_matches_the_models_cached_forward(shape, positions):
+    plain, fused = tiny_model(**SHAPES[shape]), tiny_model(**SHAPES[shape])
+    step = build_decode_step(fused)
+    assert step is not None
+    B = len(positions)
+    caches = [KVCache.allocate(plain.cfg, B, 16, "cpu", torch.float32) for _ in range(2)]
+    prompt = torch.randint(0, V, (B, 10), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():  # fill slots 0..9 of every row through the model: the prefill path
+        for model, cache in zip((plain, fused), caches, strict=True):
+            model.next_logits(prompt, torch.arange(10).expand(B, 10), cache.view(slice(0, B), 10))
+    tokens = [11 * b + 3 for b in range(B)]
+    want = _cached_logits(None, plain, caches[0], tokens, positions)
+    got = _cached_logits(step, fused, caches[1], tokens, positions)
+    assert got.shape == (B, V)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(caches[1].keys + caches[1].values, caches[0].keys + caches[0].values, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)  # the same keys/values in the same slots
+
+
+@pytest.mark.parametrize("shape", ["llama", "gpt2"])
+def test_exclusive_generator_decodes_the_same_tokens_and_logprobs(shape):
+    prompts = ["hello", "a", "the quick brown fox"]  # different lengths: rows at different positions
+    params = SamplingParams(max_new_tokens=16, temperature=0, logprobs=True)
+    plain = Generator(tiny_model(**SHAPES[shape]), BYTE).generate(prompts, params)
+    fused = Generator(tiny_model(**SHAPES[shape]), BYTE, exclusive=True).generate(prompts, params)
+    assert [c.token_ids for c in fused] == [c.token_ids for c in plain]
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_weights_are_views_the_model_still_computes_with():
+    model, reference = tiny_model(), tiny_model()
+    attn = model.blocks[0].attn
+    before = [p.detach().clone() for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)]
+    weight_t, bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert bias is None
+    assert weight_t.shape == (32, sum(w.shape[0] for w in before))  # (d, q + k + v outputs)
+    for p, value in zip((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight), before, strict=True):
+        assert torch.equal(p, value)
+        assert p.untyped_storage().data_ptr() == weight_t.untyped_storage().data_ptr()  # no second copy
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference(idx), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "dtype"),
+    [({"qk_norm": True}, torch.float32), ({"norm_position": "post"}, torch.float32), ({}, torch.bfloat16)],
+    ids=["qk_norm", "post-norm", "bf16"],
+)
+def test_models_the_step_does_not_cover_decode_through_the_model(overrides, dtype):
+    model = tiny_model(**overrides).to(dtype)
+    assert build_decode_step(model) is None
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    want = [c.token_ids for c in Generator(tiny_model(**overrides).to(dtype), BYTE).generate(["hi", "abc"], params)]
+    assert [c.token_ids for c in Generator(model, BYTE, exclusive=True).generate(["hi", "abc"], params)] == want
