@@ -140,10 +140,12 @@ class FusedDecodeStep:
         0..B-1, slots 0..max(positions)). Python lists: building index tensors costs more than the lookups."""
         B = len(positions)
         buf = self._buffers(B)
-        if B == 1:  # a copy: the residual stream is updated in place
-            x = self.tok_emb[tokens[0] : tokens[0] + 1].clone()  # (1, d)
-        else:
-            x = F.embedding(torch.tensor(tokens), self.tok_emb)  # (B, d)
+        # (B, d), a copy (the residual stream is updated in place); one row is a slice, no index tensor
+        x = (
+            self.tok_emb[tokens[0] : tokens[0] + 1].clone()
+            if B == 1
+            else F.embedding(torch.tensor(tokens), self.tok_emb)
+        )
         if all(p == positions[0] for p in positions):
             where, mask = positions[0], None  # every filled slot is visible to every row
         else:
@@ -171,10 +173,7 @@ class FusedDecodeStep:
             out = F.scaled_dot_product_attention(buf.q, keys, values, attn_mask=mask)  # (B, H_kv, g, hd)
             _add_projection(x, out.view(B, -1), layer.o_t, layer.o_bias)
             _project(layer.ffn_norm(x), layer.up_t, layer.up_bias, buf.up)
-            if layer.gated:
-                act = F.silu(buf.gate, inplace=True).mul_(buf.up_half)
-            else:
-                act = self.act(buf.up)
+            act = F.silu(buf.gate, inplace=True).mul_(buf.up_half) if layer.gated else self.act(buf.up)
             _add_projection(x, act, layer.down_t, layer.down_bias)
         if self.final_norm is not None:
             x = self.final_norm(x)
