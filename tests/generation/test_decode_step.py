@@ -55,8 +55,10 @@ def test_fused_step_matches_the_models_cached_forward(shape, positions):
 def test_exclusive_generator_decodes_the_same_tokens_and_logprobs(shape):
     prompts = ["hello", "a", "the quick brown fox"]  # different lengths: rows at different positions
     params = SamplingParams(max_new_tokens=16, temperature=0, logprobs=True)
-    plain = Generator(tiny_model(**SHAPES[shape]), BYTE).generate(prompts, params)
-    fused = Generator(tiny_model(**SHAPES[shape]), BYTE, exclusive=True).generate(prompts, params)
+    shared, owned = tiny_model(**SHAPES[shape]), tiny_model(**SHAPES[shape])
+    plain = Generator(shared, BYTE).generate(prompts, params)
+    fused = Generator(owned, BYTE, exclusive=True).generate(prompts, params)
+    assert shared.decode_step is None and owned.decode_step is not None  # only a model the generator owns
     assert [c.token_ids for c in fused] == [c.token_ids for c in plain]
     for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
@@ -88,3 +90,4 @@ def test_models_the_step_does_not_cover_decode_through_the_model(overrides, dtyp
     params = SamplingParams(max_new_tokens=8, temperature=0)
     want = [c.token_ids for c in Generator(tiny_model(**overrides).to(dtype), BYTE).generate(["hi", "abc"], params)]
     assert [c.token_ids for c in Generator(model, BYTE, exclusive=True).generate(["hi", "abc"], params)] == want
+    assert model.decode_step is None

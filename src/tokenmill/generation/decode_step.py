@@ -10,9 +10,10 @@ cost as much as the products (docs/performance.md, "Generation"). This step comp
 - when every row is at the same position, which is every step of a batch of equal-length prompts, the cache
   writes are slice copies and attention needs no mask (every filled slot is visible to every row);
 - the residual stream is a (B, d) matrix throughout, so no op reshapes it.
-Results equal the model's up to the order of floating-point sums (tests/generation/test_decode_step.py).
+Results equal the model's up to the order of floating-point sums (tests/generation/test_decode_step.py). The
+generator attaches the step as `model.decode_step`, so `model.next_logits` stays the one entry point of a step.
 Models it does not cover (post-norm, QK-norm, residual scaling, non-fp32 weights) return None from
-`build_decode_step` and decode through the model.
+`build_decode_step` and decode through their modules.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ import torch
 from tokenmill.errors import UserError
 from tokenmill.generation.decode_step import build_decode_step
 from tokenmill.generation.healing import Healing, PrefixIndex
+from tokenmill.generation.layout import apply_column_major
 from tokenmill.generation.params import Completion, SamplingParams, StreamDelta
 from tokenmill.generation.sampling import BatchSampler
 from tokenmill.generation.text import TextStream
@@ -202,7 +203,8 @@ class Generator:
     ) -> None:
         """`exclusive`: nothing but this generator uses `model` (loaded just to generate). On a CPU its weights
         are then stored in the layout that decodes fastest (generation/layout.py), which a model still being
-        trained or saved must not get."""
+        trained or saved must not get, and eager one-token steps run through a fused step
+        (generation/decode_step.py) attached to the model as `model.decode_step`."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise UserError(f"max_batch_size={max_batch_size!r} is not allowed: give an integer >= 1")
         if device is not None:
@@ -211,8 +213,11 @@ class Generator:
         self.tokenizer = tokenizer
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
-        # the fused one-token step (generation/decode_step.py), for models it covers; None: the model decodes
-        self._fast_step = build_decode_step(model) if exclusive and self.device.type == "cpu" else None
+        if exclusive and self.device.type == "cpu":
+            if compile:  # a compiled step traces the model's modules: they get the column-major layout only
+                apply_column_major(model)
+            elif (step := build_decode_step(model)) is not None:
+                model.decode_step = step  # the model's next_logits runs one-token steps through it
         self.dtype = model.output_weight().dtype
         self.max_batch_size = max_batch_size
         self.vocab_limit = min(tokenizer.vocab_size, self.cfg.vocab_size)
@@ -410,8 +415,6 @@ class Generator:
             where = torch.tensor(positions + pad, device=self.device)[:, None]
             return self._compiled(self.model, tokens, where, self._cache)[:n].clone()  # CUDA graphs reuse outputs
         cache = self._cache.view(slice(0, n), max(positions) + 1)  # attend over the filled slots only
-        if self._fast_step is not None:
-            return self._fast_step(token_ids, positions, cache)
         tokens = torch.tensor(token_ids, device=self.device)[:, None]  # (n, 1)
         return self.model.next_logits(tokens, torch.tensor(positions, device=self.device)[:, None], cache)
 

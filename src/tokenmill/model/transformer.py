@@ -110,6 +110,9 @@ class Transformer(nn.Module):
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if final else nn.Identity()
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.backend = backend
+        # (token ids, positions, cache) -> logits: a fused one-token step that a generator owning this model attaches
+        # (tokenmill.generation.decode_step); None computes every step through the modules below
+        self.decode_step: Callable[[list[int], list[int], KVCache], torch.Tensor] | None = None
 
     # -- initialisation ---------------------------------------------------------------------------------
 
@@ -232,6 +235,8 @@ class Transformer(nn.Module):
         The logits are those of each row's token at index `last[b]` of T (right-padded prefill of prompts of
         different lengths), or of the final token; the head runs on those B rows only.
         """
+        if self.decode_step is not None and idx.shape[1] == 1:
+            return self.decode_step(idx[:, 0].tolist(), positions[:, 0].tolist(), cache)  # host sync on a GPU
         x = self.trunk(idx, None, positions, cache)  # (B, T, d)
         # (B, d): each row's last position, or the given one per row
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
