@@ -15,6 +15,10 @@ for every method):
   (trapezoid rule) over all steps;
 - transformers: `generate(do_sample=False, min_new_tokens=N)` on the same weights (`tokenmill.interop.hf.to_hf`,
   the exported model's classes and layout).
+- matmuls only (CPU): the decode step's matrix products alone, one (batch, in) @ W per weight matrix of the
+  fused step (q/k/v, o, gate/up and down of every layer, the head) in its decode layout, once per new token:
+  the rate kv cache would reach if everything else cost nothing, so `matmuls / recompute` is the ceiling of
+  `kv / recompute` on this machine under this load.
 EOS is disabled for every method (random weights emit it at random), so each row produces exactly N tokens.
 Tokens/s = rows x new tokens / seconds (prefill included). On the CPU, seconds are the process's CPU time: with
 one torch thread that is the work done, less affected by other jobs on a shared machine (wall time there
@@ -117,6 +121,27 @@ def transformers_runner(model, prompts: torch.Tensor, new: int) -> Callable[[], 
     return run
 
 
+def matmul_runner(model, batch: int, new: int) -> Callable[[], object] | None:
+    """The decode step's matrix products alone, `new` times (see the module docstring); None off the CPU."""
+    from tokenmill.generation.decode_step import build_decode_step
+
+    step = build_decode_step(copy.deepcopy(model))
+    if step is None:
+        return None
+    weights = [w for layer in step.layers for w in (layer.qkv_t, layer.o_t, layer.up_t, layer.down_t)]
+    weights.append(step.head_t)
+    inputs = [torch.randn(batch, w.shape[0]) for w in weights]
+
+    @torch.inference_mode()
+    def run() -> None:
+        for _ in range(new):
+            for x, w in zip(inputs, weights, strict=True):
+                torch.mm(x, w)
+
+    run()  # warm-up
+    return run
+
+
 def recompute_timer(model, prompts: torch.Tensor, new: int, points: int) -> Callable[[], float]:
     """A function returning the seconds of `new` full-recompute steps, integrated from `points` timed lengths."""
     device = model.output_weight().device
@@ -198,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3, help="paired rounds (kv, compiled, transformers, recompute)")
+    parser.add_argument("--rounds", type=int, default=3, help="paired rounds of every method")
     parser.add_argument("--recompute-points", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--devices", default="auto", help="comma-separated cpu/cuda; auto = cpu, and cuda if present")
@@ -218,9 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {args.new_tokens} new tokens per row after a {args.prompt_tokens}-token prompt, greedy, fp32")
     print(
         "| device | model | batch | kv cache tok/s | kv compiled tok/s | full recompute tok/s | transformers tok/s | "
-        "kv / recompute | kv / transformers | compiled / transformers | round spread |"
+        "kv / recompute | kv / transformers | compiled / transformers | round spread | matmuls only tok/s | "
+        "matmuls / recompute |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for device in (torch.device(d) for d in devices):
         for preset in args.models.split(","):
             model = build(preset).to(device)  # as built: contiguous weights, for transformers and recompute
@@ -234,13 +260,16 @@ def main(argv: list[str] | None = None) -> None:
                     runners["compiled"] = kv_cache_runner(copy.deepcopy(model), prompts, args.new_tokens, compile_=True)
                 if not args.skip_recompute:
                     runners["recompute"] = recompute_timer(model, prompts, args.new_tokens, args.recompute_points)
+                if (matmuls := matmul_runner(model, batch, args.new_tokens)) is not None:
+                    runners["matmuls"] = matmuls
                 times = paired_rounds(runners, args.rounds, device)
                 rate = {name: f"{batch * args.new_tokens / statistics.median(t):.1f}" for name, t in times.items()}
                 print(
                     f"| {device.type} | {preset} | {batch} | {rate['kv']} | {rate.get('compiled', '-')} | "
                     f"{rate.get('recompute', '-')} | {rate['hf']} | {median_ratio(times, 'recompute', 'kv')} | "
                     f"{median_ratio(times, 'hf', 'kv')} | {median_ratio(times, 'hf', 'compiled')} | "
-                    f"{spread(times):.0%} |",
+                    f"{spread(times):.0%} | {rate.get('matmuls', '-')} | "
+                    f"{median_ratio(times, 'recompute', 'matmuls')} |",
                     flush=True,
                 )
 

@@ -36,3 +36,4 @@ def test_the_decode_benchmark_prints_a_row_per_model_and_batch(decode_benchmark,
         assert float(kv) > 0 and float(recompute) > 0 and float(hf) > 0 and compiled == "-"
         assert all(re.fullmatch(r"\d+\.\d\dx", ratio) for ratio in cells[7:9]) and cells[9] == "-"
         assert re.fullmatch(r"\d+%", cells[10])  # the noise band: 0% with one round
+        assert float(cells[11]) > 0 and re.fullmatch(r"\d+\.\d\dx", cells[12])  # matmuls only: the ceiling
