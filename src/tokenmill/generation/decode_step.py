@@ -31,17 +31,23 @@ from tokenmill.model.kv_cache import KVCache
 from tokenmill.model.norms import RMSNorm
 from tokenmill.model.transformer import Transformer
 
-Norm = Callable[[torch.Tensor], torch.Tensor]  # (B, d) -> (B, d)
+Norm = Callable[["_Buffers"], torch.Tensor]  # the residual stream in the buffers, x (B, d) -> norm(x) (B, d)
 
 
 def _norm_fn(norm: nn.Module) -> Norm:
-    """The module's normalisation as one function of (B, d) rows."""
+    """The module's normalisation of the residual stream x, which is the first half of the (B, 2d) buffer `stream`."""
+    d = norm.weight.shape[0]
     if isinstance(norm, RMSNorm):
         # [x, -x] has mean 0 and variance mean(x^2), so LayerNorm over it is x / sqrt(mean(x^2) + eps) in its first
-        # half: one fused kernel, where F.rms_norm on a CPU is ~8 ops (torch 2.13), 17 vs 30 us per call here
-        weight, eps, d = torch.cat((norm.weight, norm.weight)), norm.eps, norm.weight.shape[0]
-        return lambda x: F.layer_norm(torch.cat((x, x.neg()), dim=-1), (2 * d,), weight, None, eps)[:, :d]
-    return lambda x: F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        # half: two kernels (neg into the second half, layer_norm), where F.rms_norm on a CPU is ~8 ops (torch 2.13)
+        weight, eps = torch.cat((norm.weight, norm.weight)), norm.eps
+
+        def rms(buf: _Buffers) -> torch.Tensor:
+            torch.neg(buf.x, out=buf.neg_x)
+            return F.layer_norm(buf.stream, (2 * d,), weight, None, eps)[:, :d]
+
+        return rms
+    return lambda buf: F.layer_norm(buf.x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def _project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -141,12 +147,8 @@ class FusedDecodeStep:
         0..B-1, slots 0..max(positions)). Python lists: building index tensors costs more than the lookups."""
         B = len(positions)
         buf = self._buffers(B)
-        # (B, d), a copy (the residual stream is updated in place); one row is a slice, no index tensor
-        x = (
-            self.tok_emb[tokens[0] : tokens[0] + 1].clone()
-            if B == 1
-            else F.embedding(torch.tensor(tokens), self.tok_emb)
-        )
+        x = buf.x  # (B, d), updated in place; one row's embedding is a slice, no index tensor
+        x.copy_(self.tok_emb[tokens[0] : tokens[0] + 1] if B == 1 else F.embedding(torch.tensor(tokens), self.tok_emb))
         if all(p == positions[0] for p in positions):
             where, mask = positions[0], None  # every filled slot is visible to every row
         else:
@@ -155,13 +157,13 @@ class FusedDecodeStep:
             mask = torch.zeros(B, 1, 1, cache.span).masked_fill_(~visible[:, None, None], float("-inf"))
             rows = torch.arange(B)
         if self.pos_emb is not None:
-            x = x + self.pos_emb[where]
+            x.add_(self.pos_emb[where])
         if self.cos is not None:
             cos, sin = self.cos[where], self.sin[where]  # (hd,) or (B, hd)
             if mask is not None:
                 cos, sin = cos[:, None], sin[:, None]  # (B, 1, hd): broadcast over heads
         for i, layer in enumerate(self.layers):
-            _project(layer.attn_norm(x), layer.qkv_t, layer.qkv_bias, buf.qkv)
+            _project(layer.attn_norm(buf), layer.qkv_t, layer.qkv_bias, buf.qkv)
             if self.cos is not None:  # position.apply_rope_rolled on q and k of every head at once
                 torch.mul(buf.qk, cos, out=buf.rotated).addcmul_(buf.qk.roll(self.head_dim // 2, dims=-1), sin)
             keys, values = cache.keys[i], cache.values[i]  # (B, H_kv, span, hd)
@@ -173,11 +175,11 @@ class FusedDecodeStep:
                 values[rows, :, where] = buf.v
             out = F.scaled_dot_product_attention(buf.q, keys, values, attn_mask=mask)  # (B, H_kv, g, hd)
             _add_projection(x, out.view(B, -1), layer.o_t, layer.o_bias)
-            _project(layer.ffn_norm(x), layer.up_t, layer.up_bias, buf.up)
+            _project(layer.ffn_norm(buf), layer.up_t, layer.up_bias, buf.up)
             act = F.silu(buf.gate, inplace=True).mul_(buf.up_half) if layer.gated else self.act(buf.up)
             _add_projection(x, act, layer.down_t, layer.down_bias)
         if self.final_norm is not None:
-            x = self.final_norm(x)
+            x = self.final_norm(buf)
         logits = torch.mm(x, self.head_t)  # (B, V)
         return logits if self.softcap <= 0 else self.softcap * torch.tanh(logits / self.softcap)
 
@@ -185,6 +187,10 @@ class FusedDecodeStep:
 @dataclass
 class _Buffers:
     """What every layer writes in turn, allocated once per batch size with its views, which are dispatches too."""
+
+    stream: torch.Tensor  # (B, 2d): the residual stream x, then room for -x (RMSNorm as LayerNorm over [x, -x])
+    x: torch.Tensor  # (B, d) view
+    neg_x: torch.Tensor  # (B, d) view
 
     qkv: torch.Tensor  # (B, (H + 2 H_kv) hd)
     qk: torch.Tensor  # (B, H + H_kv, hd) view: q and k before RoPE
@@ -200,12 +206,17 @@ class _Buffers:
     def allocate(cls, step: FusedDecodeStep, B: int) -> _Buffers:
         H, H_kv, hd = step.n_heads, step.n_kv_heads, step.head_dim
         layer = step.layers[0]
+        d = layer.qkv_t.shape[0]
+        stream = torch.empty(B, 2 * d)
         qkv = torch.empty(B, layer.qkv_t.shape[1])
         qk = qkv[:, : (H + H_kv) * hd].view(B, H + H_kv, hd)
         rotated = torch.empty(B, H + H_kv, hd) if step.cos is not None else qk
         up = torch.empty(B, layer.up_t.shape[1])
         hidden = up.shape[1] // 2
         return cls(
+            stream=stream,
+            x=stream[:, :d],
+            neg_x=stream[:, d:],
             qkv=qkv,
             qk=qk,
             rotated=rotated,
