@@ -44,7 +44,7 @@ def _norm_fn(norm: nn.Module) -> Norm:
 
         def rms(buf: _Buffers) -> torch.Tensor:
             torch.neg(buf.x, out=buf.neg_x)
-            return F.layer_norm(buf.stream, (2 * d,), weight, None, eps)[:, :d]
+            return F.layer_norm(buf.stream, (2 * d,), weight, None, eps).narrow(1, 0, d)
 
         return rms
     return lambda buf: F.layer_norm(buf.x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
@@ -148,7 +148,7 @@ class FusedDecodeStep:
         B = len(positions)
         buf = self._buffers(B)
         x = buf.x  # (B, d), updated in place; one row's embedding is a slice, no index tensor
-        x.copy_(self.tok_emb[tokens[0] : tokens[0] + 1] if B == 1 else F.embedding(torch.tensor(tokens), self.tok_emb))
+        x.copy_(self.tok_emb.narrow(0, tokens[0], 1) if B == 1 else F.embedding(torch.tensor(tokens), self.tok_emb))
         if all(p == positions[0] for p in positions):
             where, mask = positions[0], None  # every filled slot is visible to every row
         else:
@@ -168,8 +168,8 @@ class FusedDecodeStep:
                 torch.mul(buf.qk, cos, out=buf.rotated).addcmul_(buf.qk.roll(self.head_dim // 2, dims=-1), sin)
             keys, values = cache.keys[i], cache.values[i]  # (B, H_kv, span, hd)
             if mask is None:
-                keys[:, :, where].copy_(buf.k)
-                values[:, :, where].copy_(buf.v)
+                keys.select(2, where).copy_(buf.k)  # select/narrow: cheaper dispatch than indexing with slices
+                values.select(2, where).copy_(buf.v)
             else:
                 keys[rows, :, where] = buf.k
                 values[rows, :, where] = buf.v
