@@ -236,7 +236,7 @@ class Transformer(nn.Module):
         different lengths), or of the final token; the head runs on those B rows only.
         """
         if self.decode_step is not None and idx.shape[1] == 1:
-            return self.decode_step(idx[:, 0].tolist(), positions[:, 0].tolist(), cache)  # host sync on a GPU
+            return self.decode_step(idx[:, 0].tolist(), positions[:, 0].tolist(), cache)  # attached on CPUs only
         x = self.trunk(idx, None, positions, cache)  # (B, T, d)
         # (B, d): each row's last position, or the given one per row
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
