@@ -52,8 +52,12 @@ def test_fused_step_matches_the_models_cached_forward(shape, positions):
 
 
 @pytest.mark.parametrize("shape", ["llama", "gpt2"])
-def test_exclusive_generator_decodes_the_same_tokens_and_logprobs(shape):
-    prompts = ["hello", "a", "the quick brown fox"]  # different lengths: rows at different positions
+@pytest.mark.parametrize(
+    "prompts",
+    [["hello", "a", "the quick brown fox"], ["a", "b"]],
+    ids=["ragged", "one-token"],  # rows at different positions; a one-token prefill, which the fused step runs
+)
+def test_exclusive_generator_decodes_the_same_tokens_and_logprobs(shape, prompts):
     params = SamplingParams(max_new_tokens=16, temperature=0, logprobs=True)
     shared, owned = tiny_model(**SHAPES[shape]), tiny_model(**SHAPES[shape])
     plain = Generator(shared, BYTE).generate(prompts, params)
