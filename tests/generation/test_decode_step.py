@@ -51,6 +51,28 @@ def test_fused_step_matches_the_models_cached_forward(shape, positions):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)  # the same keys/values in the same slots
 
 
+@pytest.mark.parametrize("positions", [[5], [7, 7], [3, 9]], ids=["batch1", "same-position", "ragged"])
+def test_fused_step_over_a_whole_cache_reads_and_writes_only_its_rows_and_filled_slots(positions):
+    """The engine passes its whole cache (more rows and slots than the step needs): the result is the view's."""
+    model = tiny_model()
+    step = build_decode_step(model)
+    B = len(positions)
+    prompt = torch.randint(0, V, (4, 10), generator=torch.Generator().manual_seed(2))
+    whole = KVCache.allocate(model.cfg, 4, 32, "cpu", torch.float32)
+    with torch.inference_mode():
+        model.next_logits(prompt, torch.arange(10).expand(4, 10), whole.view(slice(0, 4), 10))
+        for layer in whole.keys + whole.values:
+            layer[:, :, 10:] = 1e4  # slots past the filled ones: attending to them would change the logits
+    viewed = KVCache([k.clone() for k in whole.keys], [v.clone() for v in whole.values])
+    tokens = [11 * b + 3 for b in range(B)]
+    with torch.inference_mode():
+        got = step(tokens, positions, whole)
+    want = _cached_logits(step, model, viewed, tokens, positions)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for mine, theirs in zip(whole.keys + whole.values, viewed.keys + viewed.values, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)  # rows B.. and other slots untouched
+
+
 @pytest.mark.parametrize("shape", ["llama", "gpt2"])
 @pytest.mark.parametrize(
     "prompts",

@@ -145,37 +145,47 @@ class FusedDecodeStep:
         return self._buffers_by_batch[batch_size]
 
     def __call__(self, tokens: list[int], positions: list[int], cache: KVCache) -> torch.Tensor:
-        """Each row's next token at its position -> (B, V) next-token logits; keys/values go into `cache` (rows
-        0..B-1, slots 0..max(positions)). Python lists: building index tensors costs more than the lookups."""
+        """Each row's next token at its position -> (B, V) next-token logits; keys/values go into rows 0..B-1 of
+        `cache`, which may hold more rows and slots (attention reads slots 0..max(positions) only, so the engine
+        passes its whole cache instead of building a view of it every step). Python lists: building index tensors
+        costs more than the lookups."""
         B = len(positions)
         buf = self._buffers(B)
         x = buf.x  # (B, d), updated in place; one row's embedding is a slice, no index tensor
         x.copy_(self.tok_emb.narrow(0, tokens[0], 1) if B == 1 else F.embedding(torch.tensor(tokens), self.tok_emb))
         if all(p == positions[0] for p in positions):
             where, mask = positions[0], None  # every filled slot is visible to every row
+            span = where + 1
         else:
+            span = max(positions) + 1
             where = torch.tensor(positions)
-            visible = torch.arange(cache.span)[None] <= where[:, None]  # kv_cache.cached_causal_mask for T = 1
-            mask = torch.zeros(B, 1, 1, cache.span).masked_fill_(~visible[:, None, None], float("-inf"))
+            visible = torch.arange(span)[None] <= where[:, None]  # kv_cache.cached_causal_mask for T = 1
+            mask = torch.zeros(B, 1, 1, span).masked_fill_(~visible[:, None, None], float("-inf"))
             rows = torch.arange(B)
         if self.pos_emb is not None:
             x.add_(self.pos_emb[where])
         if self.cos is not None:
-            cos, sin = self.cos[where], self.sin[where]  # (hd,) or (B, hd)
-            if mask is not None:
-                cos, sin = cos[:, None], sin[:, None]  # (B, 1, hd): broadcast over heads
+            if mask is None:
+                cos, sin = self.cos.select(0, where), self.sin.select(0, where)  # (hd,)
+            else:
+                cos, sin = self.cos[where][:, None], self.sin[where][:, None]  # (B, 1, hd): broadcast over heads
+        whole_rows = cache.batch_size == B
         for i, layer in enumerate(self.layers):
             _project(layer.attn_norm(buf), layer.qkv_t, layer.qkv_bias, buf.qkv)
             if self.cos is not None:  # position.apply_rope_rolled on q and k of every head at once
                 torch.mul(buf.qk, cos, out=buf.rotated).addcmul_(buf.qk.roll(self.head_dim // 2, dims=-1), sin)
-            keys, values = cache.keys[i], cache.values[i]  # (B, H_kv, span, hd)
+            keys, values = cache.keys[i], cache.values[i]  # (rows, H_kv, slots, hd)
+            if not whole_rows:
+                keys, values = keys.narrow(0, 0, B), values.narrow(0, 0, B)
             if mask is None:
                 keys.select(2, where).copy_(buf.k)  # select/narrow: cheaper dispatch than indexing with slices
                 values.select(2, where).copy_(buf.v)
             else:
                 keys[rows, :, where] = buf.k
                 values[rows, :, where] = buf.v
-            out = F.scaled_dot_product_attention(buf.q, keys, values, attn_mask=mask)  # (B, H_kv, g, hd)
+            out = F.scaled_dot_product_attention(
+                buf.q, keys.narrow(2, 0, span), values.narrow(2, 0, span), attn_mask=mask
+            )  # (B, H_kv, g, hd)
             _add_projection(x, out.view(B, -1), layer.o_t, layer.o_bias)
             _project(layer.ffn_norm(buf), layer.up_t, layer.up_bias, buf.up)
             act = F.silu(buf.gate, inplace=True).mul_(buf.up_half) if layer.gated else self.act(buf.up)
