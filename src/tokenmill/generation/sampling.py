@@ -57,10 +57,13 @@ class BatchSampler:
             # CTRL (arXiv:1909.05858) as Hugging Face applies it: divide positive logits, multiply negative ones
             penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
             logits = torch.where(seen, penalised, logits)
-        tokens = logits.argmax(dim=-1)
-        if self.sampled:
+        if not self.sampled:
+            tokens = logits.argmax(dim=-1)
+        elif not self.any_greedy:
+            tokens = self._sample(logits)  # every row samples: no greedy argmax, no gather of the sampling rows
+        else:
             drawn = self._sample(logits[self.sampled_index])
-            tokens = tokens.index_copy(0, self.sampled_index, drawn) if self.any_greedy else drawn
+            tokens = logits.argmax(dim=-1).index_copy(0, self.sampled_index, drawn)
         chosen = None if logprobs is None else logprobs.gather(1, tokens[:, None])[:, 0]
         return tokens, chosen
 
@@ -81,7 +84,10 @@ class BatchSampler:
             probs = probs.masked_fill(drop.scatter(1, order, drop), 0.0)
         if self.min_p is not None:
             probs = probs.masked_fill(probs < self.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-        noise = torch.stack(
-            [torch.empty_like(probs[0]).exponential_(generator=self.generators[i]) for i in self.sampled]
-        )  # (m, V), each row from its own generator
-        return (probs / noise).argmax(dim=-1)
+        if len(self.sampled) == 1:  # the same draws as the stack below, without it
+            noise = torch.empty_like(probs).exponential_(generator=self.generators[self.sampled[0]])
+        else:
+            noise = torch.stack(
+                [torch.empty_like(probs[0]).exponential_(generator=self.generators[i]) for i in self.sampled]
+            )  # (m, V), each row from its own generator
+        return probs.div_(noise).argmax(dim=-1)  # probs is this call's own tensor
