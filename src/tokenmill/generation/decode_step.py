@@ -6,7 +6,7 @@ cost as much as the products (docs/performance.md, "Generation"). This step comp
 `Transformer.next_logits` computes for one new token per row, from the same parameters, with fewer ops:
 - q/k/v and gate/up are one matrix product each (`layout.fuse_linears` stores them side by side, the model's
   parameters become views into that storage) and the residual adds run inside `addmm_`;
-- RoPE rotates q and k of all heads together with full-width tables (roll, mul, addcmul);
+- RoPE rotates q and k of all heads together with full-width tables (flip, mul, addcmul);
 - RMSNorm is one layer_norm kernel over [x, -x] (F.rms_norm is ~8 ops on a CPU in torch 2.13);
 - when every row is at the same position, which is every step of a batch of equal-length prompts, the cache
   writes are slice copies and attention needs no mask (every filled slot is visible to every row);
@@ -42,11 +42,11 @@ def _norm_fn(norm: nn.Module) -> Norm:
     if isinstance(norm, RMSNorm):
         # [x, -x] has mean 0 and variance mean(x^2), so LayerNorm over it is x / sqrt(mean(x^2) + eps) in its first
         # half: two kernels (neg into the second half, layer_norm), where F.rms_norm on a CPU is ~8 ops (torch 2.13)
-        weight, eps = torch.cat((norm.weight, norm.weight)), norm.eps
+        weight, eps, shape = torch.cat((norm.weight, norm.weight)), norm.eps, [2 * d]
 
         def rms(buf: _Buffers) -> torch.Tensor:
             torch.neg(buf.x, out=buf.neg_x)
-            return F.layer_norm(buf.stream, (2 * d,), weight, None, eps).narrow(1, 0, d)
+            return torch.native_layer_norm(buf.stream, shape, weight, None, eps)[0].narrow(1, 0, d)
 
         return rms
     return lambda buf: F.layer_norm(buf.x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
@@ -114,9 +114,10 @@ class FusedDecodeStep:
         self.head_t = model.output_weight().t()  # (d, V)
         self.act = ACTIVATIONS[cfg.activation]
         self.cos = self.sin = None
-        if model.rope is not None:  # full-width tables: ([cos, cos], [-sin, sin]) per position, (max_seq_len, hd)
+        if model.rope is not None:  # full-width tables: ([cos, cos], [-sin, sin]) per position, (max_seq_len, 2, hd/2)
             cos, sin = model.rope.cos, model.rope.sin
-            self.cos, self.sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+            halves = (-1, 2, self.head_dim // 2)
+            self.cos, self.sin = torch.cat((cos, cos), dim=-1).view(halves), torch.cat((-sin, sin), dim=-1).view(halves)
         self._buffers_by_batch: dict[int, _Buffers] = {}
 
     @staticmethod
@@ -166,14 +167,15 @@ class FusedDecodeStep:
             x.add_(self.pos_emb[where])
         if self.cos is not None:
             if mask is None:
-                cos, sin = self.cos.select(0, where), self.sin.select(0, where)  # (hd,)
+                cos, sin = self.cos.select(0, where), self.sin.select(0, where)  # (2, hd/2)
             else:
-                cos, sin = self.cos[where][:, None], self.sin[where][:, None]  # (B, 1, hd): broadcast over heads
+                cos, sin = self.cos[where][:, None], self.sin[where][:, None]  # (B, 1, 2, hd/2): broadcast over heads
         whole_rows = cache.batch_size == B
         for i, layer in enumerate(self.layers):
             _project(layer.attn_norm(buf), layer.qkv_t, layer.qkv_bias, buf.qkv)
-            if self.cos is not None:  # position.apply_rope_rolled on q and k of every head at once
-                torch.mul(buf.qk, cos, out=buf.rotated).addcmul_(buf.qk.roll(self.head_dim // 2, dims=-1), sin)
+            if self.cos is not None:  # position.apply_rope_rolled on q and k of every head at once; flipping the
+                # halves is the roll by hd/2 in one kernel (roll is narrow, narrow, cat on a CPU)
+                torch.mul(buf.qk_halves, cos, out=buf.rotated_halves).addcmul_(buf.qk_halves.flip(-2), sin)
             keys, values = cache.keys[i], cache.values[i]  # (rows, H_kv, slots, hd)
             if not whole_rows:
                 keys, values = keys.narrow(0, 0, B), values.narrow(0, 0, B)
@@ -207,6 +209,8 @@ class _Buffers:
     qkv: torch.Tensor  # (B, (H + 2 H_kv) hd)
     qk: torch.Tensor  # (B, H + H_kv, hd) view: q and k before RoPE
     rotated: torch.Tensor  # (B, H + H_kv, hd): q and k after RoPE (qk itself when there is none)
+    qk_halves: torch.Tensor  # (B, H + H_kv, 2, hd/2) views of qk and rotated: RoPE's two halves of each head
+    rotated_halves: torch.Tensor
     q: torch.Tensor  # (B, H_kv, g, hd) view: the g query heads of each kv head (Attention's GQA order)
     k: torch.Tensor  # (B, H_kv, hd) view
     v: torch.Tensor  # (B, H_kv, hd) view
@@ -232,6 +236,8 @@ class _Buffers:
             qkv=qkv,
             qk=qk,
             rotated=rotated,
+            qk_halves=qk.view(B, H + H_kv, 2, hd // 2),
+            rotated_halves=rotated.view(B, H + H_kv, 2, hd // 2),
             q=rotated[:, :H].view(B, H_kv, H // H_kv, hd),
             k=rotated[:, H:],
             v=qkv[:, (H + H_kv) * hd :].view(B, H_kv, hd),
