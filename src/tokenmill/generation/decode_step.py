@@ -13,8 +13,8 @@ cost as much as the products (docs/performance.md, "Generation"). This step comp
 - the residual stream is a (B, d) matrix updated in place, and every layer writes into the same preallocated
   outputs, whose views are made once.
 Results equal the model's up to the order of floating-point sums (tests/generation/test_decode_step.py). The
-generator attaches the step as `model.decode_step`, so `model.next_logits` runs it for any caller, and itself calls
-it directly with Python lists and its whole cache (no index tensors, no cache view per step).
+generator attaches the step as `model.decode_step`, so `model.next_logits` stays the one entry point of a step,
+and passes its whole cache (no cache view per step).
 Models it does not cover (post-norm, QK-norm, residual scaling, non-fp32 weights) return None from
 `build_decode_step` and decode through their modules.
 """
