@@ -3,27 +3,18 @@ writes the table and the JSON (so the benchmark cannot rot)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe.py"
+from bench_helpers import imported_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("recipe_bench", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with imported_benchmark("recipe") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_tokens_to_target_interpolates_between_points(bench):

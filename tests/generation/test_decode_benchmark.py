@@ -3,26 +3,17 @@ method's rate and the paired ratios (the speed goals themselves are read from it
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
+from bench_helpers import imported_benchmark
 
 
 @pytest.fixture(scope="module")
 def decode_benchmark():
-    spec = importlib.util.spec_from_file_location("decode_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with imported_benchmark("decode") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_the_decode_benchmark_prints_a_row_per_model_and_batch(decode_benchmark, capsys):

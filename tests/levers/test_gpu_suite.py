@@ -3,30 +3,21 @@ on a GPU (`-m gpu`) FP8 and the fused losses keep 50-step loss parity with bf16 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench_helpers import imported_benchmark
 from train_helpers import one_thread  # noqa: F401 (autouse fixture)
-
-SUITE_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_suite.py"
 
 
 @pytest.fixture(scope="module")
 def suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with imported_benchmark("gpu_suite") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def run(suite, tmp_path: Path, *argv: str) -> dict:
