@@ -4,14 +4,16 @@ stop-string safe, requests from several threads join one batch."""
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 
 import pytest
 import torch
 from gen_helpers import BYTE, ScriptedModel, reference_greedy, tiny_model
 
 from tokenmill.errors import UserError
-from tokenmill.generation import Generator, SamplingParams
+from tokenmill.generation import Generator, SamplingParams, engine
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, logprobs=True)
 
@@ -167,6 +169,35 @@ def test_requests_from_several_threads_share_a_worker():
         gen.close()
     for i in range(5):
         assert results[i] == reference_greedy(model, byte_ids(f"prompt {i}"), 6, BYTE.vocab_size, BYTE.eos_id)
+
+
+class QueueThatWakesLate(queue.SimpleQueue):
+    """A request's delta queue whose first timed wait reports Empty only after `late` items arrived: the consumer
+    slept through the rest of its request (a descheduled thread on a busy machine)."""
+
+    late = 0
+
+    def get(self, block=True, timeout=None):
+        if timeout is not None and not getattr(self, "slept", False):
+            self.slept = True
+            deadline = time.monotonic() + 30
+            while self.qsize() < self.late and time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise queue.Empty
+        return super().get(block, timeout)
+
+
+def test_a_consumer_that_wakes_after_its_request_finished_gets_every_delta(monkeypatch):
+    script = [ord(c) for c in "late"]  # no EOS: four deltas, then the end marker
+    monkeypatch.setattr(QueueThatWakesLate, "late", len(script) + 1)
+    monkeypatch.setattr(engine.queue, "SimpleQueue", QueueThatWakesLate)
+    gen = Generator(ScriptedModel(script, prompt_len=3), BYTE).start()
+    try:
+        deltas = list(gen.submit("abc", SamplingParams(max_new_tokens=len(script))))
+    finally:
+        gen.close()
+    assert "".join(d.text for d in deltas) == "late"
+    assert deltas[-1].finish_reason == "length"
 
 
 def test_a_cancelled_request_ends_its_stream():

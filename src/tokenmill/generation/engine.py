@@ -88,6 +88,7 @@ class Request:
         self._dropped = 0  # samples ended without a completion (cancelled)
         self._completions: dict[int, Completion] = {}
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._drained = False  # the end marker was taken from the queue
 
     @property
     def done(self) -> bool:
@@ -113,18 +114,21 @@ class Request:
 
     def _next(self) -> Any:
         """The next queued item, waiting for the worker or, without one, driving the engine until there is one."""
+        # The end marker is the only end: `done` turns true before the consumer has read the last deltas (the
+        # engine puts them first), so a consumer that woke up late would otherwise drop them.
+        if self._drained:  # an earlier iteration took the end marker
+            return _DONE
         while True:
             worker = self.engine.has_worker
             try:
                 item = self._queue.get(timeout=WORKER_POLL_SECONDS) if worker else self._queue.get_nowait()
             except queue.Empty:
-                if self.done:  # the end marker was already taken by an earlier iteration
-                    return _DONE
                 if not worker and not self.engine.step() and self._queue.empty():
                     raise RuntimeError("the generator went idle before this request finished") from None
                 continue
             if isinstance(item, BaseException):
                 raise item
+            self._drained = item is _DONE
             return item
 
     # -- called by the engine (under its step lock) ------------------------------------------------------
