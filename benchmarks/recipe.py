@@ -45,7 +45,7 @@ SHAPE = [
 # Each recipe is a list of overrides on top of the `tiny` preset and SHAPE. "baseline" pins the settings that
 # were tokenmill's defaults before the recipe (AdamW 3e-3, betas 0.9/0.95, cosine to 0.1x, tied embeddings,
 # SwiGLU, no QK-norm; warmup 100 steps, which is a tenth of a 2.05M-token run: {tenth} keeps that tenth when
-# --tokens is smaller), so it stays comparable when the defaults change.
+# --tokens is smaller, {fiftieth} is a fiftieth), so it stays comparable when the defaults change.
 BASELINE = [
     "optim.name=adamw",
     "optim.lr=3e-3",
@@ -79,6 +79,10 @@ RECIPES: dict[str, list[str]] = {
     "recipe+zloss": RECIPE + ["model.z_loss=1e-4"],
     "recipe+embed-lr": RECIPE + ["optim.embedding_lr=1e-2"],
     "recipe+fan-in": RECIPE + ["model.init=fan_in"],
+    "recipe+muon-lr": RECIPE + ["optim.muon_lr=0.04"],
+    "recipe+long-decay": RECIPE + ["schedule.decay_ratio=0.4"],
+    "recipe+zero-floor": RECIPE + ["schedule.min_lr_ratio=0"],
+    "recipe+short-warmup": RECIPE + ["schedule.warmup_tokens={fiftieth}"],
 }
 
 
@@ -128,7 +132,7 @@ def run_overrides(args: argparse.Namespace, name: str, seed: int, tokenizer: Pat
         f"eval.interval_tokens={interval}",
         f"train.seed={seed}",
         f"train.out_dir={out_dir}",
-        *(o.format(tenth=args.tokens // 10) for o in RECIPES[name]),
+        *(o.format(tenth=args.tokens // 10, fiftieth=args.tokens // 50) for o in RECIPES[name]),
     ]
 
 
