@@ -268,3 +268,9 @@ def test_server_heals_only_when_asked(bpe_run):
         plain = client.post("/v1/completions", json=body).json()
         healed = client.post("/v1/completions", json={**body, "token_healing": True}).json()
     assert (healed["choices"][0]["text"], plain["choices"][0]["text"]) == (expected[True], expected[False])
+    # the healed token is generated again: it counts as a completion token, not also as a prompt token
+    tokenizer = tokenmill.load_tokenizer(bpe_run)
+    prompt = tokenizer.encode("def ")
+    kept = len(PrefixIndex(tokenizer, tokenizer.vocab_size).heal(prompt).prompt_ids)
+    assert kept < len(prompt) == plain["usage"]["prompt_tokens"]
+    assert healed["usage"]["prompt_tokens"] == kept

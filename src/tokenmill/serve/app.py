@@ -104,6 +104,7 @@ def create_app(served: ServedModel, settings: ServeSettings) -> FastAPI:
             plan.record = record
             record.request_id, record.prompt_tokens = plan.env.id, plan.prompt_tokens()
             job = scheduler.submit(plan.prompts, plan.params, arrived, settings.retry_after_s)
+            record.prompt_tokens = job.prompt_tokens()
         except schema.APIError as err:
             record.status, record.outcome = err.status, "rejected"
             record.latency_s = time.perf_counter() - arrived

@@ -44,9 +44,6 @@ class Plan:
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
-    def usage(self, completion_tokens: int) -> dict[str, int]:
-        return schema.usage(self.prompt_tokens(), completion_tokens)
-
 
 def plan_completion(request: schema.CompletionRequest, served: ServedModel, settings: ServeSettings) -> Plan:
     check_model_name(request.model, settings)
@@ -161,7 +158,7 @@ async def collect(plan: Plan, job: Job) -> dict[str, Any]:
                 schema.completion_choice(i, _echo(plan, i) + "".join(texts[i]), finish.get(i, "length"), scores)
             )
     build = schema.chat_response if plan.chat else schema.completion_response
-    return build(plan.env, choices, plan.usage(tokens))
+    return build(plan.env, choices, schema.usage(job.prompt_tokens(), tokens))
 
 
 async def stream(plan: Plan, job: Job) -> AsyncIterator[bytes]:
@@ -208,7 +205,7 @@ async def stream(plan: Plan, job: Job) -> AsyncIterator[bytes]:
             yield schema.sse(chunk)
         if plan.include_usage:
             kind = "chat.completion.chunk" if plan.chat else "text_completion"
-            yield schema.sse(schema.usage_chunk(plan.env, kind, plan.usage(tokens)))
+            yield schema.sse(schema.usage_chunk(plan.env, kind, schema.usage(job.prompt_tokens(), tokens)))
         yield schema.DONE
     except APIError as err:  # generation failed after the stream started
         plan.record.outcome = "error"

@@ -58,6 +58,11 @@ class Job:
         """Arrival until every prompt was admitted (at the latest, until its first token: prefill included)."""
         return (self._admitted_at or time.perf_counter()) - self.arrived_at
 
+    def prompt_tokens(self) -> int:
+        """Prompt tokens the model reads: a healed prompt's last token is generated again, so it counts once, as
+        a completion token (generation/healing.py)."""
+        return sum(len(r.prompt_ids) for r in self.requests)
+
     def cancel(self) -> None:
         for request in self.requests:
             request.cancel()
