@@ -13,7 +13,7 @@ import torch
 from gen_helpers import BYTE, ScriptedModel, reference_greedy, tiny_model
 
 from tokenmill.errors import UserError
-from tokenmill.generation import Generator, SamplingParams, engine
+from tokenmill.generation import Generator, SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, logprobs=True)
 
@@ -190,7 +190,7 @@ class QueueThatWakesLate(queue.SimpleQueue):
 def test_a_consumer_that_wakes_after_its_request_finished_gets_every_delta(monkeypatch):
     script = [ord(c) for c in "late"]  # no EOS: four deltas, then the end marker
     monkeypatch.setattr(QueueThatWakesLate, "late", len(script) + 1)
-    monkeypatch.setattr(engine.queue, "SimpleQueue", QueueThatWakesLate)
+    monkeypatch.setattr(queue, "SimpleQueue", QueueThatWakesLate)
     gen = Generator(ScriptedModel(script, prompt_len=3), BYTE).start()
     try:
         deltas = list(gen.submit("abc", SamplingParams(max_new_tokens=len(script))))

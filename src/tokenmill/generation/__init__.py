@@ -8,7 +8,7 @@ from typing import Any
 
 _LAZY = {
     "Generator": "engine",
-    "Request": "engine",
+    "Request": "request",
     "SamplingParams": "params",
     "Completion": "params",
     "StreamDelta": "params",

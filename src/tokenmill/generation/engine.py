@@ -33,7 +33,6 @@ tensors, so it compiles once and never recompiles (the recompile guards of torch
 from __future__ import annotations
 
 import contextlib
-import queue
 import random
 import secrets
 import threading
@@ -49,14 +48,13 @@ from tokenmill.generation.decode_step import build_decode_step
 from tokenmill.generation.healing import Healing, PrefixIndex
 from tokenmill.generation.layout import apply_column_major
 from tokenmill.generation.params import Completion, SamplingParams, StreamDelta
+from tokenmill.generation.request import Request
 from tokenmill.generation.sampling import BatchSampler
 from tokenmill.generation.text import TextStream
 from tokenmill.model.kv_cache import KVCache
 
 Prompt = str | Sequence[int]
 CAPACITY_STEP = 64  # cache slots grow in multiples of this, so rising demand does not reallocate every request
-_DONE = object()  # end of a request's delta queue
-WORKER_POLL_SECONDS = 0.1  # a consumer waiting on a worker re-checks this often whether the worker still runs
 
 
 def sample_seed(seed: int | None, sample_index: int) -> int:
@@ -64,91 +62,6 @@ def sample_seed(seed: int | None, sample_index: int) -> int:
     if seed is None:
         return secrets.randbits(63)
     return random.Random(f"{seed}/{sample_index}").getrandbits(63)
-
-
-class Request:
-    """One submitted prompt and its n samples. Iterate it for `StreamDelta`s, or call `completions()`."""
-
-    def __init__(
-        self,
-        engine: Generator,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        prompt_index: int,
-        healing: Healing | None = None,
-    ) -> None:
-        """`healing`: the prompt is prefilled without its last token and the first token is restricted."""
-        self.engine = engine
-        self.healing = healing
-        self.prompt_ids = healing.prompt_ids if healing is not None else prompt_ids  # what is prefilled
-        self.params = params
-        self.prompt_index = prompt_index
-        self.admitted = 0  # samples that got a row
-        self.cancelled = False
-        self._dropped = 0  # samples ended without a completion (cancelled)
-        self._completions: dict[int, Completion] = {}
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._drained = False  # the end marker was taken from the queue
-
-    @property
-    def done(self) -> bool:
-        """Every sample has finished or was cancelled."""
-        return len(self._completions) + self._dropped == self.params.n
-
-    def cancel(self) -> None:
-        """Stop this request's samples at the next step boundary (a server calls this when a client leaves)."""
-        self.cancelled = True
-
-    def __iter__(self) -> Iterator[StreamDelta]:
-        while True:
-            item = self._next()
-            if item is _DONE:
-                return
-            yield item
-
-    def completions(self) -> list[Completion]:
-        """Wait for every sample; their completions in sample order (cancelled samples are missing)."""
-        for _ in self:
-            pass
-        return [self._completions[i] for i in sorted(self._completions)]
-
-    def _next(self) -> Any:
-        """The next queued item, waiting for the worker or, without one, driving the engine until there is one."""
-        # The end marker is the only end: `done` turns true before the consumer has read the last deltas (the
-        # engine puts them first), so a consumer that woke up late would otherwise drop them.
-        if self._drained:  # an earlier iteration took the end marker
-            return _DONE
-        while True:
-            worker = self.engine.has_worker
-            try:
-                item = self._queue.get(timeout=WORKER_POLL_SECONDS) if worker else self._queue.get_nowait()
-            except queue.Empty:
-                if not worker and not self.engine.step() and self._queue.empty():
-                    raise RuntimeError("the generator went idle before this request finished") from None
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            self._drained = item is _DONE
-            return item
-
-    # -- called by the engine (under its step lock) ------------------------------------------------------
-    def _deliver(self, delta: StreamDelta) -> None:
-        self._queue.put(delta)
-
-    def _complete(self, completion: Completion) -> None:
-        self._completions[completion.sample_index] = completion
-        self._maybe_done()
-
-    def _drop(self, samples: int) -> None:
-        self._dropped += samples
-        self._maybe_done()
-
-    def _fail(self, err: BaseException) -> None:
-        self._queue.put(err)
-
-    def _maybe_done(self) -> None:
-        if self.done:
-            self._queue.put(_DONE)
 
 
 @dataclass
@@ -352,7 +265,7 @@ class Generator:
                 request = self._waiting[0]
                 if request.cancelled:
                     self._waiting.popleft()
-                    request._drop(request.params.n - request.admitted)
+                    request.drop(request.params.n - request.admitted)
                     continue
                 take = min(free, request.params.n - request.admitted)
                 groups.append((request, request.admitted, take))
@@ -463,11 +376,11 @@ class Generator:
             ):
                 text, row.finish_reason = text + row.text.flush(), "length"
         request = row.request
-        request._deliver(
+        request.deliver(
             StreamDelta(text, [token], row.finish_reason, row.sample_index, [logprob] if params.logprobs else None)
         )
         if row.finish_reason is not None:
-            request._complete(
+            request.complete(
                 Completion(
                     request.prompt_index,
                     row.sample_index,
@@ -486,7 +399,7 @@ class Generator:
             return
         for r in rows:
             if r.finish_reason is None and r.request.cancelled:
-                r.request._drop(1)
+                r.request.drop(1)
         keep = sum(alive)
         holes = [i for i in range(keep) if not alive[i]]
         movers = [i for i in range(keep, len(rows)) if alive[i]]
@@ -556,6 +469,6 @@ class Generator:
             requests.update({id(r): r for r in self._waiting})
             self._waiting.clear()
         for request in requests.values():
-            request._fail(err)
+            request.fail(err)
         self._rows = []
         self._sampler = None
