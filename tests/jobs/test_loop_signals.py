@@ -56,6 +56,15 @@ def test_second_ctrl_c_aborts_without_a_checkpoint(tmp_path, monkeypatch):
     assert (read_ack(result.run_dir)["action"], read_ack(result.run_dir)["checkpoint"]) == ("abort", None)
 
 
+def test_an_abort_under_torchrun_restarts_exits_0_so_it_is_not_relaunched(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")  # what torchrun --max-restarts=3 gives its workers
+    signal_during_step(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
+    result = train(tiny_config(tmp_path / "run", STEPS, "train.grad_accum=1"))
+    assert (result.status, result.exit_code, result.state.step) == ("aborted", 0, 2)
+    assert events(result.run_dir, "summary")[-1]["status"] == "aborted"
+    assert any("not 5" in e["message"] for e in events(result.run_dir, "warning"))
+
+
 def test_a_request_from_before_the_run_started_is_ignored(tmp_path):
     run_dir = tmp_path / "run"
     stale = write_request(run_dir, Action.ABORT)  # e.g. sent to an earlier process that died before reading it

@@ -56,7 +56,7 @@ from tokenmill.parallel.dist import (
     max_over_ranks,
 )
 from tokenmill.parallel.engine import build_engine
-from tokenmill.train.loop import EXIT_ABORTED, EXIT_OK, seed_everything
+from tokenmill.train.loop import ABORT_UNDER_RESTARTS, EXIT_ABORTED, EXIT_OK, abort_exit_code, seed_everything
 from tokenmill.train.precision import Precision, resolve_precision
 from tokenmill.train.run_dir import prepare_run_dir
 
@@ -324,7 +324,9 @@ def _grpo(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: boo
                 lambda: checkpointer.last_path,
             )
             if action == Action.ABORT:
-                status, exit_code = "aborted", EXIT_ABORTED
+                status, exit_code = "aborted", abort_exit_code()
+                if exit_code != EXIT_ABORTED:
+                    sinks.log(state.step, {"message": ABORT_UNDER_RESTARTS}, kind="warning")
                 break
             if action == Action.STOP:
                 status = "stopped"

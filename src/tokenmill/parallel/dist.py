@@ -106,12 +106,14 @@ def init_distributed(parallel_cfg: Any, device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
 
 
+def torchrun_restarts_workers() -> bool:
+    """True under a torchrun that relaunches the workers when one exits non-zero (--max-restarts > 0)."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+
+
 def stale_store_risk() -> bool:
     """True when torchrun may restart workers (--max-restarts > 0) while sharing its TCPStore with them."""
-    return (
-        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
-    )
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and torchrun_restarts_workers()
 
 
 def is_distributed() -> bool:

@@ -45,6 +45,7 @@ from tokenmill.parallel.dist import (
     destroy_distributed,
     init_distributed,
     max_over_ranks,
+    torchrun_restarts_workers,
 )
 from tokenmill.parallel.engine import build_engine
 from tokenmill.train.batching import BatchPlan, plan_batches
@@ -57,6 +58,14 @@ from tokenmill.train.stability import DivergenceDetector
 from tokenmill.train.state import TrainState
 
 EXIT_OK, EXIT_DIVERGED, EXIT_NONFINITE, EXIT_ABORTED = 0, 3, 4, 5
+# Why an aborted run exits 0 under torchrun --max-restarts: any non-zero exit relaunches the workers, and with
+# --resume the relaunch would carry on the run the user aborted. Its status (summary, status.json) still says so.
+ABORT_UNDER_RESTARTS = "aborted with exit code 0, not 5: torchrun --max-restarts would relaunch the run on a failure"
+
+
+def abort_exit_code() -> int:
+    """EXIT_ABORTED, or EXIT_OK where a failure exit would make torchrun restart the workers (see above)."""
+    return EXIT_OK if torchrun_restarts_workers() else EXIT_ABORTED
 
 
 @dataclass
@@ -356,7 +365,9 @@ def _train(cfg: Config, dist: DistInfo, resume: str | bool | None, overwrite: bo
                 lambda: checkpointer.last_path,
             )
             if action == Action.ABORT:
-                status, exit_code = "aborted", EXIT_ABORTED
+                status, exit_code = "aborted", abort_exit_code()
+                if exit_code != EXIT_ABORTED:
+                    sinks.log(state.step, {"message": ABORT_UNDER_RESTARTS}, kind="warning")
                 break
             if action == Action.STOP:
                 status = "stopped"
