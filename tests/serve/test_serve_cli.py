@@ -86,7 +86,9 @@ def test_serve_subprocess_answers_logs_and_stops_gracefully_on_sigterm(base_run)
                 pass
             assert time.monotonic() < deadline, "".join(seen)
             time.sleep(0.2)
-        answer = json.loads(post(port, {"model": MODEL_NAME, "prompt": "abc", "max_tokens": 4}).read())
+        answer = json.loads(
+            post(port, {"model": MODEL_NAME, "prompt": "abc", "max_tokens": 4, "temperature": 0}).read()
+        )
         assert answer["usage"]["completion_tokens"] <= 4 and answer["choices"][0]["text"]
         wait_for_line(lines, r"/v1/completions 200 ok .*prompt=3 .*latency=\d+ms ttft=\d+ms tok/s=", seen)
 

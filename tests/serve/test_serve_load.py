@@ -134,7 +134,7 @@ def test_a_client_that_leaves_before_a_plain_answer_frees_its_slot(base_run):
 def test_a_full_queue_answers_429_with_retry_after(base_run):
     calls: list[float] = []
     with live_server(base_run, max_batch=1, max_queue=1, prepare=slow_model(calls, 0.05)) as server:
-        running = open_stream(server, {"prompt": "abc", "max_tokens": 40})
+        running = open_stream(server, {"prompt": "abc", "max_tokens": 40, "temperature": 0})  # greedy: no early EOS
         assert wait_until(lambda: health(server)["running"] == 1, 10)
         waiting = open_stream(server, {"prompt": "abc", "max_tokens": 2})
         assert wait_until(lambda: health(server)["queue_depth"] == 1, 10)
