@@ -83,13 +83,14 @@ RECIPES: dict[str, list[str]] = {
     "recipe+long-decay": RECIPE + ["schedule.decay_ratio=0.4"],
     "recipe+zero-floor": RECIPE + ["schedule.min_lr_ratio=0"],
     "recipe+short-warmup": RECIPE + ["schedule.warmup_tokens={fiftieth}"],
+    "recipe+batch4": RECIPE + ["train.micro_batch_size=4"],  # not the benchmark's shape: a probe of batch size
 }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipes", default="baseline,recipe", help=f"comma list of: {', '.join(RECIPES)}")
-    p.add_argument("--tokens", type=int, default=2_048_000, help="training tokens per run (2048 per step)")
+    p.add_argument("--tokens", type=int, default=2_048_000, help="training tokens per run (2048 per step in SHAPE)")
     p.add_argument("--points", type=int, default=8, help="evaluations, evenly spaced in tokens")
     p.add_argument("--seeds", default="0", help="comma list of seeds; every recipe runs once per seed")
     p.add_argument("--target-bpb", type=float, default=0.0, help="target bpb; 0 = the first recipe's final bpb")
@@ -121,9 +122,16 @@ def train_tokenizer(workdir: Path, vocab: int, eval_fraction: float, max_docs: i
     return folder / "tokenizer.json"
 
 
+def tokens_per_step(name: str) -> int:
+    """256 tokens per sequence times the recipe's sequences per step (SHAPE's 8 unless the recipe sets them)."""
+    batch = [o.split("=")[1] for o in (*SHAPE, *RECIPES[name]) if o.startswith("train.micro_batch_size=")][-1]
+    return 256 * int(batch)
+
+
 def run_overrides(args: argparse.Namespace, name: str, seed: int, tokenizer: Path, out_dir: Path) -> list[str]:
-    steps = args.tokens // 2048
-    interval = max(1, steps // args.points) * 2048
+    per_step = tokens_per_step(name)
+    steps = args.tokens // per_step
+    interval = max(1, steps // args.points) * per_step
     return [
         *SHAPE,
         f"data.tokenizer={tokenizer}",
@@ -155,7 +163,8 @@ def run_one(overrides: list[str], threads: int) -> dict[str, Any]:
         if e["kind"] == "eval":
             eval_seconds += e["seconds"]
             train_wall = e["time"] - start - eval_seconds
-            points.append({"tokens": e["step"] * 2048, "bpb": e["bpb"], "loss": e["loss"], "train_wall_s": train_wall})
+            tokens = e["step"] * cfg.train.micro_batch_size * cfg.train.seq_len
+            points.append({"tokens": tokens, "bpb": e["bpb"], "loss": e["loss"], "train_wall_s": train_wall})
     speeds = [e["tokens_per_s"] for e in events if e["kind"] == "train" and e.get("tokens_per_s")]
     return {
         "status": result.status,
