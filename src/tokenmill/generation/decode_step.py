@@ -6,6 +6,7 @@ cost as much as the products (docs/performance.md, "Generation"). This step comp
 `Transformer.next_logits` computes for one new token per row, from the same parameters, with fewer ops:
 - q/k/v and gate/up are one matrix product each (`layout.fuse_linears` stores them side by side, the model's
   parameters become views into that storage) and the residual adds run inside `addmm_`;
+- QK-norm (Qwen3) normalises q and k of all heads together, each head with its own half's gain (rms_norm, mul);
 - RoPE rotates q and k of all heads together with full-width tables (flip, mul, addcmul);
 - RMSNorm is one layer_norm kernel over [x, -x] (F.rms_norm is ~8 ops on a CPU in torch 2.13);
 - when every row is at the same position, which is every step of a batch of equal-length prompts, the cache
@@ -15,7 +16,7 @@ cost as much as the products (docs/performance.md, "Generation"). This step comp
 Results equal the model's up to the order of floating-point sums (tests/generation/test_decode_step.py). The
 generator attaches the step as `model.decode_step`, so `model.next_logits` stays the one entry point of a step,
 and passes its whole cache (no cache view per step).
-Models it does not cover (post-norm, QK-norm, residual scaling, non-fp32 weights) return None from
+Models it does not cover (post-norm, residual scaling, non-fp32 weights) return None from
 `build_decode_step` and decode through their modules.
 """
 
@@ -75,6 +76,7 @@ class _Layer:
     attn_norm: Norm
     qkv_t: torch.Tensor  # (d, (H + 2 H_kv) hd)
     qkv_bias: torch.Tensor | None
+    qk_gain: torch.Tensor | None  # (H + H_kv, hd): QK-norm's q gain for the query heads, k gain for the kv heads
     o_t: torch.Tensor  # (H hd, d)
     o_bias: torch.Tensor | None
     ffn_norm: Norm
@@ -92,7 +94,6 @@ def supported(model: nn.Module) -> bool:
     cfg = model.cfg
     return (
         cfg.norm_position == "pre"
-        and not cfg.qk_norm
         and all(block.residual_alpha == 1.0 for block in model.blocks)
         and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
     )
@@ -105,6 +106,7 @@ class FusedDecodeStep:
         cfg = model.cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads(), cfg.resolved_head_dim()
         self.softcap = cfg.logit_softcap
+        self.qk_eps = cfg.norm_eps
         self.layers = [self._layer(block) for block in model.blocks]
         apply_column_major(model)  # o, down and the head: their transposes become row-major
         for layer, block in zip(self.layers, model.blocks, strict=True):
@@ -125,12 +127,18 @@ class FusedDecodeStep:
     def _layer(block: nn.Module) -> _Layer:
         attn, ffn = block.attn, block.ffn
         qkv_t, qkv_bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        qk_gain = None
+        if attn.q_norm is not None:
+            qk_gain = torch.cat(
+                (attn.q_norm.weight.expand(attn.n_heads, -1), attn.k_norm.weight.expand(attn.n_kv_heads, -1))
+            )
         gated = isinstance(ffn, SwiGLU)
         up_t, up_bias = fuse_linears([ffn.gate_proj, ffn.up_proj] if gated else [ffn.up_proj])
         return _Layer(
             attn_norm=_norm_fn(block.attn_norm),
             qkv_t=qkv_t,
             qkv_bias=qkv_bias,
+            qk_gain=qk_gain,
             o_t=attn.o_proj.weight,  # replaced by its row-major transpose once the layout is applied
             o_bias=attn.o_proj.bias,
             ffn_norm=_norm_fn(block.ffn_norm),
@@ -174,9 +182,13 @@ class FusedDecodeStep:
         whole_rows = cache.batch_size == B
         for i, layer in enumerate(self.layers):
             _project(layer.attn_norm(buf), layer.qkv_t, layer.qkv_bias, buf.qkv)
+            if layer.qk_gain is not None:  # attention.py: RMSNorm of each q and k head, before RoPE
+                torch.mul(F.rms_norm(buf.qk, buf.head_shape, eps=self.qk_eps), layer.qk_gain, out=buf.normed)
             if self.cos is not None:  # position.apply_rope_rolled on q and k of every head at once; flipping the
                 # halves is the roll by hd/2 in one kernel (roll is narrow, narrow, cat on a CPU)
-                torch.mul(buf.qk_halves, cos, out=buf.rotated_halves).addcmul_(buf.qk_halves.flip(-2), sin)
+                torch.mul(buf.unrotated_halves, cos, out=buf.rotated_halves).addcmul_(
+                    buf.unrotated_halves.flip(-2), sin
+                )
             keys, values = cache.keys[i], cache.values[i]  # (rows, H_kv, slots, hd)
             if not whole_rows:
                 keys, values = keys.narrow(0, 0, B), values.narrow(0, 0, B)
@@ -208,10 +220,12 @@ class _Buffers:
     neg_x: torch.Tensor  # (B, d) view
 
     qkv: torch.Tensor  # (B, (H + 2 H_kv) hd)
-    qk: torch.Tensor  # (B, H + H_kv, hd) view: q and k before RoPE
-    rotated: torch.Tensor  # (B, H + H_kv, hd): q and k after RoPE (qk itself when there is none)
-    qk_halves: torch.Tensor  # (B, H + H_kv, 2, hd/2) views of qk and rotated: RoPE's two halves of each head
-    rotated_halves: torch.Tensor
+    qk: torch.Tensor  # (B, H + H_kv, hd) view: q and k as projected
+    head_shape: list[int]  # [hd]: QK-norm's normalised shape
+    normed: torch.Tensor  # (B, H + H_kv, hd): q and k after QK-norm (qk itself when there is none)
+    rotated: torch.Tensor  # (B, H + H_kv, hd): q and k after RoPE (normed itself when there is none)
+    unrotated_halves: torch.Tensor  # (B, H + H_kv, 2, hd/2) views of normed and rotated: RoPE's two halves of
+    rotated_halves: torch.Tensor  # each head
     q: torch.Tensor  # (B, H_kv, g, hd) view: the g query heads of each kv head (Attention's GQA order)
     k: torch.Tensor  # (B, H_kv, hd) view
     v: torch.Tensor  # (B, H_kv, hd) view
@@ -227,7 +241,8 @@ class _Buffers:
         stream = torch.empty(B, 2 * d)
         qkv = torch.empty(B, layer.qkv_t.shape[1])
         qk = qkv[:, : (H + H_kv) * hd].view(B, H + H_kv, hd)
-        rotated = torch.empty(B, H + H_kv, hd) if step.cos is not None else qk
+        normed = torch.empty(B, H + H_kv, hd) if layer.qk_gain is not None else qk
+        rotated = torch.empty(B, H + H_kv, hd) if step.cos is not None else normed
         up = torch.empty(B, layer.up_t.shape[1])
         hidden = up.shape[1] // 2
         return cls(
@@ -236,8 +251,10 @@ class _Buffers:
             neg_x=stream[:, d:],
             qkv=qkv,
             qk=qk,
+            head_shape=[hd],
+            normed=normed,
             rotated=rotated,
-            qk_halves=qk.view(B, H + H_kv, 2, hd // 2),
+            unrotated_halves=normed.view(B, H + H_kv, 2, hd // 2),
             rotated_halves=rotated.view(B, H + H_kv, 2, hd // 2),
             q=rotated[:, :H].view(B, H_kv, H // H_kv, hd),
             k=rotated[:, H:],
