@@ -72,7 +72,7 @@ RECIPES: dict[str, list[str]] = {
     "recipe": RECIPE,
     "recipe-cosine": RECIPE + ["schedule.name=cosine"],
     "recipe-adamw": RECIPE + ["optim.name=adamw"],
-    "recipe+qknorm": RECIPE + ["model.qk_norm=true"],
+    "recipe-qknorm": RECIPE + ["model.qk_norm=false"],  # the default before QK-norm joined it
     "recipe+untied": RECIPE + ["model.tie_embeddings=false"],
     "recipe+relu2": RECIPE + ["model.ffn=mlp", "model.activation=relu2"],
     "recipe+softcap": RECIPE + ["model.logit_softcap=30"],

@@ -12,7 +12,7 @@ TEXTS = [
     "Zürich, Kraków and São Paulo are cities. Numbers: 12345 678 9.",
 ] * 8
 
-# model.* overrides on the `tiny` preset per architecture (vocab and context set by make_run)
+# model.* overrides on the `tiny` preset (which has QK-norm) per architecture (vocab and context set by make_run)
 ARCHES = {
     "gpt2": [
         "model.position=learned",
@@ -22,9 +22,15 @@ ARCHES = {
         "model.bias=true",
         "model.n_kv_heads=0",
         "model.tie_embeddings=true",
+        "model.qk_norm=false",
     ],
-    "llama-gqa-tied": ["model.n_kv_heads=2", "model.tie_embeddings=true"],
-    "llama-gqa-untied": ["model.n_kv_heads=2", "model.tie_embeddings=false", "model.rope_theta=5000.0"],
+    "llama-gqa-tied": ["model.n_kv_heads=2", "model.tie_embeddings=true", "model.qk_norm=false"],
+    "llama-gqa-untied": [
+        "model.n_kv_heads=2",
+        "model.tie_embeddings=false",
+        "model.rope_theta=5000.0",
+        "model.qk_norm=false",
+    ],
     "qwen3": ["model.qk_norm=true", "model.n_kv_heads=2", "model.tie_embeddings=true", "model.norm_eps=1e-6"],
 }
 HF_CLASS = {
