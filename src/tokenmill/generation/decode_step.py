@@ -6,7 +6,8 @@ cost as much as the products (docs/performance.md, "Generation"). This step comp
 `Transformer.next_logits` computes for one new token per row, from the same parameters, with fewer ops:
 - q/k/v and gate/up are one matrix product each (`layout.fuse_linears` stores them side by side, the model's
   parameters become views into that storage) and the residual adds run inside `addmm_`;
-- QK-norm (Qwen3) normalises q and k of all heads together, each head with its own half's gain (rms_norm, mul);
+- QK-norm (Qwen3) normalises q and k of all heads together (the same LayerNorm trick, below), then multiplies
+  each head by its own gain;
 - RoPE rotates q and k of all heads together with full-width tables (flip, mul, addcmul);
 - RMSNorm is one layer_norm kernel over [x, -x] (F.rms_norm is ~8 ops on a CPU in torch 2.13);
 - when every row is at the same position, which is every step of a batch of equal-length prompts, the cache
@@ -35,6 +36,7 @@ from tokenmill.model.kv_cache import KVCache
 from tokenmill.model.norms import RMSNorm
 from tokenmill.model.transformer import Transformer
 
+_SIGNS = torch.tensor([[1.0], [-1.0]])  # (2, 1): x * _SIGNS over (..., 1, hd) is [x, -x] as (..., 2, hd)
 Norm = Callable[["_Buffers"], torch.Tensor]  # the residual stream in the buffers, x (B, d) -> norm(x) (B, d)
 
 
@@ -182,8 +184,11 @@ class FusedDecodeStep:
         whole_rows = cache.batch_size == B
         for i, layer in enumerate(self.layers):
             _project(layer.attn_norm(buf), layer.qkv_t, layer.qkv_bias, buf.qkv)
-            if layer.qk_gain is not None:  # attention.py: RMSNorm of each q and k head, before RoPE
-                torch.mul(F.rms_norm(buf.qk, buf.head_shape, eps=self.qk_eps), layer.qk_gain, out=buf.normed)
+            if layer.qk_gain is not None:  # attention.py: RMSNorm of each q and k head, before RoPE, as LayerNorm
+                # over [x, -x] per head (one broadcast product writes both halves), then each head's gain
+                torch.mul(buf.qk_pairs_from, _SIGNS, out=buf.qk_pairs)
+                unit = torch.native_layer_norm(buf.qk_pairs_flat, buf.pair_shape, None, None, self.qk_eps)[0]
+                torch.mul(unit.narrow(2, 0, self.head_dim), layer.qk_gain, out=buf.normed)
             if self.cos is not None:  # position.apply_rope_rolled on q and k of every head at once; flipping the
                 # halves is the roll by hd/2 in one kernel (roll is narrow, narrow, cat on a CPU)
                 torch.mul(buf.unrotated_halves, cos, out=buf.rotated_halves).addcmul_(
@@ -221,7 +226,10 @@ class _Buffers:
 
     qkv: torch.Tensor  # (B, (H + 2 H_kv) hd)
     qk: torch.Tensor  # (B, H + H_kv, hd) view: q and k as projected
-    head_shape: list[int]  # [hd]: QK-norm's normalised shape
+    qk_pairs_from: torch.Tensor  # (B, H + H_kv, 1, hd) view of qk
+    qk_pairs: torch.Tensor  # (B, H + H_kv, 2, hd): [x, -x] of each q and k head (QK-norm as LayerNorm)
+    qk_pairs_flat: torch.Tensor  # (B, H + H_kv, 2 hd) view
+    pair_shape: list[int]  # [2 hd]: that LayerNorm's normalised shape
     normed: torch.Tensor  # (B, H + H_kv, hd): q and k after QK-norm (qk itself when there is none)
     rotated: torch.Tensor  # (B, H + H_kv, hd): q and k after RoPE (normed itself when there is none)
     unrotated_halves: torch.Tensor  # (B, H + H_kv, 2, hd/2) views of normed and rotated: RoPE's two halves of
@@ -241,6 +249,7 @@ class _Buffers:
         stream = torch.empty(B, 2 * d)
         qkv = torch.empty(B, layer.qkv_t.shape[1])
         qk = qkv[:, : (H + H_kv) * hd].view(B, H + H_kv, hd)
+        qk_pairs = torch.empty(B, H + H_kv, 2, hd)  # used by QK-norm only; small
         normed = torch.empty(B, H + H_kv, hd) if layer.qk_gain is not None else qk
         rotated = torch.empty(B, H + H_kv, hd) if step.cos is not None else normed
         up = torch.empty(B, layer.up_t.shape[1])
@@ -251,7 +260,10 @@ class _Buffers:
             neg_x=stream[:, d:],
             qkv=qkv,
             qk=qk,
-            head_shape=[hd],
+            qk_pairs_from=qk.unsqueeze(2),
+            qk_pairs=qk_pairs,
+            qk_pairs_flat=qk_pairs.view(B, H + H_kv, 2 * hd),
+            pair_shape=[2 * hd],
             normed=normed,
             rotated=rotated,
             unrotated_halves=normed.view(B, H + H_kv, 2, hd // 2),
