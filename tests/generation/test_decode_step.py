@@ -9,7 +9,7 @@ from gen_helpers import BYTE, V, tiny_model
 
 from tokenmill.generation import Generator, SamplingParams
 from tokenmill.generation.decode_step import build_decode_step
-from tokenmill.generation.layout import fuse_linears
+from tokenmill.generation.layout import WeightArena, fuse_linears
 from tokenmill.model.kv_cache import KVCache
 
 SHAPES = {
@@ -107,7 +107,8 @@ def test_fused_weights_are_views_the_model_still_computes_with():
     model, reference = tiny_model(), tiny_model()
     attn = model.blocks[0].attn
     before = [p.detach().clone() for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)]
-    weight_t, bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj]
+    weight_t, bias = fuse_linears(linears, WeightArena.for_matrices([lin.weight for lin in linears]))
     assert bias is None
     assert weight_t.shape == (32, sum(w.shape[0] for w in before))  # (d, q + k + v outputs)
     for p, value in zip((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight), before, strict=True):

@@ -8,7 +8,7 @@ import torch
 from gen_helpers import BYTE, V, tiny_model
 
 from tokenmill.generation import Generator, SamplingParams
-from tokenmill.generation.layout import apply_column_major, decode_weights
+from tokenmill.generation.layout import HUGE_PAGE, WeightArena, apply_column_major, decode_weights
 
 PROMPTS = ["hello", "a", "the quick brown fox"]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
@@ -51,3 +51,28 @@ def test_only_an_exclusive_generator_changes_the_layout():
     want = [c.token_ids for c in Generator(shared, BYTE).generate(PROMPTS, GREEDY)]
     assert [c.token_ids for c in Generator(owned, BYTE, exclusive=True).generate(PROMPTS, GREEDY)] == want
     assert not all(w.is_contiguous() for w in decode_weights(owned))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fused-step", "modules"])
+def test_an_exclusive_generator_keeps_its_decode_matrices_in_one_huge_page_aligned_block(dtype):
+    model = tiny_model().to(dtype)
+    want = [c.token_ids for c in Generator(tiny_model().to(dtype), BYTE).generate(PROMPTS, GREEDY)]
+    assert [c.token_ids for c in Generator(model, BYTE, exclusive=True).generate(PROMPTS, GREEDY)] == want
+    matrices = decode_weights(model)
+    assert len({w.untyped_storage().data_ptr() for w in matrices}) == 1  # one block
+    start = min(w.data_ptr() for w in matrices)
+    assert start % HUGE_PAGE == 0
+    # the last element of each matrix (fused ones are column slices of one matrix): the block ends right after
+    # the matrices, which overlap nowhere (equal tokens above), so it holds them and nothing else
+    end = max(
+        w.data_ptr() + (1 + sum((n - 1) * st for n, st in zip(w.shape, w.stride()))) * w.element_size()
+        for w in matrices
+    )
+    assert end - start == sum(w.numel() * w.element_size() for w in matrices)
+
+
+def test_an_arena_refuses_more_than_it_holds():
+    arena = WeightArena(12, torch.float32)
+    assert arena.take(3, 4).shape == (3, 4)
+    with pytest.raises(ValueError, match="holds 12 elements; 13 asked"):
+        arena.take(1, 1)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.generation.layout import apply_column_major, fuse_linears
+from tokenmill.generation.layout import WeightArena, apply_column_major, decode_weights, fuse_linears
 from tokenmill.model.ffn import ACTIVATIONS, SwiGLU
 from tokenmill.model.kv_cache import KVCache
 from tokenmill.model.norms import RMSNorm
@@ -109,8 +109,9 @@ class FusedDecodeStep:
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads(), cfg.resolved_head_dim()
         self.softcap = cfg.logit_softcap
         self.qk_eps = cfg.norm_eps
-        self.layers = [self._layer(block) for block in model.blocks]
-        apply_column_major(model)  # o, down and the head: their transposes become row-major
+        arena = WeightArena(sum(w.numel() for w in decode_weights(model)), torch.float32)  # all it reads, one block
+        self.layers = [self._layer(block, arena) for block in model.blocks]
+        apply_column_major(model, arena)  # o, down and the head: their transposes become row-major
         for layer, block in zip(self.layers, model.blocks, strict=True):
             layer.o_t, layer.down_t = block.attn.o_proj.weight.t(), block.ffn.down_proj.weight.t()
         self.tok_emb = model.tok_emb.weight
@@ -126,16 +127,16 @@ class FusedDecodeStep:
         self._buffers_by_batch: dict[int, _Buffers] = {}
 
     @staticmethod
-    def _layer(block: nn.Module) -> _Layer:
+    def _layer(block: nn.Module, arena: WeightArena) -> _Layer:
         attn, ffn = block.attn, block.ffn
-        qkv_t, qkv_bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        qkv_t, qkv_bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj], arena)
         qk_gain = None
         if attn.q_norm is not None:
             qk_gain = torch.cat(
                 (attn.q_norm.weight.expand(attn.n_heads, -1), attn.k_norm.weight.expand(attn.n_kv_heads, -1))
             )
         gated = isinstance(ffn, SwiGLU)
-        up_t, up_bias = fuse_linears([ffn.gate_proj, ffn.up_proj] if gated else [ffn.up_proj])
+        up_t, up_bias = fuse_linears([ffn.gate_proj, ffn.up_proj] if gated else [ffn.up_proj], arena)
         return _Layer(
             attn_norm=_norm_fn(block.attn_norm),
             qkv_t=qkv_t,
