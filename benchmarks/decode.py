@@ -16,7 +16,8 @@ for every method):
 - transformers: `generate(do_sample=False, min_new_tokens=N)` on the same weights (`tokenmill.interop.hf.to_hf`,
   the exported model's classes and layout).
 - matmuls only (CPU): the decode step's matrix products alone, one (batch, in) @ W per weight matrix of the
-  fused step (q/k/v, o, gate/up and down of every layer, the head) in its decode layout, once per new token:
+  fused step (q/k/v, o, gate/up and down of every layer, the head) in its decode layout and through its BLAS
+  (NumPy's, one thread), once per new token:
   the rate kv cache would reach if everything else cost nothing, so `matmuls / recompute` is the ceiling of
   `kv / recompute` on this machine under this load.
 EOS is disabled for every method (random weights emit it at random), so each row produces exactly N tokens.
@@ -44,7 +45,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -129,14 +132,15 @@ def matmul_runner(model, batch: int, new: int) -> Callable[[], object] | None:
     if step is None:
         return None
     weights = [w for layer in step.layers for w in (layer.qkv_t, layer.o_t, layer.up_t, layer.down_t)]
-    weights.append(step.head_t)
-    inputs = [torch.randn(batch, w.shape[0]) for w in weights]
+    weights.append(step.head_t)  # NumPy arrays on the step's memory: it multiplies through NumPy's BLAS
+    inputs = [np.random.default_rng(0).standard_normal((batch, w.shape[0]), dtype=np.float32) for w in weights]
+    one_thread = ThreadpoolController().select(user_api="blas")  # as the step does
 
-    @torch.inference_mode()
     def run() -> None:
-        for _ in range(new):
-            for x, w in zip(inputs, weights, strict=True):
-                torch.mm(x, w)
+        with one_thread.limit(limits=1):
+            for _ in range(new):
+                for x, w in zip(inputs, weights, strict=True):
+                    np.dot(x, w)
 
     run()  # warm-up
     return run
