@@ -8,7 +8,7 @@ cost as much as the products (docs/performance.md, "Generation"). This step comp
   parameters become views into that storage);
 - the products go through NumPy's BLAS (OpenBLAS in NumPy's wheels), on the same memory: on the AMD EPYC where
   this was measured its matrix-vector products took 1.0 ms per tiny token against 1.6 ms for PyTorch's (MKL),
-  and the step got 1.10x faster at batch 1, 1.27x at batch 8 (docs/performance.md). Its thread pool is held to
+  and the step got 1.07-1.08x faster at batch 1, 1.15-1.27x at batch 8 (docs/performance.md). Its thread pool is held to
   one thread while a step runs (threadpoolctl): beside PyTorch's own threads, two pools made a step 4-16x slower;
 - QK-norm (Qwen3) normalises q and k of all heads together (the same LayerNorm trick, below), then multiplies
   each head by its own gain;
@@ -43,6 +43,7 @@ from tokenmill.model.norms import RMSNorm
 from tokenmill.model.transformer import Transformer
 
 _SIGNS = torch.tensor([[1.0], [-1.0]])  # (2, 1): x * _SIGNS over (..., 1, hd) is [x, -x] as (..., 2, hd)
+Fused = tuple[torch.Tensor, torch.Tensor | None]  # layout.fuse_linears: (in, out) matrix and joined bias
 Norm = Callable[["_Buffers"], torch.Tensor]  # the residual stream in the buffers, x (B, d) -> norm(x) (B, d)
 
 
@@ -121,10 +122,9 @@ class FusedDecodeStep:
         self.softcap = cfg.logit_softcap
         self.qk_eps = cfg.norm_eps
         arena = WeightArena(sum(w.numel() for w in decode_weights(model)), torch.float32)  # all it reads, one block
-        self.layers = [self._layer(block, arena) for block in model.blocks]
+        fused = [self._fuse(block, arena) for block in model.blocks]  # before the layout, which skips their views
         apply_column_major(model, arena)  # o, down and the head: their transposes become row-major
-        for layer, block in zip(self.layers, model.blocks, strict=True):
-            layer.o_t, layer.down_t = _array(block.attn.o_proj.weight.t()), _array(block.ffn.down_proj.weight.t())
+        self.layers = [self._layer(block, *pair) for block, pair in zip(model.blocks, fused, strict=True)]
         self.tok_emb = model.tok_emb.weight
         self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight
         self.final_norm = None if isinstance(model.norm, nn.Identity) else _norm_fn(model.norm)
@@ -139,29 +139,34 @@ class FusedDecodeStep:
         self._numpy_blas = ThreadpoolController().select(user_api="blas")
 
     @staticmethod
-    def _layer(block: nn.Module, arena: WeightArena) -> _Layer:
+    def _fuse(block: nn.Module, arena: WeightArena) -> tuple[Fused, Fused]:
+        """The block's q/k/v and its gate/up (or up) as one matrix each, in `arena`."""
         attn, ffn = block.attn, block.ffn
-        qkv_t, qkv_bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj], arena)
+        ups = [ffn.gate_proj, ffn.up_proj] if isinstance(ffn, SwiGLU) else [ffn.up_proj]
+        return fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj], arena), fuse_linears(ups, arena)
+
+    @staticmethod
+    def _layer(block: nn.Module, qkv: Fused, up: Fused) -> _Layer:
+        attn, ffn = block.attn, block.ffn
+        (qkv_t, qkv_bias), (up_t, up_bias) = qkv, up
         qk_gain = None
         if attn.q_norm is not None:
             qk_gain = torch.cat(
                 (attn.q_norm.weight.expand(attn.n_heads, -1), attn.k_norm.weight.expand(attn.n_kv_heads, -1))
             )
-        gated = isinstance(ffn, SwiGLU)
-        up_t, up_bias = fuse_linears([ffn.gate_proj, ffn.up_proj] if gated else [ffn.up_proj], arena)
         return _Layer(
             attn_norm=_norm_fn(block.attn_norm),
             qkv_t=_array(qkv_t),
             qkv_bias=qkv_bias,
             qk_gain=qk_gain,
-            o_t=_array(attn.o_proj.weight),  # replaced by its row-major transpose once the layout is applied
+            o_t=_array(attn.o_proj.weight.t()),  # row-major once the layout is applied
             o_bias=attn.o_proj.bias,
             ffn_norm=_norm_fn(block.ffn_norm),
             up_t=_array(up_t),
             up_bias=up_bias,
-            down_t=_array(ffn.down_proj.weight),
+            down_t=_array(ffn.down_proj.weight.t()),
             down_bias=ffn.down_proj.bias,
-            gated=gated,
+            gated=isinstance(ffn, SwiGLU),
         )
 
     def _buffers(self, batch_size: int) -> _Buffers:
