@@ -128,7 +128,7 @@ def matmul_runner(model, batch: int, new: int) -> Callable[[], object] | None:
     """The decode step's matrix products alone, `new` times (see the module docstring); None off the CPU."""
     from tokenmill.generation.decode_step import build_decode_step
 
-    step = build_decode_step(copy.deepcopy(model))
+    step = build_decode_step(copy.deepcopy(model), native=False)  # the arrays of the Python step
     if step is None:
         return None
     weights = [w for layer in step.layers for w in (layer.qkv_t, layer.o_t, layer.up_t, layer.down_t)]

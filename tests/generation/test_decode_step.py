@@ -1,5 +1,6 @@
-"""The fused one-token decode step (generation/decode_step.py) computes what the model's cached forward computes,
-from the same parameters, for every model shape it accepts; the others decode through the model."""
+"""The fused one-token decode step (generation/decode_step.py, and its C version in generation/native_step.py)
+computes what the model's cached forward computes, from the same parameters, for every model shape it accepts;
+the others decode through the model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,21 @@ from gen_helpers import BYTE, V, tiny_model
 from tokenmill.generation import Generator, SamplingParams
 from tokenmill.generation.decode_step import build_decode_step
 from tokenmill.generation.layout import WeightArena, fuse_linears
+from tokenmill.generation.native_step import NativeDecodeStep, load_kernel
 from tokenmill.model.kv_cache import KVCache
+
+STEPS = [pytest.param(True, id="native"), pytest.param(False, id="python")]
+
+
+def _build(model, native: bool):
+    """The C step where a compiler is at hand (CI has one; loaded inside the test, so it compiles under the test's
+    cache folder), the Python one everywhere."""
+    if native and load_kernel() is None:
+        pytest.skip("no C compiler: the native decode step falls back to the Python one")
+    step = build_decode_step(model, native=native)
+    assert isinstance(step, NativeDecodeStep) == native
+    return step
+
 
 SHAPES = {
     "llama": {},
@@ -18,6 +33,9 @@ SHAPES = {
     "untied-softcap": {"tie_embeddings": False, "logit_softcap": 5.0},
     "mha-nope-nobias-ln": {"n_kv_heads": 4, "position": "none", "norm": "layernorm_nobias"},
     "relu2-mlp": {"ffn": "mlp", "activation": "relu2"},
+    "gelu-mlp": {"ffn": "mlp", "activation": "gelu"},
+    "silu-mlp": {"ffn": "mlp", "activation": "silu"},
+    "leaky-relu-mlp": {"ffn": "mlp", "activation": "leaky_relu"},
     "qk-norm": {"qk_norm": True},
 }
 
@@ -43,12 +61,12 @@ def _cached_logits(step, model, cache, tokens: list[int], positions: list[int]) 
         return model.next_logits(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], view)
 
 
+@pytest.mark.parametrize("native", STEPS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("positions", [[5], [7, 7, 7], [3, 9, 6]], ids=["batch1", "same-position", "ragged"])
-def test_fused_step_matches_the_models_cached_forward(shape, positions):
+def test_fused_step_matches_the_models_cached_forward(shape, positions, native):
     plain, fused = model_with_varied_gains(**SHAPES[shape]), model_with_varied_gains(**SHAPES[shape])
-    step = build_decode_step(fused)
-    assert step is not None
+    step = _build(fused, native)
     B = len(positions)
     caches = [KVCache.allocate(plain.cfg, B, 16, "cpu", torch.float32) for _ in range(2)]
     prompt = torch.randint(0, V, (B, 10), generator=torch.Generator().manual_seed(1))
@@ -64,11 +82,12 @@ def test_fused_step_matches_the_models_cached_forward(shape, positions):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)  # the same keys/values in the same slots
 
 
+@pytest.mark.parametrize("native", STEPS)
 @pytest.mark.parametrize("positions", [[5], [7, 7], [3, 9]], ids=["batch1", "same-position", "ragged"])
-def test_fused_step_over_a_whole_cache_reads_and_writes_only_its_rows_and_filled_slots(positions):
+def test_fused_step_over_a_whole_cache_reads_and_writes_only_its_rows_and_filled_slots(positions, native):
     """The engine passes its whole cache (more rows and slots than the step needs): the result is the view's."""
     model = tiny_model()
-    step = build_decode_step(model)
+    step = _build(model, native)
     B = len(positions)
     prompt = torch.randint(0, V, (4, 10), generator=torch.Generator().manual_seed(2))
     whole = KVCache.allocate(model.cfg, 4, 32, "cpu", torch.float32)
@@ -92,7 +111,9 @@ def test_fused_step_over_a_whole_cache_reads_and_writes_only_its_rows_and_filled
     [["hello", "a", "the quick brown fox"], ["a", "b"]],
     ids=["ragged", "one-token"],  # rows at different positions; a one-token prefill, which the fused step runs
 )
-def test_exclusive_generator_decodes_the_same_tokens_and_logprobs(shape, prompts):
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "python"])
+def test_exclusive_generator_decodes_the_same_tokens_and_logprobs(shape, prompts, native, monkeypatch):
+    monkeypatch.setenv("TOKENMILL_NATIVE_DECODE", native)
     params = SamplingParams(max_new_tokens=16, temperature=0, logprobs=True)
     shared, owned = tiny_model(**SHAPES[shape]), tiny_model(**SHAPES[shape])
     plain = Generator(shared, BYTE).generate(prompts, params)

@@ -22,7 +22,8 @@ Results equal the model's up to the order of floating-point sums (tests/generati
 generator attaches the step as `model.decode_step`, so `model.next_logits` stays the one entry point of a step,
 and passes its whole cache (no cache view per step).
 Models it does not cover (post-norm, residual scaling, non-fp32 weights) return None from
-`build_decode_step` and decode through their modules.
+`build_decode_step` and decode through their modules. Where a C compiler is at hand, `build_decode_step` returns
+the same step as one compiled call instead (generation/native_step.py), on the weights this step lays out.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from tokenmill.generation.layout import WeightArena, apply_column_major, decode_weights, fuse_linears
+from tokenmill.generation.native_step import NativeDecodeStep, load_kernel, native_enabled
 from tokenmill.model.ffn import ACTIVATIONS, SwiGLU
 from tokenmill.model.kv_cache import KVCache
 from tokenmill.model.norms import RMSNorm
@@ -303,10 +305,13 @@ class _Buffers:
         )
 
 
-def build_decode_step(model: nn.Module) -> FusedDecodeStep | None:
-    """Lay out an exclusive CPU model's weights for decoding and return its fused step (None: not covered, and the
-    weights then only get the column-major layout)."""
+def build_decode_step(model: nn.Module, native: bool = True) -> FusedDecodeStep | NativeDecodeStep | None:
+    """Lay out an exclusive CPU model's weights for decoding and return its fused step: compiled to C when
+    `native` and a compiler is at hand (generation/native_step.py), else this module's (None: not covered, and
+    the weights then only get the column-major layout)."""
     if not supported(model):
         apply_column_major(model)
         return None
-    return FusedDecodeStep(model)
+    fused = FusedDecodeStep(model)
+    kernel = load_kernel() if native and native_enabled(model) else None
+    return fused if kernel is None else NativeDecodeStep(model, fused, kernel)

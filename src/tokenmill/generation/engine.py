@@ -120,8 +120,9 @@ class Generator:
     ) -> None:
         """`exclusive`: nothing but this generator uses `model` (loaded just to generate). On a CPU its weights
         are then stored in the layout that decodes fastest (generation/layout.py), which a model still being
-        trained or saved must not get, and eager one-token steps run through a fused step
-        (generation/decode_step.py) attached to the model as `model.decode_step`."""
+        trained or saved must not get, and eager one-token steps run through a fused step attached to the model
+        as `model.decode_step`: one call into a compiled C kernel (generation/native_step.py), or the Python one
+        (generation/decode_step.py) without a C compiler."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise UserError(f"max_batch_size={max_batch_size!r} is not allowed: give an integer >= 1")
         if device is not None:
