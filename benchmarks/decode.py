@@ -6,7 +6,8 @@ For each device (the CPU, and a CUDA GPU when one is present), preset (random in
 method generates `--new-tokens` tokens per row greedily after a `--prompt-tokens` prompt (random ids, the same
 for every method):
 - kv cache: `tokenmill.generation.Generator` (prefill, then one token per step; detokenizes as it goes), given
-  the model as `tokenmill generate` does (`exclusive=True`: on a CPU the weights are stored column-major);
+  the model as `tokenmill generate` does (`exclusive=True`: on a CPU the weights are stored column-major and each
+  step is one call into the compiled C step, or the Python step without a C compiler);
 - kv compiled: the same with `compile=True` (static cache, decode step compiled by Inductor, CUDA graphs on a
   GPU; compile time is in the warm-up, not in the timing);
 - full recompute: the whole sequence through `model(ids, last_only=True)` and an argmax for every new token,
@@ -16,8 +17,8 @@ for every method):
 - transformers: `generate(do_sample=False, min_new_tokens=N)` on the same weights (`tokenmill.interop.hf.to_hf`,
   the exported model's classes and layout).
 - matmuls only (CPU): the decode step's matrix products alone, one (batch, in) @ W per weight matrix of the
-  fused step (q/k/v, o, gate/up and down of every layer, the head) in its decode layout and through its BLAS
-  (NumPy's, one thread), once per new token:
+  fused step (q/k/v, o, gate/up and down of every layer, the head) in its decode layout, through NumPy's BLAS
+  (one thread; the Python step's products, a little faster than the C step's own loops), once per new token:
   the rate kv cache would reach if everything else cost nothing, so `matmuls / recompute` is the ceiling of
   `kv / recompute` on this machine under this load.
 EOS is disabled for every method (random weights emit it at random), so each row produces exactly N tokens.
