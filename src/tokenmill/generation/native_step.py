@@ -132,6 +132,7 @@ def _cpu_flags() -> str:
 
 
 def kernel_dir() -> Path:
+    """$TOKENMILL_CACHE/kernels; TOKENMILL_CACHE defaults to $XDG_CACHE_HOME/tokenmill or ~/.cache/tokenmill."""
     root = (
         os.environ.get("TOKENMILL_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenmill"
@@ -157,10 +158,8 @@ def compile_kernel(cache_dir: Path, compiler: str) -> Path | None:
             os.replace(built, library)  # atomic: a concurrent process sees no half-written library
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", None) or str(err)
-        detail = (detail.decode(errors="replace") if isinstance(detail, bytes) else detail).strip()
-        LOG.warning(
-            "the native decode step did not compile (%s), decoding in Python: %s", compiler, detail.strip()[-300:]
-        )
+        detail = " ".join((detail.decode(errors="replace") if isinstance(detail, bytes) else detail).split())
+        LOG.warning("the native decode step did not compile with %s, decoding in Python: %s", compiler, detail[-300:])
         return None
     return library
 
@@ -171,7 +170,11 @@ def load_kernel() -> ctypes.CDLL | None:
     path = compile_kernel(kernel_dir(), os.environ.get("CC") or "cc")
     if path is None:
         return None
-    library = ctypes.CDLL(str(path))
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as err:  # a damaged file in the cache: removing it makes the next process compile again
+        LOG.warning("the native decode step in %s did not load, decoding in Python: %s", path, err)
+        return None
     library.tm_scratch_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64]
     library.tm_scratch_floats.restype = ctypes.c_int64
     library.tm_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, _POINTER, _POINTER, _POINTER, _POINTER]
