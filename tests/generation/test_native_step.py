@@ -57,13 +57,24 @@ def test_out_of_range_input_is_refused_before_the_kernel_touches_memory(kernel, 
     assert all(not t.any() for t in cache.keys + cache.values)  # nothing written
 
 
-def test_a_cache_it_cannot_read_is_refused(kernel):
+def test_a_cache_it_cannot_read_is_refused_and_leaves_the_step_on_its_own_cache(kernel):
     model = tiny_model()
     step = build_decode_step(model)
-    cache = KVCache.allocate(model.cfg, 1, 16, "cpu", torch.float32)
-    strided = KVCache([k.transpose(2, 3) for k in cache.keys], cache.values)  # (slot, head_dim) not contiguous
+    cfg = model.cfg
+    cache = KVCache.allocate(cfg, 1, 16, "cpu", torch.float32)
+    step([5], [0], cache)
+    good = (1, cfg.kv_heads(), 16, cfg.resolved_head_dim())
+    # in its own memory; only the last layer's values have (slot, head_dim) not contiguous
+    strided = KVCache(
+        [torch.zeros(good) for _ in range(cfg.n_layers)],
+        [torch.zeros(good) for _ in range(cfg.n_layers - 1)]
+        + [torch.zeros(good).transpose(2, 3).contiguous().transpose(2, 3)],
+    )
     with pytest.raises(ValueError, match="contiguous"):
-        step([5], [0], strided)
+        step([5], [1], strided)
+    step([6], [1], cache)  # the cache it was bound to before the refusal
+    assert all(t[0, :, 1].any() for t in cache.keys + cache.values)
+    assert all(not t.any() for t in strided.keys + strided.values)
 
 
 def test_a_position_past_the_context_is_refused_even_in_a_longer_cache(kernel):

@@ -122,13 +122,9 @@ def _source() -> bytes:
 
 def _cpu_flags() -> str:
     """The CPU's feature flags: a kernel built with -march=native runs only where they are the same."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere the processor's name stands in
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
 
 
 def kernel_dir() -> Path:
@@ -269,17 +265,17 @@ class NativeDecodeStep:
         if cache is self._cache:
             return
         hd = self.fused.head_dim
+        if len(cache.keys) != len(self.layers) or len(cache.values) != len(self.layers):
+            raise ValueError(f"the native decode step needs a cache of {len(self.layers)} layers")
         strides = set()
-        for slot, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
-            for t in (keys, values):
-                if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride()[2:] != (hd, 1):
-                    raise ValueError(
-                        "the native decode step needs a float32 CPU cache with (slot, head_dim) contiguous"
-                    )
-                strides.add(t.stride()[:2])
-            slot.keys, slot.values = keys.data_ptr(), values.data_ptr()
+        for t in (*cache.keys, *cache.values):  # all checked before any pointer changes
+            if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride()[2:] != (hd, 1):
+                raise ValueError("the native decode step needs a float32 CPU cache with (slot, head_dim) contiguous")
+            strides.add(t.stride()[:2])
         if len(strides) != 1:
             raise ValueError(f"the native decode step needs one cache layout for every layer, got strides {strides}")
+        for slot, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
+            slot.keys, slot.values = keys.data_ptr(), values.data_ptr()
         ((self.spec.cache_row_stride, self.spec.cache_head_stride),) = strides
         self._cache = cache
 
